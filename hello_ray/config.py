@@ -1,0 +1,418 @@
+"""Typed configuration: one dataclass per stage, YAML presets, ``key=value`` overrides.
+
+Defaults are the published settings of METHOD.md (ImageNet-1K); presets in
+``jobs/configs/*.yaml`` override them. Every value is checked before any compute starts:
+an unknown key or a value of the wrong type fails with the dotted key in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("'demo' (bundled digits) or the dataset root: a local path, file:// or s3:// URI",
+                        default="demo")
+    format: str = _help("auto | imagefolder | parquet | webdataset", default="auto")
+    image_size: int = _help("side of the square training images (224 for ImageNet, 32 for the demo)",
+                            default=224)
+    train_split: str = _help("sub-folder / shard prefix of the training split", default="train")
+    val_split: str = _help("sub-folder / shard prefix of the validation split", default="val")
+    on_corrupt: str = _help("what to do with an undecodable image: skip (count and report) | fail",
+                            default="skip")
+    class_names: list[str] = _help("readable class names for the CLIP prompts; empty = derive "
+                                   "(ImageNet synsets are mapped automatically)", default_factory=list)
+    max_per_class: int = _help("use at most this many training images per class (0 = all)", default=0)
+
+    def validate(self, p: str = "data") -> None:
+        _check(bool(self.source), f"{p}.source",
+               "set the dataset root, e.g. data.source=s3://my-bucket/imagenet (or 'demo')")
+        _check(self.format in ("auto", "imagefolder", "parquet", "webdataset"), f"{p}.format",
+               f"unknown format {self.format!r}")
+        _check(self.on_corrupt in ("skip", "fail"), f"{p}.on_corrupt", "must be 'skip' or 'fail'")
+        _check(8 <= self.image_size <= 1024, f"{p}.image_size", "must be in [8, 1024]")
+        _check(self.max_per_class >= 0, f"{p}.max_per_class", "must be >= 0")
+
+
+@dataclass
+class ComputeConfig:
+    num_workers: int = _help("Ray Train workers (DDP ranks) per training stage", default=8)
+    use_gpu: bool = _help("one GPU per Train worker / scoring actor", default=True)
+    cpus_per_worker: float = _help("CPUs reserved per Train worker", default=1.0)
+    max_failures: int = _help("restarts from the last checkpoint before a training stage gives up",
+                              default=2)
+    address: str = _help("Ray address ('' = connect to a running cluster or start a local one)",
+                         default="")
+
+    def validate(self, p: str = "compute") -> None:
+        _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
+        _check(self.max_failures >= 0, f"{p}.max_failures", "must be >= 0")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = _help("teacher architecture from the zoo", default="resnet18")
+    epochs: int = _help("epochs of the trajectory (one checkpoint each)", default=90)
+    batch_size: int = _help("global batch size", default=256)
+    lr: float = _help("SGD learning rate", default=0.1)
+    momentum: float = _help("SGD momentum", default=0.9)
+    weight_decay: float = _help("SGD weight decay", default=1e-4)
+    lr_step: int = _help("StepLR step size in epochs", default=30)
+    lr_gamma: float = _help("StepLR decay factor", default=0.1)
+    observer: str = _help("'last' | 'epoch:N' | 'torchvision' (ImageNet-1K weights, needs download)",
+                          default="last")
+    seed: int = _help("seed of initialisation and data order", default=0)
+
+    def validate(self, p: str = "teachers") -> None:
+        for k in ("epochs", "batch_size", "lr_step"):
+            _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _check(self.lr > 0, f"{p}.lr", "must be > 0")
+        _check(self.observer in ("last", "torchvision") or self.observer.startswith("epoch:"),
+               f"{p}.observer", "must be 'last', 'epoch:N' or 'torchvision'")
+
+
+@dataclass
+class SelectConfig:
+    ipc: int = _help("synthetic images per class", default=10)
+    factor: int = _help("patches per side of a synthetic image (2 for ImageNet, 1 for <= 64 px)",
+                        default=2)
+    mipc: int = _help("real images per class considered", default=300)
+    num_crop: int = _help("random-resized crops per real image", default=5)
+    show: str = _help("how a crop is shown to the observer: resize (to full size) | pad (zero-pad, "
+                      "centred, as the RDED reference)", default="resize")
+    batch_size: int = _help("crops per scoring batch", default=256)
+    num_actors: int = _help("observer scoring actors", default=1)
+    actor_cpus: float = _help("CPUs per scoring actor; keep < 1 on CPU so read tasks are not starved",
+                              default=0.5)
+    seed: int = _help("seed of the crop boxes (per image, reproducible)", default=0)
+
+    def validate(self, p: str = "select") -> None:
+        for k in ("ipc", "factor", "mipc", "num_crop", "batch_size", "num_actors"):
+            _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _check(self.show in ("resize", "pad"), f"{p}.show", "must be 'resize' or 'pad'")
+        _check(self.mipc * 1 >= 1, f"{p}.mipc", "must be >= 1")
+        _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+
+
+@dataclass
+class TransferConfig:
+    clip_model: str = _help("open_clip model name", default="RN50")
+    pretrained: str = _help("open_clip pretrained tag ('openai') or a local weights file", default="openai")
+    conv_rank: int = _help("LoRA rank on every Conv2d of the image encoder", default=8)
+    head_rank: int = _help("LoRA rank on the text-initialised head (64 for <= 100 classes, 128 for 1000)",
+                           default=128)
+    lora_style: str = _help("conv LoRA parametrisation: separable (k x 1 then 1 x k) | standard (peft)",
+                            default="separable")
+    lora_alpha_ratio: float = _help("LoRA alpha / rank (scaling of the update)", default=1.0)
+    teacher_window: str = _help("'a-b': the multi-weak teachers, n checkpoints from epoch a to b",
+                                default="11-51")
+    n_teachers: int = _help("checkpoints in the teacher window", default=9)
+    epochs: int = _help("epochs of knowledge transfer", default=20)
+    batch_size: int = _help("global batch size", default=256)
+    lr: float = _help("AdamW learning rate", default=5e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    ce_weight: float = _help("weight of CE(true class) next to MSE(teacher logits)", default=0.1)
+    adapter_dtype: str = _help("dtype of the shipped LoRA tensors: fp32 | fp16 | int8", default="fp16")
+    seed: int = _help("seed", default=0)
+
+    def validate(self, p: str = "transfer") -> None:
+        for k in ("conv_rank", "head_rank", "n_teachers", "epochs", "batch_size"):
+            _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _check(self.lora_style in ("separable", "standard"), f"{p}.lora_style",
+               "must be 'separable' or 'standard'")
+        _check(self.adapter_dtype in ("fp32", "fp16", "int8"), f"{p}.adapter_dtype",
+               "must be fp32, fp16 or int8")
+        parse_window(self.teacher_window, f"{p}.teacher_window")
+
+
+@dataclass
+class RefineConfig:
+    enabled: bool = _help("run the image update (METHOD.md stage 4)", default=True)
+    steps: int = _help("Adam steps per image batch", default=300)
+    lr: float = _help("Adam learning rate on the pixels", default=0.01)
+    factor: int = _help("down/up-sampling factor of x' = up(down(x))", default=2)
+    batch_size: int = _help("images per refine batch", default=100)
+    num_actors: int = _help("refine actors (GPU actors where present)", default=1)
+
+    def validate(self, p: str = "refine") -> None:
+        for k in ("steps", "factor", "batch_size", "num_actors"):
+            _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+
+
+LABEL_STRATEGIES = ("hard", "teacher", "stored", "projector")
+
+
+@dataclass
+class EvalConfig:
+    students: list[str] = _help("student architectures", default_factory=lambda: ["resnet18"])
+    strategies: list[str] = _help("label strategies: hard | teacher | stored | stored/N (LPLD prune "
+                                  "1/N) | projector", default_factory=lambda: ["projector"])
+    epochs: int = _help("student epochs", default=300)
+    batch_size: int = _help("global batch size", default=100)
+    lr: dict[str, float] = _help("AdamW learning rate per student architecture", default_factory=lambda: {
+        "resnet18": 1e-3, "shufflenet_v2_x0_5": 1e-3, "mobilenet_v2": 1e-3,
+        "efficientnet_b0": 1e-3, "swin_v2_t": 5e-4, "vgg11": 5e-4})
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    cutmix_alpha: float = _help("CutMix Beta(alpha, alpha); 0 disables", default=1.0)
+    loss: str = _help("mse_ce (METHOD.md) | kl (KL with temperature, RDED/SRe2L)", default="mse_ce")
+    ce_weight: float = _help("weight of CE(mixed true class) in mse_ce", default=0.025)
+    temperature: float = _help("temperature of the kl loss", default=4.0)
+    seeds: list[int] = _help("student seeds (mean +- std over them)", default_factory=lambda: [0, 1, 2])
+    floor: bool = _help("also train on random real images with hard labels (the floor)", default=True)
+    continual_steps: list[int] = _help("GDumb class-incremental runs, e.g. [5, 10]; empty = none",
+                                       default_factory=list)
+
+    def validate(self, p: str = "evaluate") -> None:
+        _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
+        for s in self.strategies:
+            base, _, prune = s.partition("/")
+            _check(base in LABEL_STRATEGIES, f"{p}.strategies", f"unknown label strategy {s!r}")
+            _check(not prune or (base == "stored" and prune.isdigit() and int(prune) >= 1),
+                   f"{p}.strategies", f"{s!r}: only stored/N with integer N takes a prune ratio")
+        for s in self.students:
+            _check(s in self.lr, f"{p}.lr", f"no learning rate for student {s!r}")
+            _check(self.lr[s] > 0, f"{p}.lr.{s}", "must be > 0 (a zero rate trains nothing)")
+        _check(self.loss in ("mse_ce", "kl"), f"{p}.loss", "must be 'mse_ce' or 'kl'")
+        _check(self.epochs >= 1 and self.batch_size >= 1, f"{p}.epochs", "epochs and batch_size >= 1")
+        _check(len(self.seeds) >= 1, f"{p}.seeds", "name at least one seed")
+        _check(all(n >= 2 for n in self.continual_steps), f"{p}.continual_steps", "each must be >= 2")
+
+
+@dataclass
+class SweepConfig:
+    conv_ranks: list[int] = _help("LoRA conv ranks to sweep", default_factory=lambda: [4, 8, 12, 16])
+    head_rank_per_conv_rank: int = _help("head rank = this x conv rank (proportional)", default=16)
+    windows: list[str] = _help("teacher windows to sweep", default_factory=lambda: [
+        "1-41", "11-51", "21-61", "31-71", "41-81", "51-91"])
+    scheduler: str = _help("fifo | asha", default="fifo")
+    max_concurrent: int = _help("trials at once", default=1)
+
+    def validate(self, p: str = "sweep") -> None:
+        _check(self.scheduler in ("fifo", "asha"), f"{p}.scheduler", "must be 'fifo' or 'asha'")
+        for w in self.windows:
+            parse_window(w, f"{p}.windows")
+        _check(all(r >= 1 for r in self.conv_ranks), f"{p}.conv_ranks", "ranks must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str = _help("run name (prefix of the report folder)", default="imagenet1k")
+    store: str = _help("artifact store URI: a local path, file:// or s3://bucket/prefix",
+                       default="./artifacts")
+    s3_endpoint: str = _help("S3 endpoint for MinIO/Ceph/R2 ('' = AWS_ENDPOINT_URL_S3 / "
+                             "AWS_ENDPOINT_URL / AWS)", default="")
+    data: DataConfig = field(default_factory=DataConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    teachers: TeacherConfig = field(default_factory=TeacherConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate(f.name)
+        lo, hi = parse_window(self.transfer.teacher_window, "transfer.teacher_window")
+        _check(hi <= self.teachers.epochs, "transfer.teacher_window",
+               f"window {self.transfer.teacher_window} ends after the last teacher epoch "
+               f"({self.teachers.epochs})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_window(window: str, key: str = "teacher_window") -> tuple[int, int]:
+    """``"11-51"`` -> ``(11, 51)``; epochs are 1-based and the window inclusive."""
+    try:
+        lo, hi = (int(x) for x in window.split("-"))
+    except ValueError:
+        raise ConfigError(f"config key '{key}': {window!r} is not a window 'a-b' (e.g. '11-51')") from None
+    _check(1 <= lo <= hi, key, f"window {window!r} needs 1 <= a <= b")
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp`` (nanoGPT-style: no silent retyping)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    types = _field_types(type(obj))
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in types:
+            valid = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key '{key}' (from {source}); valid keys here: {valid}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' (from {source}) is a section; give a mapping")
+            _merge(cur, v, f"{key}.", source)
+        elif typing.get_origin(types[k]) is dict and isinstance(v, dict) and isinstance(cur, dict):
+            setattr(obj, k, {**cur, **_coerce(v, types[k], key)})  # per-key update of a table
+        else:
+            setattr(obj, k, _coerce(v, types[k], key))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _target_type(cfg: Any, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj):
+            return None
+        tp = _field_types(type(obj)).get(part)
+        obj = getattr(obj, part, None)
+    return tp
+
+
+def preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r}; presets in {PRESET_DIR}: {', '.join(names)}")
+    return path
+
+
+def _load_yaml(path: Path, seen: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    """A YAML file and the chain of presets it ``extends``, base first."""
+    if str(path) in seen:
+        raise ConfigError(f"preset cycle through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("extends", None)
+    chain = _load_yaml(preset_path(base), seen + (str(path),)) if base else []
+    return chain + [(data, str(path))]
+
+
+def load_config(preset: str | None = "demo", config_file: str | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset YAML <- user YAML file <- ``key=value`` overrides, then validate.
+
+    Values in overrides are parsed as YAML scalars/lists (``select.ipc=10``,
+    ``evaluate.seeds=[0,1]``, ``data.source=s3://bucket/imagenet``).
+    """
+    cfg = Config()
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset:
+        layers += _load_yaml(preset_path(preset))
+    if config_file:
+        layers += _load_yaml(Path(config_file))
+    for data, source in layers:
+        _merge(cfg, data, "", source)
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. select.ipc=10)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is None or _target_type(cfg, key.strip()) is str:
+            value = raw  # a string key keeps exactly what was typed ('1.0', 'null', ...)
+        elif isinstance(value, str):
+            # '1e-3' parses as a string in YAML 1.1; numbers are numbers.
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        _merge(cfg, _nest(key.strip(), value), "", "command line")
+    return cfg.validate()
+
+
+def section_dict(cfg: Any) -> dict[str, Any]:
+    """A stage config as a plain dict (the part of an artifact key that config contributes)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for ``--help-config``."""
+    rows = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(inst, f.name)
+        if dataclasses.is_dataclass(v):
+            rows += describe(type(v), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(v), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,45 @@
+"""One place for process-level decisions: connecting to Ray, choosing the device, seeding."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from hello_ray.config import ComputeConfig
+
+log = logging.getLogger("hello_ray")
+
+
+def ensure_ray(compute: ComputeConfig | None = None) -> None:
+    """Connect to the cluster named by ``compute.address`` / ``RAY_ADDRESS``, or start a local Ray.
+
+    Inside ``ray job submit`` the driver is already attached to the cluster (RAY_ADDRESS is
+    set), so the same call joins it instead of starting a second Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
+    # Workers import hello_ray from the working dir when the package is not installed there.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    ray.init(address=address, runtime_env={"env_vars": env} if address is None else None,
+             include_dashboard=False if address is None else None, log_to_driver=True)
+    log.info("ray: %s", ray.cluster_resources())
+
+
+def torch_device(use_gpu: bool) -> torch.device:
+    """The single device decision of a worker: its GPU when asked for and present, else CPU."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
