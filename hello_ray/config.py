@@ -194,7 +194,8 @@ class EvalConfig:
                    f"{p}.strategies", f"{s!r}: only stored/N with integer N takes a prune ratio")
         for s in self.students:
             _check(s in self.lr, f"{p}.lr", f"no learning rate for student {s!r}")
-            _check(self.lr[s] > 0, f"{p}.lr.{s}", "must be > 0 (a zero rate trains nothing)")
+        for s, lr in self.lr.items():
+            _check(lr > 0, f"{p}.lr.{s}", "must be > 0 (a zero rate trains nothing)")
         _check(self.loss in ("mse_ce", "kl"), f"{p}.loss", "must be 'mse_ce' or 'kl'")
         _check(self.epochs >= 1 and self.batch_size >= 1, f"{p}.epochs", "epochs and batch_size >= 1")
         _check(len(self.seeds) >= 1, f"{p}.seeds", "name at least one seed")

@@ -1,0 +1,137 @@
+"""CLIP factory over open_clip, with a tiny random-init ResNet CLIP for tests and the demo.
+
+``create_clip(model_name, pretrained)`` is the one way hello_ray builds a CLIP:
+
+- an open_clip tag (``'openai'``, ``'yfcc15m'``, ...) goes to open_clip unchanged: the
+  cluster path, which downloads the weights once into open_clip's cache;
+- a local file path goes to open_clip as ``pretrained=<file>``;
+- ``'random-init'`` builds a seeded random model, saves it once to
+  ``$HELLO_RAY_CACHE/clip/<model>-random-init.pt`` (default root ``~/.cache/hello_ray``)
+  and loads it back through ``open_clip.create_model(..., pretrained=<that file>)``, so
+  tests and the demo go through exactly the loading code that real weights take, and no
+  test ever downloads anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+TINY_CLIP = "hello-tiny-rn"
+RANDOM_INIT = "random-init"
+RANDOM_INIT_SEED = 0
+
+# A ResNet CLIP small enough for a 2-core CPU: one Bottleneck per stage, width 16 (stage
+# widths 16..128, output 512 channels into the attention pool), 32 px input, 64-d embedding;
+# a one-layer text transformer over the real CLIP BPE vocabulary (the tokenizer ships with
+# open_clip, so prompts are tokenised exactly as for RN50).
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def cache_root() -> Path:
+    """hello_ray's local cache root: ``$HELLO_RAY_CACHE`` or ``~/.cache/hello_ray``."""
+    return Path(os.environ.get("HELLO_RAY_CACHE") or Path.home() / ".cache" / "hello_ray")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder + rename, so readers never see half a file
+    (several Ray workers may create the same cache file at once; the content is deterministic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def register_tiny_clip() -> None:
+    """Register ``hello-tiny-rn`` with ``open_clip.add_model_config`` (idempotent).
+
+    open_clip reads model configs from JSON files, so the config above is written to the
+    cache folder and that file is added to open_clip's registry.
+    """
+    if TINY_CLIP in open_clip.list_models():
+        return
+    path = cache_root() / "clip" / "model_configs" / f"{TINY_CLIP}.json"
+    text = json.dumps(TINY_CLIP_CONFIG, indent=2)
+    if not path.exists() or path.read_text() != text:
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    open_clip.add_model_config(path)
+
+
+def random_init_path(model_name: str) -> Path:
+    """Where the seeded random-init weights of ``model_name`` are cached."""
+    return cache_root() / "clip" / f"{model_name}-{RANDOM_INIT}.pt"
+
+
+def _ensure_random_init(model_name: str) -> Path:
+    """Create the seeded random weights file of ``model_name`` once; return its path."""
+    path = random_init_path(model_name)
+    if path.exists():
+        return path
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = open_clip.create_model(model_name, pretrained=None)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:
+    """An open_clip model (eval mode, CPU, fp32) and its tokenizer.
+
+    ``pretrained``: an open_clip tag (cluster), a local weights file, or ``'random-init'``.
+    """
+    register_tiny_clip()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model {model_name!r}; open_clip knows e.g. RN50, RN101, ViT-B-32, "
+                         f"and hello_ray registers {TINY_CLIP!r} (see open_clip.list_models())")
+    if not pretrained:
+        raise ValueError(f"CLIP {model_name!r}: give pretrained = an open_clip tag (e.g. 'openai'), "
+                         f"a local weights file, or '{RANDOM_INIT}'")
+    if pretrained == RANDOM_INIT:
+        weights = str(_ensure_random_init(model_name))
+    elif pretrained.lower() in (t.lower() for t in open_clip.list_pretrained_tags_by_model(model_name)):
+        weights = pretrained
+    elif os.path.isfile(pretrained):
+        weights = pretrained
+    else:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise ValueError(f"CLIP {model_name!r}: pretrained={pretrained!r} is neither a known tag "
+                         f"({tags}), nor an existing file, nor '{RANDOM_INIT}'")
+    model = open_clip.create_model(model_name, pretrained=weights)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, tokenizer
+
+
+def clip_input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) the CLIP image encoder expects."""
+    size = getattr(model.visual, "image_size", None)
+    if size is None:
+        raise ValueError(f"{type(model.visual).__name__} does not say its input size (no .image_size)")
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def clip_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the encoder's preprocessing: the model's own preprocess config where
+    open_clip records one (it does for every model), else the OpenAI constants."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean") or open_clip.constants.OPENAI_DATASET_MEAN
+    std = cfg.get("std") or open_clip.constants.OPENAI_DATASET_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,152 @@
+"""The recipe: teachers -> select -> transfer -> refine -> evaluate -> report.
+
+Every stage reads artifacts by key and writes one artifact whose key is derived from its
+config and its inputs' keys. ``run_stage`` skips a stage whose artifact is already finished,
+so a re-run with the same config is a no-op, a crashed run resumes at the stage that died
+(and, inside Ray Train stages, at its last checkpoint), and a second IPC reuses the teachers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from hello_ray.config import Config, ConfigError, describe, load_config
+from hello_ray.runtime import ensure_ray
+
+if TYPE_CHECKING:
+    from hello_ray.store import Store
+
+log = logging.getLogger("hello_ray")
+
+
+# ---------------------------------------------------------------------------- command line
+
+def build_parser(prog: str = "distill", description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
+    p.add_argument("--preset", default="demo", help="preset name in jobs/configs (smoke, demo, "
+                   "imagenet100, imagenet1k) or a YAML path; default: demo")
+    p.add_argument("--config", default=None, help="a YAML file applied over the preset")
+    p.add_argument("--store", default=None, help="artifact store URI (local path, file://, s3://bucket/prefix)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its help")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. select.ipc=50 compute.use_gpu=false")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "distill",
+               description: str = "") -> Config:
+    """argv -> validated Config (exits with status 2 and the key at fault on a bad value)."""
+    parser = build_parser(prog, description)
+    args = parser.parse_args(argv)
+    if args.help_config:
+        for key, default, text in describe():
+            print(f"{key:38s} {default:24s} {text}")
+        raise SystemExit(0)
+    overrides = list(args.overrides)
+    if args.store:
+        overrides.append(f"store={args.store}")
+    try:
+        return load_config(args.preset, args.config, overrides)
+    except ConfigError as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
+    raise AssertionError("unreachable")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=False)
+
+
+# ---------------------------------------------------------------------------- stage runner
+
+def open_run_store(cfg: Config) -> "Store":
+    from hello_ray.store import open_store
+
+    return open_store(cfg.store, cfg.s3_endpoint or None)
+
+
+def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, str] | None = None) -> str:
+    """Run one stage unless its artifact exists; returns the artifact key.
+
+    The stage writes its data files; the manifest is written here, last, so a stage that
+    dies half-way leaves nothing that readers would take for a finished artifact.
+    """
+    inputs = dict(inputs or {})
+    config = stage.stage_config(cfg)
+    key = store.artifact_key(stage.STAGE, config, inputs)
+    if store.exists(key):
+        log.info("[%s] cached: %s", stage.STAGE, store.uri_for(key))
+        return key
+    log.info("[%s] running -> %s", stage.STAGE, store.uri_for(key))
+    t0 = time.perf_counter()
+    summary = stage.run(cfg, store, key, inputs) or {}
+    summary = {**summary, "wall_s": round(time.perf_counter() - t0, 2)}
+    store.finalize(key, stage.STAGE, config, inputs, summary)
+    log.info("[%s] done in %.1f s: %s", stage.STAGE, summary["wall_s"], store.uri_for(key))
+    return key
+
+
+@dataclass
+class RunResult:
+    """What a pipeline run produced: artifact keys by stage, the results table, the report."""
+    keys: dict[str, str] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    report_uri: str = ""
+    table: str = ""
+    wall_s: float = 0.0
+
+
+def distill(cfg: Config) -> RunResult:
+    """The whole recipe. Each line is one stage; the data flow is the keys passed along."""
+    from hello_ray.stages import evaluate, refine, select, teachers, transfer
+
+    t0 = time.perf_counter()
+    store = open_run_store(cfg)
+    ensure_ray(cfg.compute)
+    k: dict[str, str] = {}
+    k["teachers"] = run_stage(teachers, cfg, store)
+    k["select"] = run_stage(select, cfg, store, {"teachers": k["teachers"]})
+    k["transfer"] = run_stage(transfer, cfg, store, {"teachers": k["teachers"]})
+    k["images"] = (run_stage(refine, cfg, store, {"select": k["select"], "transfer": k["transfer"]})
+                   if cfg.refine.enabled else k["select"])
+    k["evaluate"] = run_stage(evaluate, cfg, store, {
+        "images": k["images"], "teachers": k["teachers"], "transfer": k["transfer"]})
+    result = make_report(cfg, store, k)
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def make_report(cfg: Config, store: "Store", keys: dict[str, str],
+                sweep_rows: list[dict[str, Any]] | None = None) -> RunResult:
+    """Collect the finished artifacts' numbers and write the report next to them."""
+    from hello_ray import report
+    from hello_ray.accounting import storage_report
+
+    inputs = report.collect_inputs(store, keys)
+    storage = storage_report(
+        classes=len(inputs["class_names"]), ipc=cfg.select.ipc, epochs=cfg.evaluate.epochs,
+        conv_rank=cfg.transfer.conv_rank, head_rank=cfg.transfer.head_rank,
+        clip_model=cfg.transfer.clip_model, lora_style=cfg.transfer.lora_style,
+        teacher=cfg.teachers.model, image_size=cfg.data.image_size)
+    prefix = f"reports/{cfg.name}-{keys['evaluate'].rsplit('-', 1)[-1]}"
+    uri = report.write_report(store, prefix, results_rows=inputs["rows"],
+                              trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
+                              sweep_rows=sweep_rows, storage=storage)
+    return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
+                     table=report.format_table(inputs["rows"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg = parse_args(argv, prog="distill", description="HeLlO dataset distillation, end to end")
+    result = distill(cfg)
+    print()
+    print(result.table)
+    print(f"\nartifacts: " + ", ".join(f"{s}={k}" for s, k in result.keys.items()))
+    print(f"report:    {result.report_uri}")
+    print(f"wall time: {result.wall_s:.1f} s")
+    return 0

@@ -1,0 +1,150 @@
+"""Ray Tune over LoRA ranks and teacher windows (the published ablations).
+
+The teachers and the RDED selection are computed once and shared; each trial is
+transfer + evaluate (projector labels) on that selection. A trial is a plain function
+that runs the stages, whose Ray Train stages build their own TorchTrainer (the Ray 2.5x
+pattern: Tune drives a function, never a trainer object). Trials write their artifacts
+into the same store with keys derived from their config, so a re-run of the sweep finds
+the finished trials and reports them without retraining.
+
+ASHA (``sweep.scheduler=asha``) gets two rungs per trial: the projector's agreement with
+the teacher ensemble after transfer, then the student's top-1; a trial whose projector
+agrees badly is stopped before its student is trained.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+from hello_ray.config import Config
+from hello_ray.pipeline import make_report, open_run_store, parse_args, run_stage, setup_logging
+from hello_ray.runtime import ensure_ray
+
+log = logging.getLogger("hello_ray")
+
+
+def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
+    """The config of one trial: ranks and window changed, projector labels only."""
+    t = copy.deepcopy(cfg)
+    t.transfer.conv_rank = conv_rank
+    t.transfer.head_rank = conv_rank * cfg.sweep.head_rank_per_conv_rank
+    t.transfer.teacher_window = window
+    t.evaluate.strategies = ["projector"]
+    t.evaluate.floor = False
+    t.evaluate.continual_steps = []
+    return t.validate()
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """One Tune trial (runs in a Tune actor): transfer, report fidelity, evaluate, report top-1."""
+    from ray import tune
+
+    from hello_ray.stages import evaluate, transfer
+
+    cfg: Config = params["cfg"]
+    t = trial_config(cfg, params["conv_rank"], params["window"])
+    store = open_run_store(t)
+    keys = params["keys"]
+    k_transfer = run_stage(transfer, t, store, {"teachers": keys["teachers"]})
+    fidelity = store.manifest(k_transfer).get("summary", {}).get("fidelity_after", {})
+    tune.report({"score": float(fidelity.get("agreement", 0.0)), "rung": "transfer",
+                 "transfer_key": k_transfer})
+    k_eval = run_stage(evaluate, t, store, {"images": keys["select"], "teachers": keys["teachers"],
+                                             "transfer": k_transfer})
+    rows = _eval_rows(store, k_eval)
+    top1 = sum(r["top1"] for r in rows) / max(len(rows), 1)
+    tune.report({"score": top1, "top1": top1, "rung": "evaluate", "transfer_key": k_transfer,
+                 "evaluate_key": k_eval, "head_rank": t.transfer.head_rank,
+                 "agreement": float(fidelity.get("agreement", 0.0))})
+
+
+def _eval_rows(store, key: str) -> list[dict[str, Any]]:
+    import json
+
+    return [r for r in json.loads(store.get_bytes(key, "results.json"))["rows"]
+            if r.get("kind", "final") == "final"]
+
+
+def sweep(cfg: Config) -> dict[str, Any]:
+    """Shared stages, then the grid conv_ranks x windows; returns the table and the best trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from hello_ray.stages import select, teachers
+
+    t0 = time.perf_counter()
+    store = open_run_store(cfg)
+    ensure_ray(cfg.compute)
+    keys = {"teachers": run_stage(teachers, cfg, store)}
+    keys["select"] = run_stage(select, cfg, store, {"teachers": keys["teachers"]})
+    for w in cfg.sweep.windows:  # fail before any trial starts, not in the middle of the grid
+        trial_config(cfg, cfg.sweep.conv_ranks[0], w)
+
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
+                               reduction_factor=2)
+                 if cfg.sweep.scheduler == "asha" else FIFOScheduler())
+    storage_path, storage_fs = store.ray_storage()
+    tuner = tune.Tuner(
+        # The trial's own process does no compute: its Train workers and actors ask for theirs.
+        tune.with_resources(run_trial, {"CPU": 0.01}),
+        param_space={"cfg": cfg, "keys": keys,
+                     "conv_rank": tune.grid_search(list(cfg.sweep.conv_ranks)),
+                     "window": tune.grid_search(list(cfg.sweep.windows))},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=cfg.sweep.max_concurrent),
+        run_config=tune.RunConfig(name=f"sweep-{keys['select']}", storage_path=storage_path,
+                                  storage_filesystem=storage_fs, verbose=1),
+    )
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({"conv_rank": r.config["conv_rank"], "window": r.config["window"],
+                     "head_rank": r.config["conv_rank"] * cfg.sweep.head_rank_per_conv_rank,
+                     "top1": m.get("top1"), "agreement": m.get("agreement", m.get("score")),
+                     "stopped_early": m.get("rung") != "evaluate",
+                     "error": str(r.error) if r.error else ""})
+    failed = [row for row in rows if row["error"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} sweep trial(s) failed: " + "; ".join(
+            f"rank {f['conv_rank']} window {f['window']}: {f['error'][:300]}" for f in failed))
+    done = [row for row in rows if row["top1"] is not None]
+    best = max(done, key=lambda row: row["top1"]) if done else None
+    report = None
+    if best is not None:
+        best_cfg = trial_config(cfg, best["conv_rank"], best["window"])
+        from hello_ray.stages import evaluate, transfer
+
+        k = dict(keys)
+        k["transfer"] = run_stage(transfer, best_cfg, store, {"teachers": keys["teachers"]})
+        k["evaluate"] = run_stage(evaluate, best_cfg, store, {
+            "images": keys["select"], "teachers": keys["teachers"], "transfer": k["transfer"]})
+        report = make_report(best_cfg, store, k, sweep_rows=rows)
+    return {"rows": rows, "best": best, "report_uri": report.report_uri if report else "",
+            "wall_s": time.perf_counter() - t0}
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'conv_rank':>9} {'head_rank':>9} {'window':>8} {'agreement':>9} {'top1':>7}"]
+    for r in sorted(rows, key=lambda r: (r["conv_rank"], r["window"])):
+        top1 = f"{100 * r['top1']:6.2f}%" if r["top1"] is not None else "stopped"
+        agr = f"{100 * r['agreement']:8.2f}%" if r["agreement"] is not None else "-"
+        lines.append(f"{r['conv_rank']:>9} {r['head_rank']:>9} {r['window']:>8} {agr:>9} {top1:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg = parse_args(argv, prog="sweep", description="Ray Tune over LoRA ranks and teacher windows")
+    out = sweep(cfg)
+    print()
+    print(format_sweep(out["rows"]))
+    if out["best"]:
+        b = out["best"]
+        print(f"\nbest: conv_rank={b['conv_rank']} head_rank={b['head_rank']} window={b['window']} "
+              f"top1={100 * b['top1']:.2f}%")
+    print(f"report:    {out['report_uri']}")
+    print(f"wall time: {out['wall_s']:.1f} s")
+    return 0

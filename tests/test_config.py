@@ -1,0 +1,107 @@
+"""Config: presets load, overrides are typed, bad keys and values fail naming the key."""
+from __future__ import annotations
+
+import pytest
+
+from hello_ray.config import PRESET_DIR, ConfigError, describe, load_config, parse_window
+from hello_ray.pipeline import parse_args
+
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+NEEDS_SOURCE = {"imagenet1k", "imagenet100"}
+
+
+def test_every_preset_is_known():
+    assert {"smoke", "demo", "imagenet100", "imagenet1k"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads(preset):
+    overrides = ["data.source=s3://bucket/imagenet"] if preset in NEEDS_SOURCE else []
+    cfg = load_config(preset, overrides=overrides)
+    assert cfg.name == preset
+    lo, hi = parse_window(cfg.transfer.teacher_window)
+    assert hi <= cfg.teachers.epochs
+
+
+def test_published_settings():
+    cfg = load_config("imagenet1k", overrides=["data.source=s3://b/x"])
+    t, s, tr, ev = cfg.teachers, cfg.select, cfg.transfer, cfg.evaluate
+    assert (t.epochs, t.lr, t.momentum, t.weight_decay, t.lr_step, t.batch_size) == (90, 0.1, 0.9, 1e-4, 30, 256)
+    assert (s.mipc, s.num_crop, s.factor) == (300, 5, 2)
+    assert (tr.clip_model, tr.pretrained, tr.conv_rank, tr.head_rank) == ("RN50", "openai", 8, 128)
+    assert (tr.lr, tr.epochs, tr.ce_weight, tr.n_teachers) == (5e-4, 20, 0.1, 9)
+    assert (ev.epochs, ev.batch_size, ev.ce_weight, ev.cutmix_alpha) == (300, 100, 0.025, 1.0)
+    assert load_config("imagenet100", overrides=["data.source=s3://b/x"]).transfer.head_rank == 64
+
+
+@pytest.mark.parametrize("overrides, value", [
+    (["select.ipc=50"], ("select", "ipc", 50)),
+    (["transfer.lr=1e-3"], ("transfer", "lr", 1e-3)),
+    (["evaluate.seeds=[0, 1]"], ("evaluate", "seeds", [0, 1])),
+    (["name=1.0"], (None, "name", "1.0")),
+    (["compute.use_gpu=false"], ("compute", "use_gpu", False)),
+    (["evaluate.lr.vgg11=0.002"], ("evaluate", "lr", None)),
+])
+def test_overrides_are_typed(overrides, value):
+    cfg = load_config("smoke", overrides=overrides)
+    section, key, expected = value
+    obj = getattr(cfg, section) if section else cfg
+    if expected is None:  # a table entry changes, the rest of the table stays
+        assert obj.lr["vgg11"] == 0.002 and obj.lr["resnet18"] == 1e-3
+    else:
+        assert getattr(obj, key) == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["select.ipcc=3"], "unknown config key 'select.ipcc'"),
+    (["nosuch=1"], "unknown config key 'nosuch'"),
+    (["select.ipc=ten"], "'select.ipc': expected an integer"),
+    (["select.ipc=0"], "'select.ipc': must be >= 1"),
+    (["compute.use_gpu=maybe"], "'compute.use_gpu': expected true/false"),
+    (["transfer.teacher_window=1-30"], "ends after the last teacher epoch"),
+    (["transfer.teacher_window=late"], "is not a window"),
+    (["evaluate.strategies=[soft]"], "unknown label strategy 'soft'"),
+    (["evaluate.strategies=[hard/10]"], "only stored/N"),
+    (["evaluate.lr.shufflenet_v2_x0_5=0"], "a zero rate trains nothing"),
+    (["evaluate.students=[resnet50]"], "no learning rate for student 'resnet50'"),
+    (["select"], "is not key=value"),
+    (["select=3"], "is a section"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("smoke", overrides=overrides)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="smoke"):
+        load_config("nosuch")
+
+
+def test_imagenet_without_source_fails_before_compute():
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config("imagenet1k")
+
+
+def test_yaml_file_layers_over_preset(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("select:\n  ipc: 7\nevaluate:\n  seeds: [3]\n")
+    cfg = load_config("smoke", str(f), ["select.mipc=11"])
+    assert (cfg.select.ipc, cfg.select.mipc, cfg.evaluate.seeds) == (7, 11, [3])
+    f.write_text("select:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=f"select.bogus' \\(from {f}"):
+        load_config("smoke", str(f))
+
+
+def test_command_line(capsys):
+    cfg = parse_args(["--preset", "smoke", "--store", "s3://b/p", "select.ipc=4"])
+    assert (cfg.store, cfg.select.ipc) == ("s3://b/p", 4)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--preset", "smoke", "select.nope=1"])
+    assert e.value.code == 2
+    assert "select.nope" in capsys.readouterr().err
+
+
+def test_every_key_has_help():
+    rows = describe()
+    assert len(rows) > 50
+    assert all(text for _, _, text in rows), [k for k, _, t in rows if not t]

@@ -1,0 +1,100 @@
+"""The recipe end to end on the smoke preset, its cache, `ray job submit`, and the sweep."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hello_ray.config import load_config
+from hello_ray.pipeline import distill, open_run_store
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("teachers", "select", "transfer", "refine", "evaluate")
+slow = pytest.mark.slow  # opt-in: HELLO_RAY_SLOW=1 (see conftest)
+
+
+def _check_run(result, store, cfg):
+    assert set(STAGES) <= set(result.keys) | {"refine"}
+    for stage in ("teachers", "select", "transfer", "images", "evaluate"):
+        m = store.manifest(result.keys[stage])
+        assert m["files"], stage
+    assert store.manifest(result.keys["images"])["stage"] == "refine"
+    strategies = {r["strategy"] for r in result.rows}
+    assert strategies >= {"hard", "teacher", "stored", "stored/10", "projector"}
+    assert all(0.0 <= r["top1"] <= 1.0 for r in result.rows)
+    assert "projector" in result.table and result.report_uri
+
+
+def test_smoke_end_to_end_then_cached(ray_local, file_store_uri):
+    cfg = load_config("smoke", overrides=[f"store={file_store_uri}"])
+    first = distill(cfg)
+    store = open_run_store(cfg)
+    _check_run(first, store, cfg)
+    report = Path(first.report_uri.replace("file://", ""))
+    assert report.exists() and "accuracy" in report.read_text().lower()
+
+    # Same config: every stage is found in the store and skipped.
+    t0 = time.perf_counter()
+    again = distill(cfg)
+    assert again.keys == first.keys
+    assert time.perf_counter() - t0 < 60
+    # A different IPC reuses the teachers and redoes selection onwards.
+    cfg2 = load_config("smoke", overrides=[f"store={file_store_uri}", "select.ipc=1"])
+    from hello_ray.pipeline import run_stage
+    from hello_ray.stages import select, teachers
+
+    assert run_stage(teachers, cfg2, store) == first.keys["teachers"]
+    assert store.artifact_key("select", select.stage_config(cfg2), {"teachers": first.keys["teachers"]}) \
+        != first.keys["select"]
+
+
+@slow
+def test_sweep_two_by_two(ray_local, file_store_uri):
+    from hello_ray.sweep import sweep
+
+    cfg = load_config("smoke", overrides=[f"store={file_store_uri}"])
+    out = sweep(cfg)
+    assert len(out["rows"]) == 4 and all(r["top1"] is not None for r in out["rows"])
+    text = Path(out["report_uri"].replace("file://", "")).read_text()
+    assert "sweep" in text.lower()
+
+
+@slow
+def test_ray_job_submit_to_local_head_with_s3_store(s3_bucket, s3_server, tmp_path):
+    """`ray job submit` of the smoke preset against `ray start --head`, store on the S3 server."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = 6390
+    dash = 8275
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--port={port}",
+                            "--include-dashboard=true", f"--dashboard-port={dash}",
+                            "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        runtime_env = {"env_vars": {k: os.environ[k] for k in (
+            "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "jobs/distill.py", "--preset", "smoke", "--store", s3_bucket],
+            env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+        assert "succeeded" in submit.stdout.lower()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    import boto3
+
+    bucket, prefix = s3_bucket[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+             for o in page.get("Contents", [])]
+    manifests = [n for n in names if n.endswith("/manifest.json")]
+    stages = {json.loads(s3.get_object(Bucket=bucket, Key=n)["Body"].read())["stage"] for n in manifests}
+    assert set(STAGES) <= stages, stages
