@@ -132,10 +132,12 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
         conv_rank=cfg.transfer.conv_rank, head_rank=cfg.transfer.head_rank,
         clip_model=cfg.transfer.clip_model, lora_style=cfg.transfer.lora_style,
         teacher=cfg.teachers.model, image_size=cfg.data.image_size)
-    prefix = f"reports/{cfg.name}-{keys['evaluate'].rsplit('-', 1)[-1]}"
-    uri = report.write_report(store, prefix, results_rows=inputs["rows"],
+    name = f"report-{cfg.name}-{keys['evaluate'].rsplit('-', 1)[-1]}"
+    uri = report.write_report(store, name, results_rows=inputs["rows"],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
-                              sweep_rows=sweep_rows, storage=storage)
+                              sweep_rows=sweep_rows, storage=storage, inputs=keys,
+                              teacher_window=cfg.transfer.teacher_window,
+                              meta={"preset": cfg.name, "store": store.uri})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
                      table=report.format_table(inputs["rows"]))
 

@@ -1,0 +1,561 @@
+"""The run report: markdown tables and PNG plots written into the store.
+
+Inputs are plain data, never stage objects, so the report can be rebuilt from the JSON
+files the stages leave in the store (``collect_inputs``) or from a notebook:
+
+- ``results_rows``: one dict per (student, strategy, seed) with keys ``student, strategy,
+  seed, top1, label_bytes`` and optionally ``step_time_s, wall_s, peak_mem_bytes``, and
+  ``kind``/``step`` that keep e.g. the floor or continual steps apart (a list of dicts or a
+  pandas DataFrame). ``top1`` is a fraction in [0, 1].
+- ``trajectory``: the teachers' ``trajectory.json`` (``{"epochs": [{"epoch", "top1"}, ...]}``).
+- ``fidelity``: the transfer stage's ``fidelity.json``: ``{"before": {...}, "after": {...}}``,
+  each with ``agreement, kl`` and ``projector_top1`` (or ``top1``), optionally ``teacher_top1``;
+  an optional top-level ``teacher_window`` shades the teacher curve.
+- ``sweep_rows``: one dict per Tune trial with ``conv_rank, head_rank, window, top1``
+  (``top1`` None for a trial a scheduler stopped early).
+- ``storage``: storage accounting, a mapping (``hello-ray storage --json``) or a list of dicts.
+
+``build_report`` returns ``(markdown, {png_name: png_bytes})``; ``write_report`` puts the PNGs,
+then ``README.md`` (so a README never points at a missing plot), then the manifest. Plots are
+drawn on ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot global state, safe inside
+Ray workers and without a display.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from hello_ray.store import Store
+
+STAGE = "report"
+RESULT_KEYS = ("student", "strategy", "seed", "top1", "label_bytes")
+SWEEP_KEYS = ("conv_rank", "head_rank", "window")
+# (key in fidelity.json, alternative key, panel title, how to read it)
+FIDELITY_METRICS = (("agreement", None, "top-1 agreement with teachers", "higher is better"),
+                    ("kl", None, "KL(teachers || projector)", "lower is better"),
+                    ("projector_top1", "top1", "projector top-1 (val)", "higher is better"))
+REPORT_FILE = "README.md"
+PNG_NAMES = {
+    "accuracy": "accuracy_vs_label_bytes.png",
+    "teacher": "teacher_curve.png",
+    "fidelity": "fidelity.png",
+    "sweep": "sweep_heatmap.png",
+}
+
+
+# ---------------------------------------------------------------- small formatters
+
+def human_bytes(n: float | None) -> str:
+    """``1536 -> '1.50 KiB'``; binary units, as METHOD.md quotes MiB/GiB."""
+    if n is None or _is_nan(n):
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def format_pct(mean: float, std: float | None = None) -> str:
+    """Fractions -> percent with 2 decimals: ``(0.4523, 0.0031) -> '45.23 ± 0.31'``."""
+    if std is None:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _is_nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or _is_nan(v)
+
+
+def _cell(v: Any) -> str:
+    if _missing(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _records(rows: Any, what: str) -> list[dict[str, Any]]:
+    """A list of dicts from a list of dicts or a pandas DataFrame."""
+    if rows is None:
+        return []
+    if hasattr(rows, "to_dict") and not isinstance(rows, Mapping):
+        return [dict(r) for r in rows.to_dict("records")]
+    if isinstance(rows, (Mapping, str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError(f"report: {what} must be a list of dicts or a DataFrame, got {type(rows).__name__}")
+    return [dict(r) for r in rows]
+
+
+def _check_rows(rows: list[dict[str, Any]], keys: Sequence[str], what: str,
+                top1_optional: bool = False) -> None:
+    """Every row has ``keys`` and a ``top1`` fraction in [0, 1]; the error names the row."""
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if _missing(r.get(k))]
+        if missing:
+            raise ValueError(f"report: {what} row {i} lacks {missing} (has {sorted(r)})")
+        top1 = r.get("top1")
+        if _missing(top1):
+            if top1_optional:
+                continue
+            raise ValueError(f"report: {what} row {i} has no top1 (has {sorted(r)})")
+        if not 0.0 <= float(top1) <= 1.0:
+            raise ValueError(f"report: {what} row {i} has top1={top1!r}; expected a fraction in [0, 1]")
+
+
+def _opt_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [float(r[key]) for r in rows if not _missing(r.get(key))]
+    return float(np.mean(vals)) if vals else None
+
+
+# ---------------------------------------------------------------- results
+
+def summarize_results(results_rows: Any) -> list[dict[str, Any]]:
+    """Group per (student, strategy[, kind, step]) over seeds, first-seen order.
+
+    Each group: n seeds, mean and std of top-1 (population std, ddof=0), label bytes (the
+    largest if seeds disagree: bytes follow the config, not the seed), mean step time, wall
+    time and peak memory. ``kind`` other than "final" (e.g. the floor) and ``step`` (continual
+    learning) become part of the displayed strategy name so they are never averaged together.
+    """
+    rows = _records(results_rows, "results_rows")
+    _check_rows(rows, RESULT_KEYS, "results_rows")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        strategy = str(r["strategy"])
+        tags = [str(r["kind"])] if not _missing(r.get("kind")) and r["kind"] != "final" else []
+        if not _missing(r.get("step")):
+            tags.append(f"step {r['step']}")
+        if tags:
+            strategy += f" ({', '.join(tags)})"
+        groups.setdefault((str(r["student"]), strategy), []).append(r)
+    out = []
+    for (student, strategy), g in groups.items():
+        top1 = np.array([float(r["top1"]) for r in g])  # [seeds]
+        out.append({
+            "student": student,
+            "strategy": strategy,
+            "n_seeds": len(g),
+            "top1_mean": float(top1.mean()),
+            "top1_std": float(top1.std()),
+            "label_bytes": max(int(r["label_bytes"]) for r in g),
+            "step_time_s": _opt_mean(g, "step_time_s"),
+            "wall_s": _opt_mean(g, "wall_s"),
+            "peak_mem_bytes": _opt_mean(g, "peak_mem_bytes"),
+        })
+    return out
+
+
+def results_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and display cells of the results table (one row per summary group)."""
+    headers = ["student", "strategy", "top-1 % (mean ± std)", "seeds", "label bytes", "label size",
+               "step ms", "wall s", "peak mem"]
+    body = []
+    for s in summary:
+        body.append([
+            s["student"], s["strategy"], format_pct(s["top1_mean"], s["top1_std"]), str(s["n_seeds"]),
+            f"{s['label_bytes']:,}", human_bytes(s["label_bytes"]),
+            "-" if s["step_time_s"] is None else f"{1000 * s['step_time_s']:.1f}",
+            "-" if s["wall_s"] is None else f"{s['wall_s']:.1f}",
+            human_bytes(s["peak_mem_bytes"]),
+        ])
+    return headers, body
+
+
+def format_table(rows: Any, columns: Sequence[str] | None = None) -> str:
+    """An aligned plain-text table of ``rows`` (dicts or a DataFrame) for the terminal.
+
+    Results rows (with ``seed`` and ``top1``...) are first summarised per (student, strategy),
+    so ``print(format_table(results_rows))`` is what ``jobs/distill.py`` shows at the end.
+    """
+    recs = _records(rows, "rows")
+    if recs and columns is None and all(k in recs[0] for k in RESULT_KEYS):
+        headers, body = results_table(summarize_results(recs))
+    else:
+        headers = list(columns) if columns else list(dict.fromkeys(k for r in recs for k in r))
+        body = [[_cell(r.get(h)) for h in headers] for r in recs]
+    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def markdown_table(headers: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; ``|`` inside cells is escaped."""
+    def esc(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- storage accounting
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out += _flatten(v, name + ".")
+        else:
+            out.append((name, v))
+    return out
+
+
+def _storage_readable(item: str, v: Any) -> str:
+    """Bytes as KiB/MiB/GiB, parameter counts in millions, anything else left blank."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or _is_nan(v):
+        return ""
+    if "bytes" in item:
+        return human_bytes(v)
+    if item.endswith("params"):
+        return f"{v / 1e6:.3f} M"
+    return ""
+
+
+def storage_table(storage: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and body of the storage accounting table.
+
+    A mapping (e.g. ``hello-ray storage --json``: ``stored_soft_labels_bytes``, ``teacher_params``,
+    ``projector_lora_bytes_fp16``, ...; nested mappings flattened to dotted names) becomes
+    ``item | value | readable``: exact numbers with thousands separators, next to KiB/MiB/GiB for
+    ``*bytes*`` items and millions for ``*params`` items. A list of dicts keeps its columns and
+    shows every ``*bytes`` column both exactly and human-readable.
+    """
+    if isinstance(storage, Mapping):
+        body = []
+        for item, v in _flatten(storage):
+            if isinstance(v, int) and not isinstance(v, bool):
+                exact = f"{v:,}"
+            elif isinstance(v, (list, tuple)):
+                exact = ", ".join(map(str, v))
+            else:
+                exact = _cell(v)
+            body.append([item, exact, _storage_readable(item, v)])
+        return ["item", "value", "readable"], body
+    recs = _records(storage, "storage")
+    headers = list(dict.fromkeys(k for r in recs for k in r))
+    body = []
+    for r in recs:
+        row = []
+        for h in headers:
+            v = r.get(h)
+            if h.endswith("bytes") and isinstance(v, (int, float)) and not _is_nan(v):
+                row.append(f"{int(v):,} ({human_bytes(v)})")
+            else:
+                row.append(_cell(v))
+        body.append(row)
+    return headers, body
+
+
+# ---------------------------------------------------------------- sweep
+
+def _window_bounds(window: str) -> tuple[int, int]:
+    lo, _, hi = str(window).partition("-")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"report: teacher window {window!r} is not 'a-b'") from None
+
+
+def sweep_summary(sweep_rows: Any) -> list[dict[str, Any]]:
+    """Sweep rows validated and sorted: finished trials best first, then early-stopped ones."""
+    rows = _records(sweep_rows, "sweep_rows")
+    _check_rows(rows, SWEEP_KEYS, "sweep_rows", top1_optional=True)
+    for r in rows:
+        _window_bounds(r["window"])
+    done = sorted((r for r in rows if not _missing(r.get("top1"))), key=lambda r: -float(r["top1"]))
+    return done + [r for r in rows if _missing(r.get("top1"))]
+
+
+def sweep_grid(sweep: list[dict[str, Any]]) -> tuple[list[int], list[str], np.ndarray]:
+    """(conv ranks, windows by start epoch, mean top-1 grid [ranks, windows]; NaN where no
+    finished trial)."""
+    ranks = sorted({int(r["conv_rank"]) for r in sweep})
+    windows = sorted({str(r["window"]) for r in sweep}, key=_window_bounds)
+    acc: dict[tuple[int, str], list[float]] = {}
+    for r in sweep:
+        if not _missing(r.get("top1")):
+            acc.setdefault((int(r["conv_rank"]), str(r["window"])), []).append(float(r["top1"]))
+    grid = np.full((len(ranks), len(windows)), np.nan)  # [ranks, windows]
+    for (rank, window), vals in acc.items():
+        grid[ranks.index(rank), windows.index(window)] = float(np.mean(vals))
+    return ranks, windows, grid
+
+
+# ---------------------------------------------------------------- plots
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # No "Software" stamp: the same inputs give the same bytes.
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def plot_accuracy_vs_bytes(summary: list[dict[str, Any]]) -> bytes:
+    """Top-1 (mean ± std error bars) against label bytes on a log x axis, one series per
+    strategy (and student when several). A zero-byte strategy switches to symlog so it shows."""
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    students = {s["student"] for s in summary}
+    markers = "osD^v<>pPX*h"
+    for i, s in enumerate(summary):
+        label = s["strategy"] if len(students) == 1 else f"{s['strategy']} ({s['student']})"
+        x, y = s["label_bytes"], 100 * s["top1_mean"]
+        ax.errorbar([x], [y], yerr=[100 * s["top1_std"]], fmt=markers[i % len(markers)], capsize=4,
+                    markersize=7, label=label)
+        # Alternate the byte labels above/below so neighbouring strategies stay readable.
+        ax.annotate(human_bytes(x), (x, y), textcoords="offset points",
+                    xytext=(6, 6 if i % 2 == 0 else -12), fontsize=7)
+    if any(s["label_bytes"] <= 0 for s in summary):
+        ax.set_xscale("symlog", linthresh=1.0)
+    else:
+        ax.set_xscale("log")
+    ax.set_xlabel("label bytes shipped with the distilled images (log)")
+    ax.set_ylabel("student top-1 on real val (%)")
+    ax.set_title("Accuracy vs label storage")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_teacher_curve(epochs: list[Mapping[str, Any]], teacher_window: str | None = None) -> bytes:
+    """Teacher top-1 per epoch; the teacher window, when given, is shaded."""
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.add_subplot()
+    ax.plot([int(e["epoch"]) for e in epochs], [100 * float(e["top1"]) for e in epochs],
+            marker="o", markersize=3)
+    if teacher_window:
+        lo, hi = _window_bounds(teacher_window)
+        ax.axvspan(lo, hi, alpha=0.15, color="tab:orange", label=f"teacher window {teacher_window}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("teacher top-1 on real val (%)")
+    ax.set_title("Teacher trajectory")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fid(phase: Mapping[str, Any], key: str, alt: str | None) -> float:
+    return float(phase[key] if key in phase else phase[alt])
+
+
+def plot_fidelity(fidelity: Mapping[str, Any]) -> bytes:
+    """Before/after-transfer bars for agreement, KL and top-1 (one panel each: scales differ)."""
+    phases = [p for p in ("before", "after") if p in fidelity]
+    fig = Figure(figsize=(8.0, 3.4))
+    axes = fig.subplots(1, len(FIDELITY_METRICS))
+    colors = {"before": "tab:gray", "after": "tab:blue"}
+    for ax, (key, alt, title, hint) in zip(axes, FIDELITY_METRICS):
+        pct = key != "kl"
+        vals = [_fid(fidelity[p], key, alt) * (100 if pct else 1) for p in phases]
+        bars = ax.bar(phases, vals, color=[colors[p] for p in phases])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        if key == "projector_top1":
+            teacher = next((fidelity[p]["teacher_top1"] for p in phases
+                            if not _missing(fidelity[p].get("teacher_top1"))), None)
+            if teacher is not None:
+                ax.axhline(100 * float(teacher), color="tab:orange", linestyle="--", label="teachers")
+                ax.legend(fontsize=7)
+        ax.set_title(f"{title}\n({hint})", fontsize=9)
+        ax.set_ylabel("%" if pct else "nats")
+    fig.suptitle("Projector fidelity before / after LoRA transfer", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_sweep_heatmap(sweep: list[dict[str, Any]]) -> bytes:
+    """Heat map of top-1 over (conv rank x teacher window), values written in the cells."""
+    ranks, windows, grid = sweep_grid(sweep)
+    fig = Figure(figsize=(1.6 + 1.1 * len(windows), 1.4 + 0.8 * len(ranks)))
+    ax = fig.add_subplot()
+    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(windows)), windows)
+    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("teacher window (epochs)")
+    ax.set_ylabel("LoRA conv rank")
+    finite = grid[np.isfinite(grid)]
+    mid = 100 * float(finite.mean()) if finite.size else 0.0
+    for i in range(len(ranks)):
+        for j in range(len(windows)):
+            v = 100 * grid[i, j]
+            text = f"{v:.1f}" if np.isfinite(v) else "stopped"
+            # NaN cells are left blank (white) by imshow: write on them in gray.
+            color = "gray" if not np.isfinite(v) else "black" if v > mid else "white"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    fig.colorbar(im, ax=ax, label="top-1 (%)")
+    ax.set_title("Sweep: top-1 by rank and window", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- the report
+
+def _fidelity_section(fidelity: Mapping[str, Any]) -> tuple[list[str], bytes]:
+    phases = [p for p in ("before", "after") if isinstance(fidelity.get(p), Mapping)]
+    if not phases:
+        raise ValueError(f"report: fidelity needs 'before' and/or 'after', got keys {sorted(fidelity)}")
+    for p in phases:
+        missing = [k for k, alt, _, _ in FIDELITY_METRICS if k not in fidelity[p] and alt not in fidelity[p]]
+        if missing:
+            raise ValueError(f"report: fidelity['{p}'] lacks {missing} (has {sorted(fidelity[p])})")
+    body = []
+    for p in phases:
+        f = fidelity[p]
+        teacher = f.get("teacher_top1")
+        body.append([p, format_pct(_fid(f, "agreement", None)), f"{_fid(f, 'kl', None):.4f}",
+                     format_pct(_fid(f, "projector_top1", "top1")),
+                     "-" if _missing(teacher) else format_pct(float(teacher))])
+    md = ["## Projector fidelity", "",
+          markdown_table(["phase", "agreement %", "KL", "projector top-1 %", "teachers top-1 %"], body), "",
+          f"![fidelity]({PNG_NAMES['fidelity']})", "",
+          "'before' is the text-initialised CLIP head (zero-shot), 'after' the LoRA'd projector as "
+          "shipped. Transfer should raise agreement with the teacher ensemble and lower the KL.", ""]
+    return md, plot_fidelity(fidelity)
+
+
+def build_report(
+    results_rows: Any,
+    trajectory: Mapping[str, Any] | None = None,
+    fidelity: Mapping[str, Any] | None = None,
+    sweep_rows: Any = None,
+    storage: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    title: str = "hello_ray run",
+    meta: Mapping[str, Any] | None = None,
+    teacher_window: str | None = None,
+) -> tuple[str, dict[str, bytes]]:
+    """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
+    None or empty is left out. Raises ValueError naming the row/key of malformed input."""
+    summary = summarize_results(results_rows)
+    pngs: dict[str, bytes] = {}
+    md: list[str] = [f"# {title}", ""]
+    if meta:
+        md += ["## Run", "", markdown_table(["key", "value"], [[k, f"`{v}`"] for k, v in meta.items()]), ""]
+
+    md += ["## Results", "",
+           "Student top-1 on the real validation set after training only on the distilled images; "
+           "each label strategy ships a different amount of label data with the same images.", ""]
+    if summary:
+        md += [markdown_table(*results_table(summary)), ""]
+        pngs[PNG_NAMES["accuracy"]] = plot_accuracy_vs_bytes(summary)
+        md += ["### Accuracy vs label bytes", "", f"![accuracy vs label bytes]({PNG_NAMES['accuracy']})", "",
+               "Up and to the left is better: the same accuracy for fewer label bytes. Error bars "
+               "are ± one std over seeds.", ""]
+    else:
+        md += ["No results rows were given.", ""]
+
+    epochs = list((trajectory or {}).get("epochs") or [])
+    if epochs:
+        for i, e in enumerate(epochs):
+            if _missing(e.get("epoch")) or _missing(e.get("top1")):
+                raise ValueError(f"report: trajectory epochs[{i}] lacks 'epoch' or 'top1' (has {sorted(e)})")
+        window = teacher_window or (fidelity or {}).get("teacher_window")
+        pngs[PNG_NAMES["teacher"]] = plot_teacher_curve(epochs, window)
+        best = max(epochs, key=lambda e: float(e["top1"]))
+        shade = f" The shaded window {window} holds the multi-weak teachers the projector was fitted to." \
+            if window else ""
+        md += ["## Teacher trajectory", "", f"![teacher curve]({PNG_NAMES['teacher']})", "",
+               f"{len(epochs)} epochs; final top-1 {format_pct(float(epochs[-1]['top1']))} %, best "
+               f"{format_pct(float(best['top1']))} % at epoch {best['epoch']}.{shade}", ""]
+
+    if fidelity:
+        section, png = _fidelity_section(fidelity)
+        md += section
+        pngs[PNG_NAMES["fidelity"]] = png
+
+    sweep = sweep_summary(sweep_rows) if sweep_rows is not None else []
+    if sweep:
+        pngs[PNG_NAMES["sweep"]] = plot_sweep_heatmap(sweep)
+        finished = [r for r in sweep if not _missing(r.get("top1"))]
+        body = [[str(r["conv_rank"]), str(r["head_rank"]), str(r["window"]),
+                 "stopped early" if _missing(r.get("top1")) else format_pct(float(r["top1"]))]
+                for r in sweep]
+        best = (f"Best: conv rank {finished[0]['conv_rank']}, head rank {finished[0]['head_rank']}, "
+                f"window {finished[0]['window']}: top-1 {format_pct(float(finished[0]['top1']))} %."
+                if finished else "No trial finished.")
+        md += ["## Sweep", "", best, "", f"![sweep heat map]({PNG_NAMES['sweep']})", "",
+               markdown_table(["conv rank", "head rank", "window", "top-1 %"], body), ""]
+
+    if storage:
+        md += ["## Storage accounting", "", markdown_table(*storage_table(storage)), ""]
+    return "\n".join(md).rstrip() + "\n", pngs
+
+
+def report_key(name: str) -> str:
+    """The store key of a report named ``name``: store keys are flat, so ``reports/demo-1a2b``
+    becomes ``reports-demo-1a2b``; characters a key cannot hold become ``-``."""
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip().strip("/")).strip("-.")
+    if not key:
+        raise ValueError(f"report: {name!r} gives an empty report key")
+    return key
+
+
+def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
+    """Read the report's inputs from finished artifacts: ``keys`` maps role -> artifact key
+    (``evaluate``, ``teachers``, ``transfer``; missing roles give None/empty).
+
+    Returns ``{"rows": results rows, "trajectory": trajectory.json, "fidelity": fidelity.json,
+    "class_names": [...]}``.
+    """
+    def read_json(role: str, name: str) -> Any:
+        if not keys.get(role):
+            return None
+        try:
+            return json.loads(store.get_bytes(keys[role], name))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"report: {store.uri_for(keys[role], name)} is not valid JSON: {e}") from None
+
+    results = read_json("evaluate", "results.json")
+    rows = results.get("rows", []) if isinstance(results, Mapping) else list(results or [])
+    trajectory = read_json("teachers", "trajectory.json")
+    return {"rows": rows, "trajectory": trajectory, "fidelity": read_json("transfer", "fidelity.json"),
+            "class_names": list((trajectory or {}).get("class_names") or [])}
+
+
+def write_report(
+    store: "Store",
+    name: str,
+    results_rows: Any,
+    trajectory: Mapping[str, Any] | None = None,
+    fidelity: Mapping[str, Any] | None = None,
+    sweep_rows: Any = None,
+    storage: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    inputs: Mapping[str, str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    teacher_window: str | None = None,
+) -> str:
+    """Build the report and store it as artifact ``report_key(name)``: PNGs, then ``README.md``,
+    then the manifest (stage "report", ``inputs`` = the artifact keys it summarises). A re-run
+    rewrites it. Returns the README's URI."""
+    key = report_key(name)
+    markdown, pngs = build_report(results_rows, trajectory, fidelity, sweep_rows, storage,
+                                  title=f"hello_ray report: {name}", meta=meta,
+                                  teacher_window=teacher_window)
+    for png_name, data in pngs.items():
+        store.put_bytes(key, png_name, data)
+    store.put_bytes(key, REPORT_FILE, markdown.encode("utf-8"))
+    store.finalize(key, STAGE, {"name": name, "files": sorted([REPORT_FILE, *pngs])}, dict(inputs or {}),
+                   {"sections": [line[3:] for line in markdown.splitlines() if line.startswith("## ")]})
+    return store.uri_for(key, REPORT_FILE)

@@ -1,0 +1,237 @@
+"""hello_ray/report.py: every section, real PNGs, table numbers equal to the input, and the
+report written through the store API to a local folder and to the moto S3 server."""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from hello_ray import report
+from hello_ray.store import open_store
+
+STRATEGIES = {"hard": 1_200, "teacher": 46_827_520, "stored": 12_582_912, "stored/10": 1_258_291,
+              "projector": 811_008}
+SECTIONS = ["## Results", "### Accuracy vs label bytes", "## Teacher trajectory", "## Projector fidelity",
+            "## Sweep", "## Storage accounting"]
+
+
+def make_rows() -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for strategy, nbytes in STRATEGIES.items():
+        for seed in range(3):
+            rows.append({"student": "resnet18", "strategy": strategy, "seed": seed,
+                         "top1": float(rng.uniform(0.2, 0.6)), "label_bytes": nbytes,
+                         "step_time_s": float(rng.uniform(0.01, 0.05)), "wall_s": float(rng.uniform(5, 9)),
+                         "peak_mem_bytes": int(rng.integers(2**28, 2**30)), "kind": "final"})
+    return rows
+
+
+TRAJECTORY = {"model": "resnet18", "class_names": [str(i) for i in range(10)],
+              "epochs": [{"epoch": e, "top1": 1 - 0.8 ** e, "file": f"epochs/epoch_{e:03d}.pt"}
+                         for e in range(1, 11)]}
+# The transfer stage's fidelity.json layout.
+FIDELITY = {"before": {"views": 400, "agreement": 0.21, "kl": 1.734, "projector_top1": 0.12, "teacher_top1": 0.83},
+            "after": {"views": 400, "agreement": 0.77, "kl": 0.2451, "projector_top1": 0.64, "teacher_top1": 0.83},
+            "teacher_window": "2-10", "n_teachers": 9}
+SWEEP = [{"conv_rank": r, "head_rank": 16 * r, "window": w, "top1": 0.3 + 0.01 * r + 0.02 * i,
+          "agreement": 0.5, "stopped_early": False, "error": ""}
+         for r in (2, 4) for i, w in enumerate(["1-2", "2-3"])]
+STORAGE = {"classes": 10, "ipc": 10, "epochs": 40, "stored_soft_labels_bytes": 12_582_912,
+           "teacher_params": 11_181_642, "projector_lora_params": 405_504,
+           "projector_lora_bytes_fp16": 811_008, "clip_model": "hello-tiny-rn"}
+
+
+def table_row(markdown: str, *cells: str) -> str:
+    """The one markdown table line that starts with ``cells``."""
+    prefix = "| " + " | ".join(cells) + " |"
+    lines = [line for line in markdown.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"expected one row starting {prefix!r}, found {lines}"
+    return lines[0]
+
+
+def assert_png(data: bytes) -> tuple[int, int]:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    img.load()  # decodes every pixel: a truncated file fails here
+    assert img.width > 200 and img.height > 150
+    assert np.asarray(img.convert("L")).std() > 5, "the plot is blank"
+    return img.size
+
+
+@pytest.fixture(scope="module")
+def full_report() -> tuple[str, dict[str, bytes]]:
+    return report.build_report(make_rows(), TRAJECTORY, FIDELITY, SWEEP, STORAGE,
+                               title="test run", meta={"preset": "smoke"})
+
+
+def test_every_section_and_plot(full_report):
+    md, pngs = full_report
+    positions = [md.index(s) for s in SECTIONS]
+    assert positions == sorted(positions), "sections out of order"
+    assert set(pngs) == set(report.PNG_NAMES.values())
+    for name, data in pngs.items():
+        assert f"]({name})" in md, f"{name} is not referenced by the markdown"
+        assert_png(data)
+
+
+def test_results_table_numbers_match_the_input(full_report):
+    md, _ = full_report
+    rows = make_rows()
+    for strategy, nbytes in STRATEGIES.items():
+        group = [r for r in rows if r["strategy"] == strategy]
+        top1 = np.array([r["top1"] for r in group])
+        line = table_row(md, "resnet18", strategy)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == f"{100 * top1.mean():.2f} ± {100 * top1.std():.2f}"
+        assert cells[3] == "3"
+        assert cells[4] == f"{nbytes:,}"
+        step_ms = 1000 * np.mean([r["step_time_s"] for r in group])
+        assert cells[6] == f"{step_ms:.1f}"
+        assert cells[7] == f"{np.mean([r['wall_s'] for r in group]):.1f}"
+
+
+def test_fidelity_sweep_and_storage_tables(full_report):
+    md, _ = full_report
+    assert table_row(md, "before", "21.00", "1.7340", "12.00", "83.00")
+    assert table_row(md, "after", "77.00", "0.2451", "64.00", "83.00")
+    best = max(SWEEP, key=lambda r: r["top1"])
+    assert f"Best: conv rank {best['conv_rank']}, head rank {best['head_rank']}, window {best['window']}" in md
+    for r in SWEEP:
+        assert table_row(md, str(r["conv_rank"]), str(r["head_rank"]), r["window"], f"{100 * r['top1']:.2f}")
+    assert table_row(md, "stored_soft_labels_bytes", "12,582,912", "12.00 MiB")
+    assert table_row(md, "teacher_params", "11,181,642", "11.182 M")
+    assert table_row(md, "clip_model", "hello-tiny-rn")
+    # The teacher window of fidelity.json is named under the teacher curve.
+    assert "window 2-10" in md
+
+
+def test_optional_sections_are_left_out():
+    md, pngs = report.build_report(make_rows()[:3])
+    assert "## Results" in md and "### Accuracy vs label bytes" in md
+    for s in SECTIONS[2:]:
+        assert s not in md
+    assert list(pngs) == [report.PNG_NAMES["accuracy"]]
+
+
+def test_dataframe_input_gives_the_same_report():
+    rows = make_rows()
+    assert report.build_report(pd.DataFrame(rows))[0] == report.build_report(rows)[0]
+
+
+def test_summary_keeps_kinds_and_students_apart():
+    rows = make_rows()[:3] + [
+        {"student": "resnet18", "strategy": "hard", "seed": 0, "top1": 0.1, "label_bytes": 1200, "kind": "floor"},
+        {"student": "mobilenet_v2", "strategy": "hard", "seed": 0, "top1": 0.2, "label_bytes": 1200},
+    ]
+    summary = {(s["student"], s["strategy"]): s for s in report.summarize_results(rows)}
+    assert set(summary) == {("resnet18", "hard"), ("resnet18", "hard (floor)"), ("mobilenet_v2", "hard")}
+    assert summary[("resnet18", "hard (floor)")]["top1_mean"] == pytest.approx(0.1)
+    assert summary[("resnet18", "hard")]["n_seeds"] == 3
+    assert summary[("mobilenet_v2", "hard")]["step_time_s"] is None
+
+
+def test_stopped_sweep_trials_are_listed_not_plotted():
+    sweep = SWEEP[:3] + [{**SWEEP[3], "top1": None, "stopped_early": True}]
+    ranks, windows, grid = report.sweep_grid(report.sweep_summary(sweep))
+    assert ranks == [2, 4] and windows == ["1-2", "2-3"]
+    assert np.isnan(grid[1, 1]) and grid[0, 0] == pytest.approx(SWEEP[0]["top1"])
+    md, pngs = report.build_report(make_rows()[:3], sweep_rows=sweep)
+    assert table_row(md, "4", "64", "2-3", "stopped early")
+    assert_png(pngs[report.PNG_NAMES["sweep"]])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"top1": None}, r"row 1 lacks \['top1'\]"),
+    ({"top1": 45.2}, r"row 1 has top1=45.2; expected a fraction"),
+    ({"label_bytes": None}, r"row 1 lacks \['label_bytes'\]"),
+])
+def test_bad_results_rows_name_the_row_and_key(bad, match):
+    rows = make_rows()[:2]
+    rows[1] = {**rows[1], **bad}
+    with pytest.raises(ValueError, match=match):
+        report.build_report(rows)
+
+
+def test_bad_fidelity_and_sweep_name_the_key():
+    with pytest.raises(ValueError, match=r"fidelity\['after'\] lacks \['kl'\]"):
+        report.build_report(make_rows()[:3], fidelity={"after": {"agreement": 0.5, "top1": 0.4}})
+    with pytest.raises(ValueError, match=r"sweep_rows row 0 lacks \['window'\]"):
+        report.build_report(make_rows()[:3], sweep_rows=[{"conv_rank": 4, "head_rank": 64, "top1": 0.3}])
+
+
+def test_format_table_for_the_terminal():
+    text = report.format_table(make_rows())
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(STRATEGIES)
+    assert re.fullmatch(r"[- ]+", lines[1])
+    # Columns line up: every cell of a column starts at the header's offset.
+    col = lines[0].index("label bytes")
+    for line, (strategy, nbytes) in zip(lines[2:], STRATEGIES.items()):
+        assert line.split()[1] == strategy
+        assert line[col:].startswith(f"{nbytes:,}")
+    generic = report.format_table([{"a": 1, "b": 0.123456}, {"a": 22, "b": None}])
+    assert generic.splitlines()[2:] == ["1   0.1235", "22  -"]
+
+
+def test_report_key_is_a_flat_store_key():
+    assert report.report_key("reports/demo-1a2b3c") == "reports-demo-1a2b3c"
+    assert report.report_key("my run") == "my-run"
+    with pytest.raises(ValueError):
+        report.report_key("///")
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request):
+    uri = request.getfixturevalue("file_store_uri" if request.param == "file" else "s3_bucket")
+    return open_store(uri)
+
+
+def test_write_report_through_the_store(store, full_report):
+    uri = report.write_report(store, "reports/smoke-abc123", make_rows(), TRAJECTORY, FIDELITY, SWEEP, STORAGE,
+                              inputs={"evaluate": "evaluate-0123456789ab"}, meta={"preset": "smoke"})
+    key = "reports-smoke-abc123"
+    assert uri == store.uri_for(key, report.REPORT_FILE)
+    assert store.exists(key), "the report artifact has no manifest"
+    assert set(store.list_files(key)) == {report.REPORT_FILE, *report.PNG_NAMES.values()}
+    manifest = store.manifest(key)
+    assert manifest["stage"] == "report" and manifest["inputs"] == {"evaluate": "evaluate-0123456789ab"}
+    md = store.get_bytes(key, report.REPORT_FILE).decode()
+    for s in SECTIONS:
+        assert s in md
+    # The stored plots are the built ones, byte for byte (rendering is deterministic), and decode.
+    _, built = full_report
+    for name, data in built.items():
+        stored = store.get_bytes(key, name)
+        assert stored == data
+        assert_png(stored)
+    if store.uri.startswith("s3://"):
+        import boto3
+
+        bucket = store.uri[5:].split("/", 1)[0]
+        listed = boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]
+        assert any(o["Key"].endswith(f"{key}/{report.REPORT_FILE}") for o in listed)
+    else:
+        assert uri.startswith("file://") and uri.endswith(f"{key}/README.md")
+
+
+def test_collect_inputs_reads_the_stage_artifacts(file_store_uri):
+    store = open_store(file_store_uri)
+    files = {"teachers-000000000001": ("trajectory.json", TRAJECTORY),
+             "transfer-000000000002": ("fidelity.json", FIDELITY),
+             "evaluate-000000000003": ("results.json", {"rows": make_rows()})}
+    for key, (name, data) in files.items():
+        store.put_bytes(key, name, json.dumps(data).encode())
+        store.finalize(key, key.split("-")[0], {}, {})
+    got = report.collect_inputs(store, {"teachers": "teachers-000000000001", "transfer": "transfer-000000000002",
+                                        "evaluate": "evaluate-000000000003", "select": "select-000000000004"})
+    assert got["rows"] == make_rows() and got["trajectory"] == TRAJECTORY and got["fidelity"] == FIDELITY
+    assert got["class_names"] == TRAJECTORY["class_names"]
+    md, pngs = report.build_report(got["rows"], got["trajectory"], got["fidelity"])
+    assert "## Projector fidelity" in md and len(pngs) == 3
+    assert report.collect_inputs(store, {})["rows"] == []
