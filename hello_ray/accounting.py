@@ -1,0 +1,191 @@
+"""Storage accounting: what each way of labelling a distilled set costs to ship.
+
+``storage_report`` compares, for ``classes x ipc`` synthetic images trained ``epochs`` epochs:
+
+- stored soft labels (SRe2L / FKD relabel): one fp16 logit vector per image per epoch,
+  ``epochs x images x classes x 2`` bytes (METHOD.md; augmentation parameters not counted);
+- the teacher's weights (the observer shipped instead, RDED-style);
+- the HeLlO projector's LoRA tensors, counted by actually applying ``Projector.add_lora`` to
+  the real CLIP architecture (open_clip at random init, built on PyTorch's meta device: the
+  layer shapes are real, no weights are allocated or downloaded).
+
+CLI: ``hello-ray storage --classes 1000 --ipc 10 [--json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from hello_ray.models.lora import LORA_STYLES
+from hello_ray.models.projector import default_head_rank
+
+MIB = 1024 ** 2
+FP16_BYTES = 2
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's root-logger "No pretrained weights loaded" warning: accounting builds the
+    architecture without weights on purpose."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def stored_soft_label_bytes(classes: int, ipc: int, epochs: int) -> int:
+    """fp16 logits, one augmented view per image per epoch (METHOD.md)."""
+    return epochs * classes * ipc * classes * FP16_BYTES
+
+
+def teacher_params(teacher: str, classes: int, image_size: int) -> int:
+    """Parameters of the zoo teacher (built on the meta device: shapes only)."""
+    from hello_ray.models.zoo import build_model, count_params
+
+    with torch.device("meta"):
+        return count_params(build_model(teacher, classes, image_size))
+
+
+def projector_lora_counts(classes: int, conv_rank: int, head_rank: int, clip_model: str = "RN50",
+                          lora_style: str = "separable") -> dict[str, int]:
+    """LoRA parameter/tensor counts of the projector for ``clip_model``, from its real layers.
+
+    The projector is assembled on the meta device (encoder of the real architecture, a head
+    of the real [classes, embed_dim] shape) and ``add_lora`` is applied to it, so the count is
+    exactly what knowledge transfer trains and the adapter ships.
+    """
+    import open_clip
+
+    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
+    from hello_ray.models.projector import Projector
+
+    register_tiny_clip()
+    if clip_model not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model {clip_model!r} (open_clip.list_models() has e.g. RN50, RN101)")
+    with torch.device("meta"), _quiet_open_clip():
+        clip = open_clip.create_model(clip_model, pretrained=None, device="meta")
+        embed_dim = int(open_clip.get_model_config(clip_model)["embed_dim"])
+        mean, std = clip_normalisation(clip)
+        projector = Projector(clip.visual, torch.empty(classes, embed_dim), clip.logit_scale,
+                              clip_input_size(clip), mean, std, clip_model, "meta",
+                              [f"class_{c}" for c in range(classes)])
+        projector.add_lora(conv_rank, head_rank, style=lora_style)
+    lora = projector.lora_state_dict()
+    head = sum(t.numel() for k, t in lora.items() if k.startswith("head."))
+    total = sum(t.numel() for t in lora.values())
+    return {"params": total, "conv_params": total - head, "head_params": head, "tensors": len(lora),
+            "embed_dim": embed_dim,
+            "conv_layers": sum(1 for k in lora if k.startswith("encoder.") and ".lora_A." in k)}
+
+
+def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8,
+                   head_rank: int | None = None, clip_model: str = "RN50", lora_style: str = "separable",
+                   teacher: str = "resnet18", image_size: int = 224) -> dict[str, Any]:
+    """Bytes of each label strategy for ``classes x ipc`` images trained ``epochs`` epochs."""
+    for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("conv_rank", conv_rank)):
+        if value < 1:
+            raise ValueError(f"storage_report: {name} must be >= 1, got {value}")
+    if lora_style not in LORA_STYLES:
+        raise ValueError(f"storage_report: lora_style {lora_style!r} is not one of {', '.join(LORA_STYLES)}")
+    head_rank = default_head_rank(classes) if head_rank is None else head_rank
+    images = classes * ipc
+    labels = stored_soft_label_bytes(classes, ipc, epochs)
+    t_params = teacher_params(teacher, classes, image_size)
+    lora = projector_lora_counts(classes, conv_rank, head_rank, clip_model, lora_style)
+    n = lora["params"]
+    return {
+        "classes": classes,
+        "ipc": ipc,
+        "images": images,
+        "epochs": epochs,
+        "stored_soft_labels_bytes": labels,
+        "stored_soft_labels_mib": labels / MIB,
+        "teacher": teacher,
+        "teacher_image_size": image_size,
+        "teacher_params": t_params,
+        "teacher_bytes_fp32": t_params * 4,
+        "teacher_bytes_fp16": t_params * 2,
+        "clip_model": clip_model,
+        "lora_style": lora_style,
+        "conv_rank": conv_rank,
+        "head_rank": head_rank,
+        "projector_lora_params": n,
+        "projector_lora_conv_params": lora["conv_params"],
+        "projector_lora_head_params": lora["head_params"],
+        "projector_lora_tensors": lora["tensors"],
+        "projector_lora_conv_layers": lora["conv_layers"],
+        "projector_lora_bytes_fp32": n * 4,
+        "projector_lora_bytes_fp16": n * 2,
+        # int8 adds one fp32 scale per tensor (hello_ray/models/adapter.py).
+        "projector_lora_bytes_int8": n + 4 * lora["tensors"],
+        "labels_over_projector_fp16": labels / (n * 2),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A readable table of a :func:`storage_report`."""
+    rows = [
+        ("stored soft labels (fp16, 1 view/img/epoch)", f"{r['epochs']} ep x {r['images']:,} img x "
+         f"{r['classes']:,} cls", r["stored_soft_labels_bytes"]),
+        (f"teacher {r['teacher']} weights (fp32)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp32"]),
+        (f"teacher {r['teacher']} weights (fp16)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp16"]),
+    ]
+    lora = (f"{r['projector_lora_params']:,} params (conv {r['projector_lora_conv_params']:,} + "
+            f"head {r['projector_lora_head_params']:,})")
+    for dt in ("fp32", "fp16", "int8"):
+        rows.append((f"HeLlO projector LoRA ({dt})", lora, r[f"projector_lora_bytes_{dt}"]))
+    head = (f"label storage: {r['classes']:,} classes x IPC {r['ipc']} = {r['images']:,} images, "
+            f"CLIP {r['clip_model']} LoRA {r['lora_style']} conv rank {r['conv_rank']}, "
+            f"head rank {r['head_rank']}")
+    w0 = max(len(a) for a, _, _ in rows)
+    w1 = max(len(b) for _, b, _ in rows)
+    lines = [head, "-" * len(head)]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c):>12}" for a, b, c in rows]
+    lines.append(f"stored labels / projector LoRA (fp16): {r['labels_over_projector_fp16']:,.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hello-ray storage``: print the label storage of each strategy (``--json``: one JSON object)."""
+    ap = argparse.ArgumentParser(prog="hello-ray storage", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--classes", type=int, required=True, help="number of classes (ImageNet-1K: 1000)")
+    ap.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    ap.add_argument("--epochs", type=int, default=300, help="student epochs the labels cover")
+    ap.add_argument("--conv-rank", type=int, default=8, help="LoRA rank on the encoder convs")
+    ap.add_argument("--head-rank", type=int, default=None,
+                    help="LoRA rank on the head (default 64 for <= 100 classes, else 128)")
+    ap.add_argument("--clip-model", default="RN50", help="open_clip model of the projector")
+    ap.add_argument("--lora-style", default="separable", choices=LORA_STYLES, help="conv LoRA parametrisation")
+    ap.add_argument("--teacher", default="resnet18", help="zoo architecture of the teacher")
+    ap.add_argument("--image-size", type=int, default=224, help="teacher input size (stem choice)")
+    ap.add_argument("--json", action="store_true", help="emit one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    try:
+        report = storage_report(args.classes, args.ipc, epochs=args.epochs, conv_rank=args.conv_rank,
+                                head_rank=args.head_rank, clip_model=args.clip_model,
+                                lora_style=args.lora_style, teacher=args.teacher, image_size=args.image_size)
+    except ValueError as e:
+        print(f"hello-ray storage: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The student/teacher zoo: every architecture at small and full size, its stem, its normalisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hello_ray.models.zoo import IMAGENET_MEAN, IMAGENET_STD, STUDENTS, ZOO, build_model, count_params
+
+
+def test_zoo_names_are_the_students_of_the_method():
+    assert STUDENTS == ("resnet18", "shufflenet_v2_x0_5", "mobilenet_v2", "efficientnet_b0", "swin_v2_t",
+                        "vgg11")
+    assert ZOO == STUDENTS
+
+
+# name -> the module whose output is the last feature map, and that map's side for a 32 px input
+FEATURE_MAP = {
+    "resnet18": ("net.layer4", 2),
+    "shufflenet_v2_x0_5": ("net.conv5", 2),
+    "mobilenet_v2": ("net.features", 2),
+    "efficientnet_b0": ("net.features", 2),
+    "swin_v2_t": ("net.norm", 2),  # NHWC tokens
+    "vgg11": ("net.features", 1),
+}
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_small_image_forward_and_feature_map(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, image_size=32).eval()
+    module_name, side = FEATURE_MAP[name]
+    seen = {}
+    hook = model.get_submodule(module_name).register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 32, 32))
+    hook.remove()
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    fmap = seen["out"]
+    spatial = fmap.shape[1:3] if name == "swin_v2_t" else fmap.shape[-2:]
+    assert tuple(spatial) == (side, side), f"{name}: last feature map {tuple(fmap.shape)}"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"])
+def test_full_size_keeps_the_imagenet_stem(name):
+    model = build_model(name, num_classes=7, image_size=224).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 224, 224)).shape == (1, 7)
+
+
+def test_resnet18_stems():
+    small = build_model("resnet18", 10, 32).net
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, nn.MaxPool2d), "the small-image stem keeps the max-pool (speed)"
+    full = build_model("resnet18", 10, 224).net
+    assert full.conv1.kernel_size == (7, 7) and full.conv1.stride == (2, 2)
+    # ImageNet-1K ResNet-18 has the published 11.7M parameters
+    assert count_params(build_model("resnet18", 1000, 224)) == 11_689_512
+
+
+def test_swin_patch_and_vgg_classifier_fit_small_images():
+    swin = build_model("swin_v2_t", 10, 32).net
+    assert swin.features[0][0].kernel_size == (2, 2)
+    assert build_model("swin_v2_t", 10, 224).net.features[0][0].kernel_size == (4, 4)
+    vgg = build_model("vgg11", 10, 32)
+    assert vgg.net.classifier[0].in_features == 512
+    assert count_params(vgg) < 10_000_000  # not the 120M of the 7x7 ImageNet classifier
+
+
+def test_normalisation_happens_inside():
+    torch.manual_seed(0)
+    model = build_model("shufflenet_v2_x0_5", 5, 32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net((x - mean) / std))
+    # mean/std are buffers: they follow .to() and are no weights
+    assert "mean" not in dict(model.named_parameters())
+    assert set(model.state_dict()) == {f"net.{k}" for k in model.net.state_dict()}
+
+
+def test_small_resnet_learns():
+    """A few steps on a fixed batch lower the loss: the small stem trains end to end."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4, 32).train()
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_unknown_name_lists_the_zoo():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'.*resnet18.*vgg11"):
+        build_model("resnet50", 10, 32)
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("resnet18", 0, 32)
+    with pytest.raises(ValueError, match="pretrained ImageNet weights need the 224 px stem"):
+        build_model("resnet18", 10, 32, pretrained=True)  # refused before any download
