@@ -156,10 +156,18 @@ class RefineConfig:
     factor: int = _help("down/up-sampling factor of x' = up(down(x))", default=2)
     batch_size: int = _help("images per refine batch", default=100)
     num_actors: int = _help("refine actors (GPU actors where present)", default=1)
+    actor_cpus: float = _help("CPUs per refine actor; keep < 1 on CPU so read tasks are not starved",
+                              default=0.5)
+    target: str = _help("x' = up(down(x)) of the current x each step: joint (gradient through both "
+                        "E(x) and E(x')) | detached (E(x') is a fixed target of that step)",
+                        default="joint")
 
     def validate(self, p: str = "refine") -> None:
         for k in ("steps", "factor", "batch_size", "num_actors"):
             _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _check(self.lr > 0, f"{p}.lr", "must be > 0")
+        _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+        _check(self.target in ("joint", "detached"), f"{p}.target", "must be 'joint' or 'detached'")
 
 
 LABEL_STRATEGIES = ("hard", "teacher", "stored", "projector")
@@ -184,6 +192,11 @@ class EvalConfig:
     floor: bool = _help("also train on random real images with hard labels (the floor)", default=True)
     continual_steps: list[int] = _help("GDumb class-incremental runs, e.g. [5, 10]; empty = none",
                                        default_factory=list)
+    continual_strategies: list[str] = _help("label strategies of the continual runs (online ones: "
+                                            "hard | teacher | projector)",
+                                            default_factory=lambda: ["projector"])
+    teacher_labels: str = _help("what the teacher strategy and the stored relabel pass use: observer | "
+                                "window (mean logits of transfer.teacher_window)", default="observer")
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
@@ -200,6 +213,11 @@ class EvalConfig:
         _check(self.epochs >= 1 and self.batch_size >= 1, f"{p}.epochs", "epochs and batch_size >= 1")
         _check(len(self.seeds) >= 1, f"{p}.seeds", "name at least one seed")
         _check(all(n >= 2 for n in self.continual_steps), f"{p}.continual_steps", "each must be >= 2")
+        for s in self.continual_strategies:
+            _check(s in ("hard", "teacher", "projector"), f"{p}.continual_strategies",
+                   f"{s!r}: continual runs use online labels (hard, teacher or projector)")
+        _check(self.teacher_labels in ("observer", "window"), f"{p}.teacher_labels",
+               "must be 'observer' or 'window'")
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Student training step with projector labels vs teacher labels vs hard labels.
+
+    python benchmarks/student_step.py                           # CPU defaults: batch 16, 224 px
+    python benchmarks/student_step.py --batch 100 --image-size 224 --steps 20   # the published setting
+
+Prints, in one run on one machine, the mean time of one student step (augment + label + forward +
+backward + AdamW, ``hello_ray.stages.evaluate_core.train_student``, first step excluded) and the
+peak memory of the run for a ResNet-18 student labelled by:
+
+- ``hard``: class ids (no labeller; the floor of any step time);
+- ``teacher``: a ResNet-18 observer (random init: only the cost is measured);
+- ``projector``: CLIP + LoRA *merged* into the base weights, for the tiny test CLIP and for
+  OpenAI's RN50 architecture (both random init, ``pretrained=None``: nothing is downloaded),
+
+and the ratios projector/teacher (published: 0.21 s / 0.12 s = 1.75x on an A5000; goal <= 1.3x)
+and projector/hard. Labelling runs under ``torch.inference_mode`` (bf16 autocast + channels-last
+on GPU). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
+(reset per strategy, so it includes everything resident: compare differences, not totals).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from hello_ray.labels import HardLabels, LabelStrategy, ProjectorLabels, TeacherLabels  # noqa: E402
+from hello_ray.models.zoo import build_model  # noqa: E402
+from hello_ray.runtime import seed_everything  # noqa: E402
+from hello_ray.stages.evaluate_core import PeakMemory, TrainSettings, train_student  # noqa: E402
+
+
+def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int) -> torch.nn.Module:
+    """A CLIP projector at random init (open_clip ``pretrained=None``), LoRA added then merged."""
+    import open_clip
+
+    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
+    from hello_ray.models.projector import DEFAULT_TEMPLATES, Projector, text_head_weight
+
+    register_tiny_clip()
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, pretrained=None).eval()
+    names = [f"class {i}" for i in range(num_classes)]
+    head = text_head_weight(model, open_clip.get_tokenizer(model_name), names, DEFAULT_TEMPLATES)
+    mean, std = clip_normalisation(model)
+    proj = Projector(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
+                     model_name, "random-init", names)
+    proj.add_lora(conv_rank, head_rank)
+    return proj.merge_lora(unload=True).eval()
+
+
+def measure(strategy: LabelStrategy, args, device: torch.device) -> dict:
+    seed_everything(0)
+    n = 2 * args.batch                                         # two steps per epoch
+    images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    labels = torch.arange(n) % args.classes
+    student = build_model("resnet18", args.classes, args.image_size).to(device)
+    s = TrainSettings(epochs=max(1, (args.steps + 1 + 1) // 2), batch_size=args.batch, lr=1e-3, weight_decay=0.01,
+                      cutmix_alpha=1.0, loss="mse_ce", ce_weight=0.025, temperature=4.0,
+                      image_size=args.image_size)
+    with PeakMemory(device) as mem:
+        stats = train_student(student, images, labels, strategy, s, seed=0, device=device)
+    return {"step_s": stats["step_s"], "steps": stats["steps"], "peak_mib": mem.peak_bytes / 2**20,
+            "mem_kind": mem.kind}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--batch", type=int, default=100 if cuda else 16)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--classes", type=int, default=1000 if cuda else 100)
+    ap.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps (one more is warm-up)")
+    ap.add_argument("--clip", nargs="+", default=["hello-tiny-rn", "RN50"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'}), "
+          f"ResNet-18 student, batch {args.batch}, {args.image_size} px, {args.classes} classes, "
+          f"{args.steps} timed steps", flush=True)
+    results: dict[str, dict] = {}
+
+    def run(name: str, make) -> None:
+        strategy = make()
+        results[name] = measure(strategy.to(device), args, device)
+        r = results[name]
+        print(f"  {name:<24} step {r['step_s'] * 1e3:8.1f} ms   peak {r['peak_mib']:8.0f} MiB ({r['mem_kind']})",
+              flush=True)
+        del strategy
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    run("hard", lambda: HardLabels(torch.zeros(1).numpy(), args.classes, 0))
+    torch.manual_seed(0)
+    run("teacher (resnet18)", lambda: TeacherLabels(build_model("resnet18", args.classes, args.image_size),
+                                                    args.classes, args.image_size))
+    for clip in args.clip:
+        run(f"projector ({clip})", lambda: ProjectorLabels(
+            random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
+            args.classes, args.image_size, adapter_bytes=0))
+    t, h = results["teacher (resnet18)"], results["hard"]
+    print("ratios (step time; published projector/teacher 1.75x, goal <= 1.3x):")
+    for clip in args.clip:
+        p = results[f"projector ({clip})"]
+        print(f"  {clip:<14} projector/teacher {p['step_s'] / t['step_s']:.2f}x   "
+              f"projector/hard {p['step_s'] / h['step_s']:.2f}x   "
+              f"peak memory projector/teacher {p['peak_mib'] / t['peak_mib']:.2f}x")
+    if args.json:
+        print(json.dumps({"args": vars(args), "device": str(device), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""Label strategies: who labels the student's augmented views, and what that costs to ship.
+
+One interface, five ways of labelling (METHOD.md, "Label strategies the system compares"):
+
+| name        | ``label(views, ctx)`` returns               | ``shipped_bytes()`` counts                  |
+|-------------|---------------------------------------------|---------------------------------------------|
+| hard        | the CutMix-mixed one-hot target [N, C]      | the class-id array as written to the store  |
+| teacher     | observer (or window-mean) logits [N, C]     | the teacher state_dict(s), serialized       |
+| stored      | the fp16 logits written by a relabel pass   | every file under ``labels/<name>/``         |
+| stored/N    | the same, from a pool of 1/N of the batches | (fewer files, fewer bytes)                  |
+| projector   | CLIP + merged LoRA logits [N, C]            | the adapter files of the transfer artifact  |
+
+Bytes are always real bytes (files written to the store, or weights serialized), never a formula;
+``hello-ray storage`` gives the formula to compare against.
+
+Online labellers run in eval mode under ``torch.inference_mode`` (bf16 autocast + channels-last on
+GPU), so labelling costs one forward and no autograd memory. ``stored`` strategies are *replayed*:
+the student loop asks them for the exact views (crop boxes, flips, CutMix perm/lambda/box) the
+relabel pass labelled, rebuilds those views with ``apply_crop_flip`` / ``apply_cutmix`` and gets the
+stored logits back. This module sits below the stages and never imports them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hello_ray.data.augment import apply_crop_flip, apply_cutmix, cutmix, random_resized_crop_flip
+from hello_ray.data.errors import DataError
+
+LABELS_DIR = "labels"
+
+
+class ClassCountMismatch(DataError):
+    """An input (image set, teachers, adapter) was built for another number of classes."""
+
+
+class LabelError(RuntimeError):
+    """Stored labels are missing, unfinished or unreadable (names the artifact and file)."""
+
+
+# ------------------------------------------------------------------------------- views
+
+@dataclass
+class View:
+    """How one global batch of augmented views was made from the image set.
+
+    ``index`` picks the images; each is cropped to ``boxes`` (x0, y0, x1, y1 in pixels of the
+    stored image), resized, flipped where ``flips``; then CutMix pastes ``box`` of image
+    ``perm[i]`` into image i with area weight ``lam`` kept for image i.
+    """
+    index: torch.Tensor            # [B] int64 image ids in the image set
+    boxes: torch.Tensor            # [B, 4] int64 crop boxes
+    flips: torch.Tensor            # [B] bool horizontal flips
+    perm: torch.Tensor             # [B] int64 CutMix partners
+    lam: float                     # weight of the image's own class after CutMix
+    box: torch.Tensor              # [4] int64 CutMix box (x0, y0, x1, y1), exclusive ends
+    logits: torch.Tensor | None = None   # [B, C] fp16, only for stored views
+
+    def materialise(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """images [M, 3, H, W] (uint8, or float in [0, 1]) -> the augmented batch [B, 3, size, size]."""
+        x = _as_float(images[self.index.to(images.device)])
+        x = apply_crop_flip(x, self.boxes.to(x.device), self.flips.to(x.device), size)
+        return apply_cutmix(x, self.perm, tuple(int(v) for v in self.box))
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0, 1]; the set is kept as uint8 so it costs 1/4 of the memory."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def draw_view(images: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, size: int,
+              alpha: float, generator: torch.Generator) -> tuple[View, torch.Tensor]:
+    """Draw a fresh random view of ``images[index]``: (its description, the augmented batch).
+
+    RandomResizedCrop + flip, then CutMix(alpha); alpha 0 turns CutMix off (identity perm, lam 1,
+    empty box).
+    """
+    x, boxes, flips = random_resized_crop_flip(_as_float(images[index.to(images.device)]), size,
+                                               generator=generator)
+    x, _, _, lam, perm, box = cutmix(x, labels[index.to(labels.device)], alpha, generator=generator)
+    view = View(index=index.long(), boxes=torch.as_tensor(boxes).long(), flips=torch.as_tensor(flips).bool(),
+                perm=torch.as_tensor(perm).long(), lam=float(lam), box=torch.as_tensor(box).long().reshape(4))
+    return view, x
+
+
+def epoch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled epoch over n images cut into global batches (the last one may be short)."""
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+# ------------------------------------------------------------------------------ context
+
+@dataclass
+class LabelContext:
+    """What a strategy may know about the batch besides its pixels."""
+    y_a: torch.Tensor              # [N] true class of each view's own image
+    y_b: torch.Tensor              # [N] true class of its CutMix partner
+    lam: float                     # CutMix weight of y_a
+    num_classes: int
+    stored_logits: torch.Tensor | None = None   # [N, C] fp16, replayed views only
+
+
+class LabelStrategy(ABC):
+    """Labels augmented student batches online and reports the bytes it ships."""
+
+    name: str = ""
+    #: False: ``label`` returns target *probabilities* (hard labels) and the student loss is CE;
+    #: True: it returns logits for the MSE/KL distillation loss.
+    soft: bool = True
+    #: True when the student loop must take its views from ``epoch_views`` (stored labels).
+    replays: bool = False
+
+    @abstractmethod
+    def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
+        """images [N, 3, H, W] in [0, 1] -> [N, C] float32 logits (or probabilities, see ``soft``)."""
+
+    @abstractmethod
+    def shipped_bytes(self) -> int:
+        """The exact bytes that must be shipped with the images for this strategy."""
+
+    def to(self, device: torch.device) -> "LabelStrategy":
+        return self
+
+
+def _serialized_size(module: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.tell()
+
+
+def prepare_labeller(model: nn.Module, device: torch.device) -> nn.Module:
+    """Frozen, eval mode, on ``device``; channels-last on GPU where convolutions like it."""
+    model = model.eval().requires_grad_(False).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class _OnlineModel(LabelStrategy):
+    """A frozen network labelling each batch with one forward."""
+
+    def __init__(self, model: nn.Module, num_classes: int, where: str):
+        self.model = model.eval().requires_grad_(False)   # probing must not touch BN statistics
+        self.device = torch.device("cpu")
+        out = self._probe_classes()
+        if out != num_classes:
+            raise ClassCountMismatch(
+                f"{where}: the labeller predicts {out} classes but the dataset has {num_classes}; "
+                "evaluate with the teachers/adapter trained on the same dataset")
+
+    def _probe_classes(self) -> int:
+        size = getattr(self, "image_size", 32)
+        with torch.inference_mode():
+            return int(self._forward(torch.zeros(2, 3, size, size)).shape[-1])
+
+    def to(self, device: torch.device) -> "LabelStrategy":
+        self.model = prepare_labeller(self.model, device)
+        self.device = device
+        return self
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
+        return self.logits(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] in [0, 1] -> float32 logits [N, C], no autograd state kept."""
+        cuda = images.device.type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        with torch.inference_mode(), amp:
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            out = self._forward(images).float()
+        # A clone made outside inference mode is a normal tensor the loss may use as a target.
+        return out.clone()
+
+
+# ------------------------------------------------------------------------------- hard
+
+class HardLabels(LabelStrategy):
+    """Class ids only (classic distillation). ``label`` gives the CutMix-mixed one-hot target."""
+
+    name = "hard"
+    soft = False
+
+    def __init__(self, labels: np.ndarray, num_classes: int, nbytes: int):
+        self.labels = labels
+        self.num_classes = num_classes
+        self._bytes = nbytes
+
+    @classmethod
+    def write(cls, labels: np.ndarray, num_classes: int, store, key: str, name: str = "hard",
+              write: bool = True) -> "HardLabels":
+        """Write the class ids (smallest unsigned dtype that holds them, .npy) to ``labels/<name>/``.
+
+        ``write=False`` (other DDP ranks) builds the same bytes without writing them again.
+        """
+        dtype = np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.uint32
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(labels).astype(dtype))
+        data = buf.getvalue()
+        if write:
+            store.put_bytes(key, f"{LABELS_DIR}/{name}/labels.npy", data)
+        return cls(np.asarray(labels), num_classes, len(data))
+
+    def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
+        c = context.num_classes
+        a = F.one_hot(context.y_a, c).float()
+        b = F.one_hot(context.y_b, c).float()
+        return context.lam * a + (1.0 - context.lam) * b          # [N, C] probabilities
+
+    def shipped_bytes(self) -> int:
+        return self._bytes
+
+
+# ---------------------------------------------------------------------------- teacher
+
+class TeacherLabels(_OnlineModel):
+    """The observer, or the mean logits of a teacher window, labelling every batch online.
+
+    ``model`` returns [N, C] (one teacher) or [T, N, C] (a ``TeacherEnsemble``; averaged).
+    """
+
+    name = "teacher"
+
+    def __init__(self, model: nn.Module, num_classes: int, image_size: int, where: str = "teachers"):
+        self.image_size = image_size
+        super().__init__(model, num_classes, where)
+        self._bytes = _serialized_size(model)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out.mean(0) if out.dim() == 3 else out              # [N, C]
+
+    def shipped_bytes(self) -> int:
+        return self._bytes
+
+
+# -------------------------------------------------------------------------- projector
+
+class ProjectorLabels(_OnlineModel):
+    """HeLlO: CLIP + the transfer artifact's LoRA, merged into the base weights for inference.
+
+    Shipped: the adapter files only (the CLIP base is public, the head is recomputed from
+    the class names), counted as the bytes of those files.
+    """
+
+    name = "projector"
+
+    def __init__(self, projector: nn.Module, num_classes: int, image_size: int, adapter_bytes: int,
+                 where: str = "transfer"):
+        self.image_size = image_size
+        super().__init__(projector, num_classes, where)
+        self._bytes = adapter_bytes
+
+    @classmethod
+    def from_store(cls, store, key: str, num_classes: int, image_size: int) -> "ProjectorLabels":
+        from hello_ray.models.adapter import load_adapter
+
+        files = [f for f in store.list_files(key) if f.startswith("adapter")]
+        if not files:
+            raise LabelError(f"transfer artifact {key}: no adapter files (adapter.*) to load")
+        nbytes = sum(len(store.get_bytes(key, f)) for f in files)
+        projector = load_adapter(store.download(key), merge=True)
+        return cls(projector, num_classes, image_size, nbytes, where=f"transfer artifact {key}")
+
+    def shipped_bytes(self) -> int:
+        return self._bytes
+
+
+# ----------------------------------------------------------------------------- stored
+
+def stored_name(prune: int) -> str:
+    """'stored' or 'stored-N': the folder name under ``labels/`` (no '/' inside a file name)."""
+    return "stored" if prune <= 1 else f"stored-{prune}"
+
+
+@dataclass
+class RelabelPlan:
+    """Everything that fixes the views of a relabel pass; replay needs exactly the same."""
+    epochs: int
+    batch_size: int
+    image_size: int
+    cutmix_alpha: float
+    seed: int
+    prune: int = 1                 # keep 1/prune of the label batches (LPLD); 1 = keep all
+
+    def views(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[int, int, View, torch.Tensor]]:
+        """(epoch, batch, view, augmented batch) for every label batch, in training order."""
+        g = torch.Generator().manual_seed(self.seed)
+        for epoch in range(self.epochs):
+            for b, index in enumerate(epoch_order(len(images), self.batch_size, g)):
+                view, x = draw_view(images, index, labels, self.image_size, self.cutmix_alpha, g)
+                yield epoch, b, view, x
+
+    def kept(self, n_images: int) -> list[tuple[int, int]]:
+        """The (epoch, batch) label batches kept: all, or a seeded draw of ceil(total/prune)."""
+        per_epoch = math.ceil(n_images / self.batch_size)
+        every = [(e, b) for e in range(self.epochs) for b in range(per_epoch)]
+        if self.prune <= 1:
+            return every
+        n_keep = max(1, math.ceil(len(every) / self.prune))
+        rng = np.random.default_rng([self.seed, self.prune])
+        picked = sorted(rng.choice(len(every), size=n_keep, replace=False).tolist())
+        return [every[i] for i in picked]
+
+
+def _pack(epoch_views: list[tuple[int, View]]) -> bytes:
+    arrays: dict[str, np.ndarray] = {}
+    for b, v in epoch_views:
+        p = f"b{b:05d}_"
+        arrays[p + "index"] = v.index.numpy().astype(np.int32)
+        arrays[p + "boxes"] = v.boxes.numpy().astype(np.int16 if v.boxes.max() < 32768 else np.int32)
+        arrays[p + "flips"] = v.flips.numpy().astype(np.bool_)
+        arrays[p + "perm"] = v.perm.numpy().astype(np.int32)
+        arrays[p + "lam"] = np.asarray([v.lam], dtype=np.float32)
+        arrays[p + "box"] = v.box.numpy().astype(np.int32)
+        arrays[p + "logits"] = v.logits.numpy().astype(np.float16)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)                                          # uncompressed: bytes are predictable
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, where: str) -> dict[int, View]:
+    try:
+        z = np.load(io.BytesIO(data))
+    except (ValueError, OSError) as e:
+        raise LabelError(f"{where}: not a stored-label file ({e})") from None
+    out: dict[int, View] = {}
+    for b in sorted({int(k[1:6]) for k in z.files}):
+        p = f"b{b:05d}_"
+        out[b] = View(index=torch.from_numpy(z[p + "index"].astype(np.int64)),
+                      boxes=torch.from_numpy(z[p + "boxes"].astype(np.int64)),
+                      flips=torch.from_numpy(z[p + "flips"]),
+                      perm=torch.from_numpy(z[p + "perm"].astype(np.int64)),
+                      lam=float(z[p + "lam"][0]),
+                      box=torch.from_numpy(z[p + "box"].astype(np.int64)),
+                      logits=torch.from_numpy(z[p + "logits"]))
+    return out
+
+
+def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+            plan: RelabelPlan, store, key: str, epochs: Iterator[int] | None = None,
+            ) -> dict[str, int]:
+    """FKD/SRe2L relabel pass: label every kept view once and write it to the store.
+
+    images [M, 3, H, W] (uint8, or float in [0, 1]); labels [M]. Writes one
+    ``labels/<name>/epoch_{e:04d}.npz`` per epoch that keeps at least one batch, holding per batch
+    its image ids, crop boxes, flips, CutMix perm/lambda/box and fp16 logits. ``epochs`` limits the
+    work to some epochs (ranks of a Ray Train group split them); the caller writes ``meta.json``
+    with ``write_stored_meta`` once all epochs are in. Returns {file name: bytes written}.
+    """
+    name = stored_name(plan.prune)
+    keep = set(plan.kept(len(images)))
+    wanted = set(range(plan.epochs) if epochs is None else epochs)
+    written: dict[str, int] = {}
+    current: list[tuple[int, View]] = []
+    last_epoch = -1
+
+    def flush(e: int) -> None:
+        if current:
+            fname = f"{LABELS_DIR}/{name}/epoch_{e:04d}.npz"
+            data = _pack(current)
+            store.put_bytes(key, fname, data)
+            written[fname] = len(data)
+            current.clear()
+
+    for epoch, b, view, x in plan.views(images, labels):
+        if epoch != last_epoch:
+            flush(last_epoch)
+            last_epoch = epoch
+        # The RNG stream is walked for every batch (so kept views match the unpruned run's),
+        # but only kept batches of this caller's epochs are labelled.
+        if epoch in wanted and (epoch, b) in keep:
+            view.logits = labeller(x).to(torch.float16).cpu()
+            current.append((b, view))
+    flush(last_epoch)
+    return written
+
+
+def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_classes: int,
+                      files: dict[str, int]) -> int:
+    """Write ``labels/<name>/meta.json`` last (the plan, the kept batches, each file's size).
+
+    Returns the total shipped bytes: the epoch files plus meta.json itself.
+    """
+    name = stored_name(plan.prune)
+    meta = {"plan": plan.__dict__, "n_images": n_images, "num_classes": num_classes,
+            "kept": plan.kept(n_images), "files": dict(sorted(files.items()))}
+    data = json.dumps(meta, indent=1).encode()
+    store.put_bytes(key, f"{LABELS_DIR}/{name}/meta.json", data)
+    return sum(files.values()) + len(data)
+
+
+class StoredLabels(LabelStrategy):
+    """Replays the views and fp16 logits of a relabel pass (FKD / SRe2L; with prune N, LPLD).
+
+    Unpruned: epoch e replays exactly the batches labelled for epoch e. Pruned: the kept batches
+    form a pool and every epoch draws as many batches as an unpruned epoch has from it, with
+    replacement (seeded by the student seed and the epoch).
+    """
+
+    replays = True
+
+    def __init__(self, store, key: str, prune: int = 1):
+        self.store, self.key, self.prune = store, key, prune
+        self.name = "stored" if prune <= 1 else f"stored/{prune}"
+        folder = f"{LABELS_DIR}/{stored_name(prune)}"
+        try:
+            meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
+        except Exception as e:  # the store raises its own not-found type
+            raise LabelError(f"artifact {key}: no stored labels at {folder}/meta.json "
+                                     f"(run the relabel pass first): {e}") from None
+        self.meta = json.loads(meta_bytes)
+        self.plan = RelabelPlan(**self.meta["plan"])
+        self.num_classes = int(self.meta["num_classes"])
+        self._bytes = sum(self.meta["files"].values()) + len(meta_bytes)
+        self._cache: dict[int, dict[int, View]] = {}
+        self._pool: list[View] | None = None
+
+    def _epoch(self, e: int) -> dict[int, View]:
+        if e not in self._cache:
+            fname = f"{LABELS_DIR}/{stored_name(self.prune)}/epoch_{e:04d}.npz"
+            if fname not in self.meta["files"]:
+                return {}
+            self._cache = {e: _unpack(self.store.get_bytes(self.key, fname), f"{self.key}/{fname}")}
+        return self._cache[e]
+
+    def pool(self) -> list[View]:
+        """All kept label batches (loaded once; 1/prune of the full set)."""
+        if self._pool is None:
+            self._pool = []
+            for e in sorted({e for e, _ in self.meta["kept"]}):
+                fname = f"{LABELS_DIR}/{stored_name(self.prune)}/epoch_{e:04d}.npz"
+                self._pool += list(_unpack(self.store.get_bytes(self.key, fname), fname).values())
+        return self._pool
+
+    def epoch_views(self, epoch: int, seed: int) -> list[View]:
+        """The views a student trains on in ``epoch`` (epochs beyond the plan wrap around)."""
+        per_epoch = math.ceil(self.meta["n_images"] / self.plan.batch_size)
+        if self.prune <= 1:
+            views = self._epoch(epoch % self.plan.epochs)
+            return [views[b] for b in sorted(views)]
+        pool = self.pool()
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        return [pool[i] for i in torch.randint(len(pool), (per_epoch,), generator=g).tolist()]
+
+    def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
+        if context.stored_logits is None:
+            raise ValueError(f"{self.name}: stored labels only label the views they stored "
+                             "(take the views from epoch_views)")
+        return context.stored_logits.to(images.device, torch.float32)
+
+    def shipped_bytes(self) -> int:
+        return self._bytes
+
+
+def parse_strategy(spec: str) -> tuple[str, int]:
+    """'stored/10' -> ('stored', 10); 'teacher' -> ('teacher', 1)."""
+    base, _, prune = spec.partition("/")
+    return base, int(prune) if prune else 1
+
+
+def check_classes(found: int, expected: int, what: str) -> None:
+    """Fail before training when an input's class count differs from the dataset's."""
+    if found != expected:
+        raise ClassCountMismatch(f"{what} has {found} classes but the dataset has {expected}; "
+                                 "use artifacts built from the same dataset")

@@ -1,0 +1,359 @@
+"""Stage 5 and 6 of METHOD.md: students trained on the distilled images, every label strategy.
+
+Reads an image-set artifact (select or refine output), the teachers artifact and the transfer
+artifact; writes ``results.parquet`` + ``results.json`` (one row per student, strategy, seed, plus
+the floor and continual rows) and, for stored strategies, the relabelled views under ``labels/``.
+
+The whole grid runs inside ONE Ray Train ``TorchTrainer`` (DDP over ``compute.num_workers``):
+small students start in seconds while a trainer costs ~10 s to start, so one trainer amortises it.
+Each finished row is checkpointed; a restarted run (same artifact key = same run name) skips the
+rows it already has (``ray.train.get_checkpoint``).
+
+Rows:
+- ``(student, strategy, seed)`` for every strategy of ``evaluate.strategies``;
+- ``floor``: random real training images (as many per class as the distilled set, seeded) with
+  hard labels, the baseline any distilled set must beat;
+- continual (GDumb, class-incremental): classes split in natural order into S steps; after step k
+  a fresh ``students[0]`` trains on the distilled images of the classes seen so far and is scored
+  on their real validation images (argmax over the seen classes, as GDumb masks the rest).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hello_ray.config import Config, section_dict
+from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
+                              check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
+from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
+                                            train_student)
+
+STAGE = "evaluate"
+log = logging.getLogger("hello_ray.evaluate")
+ROWS_FILE = "rows.json"
+
+
+def stage_config(cfg: Config) -> dict[str, Any]:
+    """Data + evaluate sections (and the teacher window when the teacher labels come from it)."""
+    out = {"data": section_dict(cfg.data), "evaluate": section_dict(cfg.evaluate)}
+    if cfg.evaluate.teacher_labels == "window":
+        out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
+    return out
+
+
+def settings_for(cfg: Config, student: str) -> TrainSettings:
+    ev = cfg.evaluate
+    return TrainSettings(epochs=ev.epochs, batch_size=ev.batch_size, lr=ev.lr[student],
+                         weight_decay=ev.weight_decay, cutmix_alpha=ev.cutmix_alpha, loss=ev.loss,
+                         ce_weight=ev.ce_weight, temperature=ev.temperature, image_size=cfg.data.image_size)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
+    """Every row to train, in order: main grid, floor, continual (each with a unique ``row`` id)."""
+    ev = cfg.evaluate
+    rows = []
+    for student in ev.students:
+        for strategy in ev.strategies:
+            for seed in ev.seeds:
+                rows.append({"student": student, "strategy": strategy, "seed": seed, "images": "distilled"})
+        if ev.floor:
+            for seed in ev.seeds:
+                rows.append({"student": student, "strategy": "hard", "seed": seed, "images": "floor"})
+    for n_steps in ev.continual_steps:
+        if n_steps > num_classes:
+            from hello_ray.config import ConfigError
+
+            raise ConfigError(f"config key 'evaluate.continual_steps': {n_steps} steps for only "
+                              f"{num_classes} classes")
+        groups = np.array_split(np.arange(num_classes), n_steps)
+        for strategy in ev.continual_strategies:
+            for seed in ev.seeds:
+                for k in range(n_steps):
+                    seen = np.concatenate(groups[:k + 1]).tolist()
+                    rows.append({"student": ev.students[0], "strategy": strategy, "seed": seed,
+                                 "images": "distilled", "continual_steps": n_steps, "continual_step": k + 1,
+                                 "classes": seen})
+    for r in rows:
+        r.setdefault("continual_steps", 0)
+        r.setdefault("continual_step", 0)
+        r["row"] = (f"{r['images']}|{r['student']}|{r['strategy']}|{r['seed']}"
+                    f"|{r['continual_steps']}|{r['continual_step']}")
+    return rows
+
+
+def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """ipc random real training images per class, streaming: per class keep the ipc rows whose
+    seeded hash of the id is smallest (memory = ipc x classes images, whatever the dataset size).
+
+    train_ds rows: {"image": uint8 [S, S, 3], "label", "id"} (decoded). -> (uint8 [N,S,S,3], labels [N]).
+    """
+    import hashlib
+
+    best: dict[int, list[tuple[bytes, np.ndarray]]] = {c: [] for c in range(num_classes)}
+    for batch in train_ds.iter_batches(batch_size=256, batch_format="numpy"):
+        for img, lab, rid in zip(batch["image"], batch["label"], batch["id"]):
+            h = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
+            keep = best[int(lab)]
+            keep.append((h, img))
+            if len(keep) > ipc:
+                keep.sort(key=lambda t: t[0])
+                keep.pop()
+    images, labels = [], []
+    for c in range(num_classes):
+        for _, img in sorted(best[c], key=lambda t: t[0]):
+            images.append(img)
+            labels.append(c)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _adapter_classes(store, key: str) -> int:
+    meta = json.loads(store.get_bytes(key, "adapter.json"))
+    return len(meta["class_names"])
+
+
+def _teacher_classes(store, key: str) -> int:
+    return int(json.loads(store.get_bytes(key, "trajectory.json"))["num_classes"])
+
+
+def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: int, dataset_classes: int) -> None:
+    """Every class count must match the dataset's before any training starts."""
+    check_classes(image_classes, dataset_classes, f"image set {inputs['images']}")
+    bases = {parse_strategy(s)[0] for s in cfg.evaluate.strategies + cfg.evaluate.continual_strategies}
+    if bases & {"teacher", "stored"}:
+        check_classes(_teacher_classes(store, inputs["teachers"]), dataset_classes,
+                      f"teachers artifact {inputs['teachers']}")
+    if "projector" in bases:
+        check_classes(_adapter_classes(store, inputs["transfer"]), dataset_classes,
+                      f"adapter of transfer artifact {inputs['transfer']}")
+
+
+# ------------------------------------------------------------------------- Ray wrapper
+
+def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.imageset import load_image_set
+    from hello_ray.data.sources import load_train_val
+    from hello_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.compute)
+    t0 = time.perf_counter()
+    imageset = load_image_set(store, inputs["images"])
+    train, val = load_train_val(cfg.data, store)
+    num_classes = len(train.class_names)
+    validate_inputs(cfg, store, inputs, len(imageset.class_names), num_classes)
+    images = nhwc_to_nchw(imageset.images)                       # uint8 [N, 3, S, S]
+    if images.shape[-1] != cfg.data.image_size:
+        raise ValueError(f"image set {inputs['images']}: images are {images.shape[-1]} px but "
+                         f"data.image_size is {cfg.data.image_size}")
+    labels = torch.as_tensor(np.asarray(imageset.labels), dtype=torch.long)
+    rows = plan_rows(cfg, num_classes)
+    payload: dict[str, Any] = {"images": ray.put(images), "labels": ray.put(labels)}
+    if cfg.evaluate.floor:
+        ipc = int(np.bincount(labels.numpy(), minlength=num_classes).max())
+        floor_x, floor_y = sample_floor(decoded_split(train, cfg.data), num_classes, ipc,
+                                        seed=cfg.evaluate.seeds[0])
+        payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
+    val_ds = decoded_split(val, cfg.data).select_columns(["image", "label"]).materialize()
+    log.info("evaluate: %d rows, %d distilled images, %d val images", len(rows), len(images), val_ds.count())
+
+    storage_path, fs = store.ray_storage()
+    trainer = TorchTrainer(
+        train_grid,
+        train_loop_config={"cfg": cfg, "store": store, "key": key, "inputs": inputs, "rows": rows,
+                           "num_classes": num_classes, **payload},
+        scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu,
+                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker}),
+        run_config=RunConfig(name=key, storage_path=storage_path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"val": val_ds},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        done = json.loads((Path(d) / ROWS_FILE).read_text())
+    return write_results(store, key, done, wall_s=time.perf_counter() - t0)
+
+
+def write_results(store, key: str, rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """results.parquet + results.json (rows and the mean +- std table); returns the summary."""
+    df = pd.DataFrame(rows).drop(columns=["classes", "row"], errors="ignore")
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    store.put_bytes(key, "results.parquet", buf.getvalue())
+    table = summarise(df)
+    store.put_bytes(key, "results.json", json.dumps({"rows": rows, "table": table}, indent=1).encode())
+    return {"rows": len(rows), "table": table, "wall_s": round(wall_s, 1)}
+
+
+def summarise(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Mean +- std of top-1 over seeds per (images, student, strategy, continual step)."""
+    keys = ["images", "student", "strategy", "continual_steps", "continual_step"]
+    out = []
+    for k, g in df.groupby(keys, sort=False):
+        out.append({**dict(zip(keys, k)), "top1_mean": float(g.top1.mean()),
+                    "top1_std": float(g.top1.std(ddof=0)), "seeds": int(len(g)),
+                    "label_bytes": int(g.label_bytes.iloc[0]), "step_s": float(g.step_s.mean()),
+                    "peak_mem_mb": float(g.peak_mem_mb.max())})
+    return out
+
+
+# ------------------------------------------------------------------------ worker side
+
+def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, str], images: torch.Tensor,
+                   labels: torch.Tensor, num_classes: int, device: torch.device, rank: int, world: int,
+                   teacher: TeacherLabels | None) -> LabelStrategy:
+    """The label strategy named ``spec`` on ``device`` (stored: relabelled once, split over ranks)."""
+    import torch.distributed as dist
+
+    base, prune = parse_strategy(spec)
+    size = cfg.data.image_size
+    if base == "hard":
+        return HardLabels.write(labels.numpy(), num_classes, store, key, write=rank == 0)
+    if base == "projector":
+        return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size).to(device)
+    if base == "teacher":
+        return teacher
+    ev = cfg.evaluate
+    plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
+                       cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune)
+    meta = f"labels/{stored_name(prune)}/meta.json"
+    if meta not in store.list_files(key):                     # not relabelled before a restart
+        mine = [e for e in range(ev.epochs) if e % world == rank]
+        files = relabel(lambda x: teacher.logits(x.to(device)), images, labels, plan, store, key, epochs=mine)
+        gathered: list[dict[str, int]] = [files]
+        if world > 1:
+            gathered = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, files)
+        if rank == 0:
+            write_stored_meta(store, key, plan, len(images), num_classes,
+                              {k: v for part in gathered for k, v in part.items()})
+        if world > 1:
+            dist.barrier()
+    return StoredLabels(store, key, prune)
+
+
+def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, device: torch.device
+                  ) -> TeacherLabels:
+    from hello_ray.models.ensemble import TeacherEnsemble, load_observer
+
+    if cfg.evaluate.teacher_labels == "window":
+        model = TeacherEnsemble.from_trajectory(store, inputs["teachers"], cfg.transfer.teacher_window,
+                                                cfg.transfer.n_teachers)
+    else:
+        model = load_observer(store, inputs["teachers"])
+    return TeacherLabels(model, num_classes, cfg.data.image_size,
+                         where=f"teachers artifact {inputs['teachers']}").to(device)
+
+
+def train_grid(config: dict[str, Any]) -> None:
+    """Ray Train loop: train every row not yet in the checkpoint; report after each row."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    from hello_ray.models.zoo import build_model
+    from hello_ray.runtime import seed_everything, torch_device
+
+    cfg: Config = config["cfg"]
+    store, key, inputs = config["store"], config["key"], config["inputs"]
+    num_classes = config["num_classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch_device(cfg.compute.use_gpu)
+    images, labels = ray.get(config["images"]), ray.get(config["labels"])
+    floor = (ray.get(config["floor_images"]), ray.get(config["floor_labels"])) if "floor_images" in config else None
+
+    done: list[dict[str, Any]] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            done = json.loads((Path(d) / ROWS_FILE).read_text())
+    finished = {r["row"] for r in done}
+    val_shard = ray.train.get_dataset_shard("val")
+    say = (lambda m: print(f"[evaluate] {m}", flush=True)) if rank == 0 else None
+
+    strategies: dict[str, LabelStrategy] = {}
+    teacher: TeacherLabels | None = None
+    for row in config["rows"]:
+        if row["row"] in finished:
+            continue
+        spec = row["strategy"]
+        t0 = time.perf_counter()
+        if row["images"] == "floor":
+            x, y = floor
+            strategy: LabelStrategy = HardLabels.write(y.numpy(), num_classes, store, key, name="floor",
+                                                       write=rank == 0)
+        else:
+            x, y = images, labels
+            if spec not in strategies:
+                if teacher is None and parse_strategy(spec)[0] in ("teacher", "stored"):
+                    teacher = _load_teacher(cfg, store, inputs, num_classes, device)
+                strategies[spec] = build_strategy(spec, cfg, store, key, inputs, images, labels, num_classes,
+                                                  device, rank, world, teacher)
+            strategy = strategies[spec]
+        classes = torch.as_tensor(row["classes"]) if row.get("classes") else None
+        if classes is not None:                                # continual: seen classes' images only
+            keep = torch.isin(y, classes)
+            x, y = x[keep], y[keep]
+        seed_everything(row["seed"])
+        model = prepare_model(build_model(row["student"], num_classes, cfg.data.image_size))
+        settings = settings_for(cfg, row["student"])
+        with PeakMemory(device) as mem:
+            stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
+                                  rank=rank, world_size=world)
+        correct, total = top1_counts(model, ((b["image"], b["label"]) for b in
+                                             val_shard.iter_batches(batch_size=256, batch_format="numpy")),
+                                     device, classes=classes)
+        agg = torch.tensor([correct, total, mem.peak_bytes], dtype=torch.float64)
+        if world > 1:
+            counts = agg[:2].clone()
+            dist.all_reduce(counts)
+            peak = agg[2:].clone()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            agg = torch.cat([counts, peak])
+        record = {**row, "top1": float(agg[0] / max(agg[1], 1)), "val_images": int(agg[1]),
+                  "label_bytes": int(strategy.shipped_bytes()), "train_images": int(len(x)),
+                  "wall_s": time.perf_counter() - t0, "step_s": stats["step_s"], "steps": stats["steps"],
+                  "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,
+                  "peak_mem_kind": mem.kind, "device": device.type, "workers": world}
+        done.append(record)
+        if say:
+            say(f"{row['row']}: top1 {record['top1']:.4f}  label bytes {record['label_bytes']:,}  "
+                f"step {record['step_s'] * 1e3:.1f} ms  wall {record['wall_s']:.1f} s")
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                (Path(d) / ROWS_FILE).write_text(json.dumps(done))
+                checkpoint = Checkpoint.from_directory(d)
+            ray.train.report({"rows_done": len(done), "top1": record["top1"]}, checkpoint=checkpoint)
+
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """The summary table as fixed-width text: top-1 mean +- std and label bytes per row."""
+    lines = [f"{'images':<10} {'student':<20} {'strategy':<12} {'cl':>5} {'top-1 %':>14} {'label bytes':>14} "
+             f"{'step ms':>8}"]
+    for r in table:
+        cl = f"{r['continual_step']}/{r['continual_steps']}" if r["continual_steps"] else ""
+        lines.append(f"{r['images']:<10} {r['student']:<20} {r['strategy']:<12} {cl:>5} "
+                     f"{100 * r['top1_mean']:7.2f} +- {100 * r['top1_std']:4.2f} {r['label_bytes']:>14,} "
+                     f"{1e3 * r['step_s']:8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""Plain-PyTorch student training and validation (METHOD.md stage 5), used by the evaluate stage.
+
+One call of ``train_student`` trains one student from scratch on a distilled image set with one
+label strategy: RandomResizedCrop + flip + CutMix views, labelled by the strategy on every batch,
+loss MSE(student, label logits) + ce_weight x CutMix-mixed CE (or KL with temperature), AdamW with a
+cosine schedule over all steps. It runs alone (world 1) or as one DDP rank: every rank draws the
+same global batch from the same seeded generator and trains on its own slice, so a run gives the
+same views whatever the number of workers, and stored labels replay identically under DDP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hello_ray.labels import LabelContext, LabelStrategy, View, draw_view, epoch_order
+
+
+@dataclass
+class TrainSettings:
+    """The student schedule (from ``cfg.evaluate``; ``lr`` already looked up for the student)."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    cutmix_alpha: float
+    loss: str                     # mse_ce | kl
+    ce_weight: float
+    temperature: float
+    image_size: int
+
+
+def student_loss(out: torch.Tensor, target: torch.Tensor, ctx: LabelContext, soft: bool,
+                 s: TrainSettings) -> torch.Tensor:
+    """out [N, C] student logits; target [N, C] label logits (soft) or mixed one-hot (hard).
+
+    Hard labels: CE against the mixed one-hot = lam*CE(y_a) + (1-lam)*CE(y_b) (classic CutMix).
+    mse_ce: MSE(out, logits) + ce_weight x that mixed CE (METHOD.md). kl: T^2 KL(p_T(label) || p_T(out)),
+    batch mean, as the RDED/SRe2L evaluations.
+    """
+    if not soft:
+        return -(target * F.log_softmax(out, 1)).sum(1).mean()
+    if s.loss == "kl":
+        t = s.temperature
+        return F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                        log_target=True) * t * t
+    mixed_ce = ctx.lam * F.cross_entropy(out, ctx.y_a) + (1 - ctx.lam) * F.cross_entropy(out, ctx.y_b)
+    return F.mse_loss(out, target) + s.ce_weight * mixed_ce
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x 0.5 (1 + cos(pi t / T)) over all steps of the run."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / max(1, total_steps))))
+
+
+class PeakMemory:
+    """Peak memory of a block: ``torch.cuda.max_memory_allocated`` on GPU, else the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset per block (``/proc/self/clear_refs`` 5) so each row
+    gets its own peak; where that is not allowed it is the process peak so far (``kind`` says so).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_peak"
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.kind = "cpu_rss_process_peak"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        try:
+            with open("/proc/self/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            self.peak_bytes = int(hwm.split()[1]) * 1024
+        except (OSError, StopIteration):
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, strategy: LabelStrategy,
+                  s: TrainSettings, seed: int, device: torch.device, classes: torch.Tensor | None = None,
+                  rank: int = 0, world_size: int = 1,
+                  log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Train ``model`` (already on ``device``, possibly DDP-wrapped) on the distilled set.
+
+    images uint8 [M, 3, H, W] on CPU; labels int64 [M]. ``classes`` (continual learning) restricts
+    the loss to the seen classes (GDumb masking). Returns {steps, step_s (mean), final_loss}.
+    """
+    num_classes = output_classes(model, images, s)
+    g = torch.Generator().manual_seed(seed)                   # identical on every rank
+    steps_per_epoch = math.ceil(len(images) / s.batch_size)
+    total = s.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = cosine_schedule(opt, total)
+    cols = classes.to(device) if classes is not None else None
+    remap = None
+    if classes is not None:                                   # class id -> column among the seen ones
+        remap = torch.full((num_classes,), -1, dtype=torch.long, device=device)
+        remap[cols] = torch.arange(len(cols), device=device)
+    model.train()
+    step_times: list[float] = []
+    last = float("nan")
+    for epoch in range(s.epochs):
+        if strategy.replays:
+            batches: Iterable[tuple[View, torch.Tensor | None]] = (
+                (v, None) for v in strategy.epoch_views(epoch, seed))
+        else:
+            batches = ((None, idx) for idx in epoch_order(len(images), s.batch_size, g))
+        for view, index in batches:
+            _sync(device)
+            t0 = time.perf_counter()
+            if view is None:
+                view, x = draw_view(images, index, labels, s.image_size, s.cutmix_alpha, g)
+            else:
+                x = view.materialise(images, s.image_size)
+            # This rank's slice of the global batch (same slicing on every rank).
+            part = torch.tensor_split(torch.arange(len(view.index)), world_size)[rank]
+            y = labels[view.index]
+            ctx = LabelContext(y_a=y[part].to(device), y_b=y[view.perm][part].to(device), lam=view.lam,
+                               num_classes=num_classes,
+                               stored_logits=None if view.logits is None else view.logits[part])
+            xb = x[part].to(device, non_blocking=True)
+            target = strategy.label(xb, ctx)                  # [n, C]
+            out = model(xb)                                   # [n, C]
+            if cols is not None:
+                out, target = out[:, cols], target[:, cols]
+                ctx.y_a, ctx.y_b = remap[ctx.y_a], remap[ctx.y_b]
+            loss = student_loss(out, target, ctx, strategy.soft, s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            _sync(device)
+            step_times.append(time.perf_counter() - t0)
+            last = float(loss.detach())
+        if log is not None and rank == 0:
+            log(f"epoch {epoch + 1}/{s.epochs} loss {last:.4f} lr {sched.get_last_lr()[0]:.2e}")
+    # The first steps pay one-off costs (allocations, DDP buckets); time the steady state.
+    steady = step_times[1:] if len(step_times) > 2 else step_times
+    return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": last}
+
+
+def output_classes(model: nn.Module, images: torch.Tensor, s: TrainSettings) -> int:
+    """The student's output width (its class count)."""
+    inner = getattr(model, "module", model)
+    head = [m for m in inner.modules() if isinstance(m, nn.Linear)]
+    if head:
+        return int(head[-1].out_features)
+    was = inner.training
+    inner.eval()
+    with torch.no_grad():
+        n = int(inner(torch.zeros(1, 3, s.image_size, s.image_size,
+                                  device=next(inner.parameters()).device)).shape[-1])
+    inner.train(was)
+    return n
+
+
+@torch.no_grad()
+def top1_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                classes: torch.Tensor | None = None) -> tuple[int, int]:
+    """(correct, total) of argmax predictions on real validation batches.
+
+    Each batch: images uint8 [N, H, W, 3] (decoded rows) or [N, 3, H, W], labels [N]. With
+    ``classes`` only images of those classes count and the argmax runs over those classes only.
+    """
+    model.eval()
+    correct = total = 0
+    cols = classes.to(device) if classes is not None else None
+    for x, y in batches:
+        x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+        if x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)                         # NHWC -> NCHW
+        x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)
+        y = y.to(device)
+        if cols is not None:
+            keep = torch.isin(y, cols)
+            x, y = x[keep], y[keep]
+            if len(y) == 0:
+                continue
+            pred = cols[model(x)[:, cols].argmax(1)]
+        else:
+            pred = model(x).argmax(1)
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train()
+    return correct, total
+
+
+def nhwc_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> uint8 [N, 3, H, W] (contiguous)."""
+    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def set_threads_for_rank() -> None:
+    """Give each CPU worker the cores Ray reserved for it instead of all cores of the node."""
+    n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)

@@ -1,0 +1,158 @@
+"""The evaluate stage on the smoke preset: every label strategy, the floor, continual rows, resume,
+real label bytes, and class-count checks before training. Artifacts are built with the documented
+formats (image set, teacher trajectory, adapter) so the test does not run the upstream stages."""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hello_ray.config import load_config
+from hello_ray.labels import ClassCountMismatch
+from hello_ray.models.zoo import build_model
+from hello_ray.stages import evaluate
+from hello_ray.stages.evaluate_core import TrainSettings, top1_counts, train_student
+from hello_ray.store import open_store
+
+
+def _image_set(store, key: str, cfg, class_names: list[str], ipc: int) -> None:
+    """ipc real training digits per class, written as an image-set artifact (as select would)."""
+    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.imageset import write_image_set
+    from hello_ray.data.sources import load_train_val
+
+    train, _ = load_train_val(cfg.data, store)
+    x, y = evaluate.sample_floor(decoded_split(train, cfg.data), len(train.class_names), ipc, seed=5)
+    keep = y < len(class_names)
+    write_image_set(store, key, x[keep], y[keep], class_names, None,
+                    {"ipc": ipc, "factor": 1})
+    store.finalize(key, "select", {}, {})
+
+
+def _teachers(store, key: str, num_classes: int, size: int) -> None:
+    traj = {"model": "resnet18", "num_classes": num_classes, "image_size": size,
+            "class_names": [str(i) for i in range(num_classes)], "epochs": [], "observer": ""}
+    for e in (1, 2, 3):
+        torch.manual_seed(e)
+        buf = io.BytesIO()
+        torch.save(build_model("resnet18", num_classes, size).state_dict(), buf)
+        name = f"epochs/epoch_{e:03d}.pt"
+        store.put_bytes(key, name, buf.getvalue())
+        traj["epochs"].append({"epoch": e, "top1": 0.1, "file": name})
+        traj["observer"] = name
+    store.put_bytes(key, "trajectory.json", json.dumps(traj).encode())
+    store.finalize(key, "teachers", {}, {})
+
+
+def _adapter(store, key: str, class_names: list[str]) -> None:
+    from hello_ray.models.projector import Projector
+
+    proj = Projector.from_clip("hello-tiny-rn", "random-init", class_names).add_lora(2, 4)
+    with tempfile.TemporaryDirectory() as d:
+        proj.save_adapter(d, dtype="fp16")
+        store.put_dir(key, d)
+    store.finalize(key, "transfer", {}, {})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """A store holding the demo data, a 2-ipc image set, a trajectory and an adapter (10 classes)."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config("smoke", overrides=[f"store={root / 'store'}", "evaluate.floor=true",
+                                          "evaluate.continual_steps=[2]", "evaluate.continual_strategies=[hard]"])
+    store = open_store(cfg.store)
+    from hello_ray.data.sources import load_train_val
+
+    names = load_train_val(cfg.data, store)[0].class_names
+    _image_set(store, "select-test", cfg, names, ipc=2)
+    _teachers(store, "teachers-test", len(names), cfg.data.image_size)
+    _adapter(store, "transfer-test", names)
+    return cfg, store, names
+
+
+INPUTS = {"images": "select-test", "teachers": "teachers-test", "transfer": "transfer-test"}
+
+
+def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
+    from hello_ray.pipeline import run_stage
+
+    cfg, store, names = world
+    key = run_stage(evaluate, cfg, store, INPUTS)
+    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    main = df[(df.images == "distilled") & (df.continual_steps == 0)]
+    assert sorted(main.strategy) == sorted(cfg.evaluate.strategies)
+    assert len(df[df.images == "floor"]) == 1 and len(df[df.continual_steps == 2]) == 2
+    assert df.top1.between(0, 1).all()
+    # 2 epochs x ceil(20 images / batch 10); a pruned epoch draws as many batches from its pool.
+    assert (df[df.continual_steps == 0].steps == 4).all()
+    n_val = int(main.val_images.iloc[0])
+    assert n_val > 100 and (main.val_images == n_val).all()
+    # Continual step 1 scores only the first half of the classes' validation images.
+    cl = df[df.continual_steps == 2].sort_values("continual_step")
+    assert cl.val_images.iloc[0] < cl.val_images.iloc[1] == n_val
+    assert cl.train_images.tolist() == [10, 20] and cl.steps.tolist() == [2, 4]
+    # Every strategy's bytes are the bytes in the store (or of the weights it ships).
+    by = dict(zip(main.strategy, main.label_bytes))
+    files = store.list_files(key)
+
+    def size(prefix: str) -> int:
+        return sum(len(store.get_bytes(key, f)) for f in files if f.startswith(prefix))
+
+    assert by["hard"] == size("labels/hard/") > 0
+    assert by["stored"] == size("labels/stored/") and by["stored/10"] == size("labels/stored-10/")
+    assert by["stored/10"] < by["stored"] / 2                # 1 of 4 label batches kept (ceil of 4/10)
+    adapter = sum(len(store.get_bytes("transfer-test", f)) for f in store.list_files("transfer-test"))
+    assert by["projector"] == adapter
+    assert by["teacher"] == len(store.get_bytes("teachers-test", "epochs/epoch_003.pt"))
+    assert (main.peak_mem_kind == "cpu_rss_peak").all() and (main.peak_mem_mb > 0).all()
+    summary = json.loads(store.get_bytes(key, "results.json"))
+    assert len(summary["rows"]) == len(df) and len(summary["table"]) == len(df)
+    assert "projector" in evaluate.format_table(summary["table"])
+
+    # A restart with the same key resumes from the row checkpoint: nothing is retrained.
+    again = evaluate.run(cfg, store, key, INPUTS)
+    df2 = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    assert again["rows"] == len(df) and df2.wall_s.tolist() == df.wall_s.tolist()
+
+
+@pytest.mark.parametrize("which", ["images", "transfer"])
+def test_wrong_class_count_fails_before_training(world, which):
+    cfg, store, names = world
+    inputs = dict(INPUTS)
+    if which == "images":
+        _image_set(store, "select-7", cfg, names[:7], ipc=1)
+        inputs["images"] = "select-7"
+        match = "image set select-7 has 7 classes but the dataset has 10"
+    else:
+        _adapter(store, "transfer-3", names[:3])
+        inputs["transfer"] = "transfer-3"
+        match = "adapter of transfer artifact transfer-3 has 3 classes but the dataset has 10"
+    with pytest.raises(ClassCountMismatch, match=match):
+        evaluate.run(cfg, store, "evaluate-wrong", inputs)
+    assert not any(f.startswith("labels/") for f in store.list_files("evaluate-wrong"))
+
+
+def test_student_core_learns_and_gdumb_masks_unseen_classes():
+    """Without Ray: hard labels on 4 separable colour classes; top-1 counts only the seen classes."""
+    from hello_ray.labels import HardLabels
+
+    torch.manual_seed(0)
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=torch.uint8)
+    y = torch.arange(40) % 4
+    x = colours[y].view(40, 3, 1, 1).expand(40, 3, 16, 16).contiguous()
+    model = build_model("resnet18", 4, 16)
+    s = TrainSettings(epochs=30, batch_size=20, lr=3e-3, weight_decay=0.0, cutmix_alpha=0.0, loss="mse_ce",
+                      ce_weight=0.025, temperature=4.0, image_size=16)
+    seen = torch.tensor([0, 1])
+    keep = torch.isin(y, seen)
+    stats = train_student(model, x[keep], y[keep], HardLabels(np.zeros(1), 4, 1), s, seed=0,
+                          device=torch.device("cpu"), classes=seen)
+    assert stats["steps"] == 30 and np.isfinite(stats["final_loss"])
+    val = [(x.permute(0, 2, 3, 1).numpy(), y.numpy())]            # NHWC uint8, as decoded rows come
+    correct, total = top1_counts(model, val, torch.device("cpu"), classes=seen)
+    assert total == 20 and correct == 20                          # only classes 0, 1; argmax over them

@@ -1,0 +1,142 @@
+"""Label strategies: exact replay of stored views, LPLD pruning, real shipped bytes, class checks."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hello_ray.accounting import stored_soft_label_bytes
+from hello_ray.labels import (LABELS_DIR, ClassCountMismatch, HardLabels, LabelContext, LabelError, RelabelPlan,
+                              StoredLabels, TeacherLabels, relabel, stored_name, write_stored_meta)
+from hello_ray.models.zoo import build_model
+from hello_ray.store import open_store
+
+C, N, S = 4, 24, 16          # classes, distilled images, image side
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny distilled set (uint8 [N,3,S,S], labels [N]) and a frozen zoo teacher labelling it."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (N, 3, S, S), generator=g, dtype=torch.uint8)
+    labels = torch.arange(N) % C
+    torch.manual_seed(0)
+    teacher = TeacherLabels(build_model("resnet18", C, S), C, S)
+    return images, labels, teacher
+
+
+def _relabel(store, key, tiny, prune=1, epochs=3, batch_size=8):
+    images, labels, teacher = tiny
+    plan = RelabelPlan(epochs=epochs, batch_size=batch_size, image_size=S, cutmix_alpha=1.0, seed=7, prune=prune)
+    files = relabel(teacher.logits, images, labels, plan, store, key)
+    write_stored_meta(store, key, plan, N, C, files)
+    return plan, StoredLabels(store, key, prune)
+
+
+def _store_bytes(store, key, folder):
+    names = [f for f in store.list_files(key) if f.startswith(f"{LABELS_DIR}/{folder}/")]
+    return sum(len(store.get_bytes(key, f)) for f in names), names
+
+
+def test_stored_replays_exactly_the_views_it_stored(tmp_path, tiny):
+    images, labels, teacher = tiny
+    store = open_store(str(tmp_path / "store"))
+    plan, stored = _relabel(store, "evaluate-test", tiny)
+    # Walk the same plan again: every stored view must rebuild the same pixels, and its stored
+    # logits must be the teacher's logits of exactly those pixels (in fp16).
+    seen = 0
+    for epoch, b, view, x in plan.views(images, labels):
+        replay = stored.epoch_views(epoch, seed=123)[b]
+        assert torch.equal(replay.index, view.index)
+        assert torch.equal(replay.boxes, view.boxes) and torch.equal(replay.flips, view.flips)
+        assert torch.equal(replay.perm, view.perm) and torch.equal(replay.box, view.box)
+        assert replay.lam == pytest.approx(view.lam, rel=1e-6)
+        assert torch.equal(replay.materialise(images, S), x)
+        assert torch.equal(replay.logits, teacher.logits(x).half())
+        ctx = LabelContext(y_a=labels[view.index], y_b=labels[view.index][view.perm], lam=view.lam,
+                           num_classes=C, stored_logits=replay.logits)
+        assert torch.equal(stored.label(x, ctx), replay.logits.float())
+        seen += 1
+    assert seen == 3 * 3                                   # 3 epochs x ceil(24 / 8) batches
+    # The views really are augmented (not the identity crop of every image).
+    assert any((v.boxes[:, 2:] - v.boxes[:, :2] < S).any() for v in stored.epoch_views(0, 0))
+
+
+def test_stored_without_labels_is_a_named_error(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("evaluate-x", "other.txt", b"x")
+    with pytest.raises(LabelError, match="evaluate-x.*stored-10/meta.json"):
+        StoredLabels(store, "evaluate-x", prune=10)
+
+
+def test_pruning_keeps_the_fraction_and_bytes_shrink(tmp_path, tiny):
+    store = open_store(str(tmp_path / "store"))
+    epochs, per_epoch = 8, 3
+    plan_full, full = _relabel(store, "evaluate-p", tiny, prune=1, epochs=epochs)
+    plan_4, pruned = _relabel(store, "evaluate-p", tiny, prune=4, epochs=epochs)
+    total = epochs * per_epoch
+    kept = plan_4.kept(N)
+    assert len(kept) == total // 4 == len(pruned.pool())
+    assert kept == plan_4.kept(N)                          # the seeded draw is reproducible
+    # A kept batch is the very batch the unpruned pass stored (same RNG stream, fewer logits).
+    for (e, b), view in zip(kept, pruned.pool()):
+        ref = full.epoch_views(e, 0)[b]
+        assert torch.equal(view.boxes, ref.boxes) and torch.equal(view.logits, ref.logits)
+    # Each epoch draws a full epoch of batches from the pool, with replacement, seeded.
+    draws = [pruned.epoch_views(e, seed=1) for e in range(epochs)]
+    assert all(len(d) == per_epoch for d in draws)
+    pool_ids = {id(v) for v in pruned.pool()}
+    assert all(id(v) in pool_ids for d in draws for v in d)
+    assert [id(v) for v in pruned.epoch_views(3, 1)] == [id(v) for v in draws[3]]
+    # Bytes: real files, about 1/4 of the unpruned ones.
+    full_bytes, _ = _store_bytes(store, "evaluate-p", "stored")
+    pruned_bytes, _ = _store_bytes(store, "evaluate-p", "stored-4")
+    assert full.shipped_bytes() == full_bytes and pruned.shipped_bytes() == pruned_bytes
+    assert 0.2 < pruned_bytes / full_bytes < 0.3
+
+
+def test_reported_bytes_equal_the_bytes_in_the_store(tmp_path, tiny):
+    images, labels, teacher = tiny
+    store = open_store(str(tmp_path / "store"))
+    _, stored = _relabel(store, "evaluate-b", tiny, epochs=2)
+    nbytes, names = _store_bytes(store, "evaluate-b", stored_name(1))
+    assert stored.shipped_bytes() == nbytes
+    assert sorted(names) == [f"{LABELS_DIR}/stored/epoch_0000.npz", f"{LABELS_DIR}/stored/epoch_0001.npz",
+                             f"{LABELS_DIR}/stored/meta.json"]
+    # The fp16 logits inside are exactly what `hello-ray storage` counts (one view per image per epoch).
+    logits = sum(np.load(io.BytesIO(store.get_bytes("evaluate-b", n)))[k].nbytes
+                 for n in names if n.endswith(".npz")
+                 for k in np.load(io.BytesIO(store.get_bytes("evaluate-b", n))).files if k.endswith("_logits"))
+    assert logits == stored_soft_label_bytes(C, N // C, 2)
+    assert nbytes > logits                                 # + boxes, flips, CutMix, index, meta
+    hard = HardLabels.write(labels.numpy(), C, store, "evaluate-b")
+    assert hard.shipped_bytes() == len(store.get_bytes("evaluate-b", f"{LABELS_DIR}/hard/labels.npy"))
+    assert np.array_equal(np.load(io.BytesIO(store.get_bytes("evaluate-b", f"{LABELS_DIR}/hard/labels.npy"))),
+                          labels.numpy())
+    buf = io.BytesIO()
+    torch.save(teacher.model.state_dict(), buf)
+    assert teacher.shipped_bytes() == buf.tell() > 4 * 11_000_000  # ResNet-18 in fp32
+
+
+def test_hard_labels_give_the_cutmix_mixed_cross_entropy():
+    from hello_ray.stages.evaluate_core import TrainSettings, student_loss
+
+    out = torch.randn(6, C)
+    y_a, y_b = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([1, 1, 0, 2, 3, 3])
+    ctx = LabelContext(y_a=y_a, y_b=y_b, lam=0.3, num_classes=C)
+    hard = HardLabels(np.zeros(1), C, 1)
+    target = hard.label(torch.zeros(6, 3, S, S), ctx)
+    assert torch.allclose(target.sum(1), torch.ones(6))
+    s = TrainSettings(1, 6, 1e-3, 0.0, 1.0, "mse_ce", 0.025, 4.0, S)
+    want = 0.3 * F.cross_entropy(out, y_a) + 0.7 * F.cross_entropy(out, y_b)
+    assert torch.allclose(student_loss(out, target, ctx, hard.soft, s), want, atol=1e-6)
+    soft = torch.randn(6, C)
+    assert torch.allclose(student_loss(out, soft, ctx, True, s), F.mse_loss(out, soft) + 0.025 * want, atol=1e-6)
+
+
+def test_a_teacher_with_another_class_count_is_a_named_error():
+    with pytest.raises(ClassCountMismatch, match="teachers artifact t1: the labeller predicts 5 classes.*has 4"):
+        TeacherLabels(build_model("resnet18", 5, S), C, S, where="teachers artifact t1")
