@@ -123,6 +123,10 @@ def _opt_mean(rows: list[dict[str, Any]], key: str) -> float | None:
 
 # ---------------------------------------------------------------- results
 
+def _mb_to_bytes(mb: float | None) -> float | None:
+    return None if mb is None else mb * 2**20
+
+
 def summarize_results(results_rows: Any) -> list[dict[str, Any]]:
     """Group per (student, strategy[, kind, step]) over seeds, first-seen order.
 
@@ -152,9 +156,11 @@ def summarize_results(results_rows: Any) -> list[dict[str, Any]]:
             "top1_mean": float(top1.mean()),
             "top1_std": float(top1.std()),
             "label_bytes": max(int(r["label_bytes"]) for r in g),
-            "step_time_s": _opt_mean(g, "step_time_s"),
+            "step_time_s": _opt_mean(g, "step_time_s") if _opt_mean(g, "step_time_s") is not None
+            else _opt_mean(g, "step_s"),  # the evaluate stage's name for it
             "wall_s": _opt_mean(g, "wall_s"),
-            "peak_mem_bytes": _opt_mean(g, "peak_mem_bytes"),
+            "peak_mem_bytes": _opt_mean(g, "peak_mem_bytes") if _opt_mean(g, "peak_mem_bytes") is not None
+            else _mb_to_bytes(_opt_mean(g, "peak_mem_mb")),
         })
     return out
 

@@ -1,0 +1,1 @@
+"""Datasets: sources -> Ray Data, the demo digits, decoding, augmentations, image-set artifacts."""

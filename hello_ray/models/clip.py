@@ -26,6 +26,8 @@ from torch import nn
 TINY_CLIP = "hello-tiny-rn"
 RANDOM_INIT = "random-init"
 RANDOM_INIT_SEED = 0
+# v2: unit weights for the last BN of every residual block (see _ensure_random_init).
+RANDOM_INIT_VERSION = 2
 
 # A ResNet CLIP small enough for a 2-core CPU: one Bottleneck per stage, width 16 (stage
 # widths 16..128, output 512 channels into the attention pool), 32 px input, 64-d embedding;
@@ -74,7 +76,7 @@ def register_tiny_clip() -> None:
 
 def random_init_path(model_name: str) -> Path:
     """Where the seeded random-init weights of ``model_name`` are cached."""
-    return cache_root() / "clip" / f"{model_name}-{RANDOM_INIT}.pt"
+    return cache_root() / "clip" / f"{model_name}-{RANDOM_INIT}-v{RANDOM_INIT_VERSION}.pt"
 
 
 def _ensure_random_init(model_name: str) -> Path:
@@ -85,6 +87,14 @@ def _ensure_random_init(model_name: str) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = open_clip.create_model(model_name, pretrained=None)
+    # open_clip's ResNet init zeroes each Bottleneck's last BN (a trick for training from
+    # scratch). In a frozen random encoder that kills every residual branch: features barely
+    # depend on image detail, the LoRA of those blocks gets zero gradients and the refine
+    # objective is ~0. Real (pretrained) weights have live branches, so the stand-in should too.
+    with torch.no_grad():
+        for name, module in model.visual.named_modules():
+            if name.endswith("bn3") and isinstance(module, nn.BatchNorm2d):
+                module.weight.fill_(1.0)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path

@@ -1,0 +1,80 @@
+"""Ray Data UDFs that turn encoded rows into fixed-size uint8 arrays.
+
+Resize rule: shorter side to ``image_size`` then a centre crop (images.fit_square), so the
+aspect ratio is kept and a square image of the right size passes through bit-exact.
+
+Corrupt images: ``on_corrupt="fail"`` raises CorruptImageError naming the image id (path or
+shard:row); ``"skip"`` drops the row and logs one warning line per image. To *collect* the
+corrupt ids (for a report), use ``keep_corrupt=True`` (the row stays, with an all-zero image and
+``ok=False``) or :func:`find_corrupt`, which runs that over a split and returns the ids.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from hello_ray.config import DataConfig
+from hello_ray.data.errors import CorruptImageError, data_errors
+from hello_ray.data.images import decode_resized
+
+log = logging.getLogger("hello_ray")
+
+
+class DecodeBatch:
+    """``map_batches`` UDF (batch_format="numpy"):
+    {"image": bytes [N], "label": int64 [N], "id": str [N]}
+    -> {"image": uint8 [N, S, S, 3], "label": int64 [N], "id": str [N]} (+ "ok": bool [N], "reason")
+    """
+
+    def __init__(self, image_size: int, on_corrupt: str = "skip", keep_corrupt: bool = False):
+        if on_corrupt not in ("skip", "fail"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+        self.size, self.on_corrupt, self.keep_corrupt = image_size, on_corrupt, keep_corrupt
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, s = len(batch["id"]), self.size
+        out = np.zeros((n, s, s, 3), dtype=np.uint8)  # [N, S, S, 3]
+        ok = np.ones(n, dtype=bool)
+        reasons = np.full(n, "", dtype=object)
+        for i, (data, where) in enumerate(zip(batch["image"], batch["id"])):
+            try:
+                out[i] = decode_resized(data, str(where), s)
+            except CorruptImageError as e:
+                if self.on_corrupt == "fail" and not self.keep_corrupt:
+                    raise
+                ok[i], reasons[i] = False, e.reason
+                if not self.keep_corrupt:
+                    log.warning("corrupt image skipped: %s (%s)", where, e.reason)
+        result = {"image": out, "label": np.asarray(batch["label"], dtype=np.int64),
+                  "id": np.asarray(batch["id"], dtype=object)}
+        if self.keep_corrupt:
+            return {**result, "ok": ok, "reason": reasons}
+        return {k: v[ok] for k, v in result.items()}
+
+
+def decoded_split(split, data: DataConfig, batch_size: int = 64,
+                  image_size: int | None = None) -> "ray.data.Dataset":  # noqa: F821
+    """A DatasetSplit's rows decoded to uint8 [S, S, 3] images (S = data.image_size),
+    skipping or failing on corrupt images as ``data.on_corrupt`` says."""
+    return split.ds.map_batches(DecodeBatch(image_size or data.image_size, data.on_corrupt),
+                                batch_size=batch_size, batch_format="numpy")
+
+
+def _is_corrupt(row: dict) -> bool:
+    return not row["ok"]
+
+
+def find_corrupt(split, image_size: int = 8) -> list[tuple[str, str]]:
+    """(id, reason) of every undecodable image of a split, sorted by id (one full decode pass;
+    the small ``image_size`` keeps the resize cheap)."""
+    ds = split.ds.map_batches(DecodeBatch(image_size, "skip", keep_corrupt=True),
+                              batch_format="numpy").filter(_is_corrupt)
+    with data_errors():
+        rows = ds.select_columns(["id", "reason"]).take_all()
+    found = sorted((str(r["id"]), str(r["reason"])) for r in rows)
+    for where, reason in found:
+        log.warning("corrupt image: %s (%s)", where, reason)
+    if found:
+        log.warning("%d corrupt image(s) in %s split %r", len(found), split.source, split.split)
+    return found

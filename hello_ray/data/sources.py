@@ -1,0 +1,372 @@
+"""Dataset sources -> ``ray.data.Dataset`` rows ``{"image": bytes, "label": int64, "id": str}``
+plus the ordered class names.
+
+Layouts under the dataset root (local path, ``file://`` or ``s3://``), for split ``train``:
+
+- **imagefolder**: ``<root>/train/<class>/**/*.{jpg,jpeg,png,...}``; classes are the sorted
+  folder names (torchvision's ImageFolder order), ids the file paths.
+- **parquet**: ``<root>/train-*.parquet``, ``<root>/train.parquet`` or ``<root>/train/*.parquet``
+  with an image column (bytes, or the Hugging Face struct ``{"bytes", "path"}``) and an integer
+  label column; ids are ``<shard>:<row>``. Class names from ``data.class_names``, else a
+  ``classes.json`` / ``class_names.json`` beside the shards (a list, or a mapping with key
+  ``class_names``/``classes``/``names``), else the ClassLabel names Hugging Face stores in the
+  shard metadata, else ``"0".."K-1"``.
+- **webdataset**: ``<root>/train-*.tar`` or ``<root>/train/*.tar``, samples ``<key>.jpg|png|...``
+  + ``<key>.cls``; ids are ``<shard>:<key>``. Class names as for parquet; without any, one
+  label-only pass over the tars finds the classes.
+
+Checks before any image is read where the layout allows it (ImageFolder listing, parquet label
+columns): an empty class -> EmptyClassError, a label outside the class list -> DataError naming
+shard and row. ``data.max_per_class`` keeps the first N images of each class in dataset order
+(sorted paths; shard order then row / tar order). ImageNet synset folders get readable names
+(classnames.py). Reading is lazy: the images stream when the dataset is consumed.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from hello_ray.config import DataConfig
+from hello_ray.data.classnames import readable_class_names
+from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError, data_errors
+from hello_ray.data.images import is_image_file
+from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
+                                    display_path)
+
+log = logging.getLogger("hello_ray")
+
+FORMATS = ("imagefolder", "parquet", "webdataset")
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "image_bytes")
+LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
+CLASS_FILES = ("classes.json", "class_names.json")
+
+
+@dataclass
+class DatasetSplit:
+    """One split of a dataset: lazy rows + the ordered class names (label i = class_names[i])."""
+
+    ds: "ray.data.Dataset"  # noqa: F821 - rows {"image": bytes, "label": int64, "id": str}
+    class_names: list[str]
+    source: str  # the URI it was read from (dataset root)
+    split: str = ""
+    format: str = ""
+    class_keys: list[str] = field(default_factory=list)  # raw class ids (folder names, synsets)
+    num_rows: int | None = None  # known without reading images (all but unlisted webdataset)
+    counts: list[int] | None = None  # images per class, when known
+
+
+@dataclass
+class _Layout:
+    format: str
+    files: list[str]  # shard paths (parquet/webdataset) or [split folder] (imagefolder)
+    meta_dirs: list[str]  # where a classes.json may sit
+
+
+def _fs_for(uri: str, store) -> tuple[pafs.FileSystem, str]:
+    from hello_ray.store import resolve_filesystem
+
+    return resolve_filesystem(uri, getattr(store, "endpoint_url", None))
+
+
+def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    return fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+
+
+def _shards(entries: list[pafs.FileInfo], prefix: str | None, ext: str) -> list[str]:
+    """Files ``<prefix>-*.ext`` / ``<prefix>_*.ext`` / ``<prefix>.ext`` (or all ``*.ext``)."""
+    out = []
+    for e in entries:
+        if e.type != pafs.FileType.File or not e.base_name.lower().endswith(ext):
+            continue
+        stem = e.base_name[: -len(ext)]
+        if prefix is None or stem == prefix or stem.startswith((f"{prefix}-", f"{prefix}_")):
+            out.append(e.path)
+    return sorted(out)
+
+
+def detect_layout(fs: pafs.FileSystem, root: str, split: str, fmt: str = "auto") -> _Layout:
+    """Find split ``split`` under ``root``; DataError saying what was found and expected."""
+    root = root.rstrip("/")
+    where = display_path(fs, root)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"dataset root {where} does not exist or is not a folder")
+    top = _list(fs, root)
+    split_dir = posixpath.join(root, split)
+    inner = _list(fs, split_dir) if any(
+        e.base_name == split and e.type == pafs.FileType.Directory for e in top) else []
+    found: dict[str, _Layout] = {}
+    for name, ext in (("parquet", ".parquet"), ("webdataset", ".tar")):
+        files = _shards(top, split, ext) or _shards(inner, None, ext)
+        if files:
+            found[name] = _Layout(name, files, [posixpath.dirname(files[0]), root])
+    if any(e.type == pafs.FileType.Directory for e in inner):
+        found["imagefolder"] = _Layout("imagefolder", [split_dir], [split_dir, root])
+    if fmt != "auto" and fmt in found:
+        return found[fmt]
+    if fmt == "auto" and found:
+        return found[next(f for f in FORMATS[::-1] if f in found)]  # shards beat folders
+    seen = sorted(e.base_name + ("/" if e.type == pafs.FileType.Directory else "") for e in top)
+    seen_s = ", ".join(seen[:20]) + (f" ... (+{len(seen) - 20})" if len(seen) > 20 else "")
+    want = {
+        "imagefolder": f"{where}/{split}/<class>/*.jpg",
+        "parquet": f"{where}/{split}-*.parquet or {where}/{split}/*.parquet",
+        "webdataset": f"{where}/{split}-*.tar or {where}/{split}/*.tar",
+    }
+    expected = want[fmt] if fmt != "auto" else "; ".join(f"{k}: {v}" for k, v in want.items())
+    raise DataError(f"no {fmt if fmt != 'auto' else 'known'} layout for split {split!r} in {where}: "
+                    f"found [{seen_s or 'nothing'}]; expected {expected}")
+
+
+def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], str] | None:
+    for d in dirs:
+        for name in CLASS_FILES:
+            path = posixpath.join(d, name)
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                continue
+            where = display_path(fs, path)
+            with fs.open_input_stream(path) as f:
+                try:
+                    obj = json.loads(f.read())
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where} is not valid JSON: {e}") from None
+            if isinstance(obj, dict):
+                obj = next((obj[k] for k in ("class_names", "classes", "names") if k in obj), None)
+            if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj) or not obj:
+                raise DataError(f"{where}: expected a list of class names (or a mapping with "
+                                "'class_names'), e.g. [\"cat\", \"dog\"]")
+            return [str(x) for x in obj], where
+    return None
+
+
+def _keep_first(labels: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask of the first ``n`` occurrences of each label (in array order)."""
+    if n <= 0:
+        return np.ones(len(labels), dtype=bool)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[order[np.arange(len(labels)) - starts < n]] = True
+    return keep
+
+
+def _check_counts(counts: np.ndarray, names: list[str], where: str) -> None:
+    for c, n in enumerate(counts):
+        if n == 0:
+            raise EmptyClassError(names[c], where)
+
+
+def _blocks(table: pa.Table, rows: int = ROWS_PER_BATCH) -> list[pa.Table]:
+    return [table.slice(i, rows) for i in range(0, max(table.num_rows, 1), rows)]
+
+
+# ------------------------------------------------------------------------------ the formats
+
+def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str) -> dict:
+    import ray
+
+    split_dir = layout.files[0]
+    where = display_path(fs, split_dir)
+    entries = _list(fs, split_dir, recursive=True)
+    classes = sorted(e.base_name for e in entries
+                     if e.type == pafs.FileType.Directory and posixpath.dirname(e.path) == split_dir)
+    index = {c: i for i, c in enumerate(classes)}
+    per_class: list[list[str]] = [[] for _ in classes]
+    for e in entries:
+        if e.type == pafs.FileType.File and is_image_file(e.base_name):
+            rel = e.path[len(split_dir) + 1:]
+            if "/" in rel:  # files directly in the split folder belong to no class
+                per_class[index[rel.split("/", 1)[0]]].append(e.path)
+    for c, files in enumerate(per_class):
+        if not files:
+            raise EmptyClassError(classes[c], f"{where}/{classes[c]}")
+    cap = data.max_per_class or None
+    paths, labels = [], []
+    for c, files in enumerate(per_class):
+        chosen = sorted(files)[:cap]
+        paths += chosen
+        labels += [c] * len(chosen)
+    table = pa.table({"path": paths, "label": pa.array(labels, pa.int64())})
+    ds = ray.data.from_arrow(_blocks(table)).map_batches(
+        ReadFiles(fs), batch_size=None, batch_format="numpy")
+    counts = [min(len(f), cap or len(f)) for f in per_class]
+    return dict(ds=ds, class_keys=classes, num_rows=len(paths), counts=counts)
+
+
+def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
+    """(image column, label column, Hugging Face ClassLabel names or None) of a shard."""
+    where = display_path(fs, shard)
+    with fs.open_input_file(shard) as f:
+        schema = pq.read_schema(f)
+    image_col = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+    label_col = next((c for c in LABEL_COLUMNS if c in schema.names), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"parquet shard {where}: needs an image column (one of {IMAGE_COLUMNS}) and a "
+                        f"label column (one of {LABEL_COLUMNS}); has {schema.names}")
+    t = schema.field(image_col).type
+    if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
+        raise DataError(f"parquet shard {where}: image column {image_col!r} has type {t}; expected "
+                        "binary or a struct with a 'bytes' field (Hugging Face Image)")
+    if not pa.types.is_integer(schema.field(label_col).type):
+        raise DataError(f"parquet shard {where}: label column {label_col!r} has type "
+                        f"{schema.field(label_col).type}; expected integers")
+    hf_names = None
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta:
+        try:
+            feat = json.loads(meta)["info"]["features"][label_col]
+            hf_names = list(feat["names"]) if feat.get("names") else None
+        except (KeyError, TypeError, ValueError):
+            hf_names = None
+    return image_col, label_col, hf_names
+
+
+def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None,
+             names_from: str | None) -> dict:
+    import ray
+
+    shards = layout.files
+    image_col, label_col, hf_names = _parquet_columns(fs, shards[0])
+
+    def labels_of(shard: str) -> np.ndarray:
+        with fs.open_input_file(shard) as f:
+            return pq.read_table(f, columns=[label_col])[label_col].to_numpy()
+
+    with cf.ThreadPoolExecutor(16) as pool:  # label columns only: a few KB per shard
+        per_shard = list(pool.map(labels_of, shards))
+    if names is None and hf_names:
+        names, names_from = hf_names, f"{display_path(fs, shards[0])} (Hugging Face metadata)"
+    all_labels = np.concatenate(per_shard) if per_shard else np.empty(0, np.int64)
+    if names is None:
+        names = [str(i) for i in range(int(all_labels.max()) + 1 if len(all_labels) else 0)]
+    for shard, lab in zip(shards, per_shard):
+        bad = np.flatnonzero((lab < 0) | (lab >= len(names)))
+        if len(bad):
+            r = int(bad[0])
+            raise DataError(f"parquet shard {display_path(fs, shard)} row {r}: label {int(lab[r])} is "
+                            f"outside the {len(names)} classes [0, {len(names) - 1}]"
+                            + (f" of {names_from}" if names_from else "")
+                            + f" ({len(bad)} such rows in this shard)")
+    counts = np.bincount(all_labels, minlength=len(names))
+    _check_counts(counts, names, f"{display_path(fs, posixpath.dirname(shards[0]))} "
+                  f"({len(shards)} {split} shards)")
+    keep = None
+    if data.max_per_class:
+        mask = _keep_first(all_labels, data.max_per_class)
+        offsets = np.cumsum([0] + [len(x) for x in per_shard])
+        keep = {s: np.flatnonzero(mask[offsets[i]:offsets[i + 1]]) for i, s in enumerate(shards)}
+        counts = np.minimum(counts, data.max_per_class)
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(ReadParquetShards(fs, image_col, label_col, keep), batch_size=1,
+                        batch_format="numpy")
+    return dict(ds=ds, class_keys=list(names), num_rows=int(counts.sum()),
+                counts=[int(c) for c in counts])
+
+
+def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None) -> dict:
+    import ray
+
+    shards = layout.files
+
+    def shard_ds() -> "ray.data.Dataset":
+        return ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+
+    keep, counts, num_rows = None, None, None
+    if names is None or data.max_per_class:
+        # The labels live inside the tars: one pass reading only the .cls members' values.
+        index = shard_ds().map_batches(
+            ReadTarShards(fs, len(names) if names else None, labels_only=True),
+            batch_size=1, batch_format="numpy").select_columns(["label", "id"])
+        with data_errors():
+            rows = index.to_pandas()  # in shard order: from_items + map keep block order
+        labels = rows["label"].to_numpy(np.int64)
+        if names is None:
+            names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+        cnt = np.bincount(labels, minlength=len(names))
+        _check_counts(cnt, names, f"{display_path(fs, posixpath.dirname(shards[0]))} "
+                      f"({len(shards)} {split} shards)")
+        if data.max_per_class:
+            keep = set(rows["id"][_keep_first(labels, data.max_per_class)])
+            cnt = np.minimum(cnt, data.max_per_class)
+        counts, num_rows = [int(c) for c in cnt], int(cnt.sum())
+    ds = shard_ds().map_batches(ReadTarShards(fs, len(names), keep), batch_size=1,
+                                batch_format="numpy")
+    return dict(ds=ds, class_keys=list(names), num_rows=num_rows, counts=counts)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+def dataset_root(data: DataConfig, store=None) -> str:
+    """The URI of the dataset: ``data.source``, or the demo artifact for ``source=demo``."""
+    if data.source == "demo":
+        if store is None:
+            raise DataError("data.source=demo needs an artifact store to hold the demo shards; "
+                            "pass store=open_store(cfg.store)")
+        from hello_ray.data.demo import ensure_demo_dataset
+
+        return ensure_demo_dataset(store)
+    return data.source
+
+
+def load_split(data: DataConfig, split: str, store=None) -> DatasetSplit:
+    """One split (``data.train_split`` / ``data.val_split`` or any name) as a lazy Ray dataset.
+
+    ``data.max_per_class`` applies to the training split only.
+
+    ``store`` is needed for ``source=demo``; its S3 endpoint is also used for the dataset.
+    """
+    from hello_ray.runtime import ensure_ray
+
+    ensure_ray()
+    uri = dataset_root(data, store)
+    fs, root = _fs_for(uri, store)
+    layout = detect_layout(fs, root, split, "parquet" if data.source == "demo" else data.format)
+    if split != data.train_split:  # max_per_class caps training images only
+        data = dataclasses.replace(data, max_per_class=0)
+    names: list[str] | None = list(data.class_names) or None
+    names_from = "config data.class_names" if names else None
+    if names is None and layout.format != "imagefolder":
+        found = _read_class_file(fs, layout.meta_dirs)
+        if found:
+            names, names_from = found
+    if layout.format == "imagefolder":
+        out = _imagefolder(fs, layout, data, split)
+    elif layout.format == "parquet":
+        out = _parquet(fs, layout, data, split, names, names_from)
+    else:
+        out = _webdataset(fs, layout, data, split, names)
+    keys = out["class_keys"]
+    if data.class_names and len(data.class_names) != len(keys):
+        raise DataError(f"config data.class_names has {len(data.class_names)} names but split "
+                        f"{split!r} of {uri} has {len(keys)} classes")
+    readable = list(data.class_names) or readable_class_names(keys)
+    log.info("data: %s split %r (%s): %s images, %d classes", uri, split, layout.format,
+             out["num_rows"] if out["num_rows"] is not None else "?", len(keys))
+    return DatasetSplit(ds=out["ds"], class_names=readable, source=uri, split=split,
+                        format=layout.format, class_keys=list(keys), num_rows=out["num_rows"],
+                        counts=out["counts"])
+
+
+def check_same_classes(train: DatasetSplit, val: DatasetSplit) -> None:
+    """ClassMismatchError unless both splits have the same classes in the same order."""
+    if train.class_keys != val.class_keys:
+        raise ClassMismatchError(train.class_keys, val.class_keys, train.source)
+
+
+def load_train_val(data: DataConfig, store=None) -> tuple[DatasetSplit, DatasetSplit]:
+    """Train and val splits (val is never capped by ``data.max_per_class``), same classes."""
+    train = load_split(data, data.train_split, store)
+    val = load_split(data, data.val_split, store)
+    check_same_classes(train, val)
+    return train, val

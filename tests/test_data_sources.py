@@ -1,0 +1,250 @@
+"""Dataset sources through real Ray Data, on local folders and the moto S3 server.
+
+One tiny dataset (3 classes x 4 images, PNG and JPEG of different sizes) is written as an
+ImageFolder tree, parquet shards and webdataset tars; every layout must give the same
+(pixels hash, label) multiset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hello_ray.config import DataConfig
+from hello_ray.data.decode import DecodeBatch, decoded_split, find_corrupt
+from hello_ray.data.errors import (ClassMismatchError, CorruptImageError, DataError, EmptyClassError,
+                                   data_errors)
+from hello_ray.data.images import decode_image
+from hello_ray.data.sources import load_split, load_train_val
+
+CLASSES = ["apple_pie", "n01440764", "zebra"]
+
+
+def _image(rng: np.random.Generator, fmt: str) -> bytes:
+    h, w = int(rng.integers(10, 20)), int(rng.integers(10, 20))
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_samples(seed: int = 0, per_class: int = 4) -> list[tuple[int, str, bytes]]:
+    """(label, file name, encoded bytes): alternating PNG and JPEG."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(len(CLASSES)):
+        for i in range(per_class):
+            fmt, ext = (("PNG", "png"), ("JPEG", "jpg"))[i % 2]
+            out.append((c, f"img{i:02d}.{ext}", _image(rng, fmt)))
+    return out
+
+
+def write_imagefolder(root: Path, split: str, samples, classes=CLASSES) -> None:
+    for c, name, data in samples:
+        d = root / split / classes[c]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+
+
+def write_parquet(root: Path, split: str, samples, shards: int = 2, classes=CLASSES,
+                  hf_struct: bool = True) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, part in enumerate(np.array_split(np.arange(len(samples)), shards)):
+        rows = [samples[i] for i in part]
+        blobs = pa.array([r[2] for r in rows], pa.binary())
+        image = (pa.StructArray.from_arrays([blobs, pa.array([r[1] for r in rows])], ["bytes", "path"])
+                 if hf_struct else blobs)
+        path = root / f"{split}-{s:05d}-of-{shards:05d}.parquet"
+        pq.write_table(pa.table({"image": image, "label": pa.array([r[0] for r in rows], pa.int64())}),
+                       path, row_group_size=3)
+        paths.append(path)
+    if classes is not None:
+        (root / "classes.json").write_text(json.dumps(list(classes)))
+    return paths
+
+
+def write_wds(root: Path, split: str, samples, shards: int = 2, classes=CLASSES) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for s, part in enumerate(np.array_split(np.arange(len(samples)), shards)):
+        with tarfile.open(root / f"{split}-{s:06d}.tar", "w") as tar:
+            for i in part:
+                c, name, data = samples[i]
+                key = f"s{i:04d}"
+                for ext, payload in ((name.rsplit(".", 1)[1], data), ("cls", str(c).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    if classes is not None:
+        (root / "classes.json").write_text(json.dumps(list(classes)))
+
+
+def expected_multiset(samples) -> list[tuple[str, int]]:
+    return sorted((hashlib.sha256(decode_image(d, n).tobytes()).hexdigest(), c) for c, n, d in samples)
+
+
+def multiset(split) -> list[tuple[str, int]]:
+    rows = split.ds.take_all()
+    return sorted((hashlib.sha256(decode_image(r["image"], r["id"]).tobytes()).hexdigest(),
+                   int(r["label"])) for r in rows)
+
+
+def upload(local: Path, s3_uri: str) -> str:
+    from hello_ray.store import resolve_filesystem
+
+    fs, path = resolve_filesystem(s3_uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return s3_uri
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, samples) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("layouts")
+    write_imagefolder(base / "folder", "train", samples)
+    write_parquet(base / "parquet", "train", samples)
+    write_wds(base / "wds", "train", samples)
+    write_wds(base / "wds_nonames", "train", samples, classes=None)
+    return {"imagefolder": base / "folder", "parquet": base / "parquet", "webdataset": base / "wds",
+            "webdataset_nonames": base / "wds_nonames"}
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset", "webdataset_nonames"])
+def test_same_multiset_from_every_layout(ray_local, samples, layouts, fmt):
+    split = load_split(DataConfig(source=str(layouts[fmt]), image_size=8), "train")
+    assert split.format == fmt.split("_")[0]
+    assert multiset(split) == expected_multiset(samples)
+    if fmt == "webdataset_nonames":  # no classes.json: the label pass finds 3 classes
+        assert split.class_keys == ["0", "1", "2"] and split.num_rows == 12
+    else:
+        assert split.class_keys == CLASSES
+        # Readable names for the prompts: '_' -> space, ImageNet synset -> torchvision's name.
+        assert split.class_names == ["apple pie", "tench", "zebra"]
+        if fmt != "webdataset":  # tars are not read before the images are needed
+            assert split.num_rows == 12 and split.counts == [4, 4, 4]
+
+
+def test_explicit_format_and_ids(ray_local, layouts):
+    split = load_split(DataConfig(source=str(layouts["parquet"]), format="parquet"), "train")
+    ids = sorted(r["id"] for r in split.ds.select_columns(["id"]).take_all())
+    assert ids[0].endswith("train-00000-of-00002.parquet:0") and len(ids) == 12
+    with pytest.raises(DataError, match="no imagefolder layout.*expected .*train/<class>"):
+        load_split(DataConfig(source=str(layouts["parquet"]), format="imagefolder"), "train")
+
+
+def test_decode_batch_fixed_size(ray_local, layouts):
+    data = DataConfig(source=str(layouts["imagefolder"]), image_size=12)
+    rows = decoded_split(load_split(data, "train"), data).take_all()
+    assert len(rows) == 12
+    assert all(r["image"].shape == (12, 12, 3) and r["image"].dtype == np.uint8 for r in rows)
+
+
+def test_s3_layouts_match_local(ray_local, s3_bucket, samples, layouts):
+    want = expected_multiset(samples)
+    for fmt in ("imagefolder", "parquet", "webdataset"):
+        uri = upload(layouts[fmt], f"{s3_bucket}/{fmt}")
+        split = load_split(DataConfig(source=uri), "train")
+        assert split.class_keys == CLASSES, fmt
+        assert multiset(split) == want, fmt
+        assert all(r["id"].startswith("s3://") for r in split.ds.select_columns(["id"]).take(3))
+
+
+def test_max_per_class_keeps_first_ids(ray_local, samples, layouts):
+    first_two = [s for i, s in enumerate(samples) if i % 4 < 2]  # dataset order = sorted names
+    for fmt in ("imagefolder", "parquet", "webdataset"):
+        data = DataConfig(source=str(layouts[fmt]), max_per_class=2)
+        split = load_split(data, "train")
+        assert split.counts == [2, 2, 2] and split.num_rows == 6, fmt
+        assert multiset(split) == expected_multiset(first_two), fmt
+        # only the training split is capped
+        assert load_split(dataclasses.replace(data, train_split="other"), "train").ds.count() == 12
+
+
+def test_corrupt_jpeg_reported_by_path(ray_local, tmp_path, samples):
+    write_imagefolder(tmp_path, "train", samples)
+    bad = tmp_path / "train" / CLASSES[1] / "img01.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated JPEG
+    skip = DataConfig(source=str(tmp_path), image_size=8, on_corrupt="skip")
+    split = load_split(skip, "train")
+    assert [w for w, _ in find_corrupt(split)] == [str(bad)]
+    assert decoded_split(split, skip).count() == 11  # skip mode continues with the rest
+    fail = dataclasses.replace(skip, on_corrupt="fail")
+    with pytest.raises(CorruptImageError, match=str(bad)):
+        with data_errors():
+            decoded_split(load_split(fail, "train"), fail).take_all()
+    # keep_corrupt: the row stays, flagged, for callers that report themselves
+    rows = split.ds.map_batches(DecodeBatch(8, "fail", keep_corrupt=True)).take_all()
+    assert [r["id"] for r in rows if not r["ok"]] == [str(bad)]
+
+
+def test_empty_class_is_named(ray_local, tmp_path, samples):
+    write_imagefolder(tmp_path, "train", samples)
+    (tmp_path / "train" / "empty_one").mkdir()
+    (tmp_path / "train" / "empty_one" / "notes.txt").write_text("no images here")
+    with pytest.raises(EmptyClassError, match=f"'empty_one'.*{tmp_path}/train/empty_one"):
+        load_split(DataConfig(source=str(tmp_path)), "train")
+    # parquet: a class of classes.json with no rows
+    write_parquet(tmp_path / "pq", "train", samples, classes=CLASSES + ["unicorn"])
+    with pytest.raises(EmptyClassError, match="'unicorn'"):
+        load_split(DataConfig(source=str(tmp_path / "pq")), "train")
+
+
+def test_label_out_of_range_names_shard_and_row(ray_local, tmp_path, samples):
+    bad = [(c if i != 7 else 5, n, d) for i, (c, n, d) in enumerate(samples)]
+    write_parquet(tmp_path, "train", bad)
+    with pytest.raises(DataError, match=r"train-00001-of-00002.parquet row 1: label 5 is outside the 3"):
+        load_split(DataConfig(source=str(tmp_path)), "train")
+    write_wds(tmp_path / "wds", "train", bad)
+    split = load_split(DataConfig(source=str(tmp_path / "wds")), "train")
+    with pytest.raises(DataError, match=r"train-000001.tar.*sample 's0007': label 5 is outside"):
+        with data_errors():
+            split.ds.take_all()
+
+
+def test_class_mismatch_lists_differences(ray_local, tmp_path, samples):
+    write_imagefolder(tmp_path, "train", samples)
+    write_imagefolder(tmp_path, "val", samples, classes=["apple_pie", "n01440764", "zorro"])
+    with pytest.raises(ClassMismatchError, match=r"only in train: 'zebra'; only in val: 'zorro'"):
+        load_train_val(DataConfig(source=str(tmp_path)))
+
+
+def test_unknown_layout_says_found_and_expected(ray_local, tmp_path):
+    (tmp_path / "readme.md").write_text("hi")
+    (tmp_path / "train.csv").write_text("a,b")
+    with pytest.raises(DataError, match=r"found \[readme.md, train.csv\]; expected .*parquet"):
+        load_split(DataConfig(source=str(tmp_path)), "train")
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(DataConfig(source=str(tmp_path / "nope")), "train")
+
+
+def test_class_names_from_config_and_hf_metadata(ray_local, tmp_path, samples):
+    write_parquet(tmp_path, "train", samples, classes=None, hf_struct=False)
+    plain = load_split(DataConfig(source=str(tmp_path)), "train")
+    assert plain.class_names == ["0", "1", "2"]
+    named = load_split(DataConfig(source=str(tmp_path), class_names=["x", "y", "z"]), "train")
+    assert named.class_names == ["x", "y", "z"]
+    with pytest.raises(DataError, match="row 2: label 2 is outside the 2 classes.*config data.class_names"):
+        load_split(DataConfig(source=str(tmp_path), class_names=["x", "y"]), "train")
+    # Hugging Face exports keep ClassLabel names in the schema metadata
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for p in sorted(tmp_path.glob("train-*.parquet")):
+        t = pq.read_table(p)
+        meta = {"info": {"features": {"image": {"_type": "Image"},
+                                      "label": {"names": ["a", "b", "c"], "_type": "ClassLabel"}}}}
+        pq.write_table(t.replace_schema_metadata({"huggingface": json.dumps(meta)}), hf / p.name)
+    assert load_split(DataConfig(source=str(hf)), "train").class_names == ["a", "b", "c"]
