@@ -51,7 +51,8 @@ def _span(epochs: Iterable[int]) -> str:
 
 
 def resolve_window(window: str, n: int, available_epochs: Iterable[int]) -> list[int]:
-    """The ``n`` epochs of window ``"a-b"``: evenly spaced from a to b inclusive, rounded half up.
+    """The ``n`` epochs of window ``"a-b"``: evenly spaced from a to b inclusive, rounded half up
+    (``n=1`` takes b, the window's strongest checkpoint).
 
     Raises ValueError naming the window and the trained epochs when two teachers would be
     the same checkpoint (n larger than the window is wide) or an epoch was never trained.

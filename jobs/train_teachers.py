@@ -1,0 +1,35 @@
+"""Stage 1 alone: train the teacher trajectory and print where it went and its accuracy curve.
+
+    python jobs/train_teachers.py                                  # demo preset, local Ray
+    python jobs/train_teachers.py --preset smoke --store s3://bucket/runs
+    ray job submit --working-dir . -- python jobs/train_teachers.py --preset imagenet1k \
+        data.source=s3://my-bucket/imagenet store=s3://my-bucket/hello_ray
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hello_ray.models.ensemble import load_trajectory  # noqa: E402
+from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
+from hello_ray.runtime import ensure_ray  # noqa: E402
+from hello_ray.stages import teachers  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    cfg = parse_args(argv, prog="train_teachers", description="Train the teacher trajectory (stage 1)")
+    store = open_run_store(cfg)
+    ensure_ray(cfg.compute)
+    key = run_stage(teachers, cfg, store)
+    traj = load_trajectory(store, key)
+    print(f"\nteachers: {store.uri_for(key)}")
+    print(f"observer: {traj['observer']}   wall time: {store.manifest(key)['summary']['wall_s']} s")
+    print("epoch  top1")
+    for e in traj["epochs"]:
+        print(f"{e['epoch']:5d}  {100 * e['top1']:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

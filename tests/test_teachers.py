@@ -1,0 +1,280 @@
+"""The teacher trajectory: plain-PyTorch compute, windows, the ensemble, and real Ray Train runs.
+
+The Ray tests train the smoke preset (3 epochs, 300 digits) with 2 Train workers on CPU:
+once on the moto S3 store through ``pipeline.run_stage`` (files, curve, windows, cache hit)
+and once on a file store with a fault drill that kills every rank mid-epoch 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hello_ray.config import ConfigError, load_config
+from hello_ray.models.ensemble import (TeacherEnsemble, epoch_file, load_observer, load_state,
+                                       load_trajectory, resolve_window)
+from hello_ray.models.zoo import build_model
+from hello_ray.stages import teachers
+
+# ---------------------------------------------------------------------------- windows
+
+
+@pytest.mark.parametrize("window,n,trained,expected", [
+    ("11-51", 9, range(1, 91), [11, 16, 21, 26, 31, 36, 41, 46, 51]),   # METHOD.md's example
+    ("2-10", 9, range(1, 11), [2, 3, 4, 5, 6, 7, 8, 9, 10]),             # the demo preset
+    ("1-3", 3, range(1, 4), [1, 2, 3]),                                  # the smoke preset
+    ("1-10", 4, range(1, 11), [1, 4, 7, 10]),
+    ("1-4", 3, range(1, 5), [1, 3, 4]),                                  # 2.5 rounds half up
+    ("5-9", 1, range(1, 11), [9]),                                       # one teacher: the window's end
+])
+def test_resolve_window(window, n, trained, expected):
+    assert resolve_window(window, n, trained) == expected
+
+
+@pytest.mark.parametrize("window,n,trained,fragments", [
+    ("1-3", 9, range(1, 91), ["'1-3'", "repeats", "spans only 3 epochs"]),
+    ("5-12", 3, range(1, 11), ["'5-12'", "[12]", "trained epochs: 1-10"]),
+    ("11-51", 9, [1, 2, 3, 5], ["'11-51'", "trained epochs: 1-3, 5"]),
+])
+def test_resolve_window_errors_name_window_and_trained_epochs(window, n, trained, fragments):
+    with pytest.raises(ValueError) as err:
+        resolve_window(window, n, trained)
+    for f in fragments:
+        assert f in str(err.value)
+
+
+def test_bad_window_syntax_is_a_config_error():
+    with pytest.raises(ConfigError, match="'11_51'"):
+        resolve_window("11_51", 9, range(1, 91))
+
+
+# ---------------------------------------------------------------------------- plain-PyTorch compute
+
+class _Tiny(nn.Module):
+    """A linear classifier on mean brightness per channel: [N,3,H,W] in [0,1] -> [N,2]."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)) * 4 - 2)
+
+
+def _bright_dark_batches(n_batches: int, n: int = 16, size: int = 8, seed: int = 0):
+    """Class 1 = bright images, class 0 = dark ones, as uint8 NHWC batches like Ray's."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        labels = torch.randint(0, 2, (n,), generator=g)
+        base = torch.where(labels == 1, 180, 60).view(n, 1, 1, 1)
+        noise = torch.randint(-40, 40, (n, size, size, 3), generator=g)
+        out.append({"image": (base + noise).clamp(0, 255).to(torch.uint8), "label": labels})
+    return out
+
+
+def test_train_epoch_learns_and_evaluate_counts_exactly():
+    torch.manual_seed(0)
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    data = _bright_dark_batches(8)
+    first = teachers.train_epoch(model, data, opt, torch.device("cpu"))
+    for _ in range(5):
+        last = teachers.train_epoch(model, data, opt, torch.device("cpu"))
+    assert first.total == last.total == 8 * 16
+    assert last.loss < first.loss
+    val = _bright_dark_batches(3, seed=1)
+    stats = teachers.evaluate_top1(model, val, torch.device("cpu"))
+    with torch.no_grad():
+        expected = sum(int((model(b["image"].permute(0, 3, 1, 2).float() / 255).argmax(1)
+                            == b["label"]).sum()) for b in val)
+    assert (stats.correct, stats.total) == (expected, 48)
+    assert stats.accuracy > 0.95
+
+
+def test_train_augment_crops_and_keeps_range():
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    x = teachers.train_augment(images, 32, g)
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert not torch.allclose(x, images.permute(0, 3, 1, 2).float() / 255)
+    assert teachers.crop_scale(32) == (0.35, 1.0) and teachers.crop_scale(224) == (0.08, 1.0)
+
+
+def test_state_bytes_is_cpu_fp32_state_dict():
+    model = build_model("resnet18", 4, 32).to(torch.float64)
+    state = torch.load(io.BytesIO(teachers.state_bytes(model)), weights_only=True)
+    assert state.keys() == model.state_dict().keys()
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_observer_choices():
+    assert teachers.observer_file("last", 10) == "epochs/epoch_010.pt"
+    assert teachers.observer_file("epoch:3", 10) == "epochs/epoch_003.pt"
+    with pytest.raises(ConfigError, match="epoch:11"):
+        teachers.observer_file("epoch:11", 10)
+    cfg = load_config("smoke", overrides=["teachers.observer=torchvision"])
+    with pytest.raises(ConfigError, match="1000 classes"):
+        teachers.check_observer(cfg.teachers, 10)
+    imagenet = load_config("imagenet1k", overrides=["teachers.observer=torchvision",
+                                                    "data.source=/data/imagenet"])
+    teachers.check_observer(imagenet.teachers, 1000)  # the one valid case: resnet18, 1000 classes
+    with pytest.raises(ConfigError, match="resnet18"):
+        teachers.check_observer(dataclasses.replace(imagenet.teachers, model="vgg11"), 1000)
+
+
+def test_stage_config_ignores_compute_only():
+    a = load_config("smoke")
+    b = load_config("smoke", overrides=["compute.num_workers=4", "compute.cpus_per_worker=0.5"])
+    c = load_config("smoke", overrides=["teachers.lr=0.01"])
+    assert teachers.stage_config(a) == teachers.stage_config(b)
+    assert teachers.stage_config(a) != teachers.stage_config(c)
+
+
+def test_ensemble_stacks_frozen_teachers_in_eval_mode():
+    torch.manual_seed(0)
+    models = [build_model("resnet18", 5, 32) for _ in range(3)]
+    ens = TeacherEnsemble(models, epochs=[1, 2, 3])
+    ens.train()  # a parent's .train() must not switch the teachers' BatchNorm
+    assert not any(m.training for m in ens.modules())
+    assert not any(p.requires_grad for p in ens.parameters())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        out = ens(x)
+        assert out.shape == (3, 4, 5)
+        for t, m in enumerate(models):
+            torch.testing.assert_close(out[t], m(x))
+
+
+# ---------------------------------------------------------------------------- Ray Train runs
+
+def _smoke(store_uri: str, *extra: str):
+    # 0.5 CPU per worker: two workers leave one of the 2 CPUs to Ray Data's read/decode tasks.
+    return load_config("smoke", overrides=[f"store={store_uri}", "compute.num_workers=2",
+                                           "compute.cpus_per_worker=0.5", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_s3(ray_local, s3_server):
+    """The smoke trajectory trained once on the moto S3 store via pipeline.run_stage."""
+    import boto3
+
+    from hello_ray.pipeline import run_stage
+    from hello_ray.store import open_store
+
+    bucket = f"hr-teachers-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    cfg = _smoke(f"s3://{bucket}/artifacts")
+    store = open_store(cfg.store)
+    t0 = time.perf_counter()
+    key = run_stage(teachers, cfg, store)
+    return cfg, store, key, time.perf_counter() - t0
+
+
+def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
+    cfg, store, key, _ = trained_s3
+    files = set(store.list_files(key))
+    epochs = cfg.teachers.epochs
+    for e in range(1, epochs + 1):
+        assert f"epochs/epoch_{e:03d}.pt" in files and f"epochs/epoch_{e:03d}.json" in files
+    assert not any(f.startswith("epochs/") and f[-3:] == ".pt" and int(f[13:16]) > epochs for f in files)
+    traj = load_trajectory(store, key)
+    assert traj["model"] == "resnet18" and traj["num_classes"] == 10 and traj["image_size"] == 32
+    assert len(traj["class_names"]) == 10
+    assert [e["epoch"] for e in traj["epochs"]] == list(range(1, epochs + 1))
+    assert all(0.0 <= e["top1"] <= 1.0 for e in traj["epochs"])
+    # 3 smoke epochs (~15 SGD steps) fit the training images; val top-1 is still near chance.
+    assert traj["epochs"][-1]["train_acc"] > traj["epochs"][0]["train_acc"]
+    assert traj["observer"] == epoch_file(epochs)
+    metrics = [json.loads(store.get_bytes(key, f"epochs/epoch_{e:03d}.json")) for e in range(1, epochs + 1)]
+    assert [m["top1"] for m in metrics] == [e["top1"] for e in traj["epochs"]]
+    assert {m["attempt_start_epoch"] for m in metrics} == {1}  # one uninterrupted attempt
+    assert metrics[0]["val_images"] > 0 and len({m["val_images"] for m in metrics}) == 1
+    summary = store.manifest(key)["summary"]
+    assert summary["epochs"] == epochs and summary["final_top1"] == traj["epochs"][-1]["top1"]
+
+
+def test_window_resolves_to_the_stored_checkpoints(trained_s3):
+    _, store, key, _ = trained_s3
+    ens = TeacherEnsemble.from_trajectory(store, key, "1-3", 3, "cpu")
+    assert ens.epochs == [1, 2, 3]
+    late = TeacherEnsemble.from_trajectory(store, key, "2-3", 2, "cpu")
+    assert late.epochs == [2, 3]
+    for teacher, e in zip(late.teachers, late.epochs):
+        stored = load_state(store, key, epoch_file(e))
+        for name, value in teacher.state_dict().items():
+            torch.testing.assert_close(value, stored[name])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(ens(x)[1:], late(x))  # same checkpoints, same logits
+        torch.testing.assert_close(load_observer(store, key)(x), ens(x)[-1])
+    with pytest.raises(ValueError, match="trained epochs: 1-3"):
+        TeacherEnsemble.from_trajectory(store, key, "2-6", 3, "cpu")
+
+
+def test_rerun_with_same_config_is_a_no_op(trained_s3):
+    from hello_ray.pipeline import run_stage
+
+    cfg, store, key, first_s = trained_s3
+    before = store.manifest(key)
+    weights = store.get_bytes(key, epoch_file(1))
+    t0 = time.perf_counter()
+    assert run_stage(teachers, cfg, store) == key
+    assert time.perf_counter() - t0 < 5.0 < first_s
+    assert store.manifest(key) == before
+    assert store.get_bytes(key, epoch_file(1)) == weights
+
+
+def test_local_ray_too_small_for_workers_plus_data_is_refused(ray_local):
+    # 2 workers x 1 CPU on the 2-CPU local Ray would leave Ray Data no CPU: a hang, not a run.
+    cfg = load_config("smoke", overrides=["compute.num_workers=2", "compute.cpus_per_worker=1.0"])
+    with pytest.raises(ConfigError, match="compute.cpus_per_worker=0.5"):
+        teachers.check_local_resources(cfg.compute)
+    gpu = load_config("smoke", overrides=["compute.use_gpu=true", "compute.cpus_per_worker=0.5"])
+    if ray_local.cluster_resources().get("GPU", 0) < 2:
+        with pytest.raises(ConfigError, match="compute.use_gpu"):
+            teachers.check_local_resources(gpu.compute)
+    teachers.check_local_resources(_smoke("unused").compute)
+
+
+def test_fault_mid_run_resumes_from_last_checkpoint(ray_local, file_store_uri, trained_s3):
+    """Every rank dies after the first batch of epoch 2; Ray Train restarts from epoch 1's checkpoint."""
+    from hello_ray.store import open_store
+
+    cfg = _smoke(file_store_uri)
+    assert cfg.compute.max_failures >= 1
+    store = open_store(cfg.store)
+    key = store.artifact_key(teachers.STAGE, teachers.stage_config(cfg), {})
+    summary = teachers.run(cfg, store, key, {}, fail_once_at_epoch=2)
+    store.finalize(key, teachers.STAGE, teachers.stage_config(cfg), {}, summary)
+
+    epochs = cfg.teachers.epochs
+    m = {e: json.loads(store.get_bytes(key, f"epochs/epoch_{e:03d}.json")) for e in range(1, epochs + 1)}
+    # Epoch 1 was trained once, by the first attempt; epochs 2.. by the second, which resumed.
+    assert m[1]["attempt_start_epoch"] == 1 and m[1]["resumed_from"] is None
+    assert all(m[e]["attempt_start_epoch"] == 2 and m[e]["resumed_from"] == 1 for e in range(2, epochs + 1))
+    assert m[1]["attempt"] != m[2]["attempt"] == m[epochs]["attempt"]
+    assert summary["attempt_start_epochs"] == [1, 2]
+    # On disk: epoch 1's checkpoint predates the failure; every later one follows it.
+    root = Path(store.download(key))
+    marker = Path(store.root) / f"{teachers.DRILL_PREFIX}{key}" / "fail_once_at_epoch_002"
+    assert marker.exists()
+    assert os.path.getmtime(root / epoch_file(1)) < os.path.getmtime(marker)
+    assert all(os.path.getmtime(root / epoch_file(e)) > os.path.getmtime(marker)
+               for e in range(2, epochs + 1))
+    # Same trajectory shape as the uninterrupted run.
+    _, s3_store, s3_key, _ = trained_s3
+    clean = load_trajectory(s3_store, s3_key)
+    traj = load_trajectory(store, key)
+    assert [e["epoch"] for e in traj["epochs"]] == [e["epoch"] for e in clean["epochs"]]
+    assert traj["observer"] == clean["observer"] == epoch_file(epochs)
