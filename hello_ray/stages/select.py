@@ -1,0 +1,290 @@
+"""Stage ``select``: RDED patch selection as a streaming Ray Data pipeline (METHOD.md stage 2).
+
+The math lives in :mod:`hello_ray.stages.select_core`; this module only feeds and scales it:
+
+1. *read* - ``load_split`` of the training split with ``data.max_per_class`` capped at
+   ``select.mipc``: the first ``mipc`` images of each class in dataset order (sorted paths
+   for ImageFolder, shard then row order for parquet / webdataset), decided from the
+   listing or label columns before any image is read; empty classes fail there, by name.
+2. *crop* (CPU tasks) - decode, cut ``num_crop`` seeded crops per image; an undecodable
+   image travels on as a marked row (``data.on_corrupt=skip``) or fails the stage (``fail``).
+3. *score* (``ObserverScorer`` actors, one GPU each where present) - the observer is loaded
+   once per actor; each image leaves as its competing crops' (class, id, crop, box, score)
+   rows: no pixels.
+4. *top-k* (driver) - the rows stream through bounded per-class heaps (classes x k).
+5. *re-cut* (CPU tasks) - only the winners' source images are decoded again and their
+   crops re-cut (same function, so the same pixels as scored), then stitched and written as
+   an image set (PNG + index.parquet + imageset.json).
+
+Peak memory is set by the batch sizes, the classes x k heaps and the output image set,
+never by the number of images in the dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hello_ray.config import Config, ConfigError, section_dict
+from hello_ray.stages import select_core as core
+
+log = logging.getLogger("hello_ray.select")
+
+STAGE = "select"
+# Fields that change how fast the stage runs, not what it selects: left out of the artifact key.
+_RUNTIME_FIELDS = ("batch_size", "num_actors", "actor_cpus")
+
+
+def stage_config(cfg: Config) -> dict[str, Any]:
+    """The part of the config that determines the selected image set (the teacher comes via inputs)."""
+    sel = {k: v for k, v in section_dict(cfg.select).items() if k not in _RUNTIME_FIELDS}
+    data = {k: v for k, v in section_dict(cfg.data).items() if k != "val_split"}
+    return {"data": data, "select": sel}
+
+
+def check_config(cfg: Config) -> None:
+    """Reject selection sizes that cannot be stitched, before any compute."""
+    if cfg.data.image_size % cfg.select.factor:
+        raise ConfigError(f"config key 'select.factor': image_size {cfg.data.image_size} is not divisible "
+                          f"by factor {cfg.select.factor}; patches are image_size // factor pixels")
+
+
+# ---------------------------------------------------------------------------- Ray UDFs
+
+def crop_batch(batch: dict[str, np.ndarray], *, ranks: dict[int, int], image_size: int, on_corrupt: str,
+               num_crop: int, crop_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Encoded rows -> per image: label, id, ok, reason, ranks, boxes [K,4], crops uint8 [K,c,c,3].
+
+    With ``on_corrupt="skip"`` an undecodable image stays as a row with ``ok=False`` (zero
+    crops) so the driver can report it; with ``"fail"`` DecodeBatch raises, naming it.
+    A generator, so an empty batch yields nothing (Ray cannot type an empty tensor column).
+    """
+    from hello_ray.data.decode import DecodeBatch
+
+    dec = DecodeBatch(image_size, on_corrupt, keep_corrupt=on_corrupt == "skip")(batch)
+    n = len(dec["id"])
+    if n == 0:
+        return
+    ok = np.asarray(dec.get("ok", np.ones(n, dtype=bool)), dtype=bool)
+    ids = [str(i) for i in dec["id"]]
+    labels = np.asarray(dec["label"], dtype=np.int64)
+    boxes, crops = core.make_crops(dec["image"], ids, num_crop, crop_size, seed)   # [n,K,4], [n,K,c,c,3]
+    yield {
+        "label": labels,
+        "id": np.asarray(ids, dtype=object),
+        "ok": ok,
+        "reason": np.asarray(dec.get("reason", np.full(n, "", dtype=object)), dtype=object),
+        "ranks": np.asarray([ranks.get(int(lab), 1) for lab in labels], dtype=np.int64),
+        "boxes": boxes.numpy(),
+        "crops": crops.numpy(),
+    }
+
+
+class ObserverScorer:
+    """Ray Data actor: loads the observer once, turns cropped images into scored crop rows (no pixels)."""
+
+    def __init__(self, store: Any, teachers_key: str, image_size: int, show: str, use_gpu: bool,
+                 batch_size: int):
+        from hello_ray.models.ensemble import load_observer
+        from hello_ray.runtime import torch_device
+
+        self.device = torch_device(use_gpu)
+        self.observer = load_observer(store, teachers_key, self.device)
+        self.image_size = image_size
+        self.show = show
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Scored rows: the competing crops of every decoded image (rank 0 = its best crop),
+        and one row with ``rank=-1`` and the reason per undecodable image."""
+        ok = np.asarray(batch["ok"], dtype=bool)
+        crops = torch.as_tensor(np.asarray(batch["crops"])[ok])                 # [n, K, c, c, 3] uint8
+        n, k, c = crops.shape[0], crops.shape[1], crops.shape[2]
+        labels = np.asarray(batch["label"], dtype=np.int64)[ok]
+        scores = core.score_crops(self.observer, crops.reshape(n * k, c, c, 3),
+                                  torch.as_tensor(labels).repeat_interleave(k), self.image_size,
+                                  self.show, self.batch_size, self.device)       # [n*K]
+        rows = core.best_rows(labels, [str(i) for i in np.asarray(batch["id"])[ok]],
+                              torch.as_tensor(np.asarray(batch["boxes"])[ok]), scores.view(n, k),
+                              np.asarray(batch["ranks"])[ok])
+        rows["reason"] = np.full(len(rows["label"]), "", dtype=object)
+        bad = ~ok
+        if bad.any():
+            m = int(bad.sum())
+            extra = {"label": np.asarray(batch["label"], dtype=np.int64)[bad],
+                     "id": np.asarray(batch["id"], dtype=object)[bad],
+                     "crop": np.full(m, -1, np.int64), "rank": np.full(m, -1, np.int64),
+                     **{b: np.zeros(m, np.int64) for b in core.BOX_COLUMNS},
+                     "score": np.full(m, np.nan, np.float32),
+                     "reason": np.asarray(batch["reason"], dtype=object)[bad]}
+            rows = {key: np.concatenate([rows[key], extra[key]]) for key in rows}
+        return rows
+
+
+def recut_batch(batch: dict[str, np.ndarray], *, wanted: dict[str, list[tuple[int, tuple[int, int, int, int]]]],
+                image_size: int, on_corrupt: str, crop_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Encoded rows -> the winning patches of the wanted ids: id, crop, patch uint8 [c, c, 3].
+
+    A generator: most batches hold no winner and yield nothing.
+    """
+    from hello_ray.data.decode import DecodeBatch
+
+    keep = np.fromiter((str(i) in wanted for i in batch["id"]), dtype=bool, count=len(batch["id"]))
+    dec = DecodeBatch(image_size, on_corrupt)({k: v[keep] for k, v in batch.items()})
+    ids, crops, patches = [], [], []
+    for image, iid in zip(dec["image"], dec["id"]):
+        img = torch.as_tensor(np.asarray(image))
+        for crop, box in wanted[str(iid)]:
+            ids.append(str(iid))
+            crops.append(crop)
+            patches.append(core.cut_crop(img, box, crop_size).numpy())
+    if patches:
+        yield {"id": np.asarray(ids, dtype=object), "crop": np.asarray(crops, dtype=np.int64),
+               "patch": np.stack(patches)}
+
+
+# ---------------------------------------------------------------------------- driver
+
+def _empty_class_error(label: int, class_names: list[str], source: str, why: str) -> Exception:
+    from hello_ray.data.errors import EmptyClassError
+
+    return EmptyClassError(class_names[label], f"{source} (class index {label}, train split: {why})")
+
+
+def run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """Select, stitch and write the image set of artifact ``key``; return the summary.
+
+    A DataError raised inside a Ray task (a corrupt image with ``data.on_corrupt=fail``)
+    reaches the caller as itself, naming the file.
+    """
+    from hello_ray.data.errors import data_errors
+
+    with data_errors():
+        return _run(cfg, store, key, inputs)
+
+
+def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    import ray.data
+
+    from hello_ray.data.imageset import write_image_set
+    from hello_ray.data.sources import load_split
+    from hello_ray.runtime import ensure_ray
+
+    check_config(cfg)
+    if "teachers" not in inputs:
+        raise KeyError(f"select stage {key}: inputs must name the 'teachers' artifact, got {sorted(inputs)}")
+    sel, data = cfg.select, cfg.data
+    size, factor = data.image_size, sel.factor
+    crop_size, k = size // factor, sel.ipc * factor * factor
+    t0 = time.time()
+    ensure_ray(cfg.compute)
+    phase: dict[str, float] = {}
+
+    # The mipc cut happens where the data module can do it without reading images.
+    cap = sel.mipc if data.max_per_class == 0 else min(sel.mipc, data.max_per_class)
+    split = load_split(dataclasses.replace(data, max_per_class=cap), data.train_split, store)
+    names = list(split.class_names)
+    # Classes with fewer than k images let more than their best crop compete (select_core
+    # docstring); when the split cannot count without reading, every crop competes.
+    counts = split.counts or [0] * len(names)
+    ranks = {c: (core.ranks_needed(n, k, sel.num_crop) if split.counts else sel.num_crop)
+             for c, n in enumerate(counts)}
+
+    phase["list"] = time.time() - t0
+
+    images_per_batch = max(1, sel.batch_size // sel.num_crop)  # select.batch_size counts crops
+    scored = split.ds.map_batches(
+        crop_batch, batch_format="numpy",
+        fn_kwargs=dict(ranks=ranks, image_size=size, on_corrupt=data.on_corrupt, num_crop=sel.num_crop,
+                       crop_size=crop_size, seed=sel.seed),
+    ).map_batches(
+        ObserverScorer, batch_format="numpy", batch_size=images_per_batch,
+        compute=ray.data.ActorPoolStrategy(size=sel.num_actors),
+        num_cpus=sel.actor_cpus, num_gpus=1 if cfg.compute.use_gpu else 0,
+        fn_constructor_kwargs=dict(store=store, teachers_key=inputs["teachers"], image_size=size,
+                                   show=sel.show, use_gpu=cfg.compute.use_gpu, batch_size=sel.batch_size),
+    )
+
+    keeper = core.ClassTopK(len(names), k)
+    per_class_read = np.zeros(len(names), dtype=np.int64)
+    corrupt: list[tuple[str, str]] = []
+    for b in scored.iter_batches(batch_size=4096, batch_format="numpy"):
+        rank = b["rank"]
+        for i in np.flatnonzero(rank < 0):
+            corrupt.append((str(b["id"][i]), str(b["reason"][i])))
+        np.add.at(per_class_read, b["label"][rank == 0], 1)
+        good = rank >= 0
+        keeper.offer_rows({col: b[col][good] for col in b})
+
+    phase["score"] = time.time() - t0 - sum(phase.values())
+    skipped = sorted(i for i, _ in corrupt)
+    for where, reason in sorted(corrupt):
+        log.warning("select: undecodable image skipped: %s (%s)", where, reason)
+    for label, n in enumerate(per_class_read):
+        if n == 0:
+            raise _empty_class_error(label, names, split.source,
+                                     f"all {counts[label] or ''} image(s) of the class are undecodable")
+    images_read = int(sum(per_class_read))
+    crops_scored = images_read * sel.num_crop  # every decoded image had all its crops scored
+
+    per_class = [core.fill_to_k(keeper.winners(c), k) for c in range(len(names))]
+    wanted: dict[str, list[tuple[int, tuple[int, int, int, int]]]] = {}
+    for cands in per_class:
+        for c in cands:
+            entry = (c.crop, c.box)
+            if entry not in wanted.setdefault(c.image_id, []):
+                wanted[c.image_id].append(entry)
+    pixels: dict[tuple[str, int], torch.Tensor] = {}
+    recut = split.ds.map_batches(
+        recut_batch, batch_format="numpy",
+        fn_kwargs=dict(wanted=wanted, image_size=size, on_corrupt=data.on_corrupt, crop_size=crop_size))
+    for b in recut.iter_batches(batch_size=1024, batch_format="numpy"):
+        for iid, crop, patch in zip(b["id"], b["crop"], b["patch"]):
+            pixels[(str(iid), int(crop))] = torch.as_tensor(np.array(patch))
+    missing = {(c.image_id, c.crop) for cands in per_class for c in cands} - set(pixels)
+    if missing:
+        raise RuntimeError(f"select stage {key}: winning crops {sorted(missing)[:5]} could not be re-read "
+                           f"from {split.source} (did the dataset change during the stage?)")
+    images, labels = core.assemble(per_class, pixels, factor)                     # [classes*ipc, S, S, 3]
+    phase["recut"] = time.time() - t0 - sum(phase.values())
+
+    index = _index_frame(per_class, sel.ipc, factor)
+    meta = {"ipc": sel.ipc, "factor": factor, "mipc": sel.mipc, "num_crop": sel.num_crop,
+            "show": sel.show, "seed": sel.seed, "parent": inputs["teachers"], "source": split.source}
+    write_image_set(store, key, images.numpy(), labels.numpy(), names, index, meta)
+
+    phase["write"] = time.time() - t0 - sum(phase.values())
+    seconds = time.time() - t0
+    summary = {
+        "images_considered": split.num_rows, "images_read": images_read, "crops_scored": crops_scored, "corrupt_skipped": skipped,
+        "per_class": {names[c]: int(n) for c, n in enumerate(per_class_read)},
+        "repeated_patches": {names[c]: k - len(keeper.winners(c)) for c in range(len(names))
+                             if len(keeper.winners(c)) < k},
+        "num_images": int(len(images)), "seconds": round(seconds, 2),
+        "phase_s": {p: round(v, 2) for p, v in phase.items()},
+        "crops_per_s": round(crops_scored / max(seconds, 1e-9), 1),
+    }
+    counts = list(summary["per_class"].values())
+    shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    print(f"select: {images_read} images read ({len(skipped)} undecodable skipped"
+          f"{': ' + shown if skipped else ''}), {crops_scored} crops scored, "
+          f"{len(names)} classes x {min(counts)}-{max(counts)} images -> {len(images)} images of "
+          f"{factor}x{factor} patches in {seconds:.1f}s ({summary['crops_per_s']} crops/s)", flush=True)
+    return summary
+
+
+def _index_frame(per_class: list[list[core.Candidate]], ipc: int, factor: int) -> pd.DataFrame:
+    """One row per synthetic image and patch: where every patch's pixels came from."""
+    rows = []
+    per_image = factor * factor
+    for label, cands in enumerate(per_class):
+        for p, c in enumerate(cands):
+            rows.append({"image": label * ipc + p // per_image, "class": label, "patch": p % per_image,
+                         "source_id": c.image_id, "crop": c.crop, "rank": c.rank,
+                         "x0": c.box[0], "y0": c.box[1], "x1": c.box[2], "y1": c.box[3], "score": c.score})
+    return pd.DataFrame(rows)

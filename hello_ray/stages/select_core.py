@@ -1,0 +1,339 @@
+"""RDED patch selection, the plain-PyTorch core (METHOD.md stage 2; no Ray in this file).
+
+Per image: ``num_crop`` random-resized *square* crops (scale 0.08-1, aspect 1) at
+``crop_size = image_size // factor``, drawn from a generator seeded by a stable hash of
+``(seed, image id)``, so a crop box never depends on batch order, worker or process.
+Crops are cut from the uint8 image and resized (bilinear, antialiased) back to uint8:
+the pixels the observer scores are exactly the pixels later stitched into the image set.
+
+Scoring: the crop is shown to the observer at full size (``show="resize"``: bilinear
+up-sampling; ``show="pad"``: zero padding, centred, as the RDED reference does) and scored
+by the cross-entropy of the observer's prediction against the image's true class (lower is
+more representative).
+
+Selection: each image's crops are ranked (score, then crop index); rank 0 is the image's
+best crop. Per class, the ``k = ipc * factor**2`` smallest candidates by the key
+``(rank, score, image id, crop index)`` win, kept by a bounded heap per class
+(:class:`ClassTopK`) so memory is classes x k whatever the dataset size. When a class has
+at least ``k`` images only rank-0 crops compete: exactly RDED's "best crop per image, then
+the best images". When a class has fewer images, RDED's "best crops overall" reading is
+followed: the second-best crops of all images come next (then the third, ...), ordered by
+score; and when even ``images x num_crop < k`` the winners repeat cyclically (a class of
+one image still yields ``ipc`` images). Winners are stitched ``factor x factor``
+row-major, in the order of the key, into ``ipc`` images of full size.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Generic, Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE = (0.08, 1.0)          # area fraction of a random-resized crop (RDED / torchvision default)
+SHOW_MODES = ("resize", "pad")
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- crop boxes
+
+def crop_seed(seed: int, image_id: str) -> int:
+    """A 63-bit generator seed from ``(seed, image id)``; stable across processes (no ``hash()``)."""
+    digest = hashlib.sha256(f"{seed}\x00{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def crop_boxes(image_id: str, image_size: int, num_crop: int, seed: int,
+               scale: tuple[float, float] = SCALE) -> torch.Tensor:
+    """The ``num_crop`` square crop boxes of one image: int64 [num_crop, 4] as (x0, y0, x1, y1).
+
+    Area fraction ~ U(scale), aspect ratio 1, position uniform over the valid offsets
+    (torchvision's RandomResizedCrop with ratio (1, 1), which always succeeds for squares).
+    """
+    g = torch.Generator().manual_seed(crop_seed(seed, image_id))
+    u = torch.rand(num_crop, 3, generator=g, dtype=torch.float64)            # [K, 3]
+    area = image_size * image_size * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    side = torch.sqrt(area).round().clamp(1, image_size).long()              # [K]
+    x0 = (u[:, 1] * (image_size - side + 1)).floor().long()
+    y0 = (u[:, 2] * (image_size - side + 1)).floor().long()
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)               # [K, 4]
+
+
+def cut_crop(image: torch.Tensor, box: Sequence[int], crop_size: int) -> torch.Tensor:
+    """Cut ``box`` from a uint8 HWC image and resize it to uint8 [crop_size, crop_size, 3]."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    region = image[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0).float()      # [1, 3, h, w]
+    if region.shape[-1] != crop_size or region.shape[-2] != crop_size:
+        # antialias matters when a large crop is shrunk (factor 2): no aliasing in the patch
+        region = F.interpolate(region, size=(crop_size, crop_size), mode="bilinear",
+                               align_corners=False, antialias=True)
+    return region.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # [c, c, 3]
+
+
+def cut_crops(images: torch.Tensor | np.ndarray, boxes: torch.Tensor | np.ndarray,
+              crop_size: int) -> torch.Tensor:
+    """uint8 images [N, S, S, 3] and boxes [N, K, 4] -> uint8 crops [N, K, c, c, 3]."""
+    images = torch.as_tensor(images)
+    boxes = torch.as_tensor(boxes)
+    n, k = boxes.shape[:2]
+    out = torch.empty((n, k, crop_size, crop_size, 3), dtype=torch.uint8)
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = cut_crop(images[i], boxes[i, j].tolist(), crop_size)
+    return out
+
+
+def make_crops(images: torch.Tensor | np.ndarray, ids: Sequence[str], num_crop: int, crop_size: int,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes int64 [N, K, 4] and uint8 crops [N, K, c, c, 3] of decoded images [N, S, S, 3]."""
+    images = torch.as_tensor(images)
+    size = images.shape[1]
+    if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3:
+        raise ValueError(f"make_crops: expected uint8 images [N, S, S, 3], got {tuple(images.shape)}")
+    boxes = torch.stack([crop_boxes(str(i), size, num_crop, seed) for i in ids]) if len(ids) else \
+        torch.zeros((0, num_crop, 4), dtype=torch.long)
+    return boxes, cut_crops(images, boxes, crop_size)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+def show_crops(crops: torch.Tensor, image_size: int, show: str) -> torch.Tensor:
+    """float crops [M, 3, c, c] in [0, 1] -> [M, 3, S, S] as the observer sees them."""
+    c = crops.shape[-1]
+    if c == image_size:
+        return crops
+    if show == "resize":
+        return F.interpolate(crops, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if show == "pad":
+        lo = (image_size - c) // 2
+        hi = image_size - c - lo
+        return F.pad(crops, (lo, hi, lo, hi), value=0.0)
+    raise ValueError(f"select.show: unknown mode {show!r}; use one of {SHOW_MODES}")
+
+
+def score_crops(observer: nn.Module, crops: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                image_size: int, show: str, batch_size: int = 256,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cross-entropy of the observer on each crop vs its class: float32 [M] (lower = better).
+
+    ``crops`` are uint8 [M, c, c, 3]; ``labels`` int64 [M]. The observer takes [0, 1]
+    images at full size and normalises inside (docs/ARCHITECTURE.md).
+    """
+    crops = torch.as_tensor(crops)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    out = torch.empty(len(crops), dtype=torch.float32)
+    with torch.inference_mode():
+        for s in range(0, len(crops), batch_size):
+            x = crops[s:s + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, c, c]
+            logits = observer(show_crops(x, image_size, show))                             # [B, C]
+            y = labels[s:s + batch_size].to(device)
+            out[s:s + batch_size] = F.cross_entropy(logits.float(), y, reduction="none").cpu()
+    return out
+
+
+def rank_crops(scores: torch.Tensor) -> torch.Tensor:
+    """Per-image order of its crops by (score, crop index): int64 [N, K], column r = rank r's crop."""
+    # stable sort: equal scores keep crop-index order, so ties never depend on the platform
+    return torch.sort(scores, dim=1, stable=True).indices
+
+
+def ranks_needed(num_images: int, k: int, num_crop: int) -> int:
+    """How many crops per image (best first) must compete so a class of ``num_images`` fills ``k``."""
+    if num_images <= 0:
+        return 0
+    return min(num_crop, max(1, math.ceil(k / num_images)))
+
+
+# ---------------------------------------------------------------------------- bounded keepers
+
+class _Largest(Generic[K, T]):
+    """Heap entry with reversed order: heapq's root is then the *largest* key kept."""
+    __slots__ = ("key", "item")
+
+    def __init__(self, key: K, item: T):
+        self.key = key
+        self.item = item
+
+    def __lt__(self, other: "_Largest[K, T]") -> bool:
+        return self.key > other.key  # type: ignore[operator]
+
+
+class Smallest(Generic[K, T]):
+    """Keeps the ``k`` items of smallest key seen so far; O(log k) per offer, memory O(k)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._heap: list[_Largest[K, T]] = []
+
+    def offer(self, key: K, item: T) -> None:
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, _Largest(key, item))
+        elif key < self._heap[0].key:  # type: ignore[operator]
+            heapq.heapreplace(self._heap, _Largest(key, item))
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def sorted(self) -> list[tuple[K, T]]:
+        """The kept (key, item) pairs, smallest key first."""
+        return sorted(((e.key, e.item) for e in self._heap), key=lambda p: p[0])  # type: ignore[arg-type,return-value]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scored crop: where it comes from and how good it is (no pixels)."""
+    label: int
+    image_id: str
+    crop: int                      # index among the image's num_crop crops
+    rank: int                      # 0 = the image's best crop
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the decoded image
+    score: float
+
+    @property
+    def key(self) -> tuple[int, float, str, int]:
+        # rank first: a class's best-per-image crops always beat any second-best crop
+        return (self.rank, self.score, self.image_id, self.crop)
+
+
+class ClassTopK:
+    """Per-class top-k of :class:`Candidate` by ``(rank, score, image id, crop)``: memory classes x k."""
+
+    def __init__(self, num_classes: int, k: int):
+        self.k = k
+        self.heaps: list[Smallest[tuple, Candidate]] = [Smallest(k) for _ in range(num_classes)]
+        self.offered = 0
+
+    def offer(self, cand: Candidate) -> None:
+        self.offered += 1
+        self.heaps[cand.label].offer(cand.key, cand)
+
+    def offer_rows(self, rows: dict[str, Any]) -> None:
+        """Offer a batch of scored rows (columns label, id, crop, rank, x0..y1, score)."""
+        for c in rows_to_candidates(rows):
+            self.offer(c)
+
+    def winners(self, label: int) -> list[Candidate]:
+        """The class's kept candidates, best first (fewer than k when the class ran short)."""
+        return [c for _, c in self.heaps[label].sorted()]
+
+
+def rows_to_candidates(rows: dict[str, Any]) -> Iterable[Candidate]:
+    cols = [np.asarray(rows[c]) for c in ("label", "id", "crop", "rank", *BOX_COLUMNS, "score")]
+    for lab, iid, crop, rank, x0, y0, x1, y1, score in zip(*cols):
+        yield Candidate(int(lab), str(iid), int(crop), int(rank), (int(x0), int(y0), int(x1), int(y1)),
+                        float(score))
+
+
+def best_rows(labels: np.ndarray, ids: Sequence[str], boxes: torch.Tensor, scores: torch.Tensor,
+              ranks: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+    """Columns of the crops that compete: per image its ``ranks[i]`` best (rank 0 = best).
+
+    boxes int64 [N, K, 4], scores float32 [N, K] -> rows (label, id, crop, rank, x0..y1, score).
+    """
+    order = rank_crops(scores)                                                  # [N, K]
+    out: dict[str, list] = {c: [] for c in ("label", "id", "crop", "rank", *BOX_COLUMNS, "score")}
+    for i in range(len(ids)):
+        for r in range(int(ranks[i])):
+            j = int(order[i, r])
+            out["label"].append(int(labels[i]))
+            out["id"].append(str(ids[i]))
+            out["crop"].append(j)
+            out["rank"].append(r)
+            for name, v in zip(BOX_COLUMNS, boxes[i, j].tolist()):
+                out[name].append(int(v))
+            out["score"].append(float(scores[i, j]))
+    return {
+        "label": np.asarray(out["label"], dtype=np.int64),
+        "id": np.asarray(out["id"], dtype=object),
+        "crop": np.asarray(out["crop"], dtype=np.int64),
+        "rank": np.asarray(out["rank"], dtype=np.int64),
+        **{c: np.asarray(out[c], dtype=np.int64) for c in BOX_COLUMNS},
+        "score": np.asarray(out["score"], dtype=np.float32),
+    }
+
+
+# ---------------------------------------------------------------------------- stitching
+
+def fill_to_k(winners: Sequence[Candidate], k: int) -> list[Candidate]:
+    """``k`` patches from a class's winners: cyclic repeats when the class had too few crops."""
+    if not winners:
+        raise ValueError("fill_to_k: a class without candidates cannot fill its images")
+    return [winners[i % len(winners)] for i in range(k)]
+
+
+def stitch(patches: torch.Tensor | np.ndarray, factor: int) -> torch.Tensor:
+    """uint8 patches [ipc * f^2, c, c, 3] -> uint8 images [ipc, f*c, f*c, 3], row-major patches."""
+    patches = torch.as_tensor(patches)
+    n, c = patches.shape[0], patches.shape[1]
+    if n % (factor * factor):
+        raise ValueError(f"stitch: {n} patches do not fill images of {factor}x{factor} patches")
+    ipc = n // (factor * factor)
+    grid = patches.reshape(ipc, factor, factor, c, c, 3)                        # [ipc, row, col, y, x, 3]
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(ipc, factor * c, factor * c, 3)
+
+
+# ---------------------------------------------------------------------------- in-memory reference
+
+@dataclass
+class Selection:
+    """Per class, the ``ipc * factor^2`` patches (best first, repeats allowed) and the stitched images."""
+    patches: list[list[Candidate]]   # [class][k]
+    images: torch.Tensor             # uint8 [classes * ipc, S, S, 3], class-major
+    labels: torch.Tensor             # int64 [classes * ipc]
+
+
+def assemble(patches_per_class: list[list[Candidate]], pixels: dict[tuple[str, int], torch.Tensor],
+             factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stitch every class's patches (pixels looked up by (image id, crop)) -> images, labels."""
+    images, labels = [], []
+    for label, cands in enumerate(patches_per_class):
+        tiles = torch.stack([pixels[(c.image_id, c.crop)] for c in cands])     # [k, c, c, 3]
+        imgs = stitch(tiles, factor)
+        images.append(imgs)
+        labels.append(torch.full((len(imgs),), label, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+def select_in_memory(images: torch.Tensor | np.ndarray, labels: Sequence[int], ids: Sequence[str],
+                     observer: nn.Module, num_classes: int, *, ipc: int, factor: int, mipc: int,
+                     num_crop: int, show: str, seed: int, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> Selection:
+    """The whole selection on decoded uint8 images [N, S, S, 3] held in memory (small data, tests).
+
+    The first ``mipc`` images of each class in the given order compete (the Ray stage gets
+    the same cut from ``data.max_per_class``: first images in dataset order). Same functions
+    as the streaming Ray stage, in one process, so the two must agree.
+    """
+    images = torch.as_tensor(images)
+    size = images.shape[1]
+    crop_size = size // factor
+    k = ipc * factor * factor
+    chosen: list[list[str]] = [[] for _ in range(num_classes)]
+    for label, iid in zip(labels, ids):                  # the mipc cut: first images of each class
+        if len(chosen[int(label)]) < mipc:
+            chosen[int(label)].append(str(iid))
+    row_of = {str(i): n for n, i in enumerate(ids)}
+    keeper = ClassTopK(num_classes, k)
+    for label, class_ids in enumerate(chosen):
+        if not class_ids:
+            raise ValueError(f"class {label} has no images")
+        idx = [row_of[i] for i in class_ids]
+        boxes, crops = make_crops(images[idx], class_ids, num_crop, crop_size, seed)   # [n, K, 4], [n, K, c, c, 3]
+        n = len(idx)
+        scores = score_crops(observer, crops.reshape(n * num_crop, crop_size, crop_size, 3),
+                             torch.full((n * num_crop,), label), size, show, batch_size, device)
+        r = ranks_needed(n, k, num_crop)
+        keeper.offer_rows(best_rows(np.full(n, label), class_ids, boxes, scores.view(n, num_crop), [r] * n))
+    per_class = [fill_to_k(keeper.winners(c), k) for c in range(num_classes)]
+    pixels = {(c.image_id, c.crop): cut_crop(images[row_of[c.image_id]], c.box, crop_size)
+              for cands in per_class for c in cands}
+    out_images, out_labels = assemble(per_class, pixels, factor)
+    return Selection(per_class, out_images, out_labels)
