@@ -141,6 +141,12 @@ def summarize_results(results_rows: Any) -> list[dict[str, Any]]:
     for r in rows:
         strategy = str(r["strategy"])
         tags = [str(r["kind"])] if not _missing(r.get("kind")) and r["kind"] != "final" else []
+        # The evaluate stage marks the floor (random real images) and continual-learning rows
+        # with ``images`` / ``continual_steps`` / ``continual_step``.
+        if not _missing(r.get("images")) and r["images"] != "distilled":
+            tags.append(f"{r['images']} images")
+        if r.get("continual_steps"):
+            tags.append(f"continual {r['continual_step']}/{r['continual_steps']}")
         if not _missing(r.get("step")):
             tags.append(f"step {r['step']}")
         if tags:

@@ -156,3 +156,15 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Gene
     box = cutmix_box(h, w, lam, generator)
     lam = 1.0 - (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
     return apply_cutmix(x, perm, box), y, y[perm.to(y.device)], lam, perm, box
+
+
+def train_crop_scale(image_size: int) -> tuple[float, float]:
+    """Area range of the train-time RandomResizedCrop shared by the teacher and transfer stages.
+
+    ImageNet-size images (> 64 px) use the standard (0.08, 1). Small images use (0.35, 1):
+    an 8 % crop of a 32 px digit (itself upsampled from 8x8) keeps about 9x9 px, one or two
+    source pixels of stroke, which teaches noise rather than the class. The projector is
+    fitted on the same kind of views the teachers were trained on.
+    """
+    return (0.08, 1.0) if image_size > 64 else (0.35, 1.0)
+

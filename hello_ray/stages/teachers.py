@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hello_ray.config import ComputeConfig, Config, ConfigError, TeacherConfig, section_dict
-from hello_ray.data.augment import random_resized_crop_flip, to_float
+from hello_ray.data.augment import random_resized_crop_flip, to_float, train_crop_scale
 from hello_ray.models.ensemble import TRAJECTORY_FILE, epoch_file
 from hello_ray.models.zoo import build_model
 from hello_ray.runtime import seed_everything, torch_device
@@ -71,14 +71,7 @@ def stage_config(cfg: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- compute (plain PyTorch)
 
-def crop_scale(image_size: int) -> tuple[float, float]:
-    """Area range of the train-time RandomResizedCrop.
-
-    ImageNet-size images (> 64 px) use the standard (0.08, 1). Small images use (0.35, 1):
-    an 8 % crop of a 32 px digit (itself upsampled from 8x8) keeps about 9x9 px, one or two
-    source pixels of stroke, which teaches noise rather than the class.
-    """
-    return (0.08, 1.0) if image_size > 64 else (0.35, 1.0)
+crop_scale = train_crop_scale  # the shared rule lives with the augmentations
 
 
 def train_augment(images: torch.Tensor, image_size: int,

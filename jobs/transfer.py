@@ -1,0 +1,31 @@
+"""LoRA knowledge transfer (METHOD.md stage 3): fit the CLIP projector to a teacher window.
+
+    python jobs/transfer.py                                  # demo preset, local Ray
+    python jobs/transfer.py --preset smoke transfer.epochs=3
+    ray job submit --working-dir . -- python jobs/transfer.py --preset imagenet1k data.source=s3://...
+
+The teacher trajectory it needs is reused when finished (same config -> same key) or trained first.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
+from hello_ray.runtime import ensure_ray  # noqa: E402
+from hello_ray.stages import teachers, transfer  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    cfg = parse_args(argv, prog="transfer", description=__doc__.splitlines()[0])
+    store = open_run_store(cfg)
+    ensure_ray(cfg.compute)
+    teachers_key = run_stage(teachers, cfg, store)
+    key = run_stage(transfer, cfg, store, {"teachers": teachers_key})
+    print(store.uri_for(key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
