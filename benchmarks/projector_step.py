@@ -37,20 +37,9 @@ from hello_ray.stages.transfer import lora_parameters, transfer_loss  # noqa: E4
 
 def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int) -> torch.nn.Module:
     """A CLIP projector at random init (open_clip ``pretrained=None``) with LoRA added (unmerged)."""
-    import open_clip
+    from hello_ray.models.projector import random_projector as base
 
-    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
-    from hello_ray.models.projector import DEFAULT_TEMPLATES, Projector, text_head_weight
-
-    register_tiny_clip()
-    torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).eval()
-    names = [f"class {i}" for i in range(num_classes)]
-    head = text_head_weight(model, open_clip.get_tokenizer(model_name), names, DEFAULT_TEMPLATES)
-    mean, std = clip_normalisation(model)
-    proj = Projector(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
-                     model_name, "random-init", names)
-    proj.add_lora(conv_rank, head_rank)
+    proj = base(model_name, num_classes, conv_rank, head_rank)
     with torch.no_grad():  # a trained-looking LoRA (B != 0), so unmerged and merged both do real work
         for p in lora_parameters(proj):
             p.normal_(0, 0.01)

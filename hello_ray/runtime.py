@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -43,3 +44,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def worker_logger(name: str) -> logging.Logger:
+    """A stdout logger for code inside a Ray worker (Ray forwards worker stdout to the driver)."""
+    wlog = logging.getLogger(name)
+    if not wlog.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        wlog.addHandler(h)
+        wlog.setLevel(logging.INFO)
+        wlog.propagate = False
+    return wlog

@@ -181,3 +181,26 @@ class Projector(nn.Module):
                      device: torch.device | str | None = None) -> "Projector":
         """Rebuild a projector from an adapter folder (hello_ray/models/adapter.py)."""
         return load_adapter(adapter_dir, merge=merge, num_classes=num_classes, device=device)
+
+
+def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int,
+                     style: str = "separable") -> "Projector":
+    """A projector on a seeded random-init CLIP (open_clip ``pretrained=None``) with LoRA added.
+
+    For benchmarks: real layer shapes (e.g. RN50) without weights or downloads. The head is
+    still the text-initialised one, over placeholder class names.
+    """
+    import open_clip
+
+    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
+
+    register_tiny_clip()
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, pretrained=None).eval()
+    names = [f"class {i}" for i in range(num_classes)]
+    head = text_head_weight(model, open_clip.get_tokenizer(model_name), names, DEFAULT_TEMPLATES)
+    mean, std = clip_normalisation(model)
+    proj = Projector(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
+                     model_name, "random-init", names)
+    proj.add_lora(conv_rank, head_rank, style)
+    return proj

@@ -215,15 +215,9 @@ def _fail_after_first_batch(batches: Iterable[Batch], store: "Store", key: str, 
 # ---------------------------------------------------------------------------- Ray Train worker
 
 def _worker_log() -> logging.Logger:
-    """A stdout logger inside a Ray worker (Ray forwards worker stdout to the driver)."""
-    wlog = logging.getLogger("hello_ray.teachers")
-    if not wlog.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-        wlog.addHandler(h)
-        wlog.setLevel(logging.INFO)
-        wlog.propagate = False
-    return wlog
+    from hello_ray.runtime import worker_logger
+
+    return worker_logger("hello_ray.teachers")
 
 
 def _all_reduce(device: torch.device, *values: float) -> list[float]:

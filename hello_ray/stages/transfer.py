@@ -189,15 +189,9 @@ def _batches(shard, batch_size: int, device: torch.device, image_size: int, augm
 
 
 def _worker_log() -> logging.Logger:
-    """A stdout logger inside a Ray worker (Ray forwards worker stdout to the driver)."""
-    wlog = logging.getLogger("hello_ray.transfer")
-    if not wlog.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-        wlog.addHandler(h)
-        wlog.setLevel(logging.INFO)
-        wlog.propagate = False
-    return wlog
+    from hello_ray.runtime import worker_logger
+
+    return worker_logger("hello_ray.transfer")
 
 
 def train_loop(config: dict[str, Any]) -> None:
