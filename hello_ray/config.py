@@ -224,8 +224,12 @@ class EvalConfig:
 class SweepConfig:
     conv_ranks: list[int] = _help("LoRA conv ranks to sweep", default_factory=lambda: [4, 8, 12, 16])
     head_rank_per_conv_rank: int = _help("head rank = this x conv rank (proportional)", default=16)
+    # The published grid ends at 51-91, one epoch past a 90-epoch trajectory: its last window
+    # is shifted to 50-90 so every window names trained checkpoints.
     windows: list[str] = _help("teacher windows to sweep", default_factory=lambda: [
-        "1-41", "11-51", "21-61", "31-71", "41-81", "51-91"])
+        "1-41", "11-51", "21-61", "31-71", "41-81", "50-90"])
+    n_teachers: int = _help("checkpoints per swept window (0 = transfer.n_teachers); short "
+                            "trajectories (smoke, demo) need fewer than 9 for several windows", default=0)
     scheduler: str = _help("fifo | asha", default="fifo")
     max_concurrent: int = _help("trials at once", default=1)
 
@@ -257,10 +261,15 @@ class Config:
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
                 v.validate(f.name)
-        lo, hi = parse_window(self.transfer.teacher_window, "transfer.teacher_window")
-        _check(hi <= self.teachers.epochs, "transfer.teacher_window",
-               f"window {self.transfer.teacher_window} ends after the last teacher epoch "
-               f"({self.teachers.epochs})")
+        windows = [("transfer.teacher_window", self.transfer.teacher_window, self.transfer.n_teachers)]
+        n_sweep = self.sweep.n_teachers or self.transfer.n_teachers
+        windows += [("sweep.windows", w, n_sweep) for w in self.sweep.windows]
+        for key, window, n in windows:
+            lo, hi = parse_window(window, key)
+            _check(hi <= self.teachers.epochs, key,
+                   f"window {window} ends after the last teacher epoch ({self.teachers.epochs})")
+            _check(hi - lo + 1 >= n, key, f"window {window} spans {hi - lo + 1} epochs, fewer than the "
+                   f"{n} distinct teachers asked for (transfer.n_teachers / sweep.n_teachers)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
     t.transfer.conv_rank = conv_rank
     t.transfer.head_rank = conv_rank * cfg.sweep.head_rank_per_conv_rank
     t.transfer.teacher_window = window
+    t.transfer.n_teachers = cfg.sweep.n_teachers or cfg.transfer.n_teachers
     t.evaluate.strategies = ["projector"]
     t.evaluate.floor = False
     t.evaluate.continual_steps = []

@@ -60,6 +60,8 @@ def test_overrides_are_typed(overrides, value):
     (["compute.use_gpu=maybe"], "'compute.use_gpu': expected true/false"),
     (["transfer.teacher_window=1-30"], "ends after the last teacher epoch"),
     (["transfer.teacher_window=late"], "is not a window"),
+    (["transfer.teacher_window=2-3"], "spans 2 epochs, fewer than the 3 distinct teachers"),
+    (["sweep.windows=[1-3, 3-3]"], "'sweep.windows': window 3-3 spans 1 epochs"),
     (["evaluate.strategies=[soft]"], "unknown label strategy 'soft'"),
     (["evaluate.strategies=[hard/10]"], "only stored/N"),
     (["evaluate.lr.shufflenet_v2_x0_5=0"], "a zero rate trains nothing"),
