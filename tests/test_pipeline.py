@@ -67,7 +67,9 @@ def test_sweep_two_by_two(ray_local, file_store_uri):
 @slow
 def test_ray_job_submit_to_local_head_with_s3_store(s3_bucket, s3_server, tmp_path):
     """`ray job submit` of the smoke preset against `ray start --head`, store on the S3 server."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    # As in an activated virtualenv: the job's `python` entrypoint is this interpreter.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = 6390
     dash = 8275
