@@ -8,6 +8,7 @@ so a re-run with the same config is a no-op, a crashed run resumes at the stage 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -100,22 +101,48 @@ class RunResult:
     wall_s: float = 0.0
 
 
-def distill(cfg: Config) -> RunResult:
-    """The whole recipe. Each line is one stage; the data flow is the keys passed along."""
-    from hello_ray.stages import evaluate, refine, select, teachers, transfer
+# The recipe as data: each stage's inputs (role -> the stage that makes it). "images" is the
+# refined set, or the selection itself when refine is off.
+RECIPE: dict[str, dict[str, str]] = {
+    "teachers": {},
+    "select": {"teachers": "teachers"},
+    "transfer": {"teachers": "teachers"},
+    "refine": {"select": "select", "transfer": "transfer"},
+    "evaluate": {"images": "images", "teachers": "teachers", "transfer": "transfer"},
+}
 
+
+def run_through(cfg: Config, target: str, store: "Store | None" = None,
+                keys: dict[str, str] | None = None) -> tuple["Store", dict[str, str]]:
+    """Run ``target`` after exactly the stages it needs (each skipped when finished).
+
+    Returns the store and the artifact keys by stage (plus "images"). The stage jobs call
+    this, so a job never re-spells the wiring; ``transfer`` never triggers ``select``.
+    """
+    from hello_ray import stages
+
+    if store is None:
+        store = open_run_store(cfg)
+        ensure_ray(cfg.compute)
+    keys = {} if keys is None else keys
+    if target == "images":
+        target = "refine" if cfg.refine.enabled else "select"
+        run_through(cfg, target, store, keys)
+        keys["images"] = keys[target]
+        return store, keys
+    if target not in keys:
+        inputs = {role: run_through(cfg, source, store, keys)[1][source]
+                  for role, source in RECIPE[target].items()}
+        module = importlib.import_module(f"{stages.__name__}.{target}")
+        keys[target] = run_stage(module, cfg, store, inputs)
+    return store, keys
+
+
+def distill(cfg: Config) -> RunResult:
+    """The whole recipe: teachers -> select -> transfer -> refine -> evaluate, then the report."""
     t0 = time.perf_counter()
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    k: dict[str, str] = {}
-    k["teachers"] = run_stage(teachers, cfg, store)
-    k["select"] = run_stage(select, cfg, store, {"teachers": k["teachers"]})
-    k["transfer"] = run_stage(transfer, cfg, store, {"teachers": k["teachers"]})
-    k["images"] = (run_stage(refine, cfg, store, {"select": k["select"], "transfer": k["transfer"]})
-                   if cfg.refine.enabled else k["select"])
-    k["evaluate"] = run_stage(evaluate, cfg, store, {
-        "images": k["images"], "teachers": k["teachers"], "transfer": k["transfer"]})
-    result = make_report(cfg, store, k)
+    store, keys = run_through(cfg, "evaluate")
+    result = make_report(cfg, store, keys)
     result.wall_s = time.perf_counter() - t0
     return result
 

@@ -13,23 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
-from hello_ray.runtime import ensure_ray  # noqa: E402
-from hello_ray.stages import evaluate, refine, select, teachers, transfer  # noqa: E402
+from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
+from hello_ray.stages import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="evaluate", description=__doc__.splitlines()[0])
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    k = {"teachers": run_stage(teachers, cfg, store)}
-    k["select"] = run_stage(select, cfg, store, {"teachers": k["teachers"]})
-    k["transfer"] = run_stage(transfer, cfg, store, {"teachers": k["teachers"]})
-    images = (run_stage(refine, cfg, store, {"select": k["select"], "transfer": k["transfer"]})
-              if cfg.refine.enabled else k["select"])
-    key = run_stage(evaluate, cfg, store, {"images": images, "teachers": k["teachers"],
-                                           "transfer": k["transfer"]})
+    store, keys = run_through(cfg, "evaluate")
+    key = keys["evaluate"]
     print()
     print(evaluate.format_table(store.manifest(key)["summary"]["table"]))
     print(f"\nresults: {store.uri_for(key, 'results.parquet')}")

@@ -12,21 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
-from hello_ray.runtime import ensure_ray  # noqa: E402
-from hello_ray.stages import refine, select, teachers, transfer  # noqa: E402
+from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="refine", description=__doc__.splitlines()[0])
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    teachers_key = run_stage(teachers, cfg, store)
-    select_key = run_stage(select, cfg, store, {"teachers": teachers_key})
-    transfer_key = run_stage(transfer, cfg, store, {"teachers": teachers_key})
-    key = run_stage(refine, cfg, store, {"select": select_key, "transfer": transfer_key})
-    print(store.uri_for(key))
+    store, keys = run_through(cfg, "refine")
+    print(store.uri_for(keys["refine"]))
     return 0
 
 

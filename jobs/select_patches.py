@@ -10,18 +10,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
-from hello_ray.runtime import ensure_ray  # noqa: E402
-from hello_ray.stages import select, teachers  # noqa: E402
+from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="select_patches", description="RDED patch selection (stage 2)")
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    teachers_key = run_stage(teachers, cfg, store)
-    key = run_stage(select, cfg, store, {"teachers": teachers_key})
+    store, keys = run_through(cfg, "select")
+    key = keys["select"]
     summary = store.manifest(key).get("summary", {})
     print(f"\nselect: {store.uri_for(key)}")
     print(f"images: {summary.get('num_images')} ({cfg.select.ipc} per class, {cfg.select.factor}x"

@@ -11,17 +11,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hello_ray.models.ensemble import load_trajectory  # noqa: E402
-from hello_ray.pipeline import open_run_store, parse_args, run_stage, setup_logging  # noqa: E402
-from hello_ray.runtime import ensure_ray  # noqa: E402
-from hello_ray.stages import teachers  # noqa: E402
+from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="train_teachers", description="Train the teacher trajectory (stage 1)")
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    key = run_stage(teachers, cfg, store)
+    store, keys = run_through(cfg, "teachers")
+    key = keys["teachers"]
     traj = load_trajectory(store, key)
     print(f"\nteachers: {store.uri_for(key)}")
     print(f"observer: {traj['observer']}   wall time: {store.manifest(key)['summary']['wall_s']} s")
