@@ -98,6 +98,12 @@ def test_best_rows_ranks_each_images_crops():
     assert rows["id"].tolist() == ["a", "b", "b", "b"]
     assert rows["crop"].tolist() == [1, 2, 0, 1] and rows["rank"].tolist() == [0, 0, 1, 2]
     assert rows["x0"].tolist() == [4, 20, 12, 16]
+    # with the crops, every competing row carries its own pixels (the stage reads the data once)
+    crops = torch.arange(2 * 3 * 2 * 2 * 3, dtype=torch.uint8).view(2, 3, 2, 2, 3)
+    with_px = core.best_rows(np.array([0, 1]), ["a", "b"], boxes, scores, [1, 3], crops=crops)
+    assert with_px["patch"].shape == (4, 2, 2, 3)
+    for r, (i, j) in enumerate([(0, 1), (1, 2), (1, 0), (1, 1)]):
+        assert np.array_equal(with_px["patch"][r], crops[i, j].numpy())
     assert core.ranks_needed(10, 4, 5) == 1 and core.ranks_needed(3, 4, 5) == 2
     assert core.ranks_needed(1, 40, 5) == 5 and core.ranks_needed(0, 4, 5) == 0
 

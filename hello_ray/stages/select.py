@@ -9,15 +9,14 @@ The math lives in :mod:`hello_ray.stages.select_core`; this module only feeds an
 2. *crop* (CPU tasks) - decode, cut ``num_crop`` seeded crops per image; an undecodable
    image travels on as a marked row (``data.on_corrupt=skip``) or fails the stage (``fail``).
 3. *score* (``ObserverScorer`` actors, one GPU each where present) - the observer is loaded
-   once per actor; each image leaves as its competing crops' (class, id, crop, box, score)
-   rows: no pixels.
-4. *top-k* (driver) - the rows stream through bounded per-class heaps (classes x k).
-5. *re-cut* (CPU tasks) - only the winners' source images are decoded again and their
-   crops re-cut (same function, so the same pixels as scored), then stitched and written as
-   an image set (PNG + index.parquet + imageset.json).
+   once per actor; each image leaves as its competing crops' (class, id, crop, box, score,
+   patch) rows: usually its best crop only, the other crops' pixels are dropped there.
+4. *top-k* (driver) - the rows stream through bounded per-class heaps (classes x k) that
+   keep the winners' patches, which are then stitched and written as an image set
+   (PNG + index.parquet + imageset.json). The dataset is read once.
 
-Peak memory is set by the batch sizes, the classes x k heaps and the output image set,
-never by the number of images in the dataset.
+Peak memory is set by the batch sizes, the classes x k heaps (with their patches) and the
+output image set, never by the number of images in the dataset.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hello_ray.config import Config, ConfigError, section_dict
+from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.stages import select_core as core
 
 log = logging.getLogger("hello_ray.select")
@@ -43,7 +42,7 @@ _RUNTIME_FIELDS = ("batch_size", "num_actors", "actor_cpus")
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config that determines the selected image set (the teacher comes via inputs)."""
     sel = {k: v for k, v in section_dict(cfg.select).items() if k not in _RUNTIME_FIELDS}
-    data = {k: v for k, v in section_dict(cfg.data).items() if k != "val_split"}
+    data = {k: v for k, v in data_identity(cfg.data).items() if k != "val_split"}
     return {"data": data, "select": sel}
 
 
@@ -86,7 +85,12 @@ def crop_batch(batch: dict[str, np.ndarray], *, ranks: dict[int, int], image_siz
 
 
 class ObserverScorer:
-    """Ray Data actor: loads the observer once, turns cropped images into scored crop rows (no pixels)."""
+    """Ray Data actor: loads the observer once, turns cropped images into scored crop rows.
+
+    Only the competing crops leave the actor (each image's best, more in short classes), with
+    their pixels: the driver keeps a class's top-k patches as they stream by, so the dataset is
+    read once (a second pass to re-cut the winners would double the I/O of the biggest stage).
+    """
 
     def __init__(self, store: Any, teachers_key: str, image_size: int, show: str, use_gpu: bool,
                  batch_size: int):
@@ -111,7 +115,7 @@ class ObserverScorer:
                                   self.show, self.batch_size, self.device)       # [n*K]
         rows = core.best_rows(labels, [str(i) for i in np.asarray(batch["id"])[ok]],
                               torch.as_tensor(np.asarray(batch["boxes"])[ok]), scores.view(n, k),
-                              np.asarray(batch["ranks"])[ok])
+                              np.asarray(batch["ranks"])[ok], crops=crops)
         rows["reason"] = np.full(len(rows["label"]), "", dtype=object)
         bad = ~ok
         if bad.any():
@@ -121,31 +125,10 @@ class ObserverScorer:
                      "crop": np.full(m, -1, np.int64), "rank": np.full(m, -1, np.int64),
                      **{b: np.zeros(m, np.int64) for b in core.BOX_COLUMNS},
                      "score": np.full(m, np.nan, np.float32),
+                     "patch": np.zeros((m, c, c, 3), np.uint8),
                      "reason": np.asarray(batch["reason"], dtype=object)[bad]}
             rows = {key: np.concatenate([rows[key], extra[key]]) for key in rows}
         return rows
-
-
-def recut_batch(batch: dict[str, np.ndarray], *, wanted: dict[str, list[tuple[int, tuple[int, int, int, int]]]],
-                image_size: int, on_corrupt: str, crop_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Encoded rows -> the winning patches of the wanted ids: id, crop, patch uint8 [c, c, 3].
-
-    A generator: most batches hold no winner and yield nothing.
-    """
-    from hello_ray.data.decode import DecodeBatch
-
-    keep = np.fromiter((str(i) in wanted for i in batch["id"]), dtype=bool, count=len(batch["id"]))
-    dec = DecodeBatch(image_size, on_corrupt)({k: v[keep] for k, v in batch.items()})
-    ids, crops, patches = [], [], []
-    for image, iid in zip(dec["image"], dec["id"]):
-        img = torch.as_tensor(np.asarray(image))
-        for crop, box in wanted[str(iid)]:
-            ids.append(str(iid))
-            crops.append(crop)
-            patches.append(core.cut_crop(img, box, crop_size).numpy())
-    if patches:
-        yield {"id": np.asarray(ids, dtype=object), "crop": np.asarray(crops, dtype=np.int64),
-               "patch": np.stack(patches)}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -199,7 +182,7 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
 
     images_per_batch = max(1, sel.batch_size // sel.num_crop)  # select.batch_size counts crops
     scored = split.ds.map_batches(
-        crop_batch, batch_format="numpy",
+        crop_batch, batch_format="numpy", num_cpus=data.cpus_per_task,
         fn_kwargs=dict(ranks=ranks, image_size=size, on_corrupt=data.on_corrupt, num_crop=sel.num_crop,
                        crop_size=crop_size, seed=sel.seed),
     ).map_batches(
@@ -233,25 +216,9 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     crops_scored = images_read * sel.num_crop  # every decoded image had all its crops scored
 
     per_class = [core.fill_to_k(keeper.winners(c), k) for c in range(len(names))]
-    wanted: dict[str, list[tuple[int, tuple[int, int, int, int]]]] = {}
-    for cands in per_class:
-        for c in cands:
-            entry = (c.crop, c.box)
-            if entry not in wanted.setdefault(c.image_id, []):
-                wanted[c.image_id].append(entry)
-    pixels: dict[tuple[str, int], torch.Tensor] = {}
-    recut = split.ds.map_batches(
-        recut_batch, batch_format="numpy",
-        fn_kwargs=dict(wanted=wanted, image_size=size, on_corrupt=data.on_corrupt, crop_size=crop_size))
-    for b in recut.iter_batches(batch_size=1024, batch_format="numpy"):
-        for iid, crop, patch in zip(b["id"], b["crop"], b["patch"]):
-            pixels[(str(iid), int(crop))] = torch.as_tensor(np.array(patch))
-    missing = {(c.image_id, c.crop) for cands in per_class for c in cands} - set(pixels)
-    if missing:
-        raise RuntimeError(f"select stage {key}: winning crops {sorted(missing)[:5]} could not be re-read "
-                           f"from {split.source} (did the dataset change during the stage?)")
+    pixels = {(c.image_id, c.crop): torch.as_tensor(c.patch) for cands in per_class for c in cands}
     images, labels = core.assemble(per_class, pixels, factor)                     # [classes*ipc, S, S, 3]
-    phase["recut"] = time.time() - t0 - sum(phase.values())
+    phase["stitch"] = time.time() - t0 - sum(phase.values())
 
     index = _index_frame(per_class, sel.ipc, factor)
     meta = {"ipc": sel.ipc, "factor": factor, "mipc": sel.mipc, "num_crop": sel.num_crop,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Iterable, Sequence, TypeVar
 
 import numpy as np
@@ -189,13 +189,15 @@ class Smallest(Generic[K, T]):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One scored crop: where it comes from and how good it is (no pixels)."""
+    """One scored crop: where it comes from, how good it is, and (streaming stage) its pixels."""
     label: int
     image_id: str
     crop: int                      # index among the image's num_crop crops
     rank: int                      # 0 = the image's best crop
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the decoded image
     score: float
+    # uint8 [c, c, 3] when the rows carry a "patch" column: the kept patches need no second read
+    patch: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[int, float, str, int]:
@@ -216,7 +218,7 @@ class ClassTopK:
         self.heaps[cand.label].offer(cand.key, cand)
 
     def offer_rows(self, rows: dict[str, Any]) -> None:
-        """Offer a batch of scored rows (columns label, id, crop, rank, x0..y1, score)."""
+        """Offer a batch of scored rows (columns label, id, crop, rank, x0..y1, score[, patch])."""
         for c in rows_to_candidates(rows):
             self.offer(c)
 
@@ -227,22 +229,29 @@ class ClassTopK:
 
 def rows_to_candidates(rows: dict[str, Any]) -> Iterable[Candidate]:
     cols = [np.asarray(rows[c]) for c in ("label", "id", "crop", "rank", *BOX_COLUMNS, "score")]
-    for lab, iid, crop, rank, x0, y0, x1, y1, score in zip(*cols):
+    patches = rows.get("patch")
+    for i, (lab, iid, crop, rank, x0, y0, x1, y1, score) in enumerate(zip(*cols)):
+        # a copy: a kept patch must not pin the whole batch it came in
+        patch = None if patches is None else np.array(patches[i], dtype=np.uint8)
         yield Candidate(int(lab), str(iid), int(crop), int(rank), (int(x0), int(y0), int(x1), int(y1)),
-                        float(score))
+                        float(score), patch)
 
 
 def best_rows(labels: np.ndarray, ids: Sequence[str], boxes: torch.Tensor, scores: torch.Tensor,
-              ranks: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+              ranks: np.ndarray | Sequence[int], crops: torch.Tensor | np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
     """Columns of the crops that compete: per image its ``ranks[i]`` best (rank 0 = best).
 
-    boxes int64 [N, K, 4], scores float32 [N, K] -> rows (label, id, crop, rank, x0..y1, score).
+    boxes int64 [N, K, 4], scores float32 [N, K] -> rows (label, id, crop, rank, x0..y1, score);
+    with ``crops`` uint8 [N, K, c, c, 3] also ``patch`` [rows, c, c, 3], the competing pixels.
     """
     order = rank_crops(scores)                                                  # [N, K]
     out: dict[str, list] = {c: [] for c in ("label", "id", "crop", "rank", *BOX_COLUMNS, "score")}
+    picked: list[tuple[int, int]] = []
     for i in range(len(ids)):
         for r in range(int(ranks[i])):
             j = int(order[i, r])
+            picked.append((i, j))
             out["label"].append(int(labels[i]))
             out["id"].append(str(ids[i]))
             out["crop"].append(j)
@@ -250,7 +259,7 @@ def best_rows(labels: np.ndarray, ids: Sequence[str], boxes: torch.Tensor, score
             for name, v in zip(BOX_COLUMNS, boxes[i, j].tolist()):
                 out[name].append(int(v))
             out["score"].append(float(scores[i, j]))
-    return {
+    rows = {
         "label": np.asarray(out["label"], dtype=np.int64),
         "id": np.asarray(out["id"], dtype=object),
         "crop": np.asarray(out["crop"], dtype=np.int64),
@@ -258,6 +267,12 @@ def best_rows(labels: np.ndarray, ids: Sequence[str], boxes: torch.Tensor, score
         **{c: np.asarray(out[c], dtype=np.int64) for c in BOX_COLUMNS},
         "score": np.asarray(out["score"], dtype=np.float32),
     }
+    if crops is not None:
+        crops = np.asarray(crops)
+        ii = np.asarray([p[0] for p in picked], dtype=np.int64)
+        jj = np.asarray([p[1] for p in picked], dtype=np.int64)
+        rows["patch"] = crops[ii, jj] if len(picked) else np.zeros((0, *crops.shape[2:]), np.uint8)
+    return rows
 
 
 # ---------------------------------------------------------------------------- stitching
