@@ -45,6 +45,9 @@ class DataConfig:
     class_names: list[str] = _help("readable class names for the CLIP prompts; empty = derive "
                                    "(ImageNet synsets are mapped automatically)", default_factory=list)
     max_per_class: int = _help("use at most this many training images per class (0 = all)", default=0)
+    cpus_per_task: float = _help("CPUs each read/decode task asks for; below 1 where fractional "
+                                 "reservations (Tune trials, half-CPU workers) leave < 1 CPU free",
+                                 default=1.0)
 
     def validate(self, p: str = "data") -> None:
         _check(bool(self.source), f"{p}.source",
@@ -54,6 +57,7 @@ class DataConfig:
         _check(self.on_corrupt in ("skip", "fail"), f"{p}.on_corrupt", "must be 'skip' or 'fail'")
         _check(8 <= self.image_size <= 1024, f"{p}.image_size", "must be in [8, 1024]")
         _check(self.max_per_class >= 0, f"{p}.max_per_class", "must be >= 0")
+        _check(self.cpus_per_task > 0, f"{p}.cpus_per_task", "must be > 0")
 
 
 @dataclass
@@ -197,6 +201,9 @@ class EvalConfig:
                                             default_factory=lambda: ["projector"])
     teacher_labels: str = _help("what the teacher strategy and the stored relabel pass use: observer | "
                                 "window (mean logits of transfer.teacher_window)", default="observer")
+    parallel: str = _help("how the Train workers share the grid: ddp (every row's batch split over all "
+                          "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
+                          "when rows outnumber workers and students are small)", default="ddp")
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
@@ -218,6 +225,7 @@ class EvalConfig:
                    f"{s!r}: continual runs use online labels (hard, teacher or projector)")
         _check(self.teacher_labels in ("observer", "window"), f"{p}.teacher_labels",
                "must be 'observer' or 'window'")
+        _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")
 
 
 @dataclass
@@ -431,6 +439,15 @@ def load_config(preset: str | None = "demo", config_file: str | None = None,
 def section_dict(cfg: Any) -> dict[str, Any]:
     """A stage config as a plain dict (the part of an artifact key that config contributes)."""
     return dataclasses.asdict(cfg)
+
+
+# How a dataset is read, not what it holds: left out of artifact keys, so changing them reuses work.
+DATA_RUNTIME_FIELDS = ("cpus_per_task",)
+
+
+def data_identity(data: DataConfig) -> dict[str, Any]:
+    """The data section as it enters artifact keys: what is read, not how."""
+    return {k: v for k, v in section_dict(data).items() if k not in DATA_RUNTIME_FIELDS}
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

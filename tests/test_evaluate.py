@@ -110,6 +110,8 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
     assert by["projector"] == adapter
     assert by["teacher"] == len(store.get_bytes("teachers-test", "epochs/epoch_003.pt"))
     assert (main.peak_mem_kind == "cpu_rss_peak").all() and (main.peak_mem_mb > 0).all()
+    # The smoke preset trains whole rows per worker: no row is split, each saw the whole val set.
+    assert (df.parallel == "rows").all() and (df.workers == 1).all()
     summary = json.loads(store.get_bytes(key, "results.json"))
     assert len(summary["rows"]) == len(df) and len(summary["table"]) == len(df)
     assert "projector" in evaluate.format_table(summary["table"])
@@ -118,6 +120,22 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
     again = evaluate.run(cfg, store, key, INPUTS)
     df2 = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
     assert again["rows"] == len(df) and df2.wall_s.tolist() == df.wall_s.tolist()
+
+
+def test_ddp_rows_split_batches_over_both_workers(world):
+    """evaluate.parallel=ddp: one row at a time, its batches and val set split over 2 ranks."""
+    import dataclasses
+
+    from hello_ray.pipeline import run_stage
+
+    cfg, store, _ = world
+    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(
+        cfg.evaluate, parallel="ddp", strategies=["hard", "stored"], floor=False, continual_steps=[]))
+    key = run_stage(evaluate, cfg, store, INPUTS)
+    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    assert sorted(df.strategy) == ["hard", "stored"]
+    assert (df.parallel == "ddp").all() and (df.workers == 2).all()
+    assert (df.steps == 4).all() and (df.val_images > 100).all()  # counts summed over the two shards
 
 
 @pytest.mark.parametrize("which", ["images", "transfer"])

@@ -30,7 +30,14 @@ def _check_run(result, store, cfg):
     assert "projector" in result.table and result.report_uri
 
 
-def test_smoke_end_to_end_then_cached(ray_local, file_store_uri):
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory) -> str:
+    """One store for the module: the sweep reuses the end-to-end run's teachers and selection."""
+    return (tmp_path_factory.mktemp("smoke") / "store").as_uri()
+
+
+def test_smoke_end_to_end_then_cached(ray_local, smoke_store):
+    file_store_uri = smoke_store
     cfg = load_config("smoke", overrides=[f"store={file_store_uri}"])
     first = distill(cfg)
     store = open_run_store(cfg)
@@ -53,15 +60,22 @@ def test_smoke_end_to_end_then_cached(ray_local, file_store_uri):
         != first.keys["select"]
 
 
-@slow
-def test_sweep_two_by_two(ray_local, file_store_uri):
-    from hello_ray.sweep import sweep
+def test_sweep_two_by_two(ray_local, smoke_store):
+    """Ray Tune, 2 ranks x 2 windows on the smoke preset, on the 2-CPU local Ray: every trial
+    trains and is scored, and the grid is in the report (table + heat map)."""
+    from hello_ray.sweep import format_sweep, sweep
 
-    cfg = load_config("smoke", overrides=[f"store={file_store_uri}"])
+    cfg = load_config("smoke", overrides=[f"store={smoke_store}"])
     out = sweep(cfg)
-    assert len(out["rows"]) == 4 and all(r["top1"] is not None for r in out["rows"])
-    text = Path(out["report_uri"].replace("file://", "")).read_text()
-    assert "sweep" in text.lower()
+    rows = out["rows"]
+    assert {(r["conv_rank"], r["window"]) for r in rows} == {(2, "1-2"), (2, "2-3"), (4, "1-2"), (4, "2-3")}
+    assert all(r["top1"] is not None and 0 <= r["top1"] <= 1 and not r["error"] for r in rows)
+    assert {r["head_rank"] for r in rows} == {2 * 16, 4 * 16}
+    assert out["best"]["top1"] == max(r["top1"] for r in rows)
+    report = Path(out["report_uri"].replace("file://", ""))
+    text = report.read_text()
+    assert "sweep" in text.lower() and (report.parent / "sweep_heatmap.png").exists()
+    assert len(format_sweep(rows).splitlines()) == 5
 
 
 @slow

@@ -189,7 +189,7 @@ def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
         assert f"epochs/epoch_{e:03d}.pt" in files and f"epochs/epoch_{e:03d}.json" in files
     assert not any(f.startswith("epochs/") and f[-3:] == ".pt" and int(f[13:16]) > epochs for f in files)
     traj = load_trajectory(store, key)
-    assert traj["model"] == "resnet18" and traj["num_classes"] == 10 and traj["image_size"] == 32
+    assert traj["model"] == "resnet18" and traj["num_classes"] == 10 and traj["image_size"] == cfg.data.image_size
     assert len(traj["class_names"]) == 10
     assert [e["epoch"] for e in traj["epochs"]] == list(range(1, epochs + 1))
     assert all(0.0 <= e["top1"] <= 1.0 for e in traj["epochs"])

@@ -53,25 +53,31 @@ class DecodeBatch:
         return {k: v[ok] for k, v in result.items()}
 
 
-def decoded_split(split, data: DataConfig, batch_size: int = 64,
-                  image_size: int | None = None) -> "ray.data.Dataset":  # noqa: F821
+def decoded_split(split, data: DataConfig, batch_size: int = 64, image_size: int | None = None,
+                  columns: list[str] | None = None) -> "ray.data.Dataset":  # noqa: F821
     """A DatasetSplit's rows decoded to uint8 [S, S, 3] images (S = data.image_size),
-    skipping or failing on corrupt images as ``data.on_corrupt`` says."""
-    return split.ds.map_batches(DecodeBatch(image_size or data.image_size, data.on_corrupt),
-                                batch_size=batch_size, batch_format="numpy")
+    skipping or failing on corrupt images as ``data.on_corrupt`` says; ``columns`` keeps only those.
+
+    Every operator asks for ``data.cpus_per_task`` CPUs: operators with equal resource asks fuse
+    into one task, and none asks for a whole CPU that fractional reservations may never free.
+    """
+    ds = split.ds.map_batches(DecodeBatch(image_size or data.image_size, data.on_corrupt),
+                              batch_size=batch_size, batch_format="numpy", num_cpus=data.cpus_per_task)
+    return ds.select_columns(columns, num_cpus=data.cpus_per_task) if columns else ds
 
 
 def _is_corrupt(row: dict) -> bool:
     return not row["ok"]
 
 
-def find_corrupt(split, image_size: int = 8) -> list[tuple[str, str]]:
+def find_corrupt(split, image_size: int = 8, num_cpus: float = 1.0) -> list[tuple[str, str]]:
     """(id, reason) of every undecodable image of a split, sorted by id (one full decode pass;
     the small ``image_size`` keeps the resize cheap)."""
     ds = split.ds.map_batches(DecodeBatch(image_size, "skip", keep_corrupt=True),
-                              batch_format="numpy").filter(_is_corrupt)
+                              batch_format="numpy", num_cpus=num_cpus).filter(_is_corrupt,
+                                                                              num_cpus=num_cpus)
     with data_errors():
-        rows = ds.select_columns(["id", "reason"]).take_all()
+        rows = ds.select_columns(["id", "reason"], num_cpus=num_cpus).take_all()
     found = sorted((str(r["id"]), str(r["reason"])) for r in rows)
     for where, reason in found:
         log.warning("corrupt image: %s (%s)", where, reason)

@@ -198,7 +198,7 @@ def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str) -> dict:
         labels += [c] * len(chosen)
     table = pa.table({"path": paths, "label": pa.array(labels, pa.int64())})
     ds = ray.data.from_arrow(_blocks(table)).map_batches(
-        ReadFiles(fs), batch_size=None, batch_format="numpy")
+        ReadFiles(fs), batch_size=None, batch_format="numpy", num_cpus=data.cpus_per_task)
     counts = [min(len(f), cap or len(f)) for f in per_class]
     return dict(ds=ds, class_keys=classes, num_rows=len(paths), counts=counts)
 
@@ -269,7 +269,7 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
         counts = np.minimum(counts, data.max_per_class)
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(ReadParquetShards(fs, image_col, label_col, keep), batch_size=1,
-                        batch_format="numpy")
+                        batch_format="numpy", num_cpus=data.cpus_per_task)
     return dict(ds=ds, class_keys=list(names), num_rows=int(counts.sum()),
                 counts=[int(c) for c in counts])
 
@@ -287,7 +287,8 @@ def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[s
         # The labels live inside the tars: one pass reading only the .cls members' values.
         index = shard_ds().map_batches(
             ReadTarShards(fs, len(names) if names else None, labels_only=True),
-            batch_size=1, batch_format="numpy").select_columns(["label", "id"])
+            batch_size=1, batch_format="numpy", num_cpus=data.cpus_per_task,
+        ).select_columns(["label", "id"], num_cpus=data.cpus_per_task)
         with data_errors():
             rows = index.to_pandas()  # in shard order: from_items + map keep block order
         labels = rows["label"].to_numpy(np.int64)
@@ -301,7 +302,7 @@ def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[s
             cnt = np.minimum(cnt, data.max_per_class)
         counts, num_rows = [int(c) for c in cnt], int(cnt.sum())
     ds = shard_ds().map_batches(ReadTarShards(fs, len(names), keep), batch_size=1,
-                                batch_format="numpy")
+                                batch_format="numpy", num_cpus=data.cpus_per_task)
     return dict(ds=ds, class_keys=list(names), num_rows=num_rows, counts=counts)
 
 

@@ -21,13 +21,16 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TINY_CLIP = "hello-tiny-rn"
 RANDOM_INIT = "random-init"
 RANDOM_INIT_SEED = 0
-# v2: unit weights for the last BN of every residual block (see _ensure_random_init).
-RANDOM_INIT_VERSION = 2
+# v2: unit weights for the last BN of every residual block; v3: BN statistics estimated on
+# seeded smooth-noise images (see _ensure_random_init).
+RANDOM_INIT_VERSION = 3
+CALIBRATION_IMAGES = 256
 
 # A ResNet CLIP small enough for a 2-core CPU: one Bottleneck per stage, width 16 (stage
 # widths 16..128, output 512 channels into the attention pool), 32 px input, 64-d embedding;
@@ -95,9 +98,47 @@ def _ensure_random_init(model_name: str) -> Path:
         for name, module in model.visual.named_modules():
             if name.endswith("bn3") and isinstance(module, nn.BatchNorm2d):
                 module.weight.fill_(1.0)
+    _calibrate_batchnorm(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
+
+
+def _calibrate_batchnorm(model: nn.Module, seed: int = RANDOM_INIT_SEED) -> None:
+    """Set the image encoder's BN running statistics to those of seeded smooth-noise images.
+
+    A random init's BN statistics (mean 0, var 1) do not match its activations: deep in the
+    frozen encoder every image lands on one direction (pairwise feature cosine 1.0000 on the
+    demo digits, nearest-class-mean accuracy 30 %). Statistics measured on data-free noise
+    (4x4 uniform noise, bilinearly upsampled) keep the features apart (cosine ~0.91, NCM 82 %),
+    as pretrained weights would: the stand-in then behaves like an encoder, not a constant.
+    """
+    visual = model.visual
+    side = clip_input_size(model)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in clip_normalisation(model))
+    bns = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                     # cumulative average over all calibration batches
+    g = torch.Generator().manual_seed(seed)
+    visual.train()
+    with torch.no_grad():
+        for _ in range(CALIBRATION_IMAGES // 64):
+            noise = torch.rand(64, 3, 4, 4, generator=g)
+            images = F.interpolate(noise, size=side, mode="bilinear", align_corners=False)  # [64,3,h,w]
+            visual((images - mean) / std)
+    visual.eval()
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+
+
+def pretrained_identity(pretrained: str) -> str:
+    """What ``pretrained`` stands for in artifact keys: the stand-in's version is part of it,
+    so a new stand-in recipe does not reuse adapters trained on the old one."""
+    return f"{RANDOM_INIT}-v{RANDOM_INIT_VERSION}" if pretrained == RANDOM_INIT else pretrained
 
 
 def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hello_ray.config import Config, section_dict
+from hello_ray.config import Config, data_identity, section_dict
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
@@ -44,7 +44,7 @@ ROWS_FILE = "rows.json"
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """Data + evaluate sections (and the teacher window when the teacher labels come from it)."""
-    out = {"data": section_dict(cfg.data), "evaluate": section_dict(cfg.evaluate)}
+    out = {"data": data_identity(cfg.data), "evaluate": section_dict(cfg.evaluate)}
     if cfg.evaluate.teacher_labels == "window":
         out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
     return out
@@ -143,7 +143,7 @@ def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: i
 def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from hello_ray.data.decode import decoded_split
@@ -169,7 +169,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         floor_x, floor_y = sample_floor(decoded_split(train, cfg.data), num_classes, ipc,
                                         seed=cfg.evaluate.seeds[0])
         payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
-    val_ds = decoded_split(val, cfg.data).select_columns(["image", "label"]).materialize()
+    val_ds = decoded_split(val, cfg.data, columns=["image", "label"]).materialize()
     log.info("evaluate: %d rows, %d distilled images, %d val images", len(rows), len(images), val_ds.count())
 
     storage_path, fs = store.ray_storage()
@@ -183,6 +183,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"val": val_ds},
+        # rows mode: every rank scores its own rows on the whole validation set
+        dataset_config=DataConfig(datasets_to_split=[] if cfg.evaluate.parallel == "rows" else "all"),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
@@ -262,21 +264,25 @@ def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, 
 
 
 def train_grid(config: dict[str, Any]) -> None:
-    """Ray Train loop: train every row not yet in the checkpoint; report after each row."""
+    """Ray Train loop: train every row not yet in the checkpoint; report after each round.
+
+    ``evaluate.parallel=ddp``: a round is one row, its batches split over all ranks (DDP).
+    ``rows``: a round is up to ``world`` rows, one per rank, each trained whole on its rank;
+    the finished records are gathered so every rank holds the same list.
+    """
     import ray
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from ray.train.torch import prepare_model
 
-    from hello_ray.models.zoo import build_model
-    from hello_ray.runtime import seed_everything, torch_device
+    from hello_ray.runtime import torch_device
 
     cfg: Config = config["cfg"]
     store, key, inputs = config["store"], config["key"], config["inputs"]
     num_classes = config["num_classes"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    by_rows = cfg.evaluate.parallel == "rows" and world > 1
     device = torch_device(cfg.compute.use_gpu)
     images, labels = ray.get(config["images"]), ray.get(config["labels"])
     floor = (ray.get(config["floor_images"]), ray.get(config["floor_labels"])) if "floor_images" in config else None
@@ -287,64 +293,89 @@ def train_grid(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             done = json.loads((Path(d) / ROWS_FILE).read_text())
     finished = {r["row"] for r in done}
-    val_shard = ray.train.get_dataset_shard("val")
+    pending = [r for r in config["rows"] if r["row"] not in finished]
+    val_shard = ray.train.get_dataset_shard("val")  # whole val set per rank in rows mode, else a shard
     say = (lambda m: print(f"[evaluate] {m}", flush=True)) if rank == 0 else None
 
+    # Every strategy is built before training, by all ranks in the same order: the stored relabel
+    # pass is collective, and in rows mode ranks train different strategies at the same time.
     strategies: dict[str, LabelStrategy] = {}
     teacher: TeacherLabels | None = None
-    for row in config["rows"]:
-        if row["row"] in finished:
-            continue
-        spec = row["strategy"]
-        t0 = time.perf_counter()
-        if row["images"] == "floor":
-            x, y = floor
-            strategy: LabelStrategy = HardLabels.write(y.numpy(), num_classes, store, key, name="floor",
-                                                       write=rank == 0)
+    for spec in dict.fromkeys(r["strategy"] for r in pending if r["images"] != "floor"):
+        if teacher is None and parse_strategy(spec)[0] in ("teacher", "stored"):
+            teacher = _load_teacher(cfg, store, inputs, num_classes, device)
+        strategies[spec] = build_strategy(spec, cfg, store, key, inputs, images, labels, num_classes,
+                                          device, rank, world, teacher)
+    floor_labels = (HardLabels.write(floor[1].numpy(), num_classes, store, key, name="floor", write=rank == 0)
+                    if floor is not None and any(r["images"] == "floor" for r in pending) else None)
+
+    step = world if by_rows else 1
+    for first in range(0, len(pending), step):
+        rnd = pending[first:first + step]
+        mine = (rnd[rank] if rank < len(rnd) else None) if by_rows else rnd[0]  # the last round may be short
+        record = None
+        if mine is not None:
+            x, y = floor if mine["images"] == "floor" else (images, labels)
+            strategy = floor_labels if mine["images"] == "floor" else strategies[mine["strategy"]]
+            record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device,
+                                rank=0 if by_rows else rank, world=1 if by_rows else world)
+        if by_rows:
+            gathered: list[dict[str, Any] | None] = [None] * world
+            dist.all_gather_object(gathered, record)
+            records = [r for r in gathered if r is not None]
         else:
-            x, y = images, labels
-            if spec not in strategies:
-                if teacher is None and parse_strategy(spec)[0] in ("teacher", "stored"):
-                    teacher = _load_teacher(cfg, store, inputs, num_classes, device)
-                strategies[spec] = build_strategy(spec, cfg, store, key, inputs, images, labels, num_classes,
-                                                  device, rank, world, teacher)
-            strategy = strategies[spec]
-        classes = torch.as_tensor(row["classes"]) if row.get("classes") else None
-        if classes is not None:                                # continual: seen classes' images only
-            keep = torch.isin(y, classes)
-            x, y = x[keep], y[keep]
-        seed_everything(row["seed"])
-        model = prepare_model(build_model(row["student"], num_classes, cfg.data.image_size))
-        settings = settings_for(cfg, row["student"])
-        with PeakMemory(device) as mem:
-            stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
-                                  rank=rank, world_size=world)
-        correct, total = top1_counts(model, ((b["image"], b["label"]) for b in
-                                             val_shard.iter_batches(batch_size=256, batch_format="numpy")),
-                                     device, classes=classes)
-        agg = torch.tensor([correct, total, mem.peak_bytes], dtype=torch.float64)
-        if world > 1:
-            counts = agg[:2].clone()
-            dist.all_reduce(counts)
-            peak = agg[2:].clone()
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            agg = torch.cat([counts, peak])
-        record = {**row, "top1": float(agg[0] / max(agg[1], 1)), "val_images": int(agg[1]),
-                  "label_bytes": int(strategy.shipped_bytes()), "train_images": int(len(x)),
-                  "wall_s": time.perf_counter() - t0, "step_s": stats["step_s"], "steps": stats["steps"],
-                  "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,
-                  "peak_mem_kind": mem.kind, "device": device.type, "workers": world}
-        done.append(record)
+            records = [record]
+        done.extend(records)
         if say:
-            say(f"{row['row']}: top1 {record['top1']:.4f}  label bytes {record['label_bytes']:,}  "
-                f"step {record['step_s'] * 1e3:.1f} ms  wall {record['wall_s']:.1f} s")
+            for r in records:
+                say(f"{r['row']}: top1 {r['top1']:.4f}  label bytes {r['label_bytes']:,}  "
+                    f"step {r['step_s'] * 1e3:.1f} ms  wall {r['wall_s']:.1f} s")
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 (Path(d) / ROWS_FILE).write_text(json.dumps(done))
                 checkpoint = Checkpoint.from_directory(d)
-            ray.train.report({"rows_done": len(done), "top1": record["top1"]}, checkpoint=checkpoint)
+            ray.train.report({"rows_done": len(done), "top1": records[-1]["top1"]}, checkpoint=checkpoint)
 
+
+def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tensor, strategy: LabelStrategy,
+               num_classes: int, val_shard, device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """Train and score one row's student. ``world`` > 1: this rank's part of a DDP row (the counts
+    and peak memory are reduced over the ranks), else the whole row on this rank."""
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+
+    from hello_ray.models.zoo import build_model
+    from hello_ray.runtime import seed_everything
+
+    t0 = time.perf_counter()
+    classes = torch.as_tensor(row["classes"]) if row.get("classes") else None
+    if classes is not None:                                    # continual: seen classes' images only
+        keep = torch.isin(y, classes)
+        x, y = x[keep], y[keep]
+    seed_everything(row["seed"])
+    model = build_model(row["student"], num_classes, cfg.data.image_size)
+    model = prepare_model(model) if world > 1 else model.to(device)
+    settings = settings_for(cfg, row["student"])
+    with PeakMemory(device) as mem:
+        stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
+                              rank=rank, world_size=world)
+    correct, total = top1_counts(model, ((b["image"], b["label"]) for b in
+                                         val_shard.iter_batches(batch_size=256, batch_format="numpy")),
+                                 device, classes=classes)
+    agg = torch.tensor([correct, total, mem.peak_bytes], dtype=torch.float64)
+    if world > 1:
+        counts = agg[:2].clone()
+        dist.all_reduce(counts)
+        peak = agg[2:].clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        agg = torch.cat([counts, peak])
+    return {**row, "top1": float(agg[0] / max(agg[1], 1)), "val_images": int(agg[1]),
+            "label_bytes": int(strategy.shipped_bytes()), "train_images": int(len(x)),
+            "wall_s": time.perf_counter() - t0, "step_s": stats["step_s"], "steps": stats["steps"],
+            "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,
+            "peak_mem_kind": mem.kind, "device": device.type, "workers": world,
+            "parallel": cfg.evaluate.parallel}
 
 
 def format_table(table: list[dict[str, Any]]) -> str:

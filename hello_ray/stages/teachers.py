@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hello_ray.config import ComputeConfig, Config, ConfigError, TeacherConfig, section_dict
+from hello_ray.config import ComputeConfig, Config, ConfigError, TeacherConfig, data_identity, section_dict
 from hello_ray.data.augment import random_resized_crop_flip, to_float, train_crop_scale
 from hello_ray.models.ensemble import TRAJECTORY_FILE, epoch_file
 from hello_ray.models.zoo import build_model
@@ -66,7 +66,7 @@ def epoch_metrics_file(epoch: int) -> str:
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config that determines the trajectory: data and teachers (not compute)."""
-    return {"data": section_dict(cfg.data), "teachers": section_dict(cfg.teachers)}
+    return {"data": data_identity(cfg.data), "teachers": section_dict(cfg.teachers)}
 
 
 # ---------------------------------------------------------------------------- compute (plain PyTorch)
@@ -391,8 +391,8 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     # sources list ImageFolder images class by class, and a local shuffle buffer alone would
     # then feed near single-class batches. Data order is therefore not seeded; init and crops are.
     train = dataclasses.replace(train, ds=train.ds.random_shuffle())
-    datasets = {"train": decoded_split(train, cfg.data).select_columns(columns),
-                "val": decoded_split(val, cfg.data).select_columns(columns)}
+    datasets = {"train": decoded_split(train, cfg.data, columns=columns),
+                "val": decoded_split(val, cfg.data, columns=columns)}
     storage_path, filesystem = store.ray_storage()
     trainer = TorchTrainer(
         train_loop_per_worker,

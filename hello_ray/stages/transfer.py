@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hello_ray.config import Config, ConfigError, section_dict
+from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.data.augment import train_crop_scale
 
 log = logging.getLogger("hello_ray")
@@ -154,7 +154,10 @@ def label_fidelity(projector: nn.Module, teachers: nn.Module,
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The transfer settings and the training data they saw (compute layout does not change results)."""
-    return {"transfer": section_dict(cfg.transfer), "data": section_dict(cfg.data)}
+    from hello_ray.models.clip import pretrained_identity
+
+    tc = {**section_dict(cfg.transfer), "pretrained": pretrained_identity(cfg.transfer.pretrained)}
+    return {"transfer": tc, "data": data_identity(cfg.data)}
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -340,8 +343,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
             num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu,
             resources_per_worker={"CPU": cfg.compute.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.compute.use_gpu else "gloo"),
-        datasets={"train": decoded_split(train, cfg.data).select_columns(columns).randomize_block_order(),
-                  "val": decoded_split(val, cfg.data).select_columns(columns)},
+        datasets={"train": decoded_split(train, cfg.data, columns=columns).randomize_block_order(),
+                  "val": decoded_split(val, cfg.data, columns=columns)},
         run_config=ray.train.RunConfig(
             name=key, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
