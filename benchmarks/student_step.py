@@ -13,8 +13,9 @@ peak memory of the run for a ResNet-18 student labelled by:
   OpenAI's RN50 architecture (both random init, ``pretrained=None``: nothing is downloaded),
 
 and the ratios projector/teacher (published: 0.21 s / 0.12 s = 1.75x on an A5000; goal <= 1.3x)
-and projector/hard. Labelling runs under ``torch.inference_mode`` (bf16 autocast + channels-last
-on GPU). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
+and projector/hard, for each labelling precision of ``--precisions`` (``evaluate.label_precision``:
+fp32, or bf16 autocast; teacher and projector always at the same precision). Labelling runs
+under ``torch.inference_mode`` (channels-last on GPU). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
 (reset per strategy, so it includes everything resident: compare differences, not totals).
 """
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000 if cuda else 100)
     ap.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps (one more is warm-up)")
     ap.add_argument("--clip", nargs="+", default=["hello-tiny-rn", "RN50"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="labelling precisions to measure (teacher and projector alike)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
@@ -86,20 +89,24 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     run("hard", lambda: HardLabels(torch.zeros(1).numpy(), args.classes, 0))
-    torch.manual_seed(0)
-    run("teacher (resnet18)", lambda: TeacherLabels(build_model("resnet18", args.classes, args.image_size),
-                                                    args.classes, args.image_size))
-    for clip in args.clip:
-        run(f"projector ({clip})", lambda: ProjectorLabels(
-            random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
-            args.classes, args.image_size, adapter_bytes=0))
-    t, h = results["teacher (resnet18)"], results["hard"]
+    for prec in args.precisions:
+        torch.manual_seed(0)
+        run(f"teacher (resnet18) {prec}", lambda: TeacherLabels(
+            build_model("resnet18", args.classes, args.image_size), args.classes, args.image_size
+        ).with_precision(prec))
+        for clip in args.clip:
+            run(f"projector ({clip}) {prec}", lambda: ProjectorLabels(
+                random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
+                args.classes, args.image_size, adapter_bytes=0).with_precision(prec))
+    h = results["hard"]
     print("ratios (step time; published projector/teacher 1.75x, goal <= 1.3x):")
-    for clip in args.clip:
-        p = results[f"projector ({clip})"]
-        print(f"  {clip:<14} projector/teacher {p['step_s'] / t['step_s']:.2f}x   "
-              f"projector/hard {p['step_s'] / h['step_s']:.2f}x   "
-              f"peak memory projector/teacher {p['peak_mib'] / t['peak_mib']:.2f}x")
+    for prec in args.precisions:
+        t = results[f"teacher (resnet18) {prec}"]
+        for clip in args.clip:
+            p = results[f"projector ({clip}) {prec}"]
+            print(f"  {clip:<14} {prec}  projector/teacher {p['step_s'] / t['step_s']:.2f}x   "
+                  f"projector/hard {p['step_s'] / h['step_s']:.2f}x   "
+                  f"peak memory projector/teacher {p['peak_mib'] / t['peak_mib']:.2f}x")
     if args.json:
         print(json.dumps({"args": vars(args), "device": str(device), "results": results}, indent=1))
 

@@ -201,6 +201,8 @@ class EvalConfig:
                                             default_factory=lambda: ["projector"])
     teacher_labels: str = _help("what the teacher strategy and the stored relabel pass use: observer | "
                                 "window (mean logits of transfer.teacher_window)", default="observer")
+    label_precision: str = _help("online labellers (teacher, projector, the stored relabel pass): auto "
+                                 "(bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32", default="auto")
     parallel: str = _help("how the Train workers share the grid: ddp (every row's batch split over all "
                           "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
                           "when rows outnumber workers and students are small)", default="ddp")
@@ -226,6 +228,8 @@ class EvalConfig:
         _check(self.teacher_labels in ("observer", "window"), f"{p}.teacher_labels",
                "must be 'observer' or 'window'")
         _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")
+        _check(self.label_precision in ("auto", "fp32", "bf16"), f"{p}.label_precision",
+               "must be 'auto', 'fp32' or 'bf16'")
 
 
 @dataclass

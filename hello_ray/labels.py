@@ -138,6 +138,9 @@ def _serialized_size(module: nn.Module) -> int:
     return buf.tell()
 
 
+LABEL_PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def prepare_labeller(model: nn.Module, device: torch.device) -> nn.Module:
     """Frozen, eval mode, on ``device``; channels-last on GPU where convolutions like it."""
     model = model.eval().requires_grad_(False).to(device)
@@ -152,6 +155,7 @@ class _OnlineModel(LabelStrategy):
     def __init__(self, model: nn.Module, num_classes: int, where: str):
         self.model = model.eval().requires_grad_(False)   # probing must not touch BN statistics
         self.device = torch.device("cpu")
+        self.precision = "auto"
         out = self._probe_classes()
         if out != num_classes:
             raise ClassCountMismatch(
@@ -168,6 +172,14 @@ class _OnlineModel(LabelStrategy):
         self.device = device
         return self
 
+    def with_precision(self, precision: str) -> "LabelStrategy":
+        """``auto``: bf16 autocast on GPU, fp32 on CPU; ``bf16``: bf16 autocast everywhere (CPUs
+        with bf16 units label ~1.7x faster); ``fp32``: never. Logits come back as float32."""
+        if precision not in LABEL_PRECISIONS:
+            raise ValueError(f"label precision {precision!r}: must be one of {LABEL_PRECISIONS}")
+        self.precision = precision
+        return self
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -177,7 +189,8 @@ class _OnlineModel(LabelStrategy):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] in [0, 1] -> float32 logits [N, C], no autograd state kept."""
         cuda = images.device.type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and cuda)
+        amp = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with torch.inference_mode(), amp:
             if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -140,3 +140,16 @@ def test_hard_labels_give_the_cutmix_mixed_cross_entropy():
 def test_a_teacher_with_another_class_count_is_a_named_error():
     with pytest.raises(ClassCountMismatch, match="teachers artifact t1: the labeller predicts 5 classes.*has 4"):
         TeacherLabels(build_model("resnet18", 5, S), C, S, where="teachers artifact t1")
+
+
+def test_bf16_labelling_returns_float32_logits_close_to_fp32():
+    torch.manual_seed(0)
+    teacher = TeacherLabels(build_model("resnet18", 10, 32), 10, 32)
+    x = torch.rand(4, 3, 32, 32)
+    exact = teacher.with_precision("fp32").logits(x)
+    fast = teacher.with_precision("bf16").logits(x)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape == (4, 10)
+    assert not torch.equal(fast, exact)                          # autocast really ran in bf16
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
+    with pytest.raises(ValueError, match="label precision 'fp16'"):
+        teacher.with_precision("fp16")

@@ -228,7 +228,8 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
     if base == "hard":
         return HardLabels.write(labels.numpy(), num_classes, store, key, write=rank == 0)
     if base == "projector":
-        return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size).to(device)
+        return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size).to(device).with_precision(
+            cfg.evaluate.label_precision)
     if base == "teacher":
         return teacher
     ev = cfg.evaluate
@@ -260,7 +261,8 @@ def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, 
     else:
         model = load_observer(store, inputs["teachers"])
     return TeacherLabels(model, num_classes, cfg.data.image_size,
-                         where=f"teachers artifact {inputs['teachers']}").to(device)
+                         where=f"teachers artifact {inputs['teachers']}").to(device).with_precision(
+        cfg.evaluate.label_precision)
 
 
 def train_grid(config: dict[str, Any]) -> None:
