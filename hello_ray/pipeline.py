@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,18 @@ RECIPE: dict[str, dict[str, str]] = {
     "refine": {"select": "select", "transfer": "transfer"},
     "evaluate": {"images": "images", "teachers": "teachers", "transfer": "transfer"},
 }
+
+
+def stage_job(argv: list[str], stage: str, description: str) -> tuple[Config, "Store", str]:
+    """What every ``jobs/<stage>.py`` does: parse flags, run ``stage`` after its inputs.
+
+    Returns the config, the store and the stage's artifact key (the job prints its own summary).
+    """
+    setup_logging()
+    prog = os.path.splitext(os.path.basename(sys.argv[0]))[0] or stage  # the job's own name in --help
+    cfg = parse_args(argv, prog=prog, description=description)
+    store, keys = run_through(cfg, stage)
+    return cfg, store, keys[stage]
 
 
 def run_through(cfg: Config, target: str, store: "Store | None" = None,

@@ -13,15 +13,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
+from hello_ray.pipeline import stage_job  # noqa: E402
 from hello_ray.stages import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = parse_args(argv, prog="evaluate", description=__doc__.splitlines()[0])
-    store, keys = run_through(cfg, "evaluate")
-    key = keys["evaluate"]
+    _, store, key = stage_job(argv, "evaluate", __doc__.splitlines()[0])
     print()
     print(evaluate.format_table(store.manifest(key)["summary"]["table"]))
     print(f"\nresults: {store.uri_for(key, 'results.parquet')}")

@@ -12,14 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
+from hello_ray.pipeline import stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = parse_args(argv, prog="refine", description=__doc__.splitlines()[0])
-    store, keys = run_through(cfg, "refine")
-    print(store.uri_for(keys["refine"]))
+    _, store, key = stage_job(argv, "refine", __doc__.splitlines()[0])
+    print(store.uri_for(key))
     return 0
 
 

@@ -10,14 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
+from hello_ray.pipeline import stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = parse_args(argv, prog="select_patches", description="RDED patch selection (stage 2)")
-    store, keys = run_through(cfg, "select")
-    key = keys["select"]
+    cfg, store, key = stage_job(argv, "select", "RDED patch selection (stage 2)")
     summary = store.manifest(key).get("summary", {})
     print(f"\nselect: {store.uri_for(key)}")
     print(f"images: {summary.get('num_images')} ({cfg.select.ipc} per class, {cfg.select.factor}x"

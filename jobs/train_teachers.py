@@ -11,14 +11,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hello_ray.models.ensemble import load_trajectory  # noqa: E402
-from hello_ray.pipeline import parse_args, run_through, setup_logging  # noqa: E402
+from hello_ray.pipeline import stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = parse_args(argv, prog="train_teachers", description="Train the teacher trajectory (stage 1)")
-    store, keys = run_through(cfg, "teachers")
-    key = keys["teachers"]
+    _, store, key = stage_job(argv, "teachers", "Train the teacher trajectory (stage 1)")
     traj = load_trajectory(store, key)
     print(f"\nteachers: {store.uri_for(key)}")
     print(f"observer: {traj['observer']}   wall time: {store.manifest(key)['summary']['wall_s']} s")
