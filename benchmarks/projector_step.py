@@ -12,7 +12,10 @@ real weights), it prints the mean time of:
   the frozen encoder into every LoRA tensor + AdamW), ``hello_ray.stages.transfer`` math with
   the teacher targets precomputed (a real step adds n_teachers x ``teacher fwd``);
 - ``label fwd``: the projector forward that labels a batch, with the LoRA unmerged (extra A/B
-  convs per layer) and merged into the base weights, each in fp32 and under bf16 autocast.
+  convs per layer), merged into the base weights, and merged then prepared as ``evaluate``
+  labels (``hello_ray.labels.prepare_labeller``: BN folded, CLIP's attention pool computed for
+  its one output token, channels-last), each in fp32 and under bf16 autocast;
+- ``teacher prepared``: the ResNet-18 forward after the same preparation (BN folded, channels-last).
 
 and each as a ratio to ``teacher fwd`` on the same batch. CUDA is used when present (then also
 channels-last, as labelling runs there); bf16 runs where the device supports it.
@@ -31,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from hello_ray.labels import prepare_labeller  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.stages.transfer import lora_parameters, transfer_loss  # noqa: E402
 
@@ -74,6 +78,8 @@ def bench_clip(clip: str, image_size: int, batch: int, classes: int, conv_rank: 
     teacher = build_model("resnet18", classes, image_size).to(device, memory_format=fmt).eval()
     projector = random_projector(clip, classes, conv_rank, head_rank).to(device)
     merged = copy.deepcopy(projector).merge_lora().to(device, memory_format=fmt).eval()
+    prepared = prepare_labeller(copy.deepcopy(merged), device, image_size)
+    teacher_prepared = prepare_labeller(copy.deepcopy(teacher), device, image_size)
     projector = projector.to(memory_format=fmt)
     with torch.inference_mode():
         targets = teacher(x).float().unsqueeze(0)  # [1, N, C]
@@ -81,10 +87,14 @@ def bench_clip(clip: str, image_size: int, batch: int, classes: int, conv_rank: 
     opt = torch.optim.AdamW(lora_parameters(projector), lr=5e-4)
     use_bf16 = bf16_supported(device)
 
-    def label(model: torch.nn.Module, bf16: bool) -> Callable[[], object]:
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def label(model: torch.nn.Module, bf16: bool, channels_last: bool = False) -> Callable[[], object]:
+        inputs = x_cl if channels_last else x
+
         def fn():
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                return model(x)
+                return model(inputs)
         return fn
 
     def train_step() -> None:
@@ -98,11 +108,15 @@ def bench_clip(clip: str, image_size: int, batch: int, classes: int, conv_rank: 
     out = {"teacher_fwd_fp32": timed(label(teacher, False), device, repeats)}
     if use_bf16:
         out["teacher_fwd_bf16"] = timed(label(teacher, True), device, repeats)
+    out["teacher_prepared_fp32"] = timed(label(teacher_prepared, False, True), device, repeats)
+    if use_bf16:
+        out["teacher_prepared_bf16"] = timed(label(teacher_prepared, True, True), device, repeats)
     out["train_step"] = timed(train_step, device, repeats)
-    for name, model in (("unmerged", projector), ("merged", merged)):
-        out[f"label_{name}_fp32"] = timed(label(model, False), device, repeats)
+    for name, model in (("unmerged", projector), ("merged", merged), ("prepared", prepared)):
+        cl = name == "prepared"
+        out[f"label_{name}_fp32"] = timed(label(model, False, cl), device, repeats)
         if use_bf16:
-            out[f"label_{name}_bf16"] = timed(label(model, True), device, repeats)
+            out[f"label_{name}_bf16"] = timed(label(model, True, cl), device, repeats)
     return out
 
 

@@ -14,9 +14,13 @@ peak memory of the run for a ResNet-18 student labelled by:
 
 and the ratios projector/teacher (published: 0.21 s / 0.12 s = 1.75x on an A5000; goal <= 1.3x)
 and projector/hard, for each labelling precision of ``--precisions`` (``evaluate.label_precision``:
-fp32, or bf16 autocast; teacher and projector always at the same precision). Labelling runs
-under ``torch.inference_mode`` (channels-last on GPU). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
-(reset per strategy, so it includes everything resident: compare differences, not totals).
+fp32, or bf16 autocast; teacher and projector always at the same precision). Labellers run as
+``evaluate`` runs them (``hello_ray.labels.prepare_labeller``: BN folded, CLIP's attention pool
+for its one output token, channels-last, ``torch.inference_mode``); the student trains
+channels-last as in ``evaluate``. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
+(reset per case, so it includes everything resident: compare differences, not totals). Cases run
+in rounds (``--rounds``), each round in a rotated order after one untimed warm-up run, and each
+case reports its median round: on a shared machine no case gains from running first or last.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hello_ray.labels import HardLabels, LabelStrategy, ProjectorLabels, TeacherLabels  # noqa: E402
@@ -49,7 +54,7 @@ def measure(strategy: LabelStrategy, args, device: torch.device) -> dict:
     n = 2 * args.batch                                         # two steps per epoch
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
     labels = torch.arange(n) % args.classes
-    student = build_model("resnet18", args.classes, args.image_size).to(device)
+    student = build_model("resnet18", args.classes, args.image_size).to(device, memory_format=torch.channels_last)
     s = TrainSettings(epochs=max(1, (args.steps + 1 + 1) // 2), batch_size=args.batch, lr=1e-3, weight_decay=0.01,
                       cutmix_alpha=1.0, loss="mse_ce", ce_weight=0.025, temperature=4.0,
                       image_size=args.image_size)
@@ -66,6 +71,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--classes", type=int, default=1000 if cuda else 100)
     ap.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps (one more is warm-up)")
+    ap.add_argument("--rounds", type=int, default=3 if cuda else 2,
+                    help="rounds over all cases, in rotated order; each case reports its median round")
     ap.add_argument("--clip", nargs="+", default=["hello-tiny-rn", "RN50"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="labelling precisions to measure (teacher and projector alike)")
@@ -74,32 +81,53 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'}), "
           f"ResNet-18 student, batch {args.batch}, {args.image_size} px, {args.classes} classes, "
-          f"{args.steps} timed steps", flush=True)
+          f"{args.steps} timed steps x {args.rounds} rounds", flush=True)
+
+    # A case is (labeller, precision). Each case builds its labeller afresh and drops it after,
+    # so the peak memory of a case holds that labeller's weights and no other's.
+    def projector(clip: str):
+        return lambda: ProjectorLabels(random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
+                                       args.classes, args.image_size, adapter_bytes=0)
+
+    factories = {
+        "hard": lambda: HardLabels(torch.zeros(1).numpy(), args.classes, 0),
+        "teacher (resnet18)": lambda: TeacherLabels(build_model("resnet18", args.classes, args.image_size),
+                                                    args.classes, args.image_size),
+        **{f"projector ({clip})": projector(clip) for clip in args.clip},
+    }
+    cases = [("hard", None)] + [(name, prec) for prec in args.precisions for name in factories if name != "hard"]
+
+    def case_name(name: str, prec: str | None) -> str:
+        return name if prec is None else f"{name} {prec}"
+
+    # One untimed run first: allocator and oneDNN/cuDNN kernel caches warm for everyone.
+    measure(factories["hard"](), argparse.Namespace(**{**vars(args), "steps": 2}), device)
+    rounds: dict[str, list[dict]] = {case_name(*c): [] for c in cases}
+    for r in range(args.rounds):
+        shift = r % len(cases)                                   # rotate: no case always goes first
+        for name, prec in cases[shift:] + cases[:shift]:
+            torch.manual_seed(0)
+            strategy = factories[name]().to(device)
+            if prec is not None:
+                strategy.with_precision(prec)
+            rounds[case_name(name, prec)].append(measure(strategy, args, device))
+            del strategy
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"  round {r + 1}/{args.rounds} done", flush=True)
     results: dict[str, dict] = {}
-
-    def run(name: str, make) -> None:
-        strategy = make()
-        results[name] = measure(strategy.to(device), args, device)
-        r = results[name]
-        print(f"  {name:<24} step {r['step_s'] * 1e3:8.1f} ms   peak {r['peak_mib']:8.0f} MiB ({r['mem_kind']})",
-              flush=True)
-        del strategy
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-
-    run("hard", lambda: HardLabels(torch.zeros(1).numpy(), args.classes, 0))
-    for prec in args.precisions:
-        torch.manual_seed(0)
-        run(f"teacher (resnet18) {prec}", lambda: TeacherLabels(
-            build_model("resnet18", args.classes, args.image_size), args.classes, args.image_size
-        ).with_precision(prec))
-        for clip in args.clip:
-            run(f"projector ({clip}) {prec}", lambda: ProjectorLabels(
-                random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
-                args.classes, args.image_size, adapter_bytes=0).with_precision(prec))
+    for key, runs in rounds.items():
+        step = float(np.median([x["step_s"] for x in runs]))
+        results[key] = {"step_s": step, "step_s_rounds": [x["step_s"] for x in runs],
+                        "peak_mib": max(x["peak_mib"] for x in runs), "mem_kind": runs[0]["mem_kind"],
+                        "steps": runs[0]["steps"]}
+        r = results[key]
+        print(f"  {key:<32} step {step * 1e3:8.1f} ms (rounds: "
+              f"{', '.join(f'{x * 1e3:.0f}' for x in r['step_s_rounds'])})   "
+              f"peak {r['peak_mib']:8.0f} MiB ({r['mem_kind']})", flush=True)
     h = results["hard"]
-    print("ratios (step time; published projector/teacher 1.75x, goal <= 1.3x):")
+    print("ratios (median step time; published projector/teacher 1.75x, goal <= 1.3x):")
     for prec in args.precisions:
         t = results[f"teacher (resnet18) {prec}"]
         for clip in args.clip:

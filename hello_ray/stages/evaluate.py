@@ -356,7 +356,8 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
         keep = torch.isin(y, classes)
         x, y = x[keep], y[keep]
     seed_everything(row["seed"])
-    model = build_model(row["student"], num_classes, cfg.data.image_size)
+    # Channels-last before DDP wraps it: oneDNN and cuDNN convolve fastest in it (CPU: ~10 % per step).
+    model = build_model(row["student"], num_classes, cfg.data.image_size).to(memory_format=torch.channels_last)
     model = prepare_model(model) if world > 1 else model.to(device)
     settings = settings_for(cfg, row["student"])
     with PeakMemory(device) as mem:

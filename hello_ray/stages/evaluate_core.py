@@ -144,7 +144,7 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             ctx = LabelContext(y_a=y[part].to(device), y_b=y[view.perm][part].to(device), lam=view.lam,
                                num_classes=num_classes,
                                stored_logits=None if view.logits is None else view.logits[part])
-            xb = x[part].to(device, non_blocking=True)
+            xb = x[part].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             target = strategy.label(xb, ctx)                  # [n, C]
             out = model(xb)                                   # [n, C]
             if cols is not None:
