@@ -174,3 +174,24 @@ def test_student_core_learns_and_gdumb_masks_unseen_classes():
     val = [(x.permute(0, 2, 3, 1).numpy(), y.numpy())]            # NHWC uint8, as decoded rows come
     correct, total = top1_counts(model, val, torch.device("cpu"), classes=seen)
     assert total == 20 and correct == 20                          # only classes 0, 1; argmax over them
+
+
+def test_floor_sample_does_not_depend_on_where_the_dataset_lives(ray_local):
+    """Two copies of one dataset (say a local folder and its S3 upload) give the same floor images."""
+    import ray
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+
+    def rows(root: str) -> "ray.data.Dataset":
+        return ray.data.from_items([{"image": images[i], "label": i % 4,
+                                     "id": f"{root}/digits-1a2b/train-00000-of-00001.parquet:{i}"}
+                                    for i in range(40)])
+
+    x1, y1 = evaluate.sample_floor(rows("/tmp/here"), 4, 3, seed=0)
+    x2, y2 = evaluate.sample_floor(rows("s3://bucket/prefix"), 4, 3, seed=0)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert len(y1) == 12 and np.bincount(y1).tolist() == [3, 3, 3, 3]
+    x3, _ = evaluate.sample_floor(rows("/tmp/here"), 4, 3, seed=1)
+    assert not np.array_equal(x1, x3)                 # the seed still picks the sample

@@ -92,9 +92,18 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
     return rows
 
 
+def floor_key(sample_id: str) -> str:
+    """The part of a sample id that does not depend on where the dataset lives: its last two path
+    parts (``<class folder>/<file>`` or ``<dataset folder>/<shard>:<row>``). Ids are full paths
+    so errors can name the file; hashing those made the floor differ between two copies of one
+    dataset (a local folder and its S3 upload, or two stores)."""
+    return "/".join(str(sample_id).replace("\\", "/").split("/")[-2:])
+
+
 def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """ipc random real training images per class, streaming: per class keep the ipc rows whose
-    seeded hash of the id is smallest (memory = ipc x classes images, whatever the dataset size).
+    seeded hash of the id (``floor_key``: location-independent) is smallest (memory = ipc x
+    classes images, whatever the dataset size).
 
     train_ds rows: {"image": uint8 [S, S, 3], "label", "id"} (decoded). -> (uint8 [N,S,S,3], labels [N]).
     """
@@ -103,7 +112,7 @@ def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.nd
     best: dict[int, list[tuple[bytes, np.ndarray]]] = {c: [] for c in range(num_classes)}
     for batch in train_ds.iter_batches(batch_size=256, batch_format="numpy"):
         for img, lab, rid in zip(batch["image"], batch["label"], batch["id"]):
-            h = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
+            h = hashlib.sha256(f"{seed}:{floor_key(rid)}".encode()).digest()
             keep = best[int(lab)]
             keep.append((h, img))
             if len(keep) > ipc:
