@@ -21,6 +21,13 @@ channels-last as in ``evaluate``. Peak memory: ``torch.cuda.max_memory_allocated
 (reset per case, so it includes everything resident: compare differences, not totals). Cases run
 in rounds (``--rounds``), each round in a rotated order after one untimed warm-up run, and each
 case reports its median round: on a shared machine no case gains from running first or last.
+
+bf16 is measured by default only where the device computes it natively (``runtime.native_bf16``:
+Ampere+ GPUs, AVX-512 CPUs); elsewhere it is emulated and only slower (``--precisions fp32 bf16``
+measures it anyway). The FLOP line counts, per image, the student's forward + backward and each
+labeller's forward (``torch.utils.flop_counter``), and the step-time ratio those FLOPs alone would
+give: where the measured ratio sits near it, the step is compute-bound and only a cheaper labeller
+(fewer FLOPs, or bf16 units) moves it.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import torch  # noqa: E402
 
 from hello_ray.labels import HardLabels, LabelStrategy, ProjectorLabels, TeacherLabels  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
-from hello_ray.runtime import seed_everything  # noqa: E402
+from hello_ray.runtime import native_bf16, seed_everything  # noqa: E402
 from hello_ray.stages.evaluate_core import PeakMemory, TrainSettings, train_student  # noqa: E402
 
 
@@ -64,6 +71,22 @@ def measure(strategy: LabelStrategy, args, device: torch.device) -> dict:
             "mem_kind": mem.kind}
 
 
+def flops_per_image(fn, image_size: int, device: torch.device) -> float:
+    """FLOPs of ``fn(x)`` for one image [1, 3, S, S] (convolutions and matmuls, as counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        fn(x)
+    return float(counter.get_total_flops())
+
+
+def student_flops(classes: int, image_size: int, device: torch.device) -> float:
+    """Forward + backward FLOPs of one ResNet-18 student image (the optimizer step is negligible)."""
+    student = build_model("resnet18", classes, image_size).to(device, memory_format=torch.channels_last).train()
+    return flops_per_image(lambda x: student(x).sum().backward(), image_size, device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -74,14 +97,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3 if cuda else 2,
                     help="rounds over all cases, in rotated order; each case reports its median round")
     ap.add_argument("--clip", nargs="+", default=["hello-tiny-rn", "RN50"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                    help="labelling precisions to measure (teacher and projector alike)")
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = native_bf16(device)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"] if bf16 else ["fp32"],
+                    choices=["fp32", "bf16"],
+                    help="labelling precisions to measure (teacher and projector alike); default fp32, "
+                         "plus bf16 where the device has native bf16")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'}), "
+    what = (torch.cuda.get_device_name() if cuda
+            else f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    print(f"device {device} ({what}; native bf16: {'yes' if bf16 else 'no'}), "
           f"ResNet-18 student, batch {args.batch}, {args.image_size} px, {args.classes} classes, "
-          f"{args.steps} timed steps x {args.rounds} rounds", flush=True)
+          f"{args.steps} timed steps x {args.rounds} rounds, precisions {' '.join(args.precisions)}", flush=True)
 
     # A case is (labeller, precision). Each case builds its labeller afresh and drops it after,
     # so the peak memory of a case holds that labeller's weights and no other's.
@@ -99,6 +127,16 @@ def main() -> None:
 
     def case_name(name: str, prec: str | None) -> str:
         return name if prec is None else f"{name} {prec}"
+
+    # FLOPs per image: what the ratio would be if every FLOP cost the same time.
+    flops = {"student": student_flops(args.classes, args.image_size, device)}
+    for name in factories:
+        if name != "hard":
+            labeller = factories[name]().to(device)
+            flops[name] = flops_per_image(lambda x: labeller.logits(x), args.image_size, device)
+            del labeller
+    print("GFLOPs per image: student fwd+bwd {:.2f}; ".format(flops["student"] / 1e9)
+          + "; ".join(f"{k} fwd {v / 1e9:.2f}" for k, v in flops.items() if k != "student"), flush=True)
 
     # One untimed run first: allocator and oneDNN/cuDNN kernel caches warm for everyone.
     measure(factories["hard"](), argparse.Namespace(**{**vars(args), "steps": 2}), device)
@@ -127,16 +165,21 @@ def main() -> None:
               f"{', '.join(f'{x * 1e3:.0f}' for x in r['step_s_rounds'])})   "
               f"peak {r['peak_mib']:8.0f} MiB ({r['mem_kind']})", flush=True)
     h = results["hard"]
-    print("ratios (median step time; published projector/teacher 1.75x, goal <= 1.3x):")
+    print("ratios (median step time; published projector/teacher 1.75x, goal <= 1.3x; "
+          "'FLOPs' = (student + projector) / (student + teacher) FLOPs):")
+    f_s, f_t = flops["student"], flops["teacher (resnet18)"]
     for prec in args.precisions:
         t = results[f"teacher (resnet18) {prec}"]
         for clip in args.clip:
             p = results[f"projector ({clip}) {prec}"]
-            print(f"  {clip:<14} {prec}  projector/teacher {p['step_s'] / t['step_s']:.2f}x   "
+            f_p = flops[f"projector ({clip})"]
+            print(f"  {clip:<14} {prec}  projector/teacher {p['step_s'] / t['step_s']:.2f}x "
+                  f"(FLOPs {(f_s + f_p) / (f_s + f_t):.2f}x)   "
                   f"projector/hard {p['step_s'] / h['step_s']:.2f}x   "
                   f"peak memory projector/teacher {p['peak_mib'] / t['peak_mib']:.2f}x")
     if args.json:
-        print(json.dumps({"args": vars(args), "device": str(device), "results": results}, indent=1))
+        print(json.dumps({"args": vars(args), "device": str(device), "native_bf16": bf16, "flops": flops,
+                          "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,8 @@ class EvalConfig:
     teacher_labels: str = _help("what the teacher strategy and the stored relabel pass use: observer | "
                                 "window (mean logits of transfer.teacher_window)", default="observer")
     label_precision: str = _help("online labellers (teacher, projector, the stored relabel pass): auto "
-                                 "(bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32", default="auto")
+                                 "(bf16 autocast on GPUs with native bf16, Ampere on; fp32 on CPU and older GPUs) | "
+                                 "bf16 (warns where emulated: slower than fp32) | fp32", default="auto")
     parallel: str = _help("how the Train workers share the grid: ddp (every row's batch split over all "
                           "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
                           "when rows outnumber workers and students are small)", default="ddp")

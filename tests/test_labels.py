@@ -153,3 +153,33 @@ def test_bf16_labelling_returns_float32_logits_close_to_fp32():
     torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
     with pytest.raises(ValueError, match="label precision 'fp16'"):
         teacher.with_precision("fp16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_warns_where_the_cpu_emulates_it(caplog):
+    import logging
+
+    from hello_ray import labels as labels_module
+    from hello_ray.runtime import native_bf16
+
+    cpu = torch.device("cpu")
+    flags = _cpu_flags()
+    if flags and not any(f.startswith("avx512") or f.startswith("amx") for f in flags):
+        assert not native_bf16(cpu)                              # AVX2 and older: oneDNN emulates bf16
+    torch.manual_seed(0)
+    teacher = TeacherLabels(build_model("resnet18", 10, 32), 10, 32).to(cpu)
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(teacher.with_precision("auto").logits(x), teacher.with_precision("fp32").logits(x))
+    labels_module._warned_emulated.clear()
+    with caplog.at_level(logging.WARNING, logger="hello_ray"):
+        teacher.with_precision("bf16")
+        teacher.with_precision("bf16")
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native_bf16(cpu) else 1)         # once per process, not per call
