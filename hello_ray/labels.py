@@ -207,7 +207,7 @@ class _OnlineModel(LabelStrategy):
         """``auto``: bf16 autocast on GPUs that compute bf16 natively (Ampere on), fp32 on CPU and
         older GPUs; ``bf16``: bf16 autocast everywhere; ``fp32``: never. Logits come back as float32.
 
-        bf16 only pays where the hardware has it: on a CPU with AVX512-BF16/AMX the RN50 projector's
+        bf16 only pays where the hardware has it: on a CPU with bf16 units the RN50 projector's
         step fell from 1.60x to 1.15x a teacher-labelled step, on an AVX2-only CPU it rose to 2.7x
         (emulated). Asking for bf16 on such a device logs a warning once.
         """

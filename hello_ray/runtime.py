@@ -48,7 +48,7 @@ def native_bf16(device: torch.device) -> bool:
     whose oneDNN supports bf16 (AVX-512 and newer; fastest with AVX512-BF16 or AMX). Elsewhere bf16
     is emulated and slower than fp32: an AVX2-only EPYC labelled with RN50 4x slower in bf16."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_capability(device)[0] >= 8    # this GPU, not the current one
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
