@@ -37,7 +37,7 @@ from torch import nn
 
 from hello_ray.data.augment import apply_crop_flip, apply_cutmix, cutmix, random_resized_crop_flip
 from hello_ray.data.errors import DataError
-from hello_ray.runtime import native_bf16
+from hello_ray.runtime import auto_bf16, native_bf16
 
 LABELS_DIR = "labels"
 log = logging.getLogger("hello_ray")
@@ -200,7 +200,7 @@ class _OnlineModel(LabelStrategy):
     def to(self, device: torch.device) -> "LabelStrategy":
         self.model = prepare_labeller(self.model, device, getattr(self, "image_size", 32))
         self.device = device
-        self._auto_bf16 = device.type == "cuda" and native_bf16(device)
+        self._auto_bf16 = auto_bf16(device)
         return self
 
     def with_precision(self, precision: str) -> "LabelStrategy":

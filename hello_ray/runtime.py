@@ -57,6 +57,12 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def auto_bf16(device: torch.device) -> bool:
+    """What "auto" precision means everywhere (labelling, transfer): bf16 autocast on GPUs with
+    native bf16; fp32 on CPUs, whose bf16 speed-up depends on the part and which keep fp32 results."""
+    return device.type == "cuda" and native_bf16(device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

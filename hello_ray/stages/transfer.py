@@ -40,7 +40,7 @@ from torch import nn
 
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.data.augment import train_crop_scale
-from hello_ray.runtime import native_bf16
+from hello_ray.runtime import auto_bf16
 
 log = logging.getLogger("hello_ray")
 
@@ -67,16 +67,11 @@ def transfer_loss(proj_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "ce": float(ce.detach())}
 
 
-def gpu_bf16(device: torch.device) -> bool:
-    """Transfer autocasts to bf16 on GPUs that compute it natively; CPUs and older GPUs stay fp32."""
-    return device.type == "cuda" and native_bf16(device)
-
-
 def teacher_targets(teachers: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Teacher logits [T, N, C] (fp32, a normal tensor usable in autograd) for images [N, 3, H, W]."""
     teachers.eval()
     with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
-                                                enabled=gpu_bf16(images.device)):
+                                                enabled=auto_bf16(images.device)):
         t = teachers(images)  # [T, N, C]
     # Inference tensors cannot be saved for backward; a clone outside inference mode can.
     return t.float().clone()
@@ -101,7 +96,7 @@ def transfer_step(projector: nn.Module, teachers: nn.Module, images: torch.Tenso
     targets = teacher_targets(teachers, images)  # [T, N, C]
     projector.eval()
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=gpu_bf16(images.device)):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=auto_bf16(images.device)):
         logits = projector(images)  # [N, C]
     loss, parts = transfer_loss(logits.float(), targets, labels, ce_weight)
     loss.backward()
