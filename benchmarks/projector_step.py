@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from hello_ray.labels import prepare_labeller  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
-from hello_ray.stages.transfer import lora_parameters, transfer_loss  # noqa: E402
+from hello_ray.stages.transfer_core import lora_parameters, transfer_loss  # noqa: E402
 
 
 def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ class TeacherConfig:
         for k in ("epochs", "batch_size", "lr_step"):
             _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
         _check(self.lr > 0, f"{p}.lr", "must be > 0")
+        for k in ("momentum", "weight_decay", "lr_gamma"):
+            _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
         _check(self.observer in ("last", "torchvision") or self.observer.startswith("epoch:"),
                f"{p}.observer", "must be 'last', 'epoch:N' or 'torchvision'")
 
@@ -149,6 +152,10 @@ class TransferConfig:
                "must be 'separable' or 'standard'")
         _check(self.adapter_dtype in ("fp32", "fp16", "int8"), f"{p}.adapter_dtype",
                "must be fp32, fp16 or int8")
+        _check(self.lr > 0, f"{p}.lr", "must be > 0 (a zero or negative rate trains nothing or diverges)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.ce_weight >= 0, f"{p}.ce_weight", "must be >= 0")
+        _check(self.lora_alpha_ratio > 0, f"{p}.lora_alpha_ratio", "must be > 0")
         parse_window(self.teacher_window, f"{p}.teacher_window")
 
 
@@ -220,6 +227,10 @@ class EvalConfig:
         for s, lr in self.lr.items():
             _check(lr > 0, f"{p}.lr.{s}", "must be > 0 (a zero rate trains nothing)")
         _check(self.loss in ("mse_ce", "kl"), f"{p}.loss", "must be 'mse_ce' or 'kl'")
+        _check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+        _check(self.cutmix_alpha >= 0, f"{p}.cutmix_alpha", "must be >= 0 (0 disables CutMix)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.ce_weight >= 0, f"{p}.ce_weight", "must be >= 0")
         _check(self.epochs >= 1 and self.batch_size >= 1, f"{p}.epochs", "epochs and batch_size >= 1")
         _check(len(self.seeds) >= 1, f"{p}.seeds", "name at least one seed")
         _check(all(n >= 2 for n in self.continual_steps), f"{p}.continual_steps", "each must be >= 2")
@@ -332,6 +343,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf / .nan as floats; no setting means either
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -1,29 +1,36 @@
-"""The recipe: teachers -> select -> transfer -> refine -> evaluate -> report.
+"""The recipe: teachers -> select | transfer -> refine -> evaluate -> report, read top to bottom.
 
 Every stage reads artifacts by key and writes one artifact whose key is derived from its
 config and its inputs' keys. ``run_stage`` skips a stage whose artifact is already finished,
 so a re-run with the same config is a no-op, a crashed run resumes at the stage that died
 (and, inside Ray Train stages, at its last checkpoint), and a second IPC reuses the teachers.
+
+Every stage module has one shape (``hello_ray/stages/<name>.py``, the Ray wrapper; its compute in
+``<name>_core.py`` beside it): ``STAGE``, ``INPUTS`` (its input roles), ``stage_config(cfg)``
+(what keys its artifact), ``check(cfg)`` (pure rules, run for every stage before any starts),
+``resources(cfg)`` (what it holds at once) and ``run(cfg, store, key, inputs)``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray
+from hello_ray.stages import evaluate, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 log = logging.getLogger("hello_ray")
+
+STAGES: tuple[ModuleType, ...] = (teachers, select, transfer, refine, evaluate)  # recipe order
 
 
 # ---------------------------------------------------------------------------- command line
@@ -41,7 +48,8 @@ def build_parser(prog: str = "distill", description: str = "") -> argparse.Argum
 
 def parse_args(argv: list[str] | None = None, prog: str = "distill",
                description: str = "") -> Config:
-    """argv -> validated Config (exits with status 2 and the key at fault on a bad value)."""
+    """argv -> a Config that passed every stage's check (exits with status 2 naming the key at
+    fault on a bad value, before Ray starts or the store is touched)."""
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     if args.help_config:
@@ -52,7 +60,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "distill",
     if args.store:
         overrides.append(f"store={args.store}")
     try:
-        return load_config(args.preset, args.config, overrides)
+        cfg = load_config(args.preset, args.config, overrides)
+        check(cfg)
+        return cfg
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")
     raise AssertionError("unreachable")
@@ -61,6 +71,25 @@ def parse_args(argv: list[str] | None = None, prog: str = "distill",
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=False)
+
+
+# ---------------------------------------------------------------------------- checks before compute
+
+def check(cfg: Config) -> None:
+    """Every stage's pure ``check`` (no I/O, no compute): a bad value fails here, in seconds,
+    naming its key, before Ray starts or the store is written."""
+    for stage in active_stages(cfg):
+        stage.check(cfg)
+
+
+def active_stages(cfg: Config) -> list[ModuleType]:
+    """The stages a full run executes, in order (refine only when enabled)."""
+    return [s for s in STAGES if s is not refine or cfg.refine.enabled]
+
+
+def check_resources(cfg: Config) -> None:
+    """Each stage's ask against what the (local) Ray has, before the first stage starts."""
+    launcher.check_resources({s.STAGE: s.resources(cfg) for s in active_stages(cfg)}, cfg.compute)
 
 
 # ---------------------------------------------------------------------------- stage runner
@@ -78,6 +107,8 @@ def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, 
     dies half-way leaves nothing that readers would take for a finished artifact.
     """
     inputs = dict(inputs or {})
+    if set(inputs) != set(stage.INPUTS):
+        raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
     config = stage.stage_config(cfg)
     key = store.artifact_key(stage.STAGE, config, inputs)
     if store.exists(key):
@@ -93,6 +124,65 @@ def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, 
 
 
 @dataclass
+class Run:
+    """One run of the recipe: its config, its store and the artifact keys made so far (by stage;
+    "images" is the distilled set evaluate reads: the refined one, or the selection)."""
+    cfg: Config
+    store: "Store"
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
+        """Checks first (config, then the cluster's room for every stage), then the store."""
+        check(cfg)
+        ensure_ray(cfg.compute)
+        check_resources(cfg)
+        return cls(cfg, store if store is not None else open_run_store(cfg))
+
+    def stage(self, stage: ModuleType, inputs: dict[str, str]) -> str:
+        """The stage's key in this run: made once, then remembered."""
+        if stage.STAGE not in self.keys:
+            self.keys[stage.STAGE] = run_stage(stage, self.cfg, self.store, inputs)
+        return self.keys[stage.STAGE]
+
+
+# ---------------------------------------------------------------------------- the recipe's steps
+# Each step runs its stage after the steps it needs (each of those runs once per Run), so a
+# per-stage job or a sweep trial calls exactly the step it wants.
+
+def run_teachers(run: Run) -> str:
+    """Stage 1: the teacher trajectory (the observer and the multi-weak teachers)."""
+    return run.stage(teachers, {})
+
+
+def run_select(run: Run) -> str:
+    """Stage 2: RDED patch selection with the observer."""
+    return run.stage(select, {"teachers": run_teachers(run)})
+
+
+def run_transfer(run: Run) -> str:
+    """Stage 3: the LoRA projector fitted to the teacher window (needs no images)."""
+    return run.stage(transfer, {"teachers": run_teachers(run)})
+
+
+def run_refine(run: Run) -> str:
+    """Stage 4: the image update of the selected images on the projector."""
+    return run.stage(refine, {"select": run_select(run), "transfer": run_transfer(run)})
+
+
+def run_images(run: Run) -> str:
+    """The distilled images evaluate trains on: refined when refine is on, else the selection."""
+    run.keys["images"] = run_refine(run) if run.cfg.refine.enabled else run_select(run)
+    return run.keys["images"]
+
+
+def run_evaluate(run: Run) -> str:
+    """Stage 5/6: students on the distilled images with every label strategy."""
+    return run.stage(evaluate, {"images": run_images(run), "teachers": run_teachers(run),
+                                "transfer": run_transfer(run)})
+
+
+@dataclass
 class RunResult:
     """What a pipeline run produced: artifact keys by stage, the results table, the report."""
     keys: dict[str, str] = field(default_factory=dict)
@@ -102,62 +192,31 @@ class RunResult:
     wall_s: float = 0.0
 
 
-# The recipe as data: each stage's inputs (role -> the stage that makes it). "images" is the
-# refined set, or the selection itself when refine is off.
-RECIPE: dict[str, dict[str, str]] = {
-    "teachers": {},
-    "select": {"teachers": "teachers"},
-    "transfer": {"teachers": "teachers"},
-    "refine": {"select": "select", "transfer": "transfer"},
-    "evaluate": {"images": "images", "teachers": "teachers", "transfer": "transfer"},
-}
-
-
-def stage_job(argv: list[str], stage: str, description: str) -> tuple[Config, "Store", str]:
-    """What every ``jobs/<stage>.py`` does: parse flags, run ``stage`` after its inputs.
-
-    Returns the config, the store and the stage's artifact key (the job prints its own summary).
-    """
-    setup_logging()
-    prog = os.path.splitext(os.path.basename(sys.argv[0]))[0] or stage  # the job's own name in --help
-    cfg = parse_args(argv, prog=prog, description=description)
-    store, keys = run_through(cfg, stage)
-    return cfg, store, keys[stage]
-
-
-def run_through(cfg: Config, target: str, store: "Store | None" = None,
-                keys: dict[str, str] | None = None) -> tuple["Store", dict[str, str]]:
-    """Run ``target`` after exactly the stages it needs (each skipped when finished).
-
-    Returns the store and the artifact keys by stage (plus "images"). The stage jobs call
-    this, so a job never re-spells the wiring; ``transfer`` never triggers ``select``.
-    """
-    from hello_ray import stages
-
-    if store is None:
-        store = open_run_store(cfg)
-        ensure_ray(cfg.compute)
-    keys = {} if keys is None else keys
-    if target == "images":
-        target = "refine" if cfg.refine.enabled else "select"
-        run_through(cfg, target, store, keys)
-        keys["images"] = keys[target]
-        return store, keys
-    if target not in keys:
-        inputs = {role: run_through(cfg, source, store, keys)[1][source]
-                  for role, source in RECIPE[target].items()}
-        module = importlib.import_module(f"{stages.__name__}.{target}")
-        keys[target] = run_stage(module, cfg, store, inputs)
-    return store, keys
-
-
 def distill(cfg: Config) -> RunResult:
-    """The whole recipe: teachers -> select -> transfer -> refine -> evaluate, then the report."""
+    """The whole recipe, in order; then the report."""
     t0 = time.perf_counter()
-    store, keys = run_through(cfg, "evaluate")
-    result = make_report(cfg, store, keys)
+    run = Run.start(cfg)
+    run_teachers(run)
+    # select and transfer each need only the teachers: neither reads the other's artifact.
+    run_select(run)
+    run_transfer(run)
+    run_images(run)        # refine (when enabled) adapts the selected images to the projector
+    run_evaluate(run)
+    result = make_report(cfg, run.store, run.keys)
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def stage_job(argv: list[str], step: "Any", description: str) -> tuple[Config, "Store", str]:
+    """What every ``jobs/<stage>.py`` does: parse flags, run ``step`` (e.g. :func:`run_select`)
+    after exactly the steps it needs. Returns the config, the store and the stage's key."""
+    import os
+
+    setup_logging()
+    prog = os.path.splitext(os.path.basename(sys.argv[0]))[0] or step.__name__
+    cfg = parse_args(argv, prog=prog, description=description)
+    run = Run.start(cfg)
+    return cfg, run.store, step(run)
 
 
 def make_report(cfg: Config, store: "Store", keys: dict[str, str],
@@ -183,12 +242,17 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python jobs/distill.py`` / ``hello-ray distill``: the recipe, then the results table and
+    the report's location as the last lines of the output."""
     setup_logging()
     cfg = parse_args(argv, prog="distill", description="HeLlO dataset distillation, end to end")
-    result = distill(cfg)
-    print()
+    try:
+        result = distill(cfg)
+    except ConfigError as e:  # a stage that could never be scheduled here: refused before compute
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+    print("\nartifacts: " + ", ".join(f"{s}={k}" for s, k in result.keys.items()))
+    print(f"wall time: {result.wall_s:.1f} s\n")
     print(result.table)
-    print(f"\nartifacts: " + ", ".join(f"{s}={k}" for s, k in result.keys.items()))
-    print(f"report:    {result.report_uri}")
-    print(f"wall time: {result.wall_s:.1f} s")
+    print(f"\nreport:    {result.report_uri}")
     return 0

@@ -1,9 +1,10 @@
 """Ray Tune over LoRA ranks and teacher windows (the published ablations).
 
-The teachers and the RDED selection are computed once and shared; each trial is
-transfer + evaluate (projector labels) on that selection. A trial is a plain function
-that runs the stages, whose Ray Train stages build their own TorchTrainer (the Ray 2.5x
-pattern: Tune drives a function, never a trainer object). Trials write their artifacts
+The teachers and the RDED selection are computed once and shared; each trial is transfer,
+refine (when ``refine.enabled``: the images adapt to *that trial's* projector) and evaluate
+(projector labels), through the same recipe steps as ``pipeline.distill``. A trial is a plain
+function that runs the steps, whose Ray Train stages build their own TorchTrainer through the
+launcher (the Ray 2.5x pattern: Tune drives a function, never a trainer object). Trials write their artifacts
 into the same store with keys derived from their config, so a re-run of the sweep finds
 the finished trials and reports them without retraining.
 
@@ -19,8 +20,8 @@ import time
 from typing import Any
 
 from hello_ray.config import Config
-from hello_ray.pipeline import make_report, open_run_store, parse_args, run_stage, setup_logging
-from hello_ray.runtime import ensure_ray
+from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_select, run_teachers,
+                                run_transfer, setup_logging)
 
 log = logging.getLogger("hello_ray")
 
@@ -38,22 +39,24 @@ def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
     return t.validate()
 
 
+def trial_run(cfg: Config, keys: dict[str, str]) -> Run:
+    """A Run of one trial's config that starts from the shared teachers and selection."""
+    return Run(cfg, open_run_store(cfg), {k: keys[k] for k in ("teachers", "select")})
+
+
 def run_trial(params: dict[str, Any]) -> None:
-    """One Tune trial (runs in a Tune actor): transfer, report fidelity, evaluate, report top-1."""
+    """One Tune trial (runs in a Tune actor): transfer, report fidelity, refine + evaluate,
+    report top-1."""
     from ray import tune
 
-    from hello_ray.stages import evaluate, transfer
-
-    cfg: Config = params["cfg"]
-    t = trial_config(cfg, params["conv_rank"], params["window"])
-    store = open_run_store(t)
-    keys = params["keys"]
-    k_transfer = run_stage(transfer, t, store, {"teachers": keys["teachers"]})
+    t = trial_config(params["cfg"], params["conv_rank"], params["window"])
+    run = trial_run(t, params["keys"])
+    store = run.store
+    k_transfer = run_transfer(run)
     fidelity = store.manifest(k_transfer).get("summary", {}).get("fidelity_after", {})
     tune.report({"score": float(fidelity.get("agreement", 0.0)), "rung": "transfer",
                  "transfer_key": k_transfer})
-    k_eval = run_stage(evaluate, t, store, {"images": keys["select"], "teachers": keys["teachers"],
-                                             "transfer": k_transfer})
+    k_eval = run_evaluate(run)
     rows = _eval_rows(store, k_eval)
     top1 = sum(r["top1"] for r in rows) / max(len(rows), 1)
     tune.report({"score": top1, "top1": top1, "rung": "evaluate", "transfer_key": k_transfer,
@@ -73,15 +76,12 @@ def sweep(cfg: Config) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from hello_ray.stages import select, teachers
-
     t0 = time.perf_counter()
-    store = open_run_store(cfg)
-    ensure_ray(cfg.compute)
-    keys = {"teachers": run_stage(teachers, cfg, store)}
-    keys["select"] = run_stage(select, cfg, store, {"teachers": keys["teachers"]})
-    for w in cfg.sweep.windows:  # fail before any trial starts, not in the middle of the grid
+    for w in cfg.sweep.windows:  # fail before any compute, not in the middle of the grid
         trial_config(cfg, cfg.sweep.conv_ranks[0], w)
+    shared = Run.start(cfg)
+    store = shared.store
+    keys = {"teachers": run_teachers(shared), "select": run_select(shared)}
 
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
                                reduction_factor=2)
@@ -116,13 +116,9 @@ def sweep(cfg: Config) -> dict[str, Any]:
     report = None
     if best is not None:
         best_cfg = trial_config(cfg, best["conv_rank"], best["window"])
-        from hello_ray.stages import evaluate, transfer
-
-        k = dict(keys)
-        k["transfer"] = run_stage(transfer, best_cfg, store, {"teachers": keys["teachers"]})
-        k["evaluate"] = run_stage(evaluate, best_cfg, store, {
-            "images": keys["select"], "teachers": keys["teachers"], "transfer": k["transfer"]})
-        report = make_report(best_cfg, store, k, sweep_rows=rows)
+        run = trial_run(best_cfg, keys)  # every stage of the best trial is finished: found, not rerun
+        run_evaluate(run)
+        report = make_report(best_cfg, store, run.keys, sweep_rows=rows)
     return {"rows": rows, "best": best, "report_uri": report.report_uri if report else "",
             "wall_s": time.perf_counter() - t0}
 

@@ -10,11 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import stage_job  # noqa: E402
+from hello_ray.pipeline import run_select, stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    cfg, store, key = stage_job(argv, "select", "RDED patch selection (stage 2)")
+    cfg, store, key = stage_job(argv, run_select, "RDED patch selection (stage 2)")
     summary = store.manifest(key).get("summary", {})
     print(f"\nselect: {store.uri_for(key)}")
     print(f"images: {summary.get('num_images')} ({cfg.select.ipc} per class, {cfg.select.factor}x"

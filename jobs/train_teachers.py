@@ -11,11 +11,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hello_ray.models.ensemble import load_trajectory  # noqa: E402
-from hello_ray.pipeline import stage_job  # noqa: E402
+from hello_ray.pipeline import run_teachers, stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    _, store, key = stage_job(argv, "teachers", "Train the teacher trajectory (stage 1)")
+    _, store, key = stage_job(argv, run_teachers, "Train the teacher trajectory (stage 1)")
     traj = load_trajectory(store, key)
     print(f"\nteachers: {store.uri_for(key)}")
     print(f"observer: {traj['observer']}   wall time: {store.manifest(key)['summary']['wall_s']} s")

@@ -11,11 +11,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.pipeline import stage_job  # noqa: E402
+from hello_ray.pipeline import run_transfer, stage_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    _, store, key = stage_job(argv, "transfer", __doc__.splitlines()[0])
+    _, store, key = stage_job(argv, run_transfer, __doc__.splitlines()[0])
     print(store.uri_for(key))
     return 0
 

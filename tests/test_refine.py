@@ -7,7 +7,7 @@ import torch
 
 from hello_ray.models.clip import RANDOM_INIT, TINY_CLIP
 from hello_ray.models.projector import Projector
-from hello_ray.stages.refine import low_pass, refine_images, refine_objective
+from hello_ray.stages.refine_core import low_pass, refine_images, refine_objective
 
 CLASS_NAMES = ["zero", "one", "two", "three"]
 

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from hello_ray.config import ConfigError, load_config
+from hello_ray.data.augment import train_crop_scale
 from hello_ray.models.ensemble import (TeacherEnsemble, epoch_file, load_observer, load_state,
                                        load_trajectory, resolve_window)
 from hello_ray.models.zoo import build_model
-from hello_ray.stages import teachers
+from hello_ray import launcher
+from hello_ray.stages import teachers, teachers_core
 
 # ---------------------------------------------------------------------------- windows
 
@@ -86,13 +88,13 @@ def test_train_epoch_learns_and_evaluate_counts_exactly():
     model = _Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     data = _bright_dark_batches(8)
-    first = teachers.train_epoch(model, data, opt, torch.device("cpu"))
+    first = teachers_core.train_epoch(model, data, opt, torch.device("cpu"))
     for _ in range(5):
-        last = teachers.train_epoch(model, data, opt, torch.device("cpu"))
+        last = teachers_core.train_epoch(model, data, opt, torch.device("cpu"))
     assert first.total == last.total == 8 * 16
     assert last.loss < first.loss
     val = _bright_dark_batches(3, seed=1)
-    stats = teachers.evaluate_top1(model, val, torch.device("cpu"))
+    stats = teachers_core.evaluate_top1(model, val, torch.device("cpu"))
     with torch.no_grad():
         expected = sum(int((model(b["image"].permute(0, 3, 1, 2).float() / 255).argmax(1)
                             == b["label"]).sum()) for b in val)
@@ -103,16 +105,16 @@ def test_train_epoch_learns_and_evaluate_counts_exactly():
 def test_train_augment_crops_and_keeps_range():
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    x = teachers.train_augment(images, 32, g)
+    x = teachers_core.train_augment(images, 32, g)
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert not torch.allclose(x, images.permute(0, 3, 1, 2).float() / 255)
-    assert teachers.crop_scale(32) == (0.35, 1.0) and teachers.crop_scale(224) == (0.08, 1.0)
-
+    assert train_crop_scale(32) == (0.35, 1.0) and train_crop_scale(224) == (0.08, 1.0)
+    
 
 def test_state_bytes_is_cpu_fp32_state_dict():
     model = build_model("resnet18", 4, 32).to(torch.float64)
-    state = torch.load(io.BytesIO(teachers.state_bytes(model)), weights_only=True)
+    state = torch.load(io.BytesIO(teachers_core.state_bytes(model)), weights_only=True)
     assert state.keys() == model.state_dict().keys()
     assert all(v.device.type == "cpu" for v in state.values())
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
@@ -238,13 +240,14 @@ def test_rerun_with_same_config_is_a_no_op(trained_s3):
 def test_local_ray_too_small_for_workers_plus_data_is_refused(ray_local):
     # 2 workers x 1 CPU on the 2-CPU local Ray would leave Ray Data no CPU: a hang, not a run.
     cfg = load_config("smoke", overrides=["compute.num_workers=2", "compute.cpus_per_worker=1.0"])
-    with pytest.raises(ConfigError, match="compute.cpus_per_worker=0.5"):
-        teachers.check_local_resources(cfg.compute)
+    with pytest.raises(ConfigError, match=r"stage 'teachers' asks for 2.5 CPU.*compute.cpus_per_worker"):
+        launcher.check_resources({"teachers": teachers.resources(cfg)}, cfg.compute)
     gpu = load_config("smoke", overrides=["compute.use_gpu=true", "compute.cpus_per_worker=0.5"])
     if ray_local.cluster_resources().get("GPU", 0) < 2:
-        with pytest.raises(ConfigError, match="compute.use_gpu"):
-            teachers.check_local_resources(gpu.compute)
-    teachers.check_local_resources(_smoke("unused").compute)
+        with pytest.raises(ConfigError, match="stage 'teachers' asks for 2 GPU.*compute.use_gpu=false"):
+            launcher.check_resources({"teachers": teachers.resources(gpu)}, gpu.compute)
+    ok = _smoke("unused")
+    launcher.check_resources({"teachers": teachers.resources(ok)}, ok.compute)
 
 
 def test_fault_mid_run_resumes_from_last_checkpoint(ray_local, file_store_uri, trained_s3):

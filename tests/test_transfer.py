@@ -17,7 +17,7 @@ from hello_ray.models.clip import RANDOM_INIT, TINY_CLIP
 from hello_ray.models.ensemble import TeacherEnsemble
 from hello_ray.models.projector import Projector
 from hello_ray.models.zoo import build_model
-from hello_ray.stages.transfer import (FIDELITY_KEYS, fidelity_counts, finish_fidelity, label_fidelity,
+from hello_ray.stages.transfer_core import (FIDELITY_KEYS, fidelity_counts, finish_fidelity, label_fidelity,
                                        lora_parameters, transfer_loss, transfer_step)
 
 SIZE = 32

@@ -31,13 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hello_ray.config import Config, data_identity, section_dict
+from hello_ray import launcher
+from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 
 STAGE = "evaluate"
+INPUTS = ("images", "teachers", "transfer")  # the distilled set; the labellers' sources
 log = logging.getLogger("hello_ray.evaluate")
 ROWS_FILE = "rows.json"
 
@@ -48,6 +50,31 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     if cfg.evaluate.teacher_labels == "window":
         out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
     return out
+
+
+def check(cfg: Config) -> None:
+    """Rules decidable from the config alone: something to train, a batch every worker shares
+    (DDP rows), and continual steps that fit the named classes (when class names are given)."""
+    ev = cfg.evaluate
+    if not ev.strategies and not ev.continual_steps:
+        raise ConfigError("config key 'evaluate.strategies': name at least one label strategy "
+                          "(hard, teacher, stored, stored/N, projector)")
+    if ev.parallel == "ddp":
+        launcher.check_batch_split("evaluate.batch_size", ev.batch_size, cfg.compute)
+    if cfg.data.class_names:
+        check_continual(ev.continual_steps, len(cfg.data.class_names))
+
+
+def check_continual(steps: list[int], num_classes: int) -> None:
+    for n_steps in steps:
+        if n_steps > num_classes:
+            raise ConfigError(f"config key 'evaluate.continual_steps': {n_steps} steps for only "
+                              f"{num_classes} classes")
+
+
+def resources(cfg: Config) -> dict[str, float]:
+    """What the stage holds at once: its Train workers, plus the data tasks feeding them."""
+    return launcher.train_resources(cfg.compute, cfg.data.cpus_per_task)
 
 
 def settings_for(cfg: Config, student: str) -> TrainSettings:
@@ -70,12 +97,8 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
         if ev.floor:
             for seed in ev.seeds:
                 rows.append({"student": student, "strategy": "hard", "seed": seed, "images": "floor"})
+    check_continual(ev.continual_steps, num_classes)
     for n_steps in ev.continual_steps:
-        if n_steps > num_classes:
-            from hello_ray.config import ConfigError
-
-            raise ConfigError(f"config key 'evaluate.continual_steps': {n_steps} steps for only "
-                              f"{num_classes} classes")
         groups = np.array_split(np.arange(num_classes), n_steps)
         for strategy in ev.continual_strategies:
             for seed in ev.seeds:
@@ -152,15 +175,11 @@ def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: i
 def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.imageset import load_image_set
     from hello_ray.data.sources import load_train_val
-    from hello_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.compute)
     t0 = time.perf_counter()
     imageset = load_image_set(store, inputs["images"])
     train, val = load_train_val(cfg.data, store)
@@ -179,23 +198,15 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
                                         seed=cfg.evaluate.seeds[0])
         payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
     val_ds = decoded_split(val, cfg.data, columns=["image", "label"]).materialize()
-    log.info("evaluate: %d rows, %d distilled images, %d val images", len(rows), len(images), val_ds.count())
+    log.info("[evaluate] %d rows, %d distilled images, %d val images", len(rows), len(images), val_ds.count())
 
-    storage_path, fs = store.ray_storage()
-    trainer = TorchTrainer(
-        train_grid,
-        train_loop_config={"cfg": cfg, "store": store, "key": key, "inputs": inputs, "rows": rows,
-                           "num_classes": num_classes, **payload},
-        scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu,
-                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker}),
-        run_config=RunConfig(name=key, storage_path=storage_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"val": val_ds},
+    result = launcher.fit(
+        STAGE, cfg.compute, store, key, train_loop_per_worker,
+        {"cfg": cfg, "store": store, "key": key, "inputs": inputs, "rows": rows,
+         "num_classes": num_classes, **payload},
+        {"val": val_ds},
         # rows mode: every rank scores its own rows on the whole validation set
-        dataset_config=DataConfig(datasets_to_split=[] if cfg.evaluate.parallel == "rows" else "all"),
-    )
-    result = trainer.fit()
+        split_datasets=cfg.evaluate.parallel != "rows")
     with result.checkpoint.as_directory() as d:
         done = json.loads((Path(d) / ROWS_FILE).read_text())
     return write_results(store, key, done, wall_s=time.perf_counter() - t0)
@@ -274,7 +285,7 @@ def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, 
         cfg.evaluate.label_precision)
 
 
-def train_grid(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train loop: train every row not yet in the checkpoint; report after each round.
 
     ``evaluate.parallel=ddp``: a round is one row, its batches split over all ranks (DDP).
@@ -286,15 +297,13 @@ def train_grid(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from hello_ray.runtime import torch_device
-
     cfg: Config = config["cfg"]
     store, key, inputs = config["store"], config["key"], config["inputs"]
     num_classes = config["num_classes"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Every row reseeds with its own seed; this seeds the strategies' construction.
+    w = launcher.worker_context(cfg.compute.use_gpu, cfg.evaluate.batch_size, cfg.evaluate.seeds[0])
+    rank, world, device = w.rank, w.world, w.device
     by_rows = cfg.evaluate.parallel == "rows" and world > 1
-    device = torch_device(cfg.compute.use_gpu)
     images, labels = ray.get(config["images"]), ray.get(config["labels"])
     floor = (ray.get(config["floor_images"]), ray.get(config["floor_labels"])) if "floor_images" in config else None
 
@@ -306,7 +315,8 @@ def train_grid(config: dict[str, Any]) -> None:
     finished = {r["row"] for r in done}
     pending = [r for r in config["rows"] if r["row"] not in finished]
     val_shard = ray.train.get_dataset_shard("val")  # whole val set per rank in rows mode, else a shard
-    say = (lambda m: print(f"[evaluate] {m}", flush=True)) if rank == 0 else None
+    wlog = launcher.worker_logger(STAGE)
+    say = (lambda m: wlog.info("[evaluate] %s", m)) if rank == 0 else None
 
     # Every strategy is built before training, by all ranks in the same order: the stored relabel
     # pass is collective, and in rows mode ranks train different strategies at the same time.

@@ -14,79 +14,27 @@ through both E(x) and E(x'): the objective is then a property of the image alone
 encoding changes when its high frequencies are removed). "detached" treats E(x') as a fixed target
 of each step, pulling only E(x) toward it.
 
-Compute: ``refine_images`` / ``refine_objective`` (plain PyTorch). Orchestration: ``run`` maps
-``RefineBatch`` actors (each loads the adapter once) over shards of the images with Ray Data.
+This module is the Ray wrapper only; the compute (``refine_images`` / ``refine_objective``) is
+:mod:`hello_ray.stages.refine_core`. ``run`` maps ``RefineBatch`` actors (each loads the adapter
+once) over shards of the images with Ray Data.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hello_ray.config import Config, section_dict
+from hello_ray.config import Config, ConfigError, section_dict
+from hello_ray.stages.refine_core import refine_images, refine_objective
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger("hello_ray.refine")
 
 STAGE = "refine"
-Encoder = Callable[[torch.Tensor], torch.Tensor]  # images [N,3,H,W] in [0,1] -> features [N, D]
-
-
-# ---------------------------------------------------------------------------- compute
-
-def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """x' = up(down(x)): bilinear down by ``factor`` and back to the same size. [N,3,H,W] -> same."""
-    h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, h // factor), max(1, w // factor)), mode="bilinear",
-                          align_corners=False)
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-
-
-def refine_objective(encoder: Encoder, x: torch.Tensor, factor: int, target: str = "joint") -> torch.Tensor:
-    """Per-image MSE(E(x), E(up(down(x)))) [N]; its mean is the objective refine minimises."""
-    f = encoder(x).float()  # [N, D]
-    if target == "detached":
-        with torch.no_grad():
-            f_low = encoder(low_pass(x, factor)).float()  # [N, D], a constant of this step
-    else:
-        f_low = encoder(low_pass(x, factor)).float()  # [N, D]
-    return (f - f_low).pow(2).flatten(1).mean(1)
-
-
-def refine_images(encoder: Encoder, images: torch.Tensor, steps: int, lr: float, factor: int,
-                  target: str = "joint") -> tuple[torch.Tensor, list[float]]:
-    """Adam on the pixels of images [N,3,H,W] in [0,1]; returns (refined images, objective history).
-
-    history[0] is the objective of the input, history[i] after i steps (length steps + 1).
-    The encoder is used as given: freeze its parameters (requires_grad off) beforehand so no
-    gradient is spent on them.
-    """
-    if target not in ("joint", "detached"):
-        raise ValueError(f"refine target {target!r}: must be 'joint' or 'detached'")
-    x = images.detach().clone().clamp_(0, 1).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    history: list[float] = []
-    scale = None
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = refine_objective(encoder, x, factor, target).mean()
-        history.append(float(loss.detach()))
-        # Adam's eps (1e-8) swamps gradients when the objective is tiny (a random-init CLIP
-        # gives ~1e-9): dividing by the first value keeps the minimiser and makes the steps
-        # independent of the encoder's feature scale.
-        if scale is None:
-            scale = 1.0 / max(float(loss.detach()), 1e-30)
-        (loss * scale).backward()
-        opt.step()
-        with torch.no_grad():
-            x.clamp_(0, 1)  # keep a valid image after every step, not only at the end
-    with torch.no_grad():
-        history.append(float(refine_objective(encoder, x, factor, target).mean()))
-    return x.detach(), history
+INPUTS = ("select", "transfer")  # the selected images, the adapter whose encoder they adapt to
 
 
 # ---------------------------------------------------------------------------- Ray wrapper
@@ -97,6 +45,21 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     for k in ("enabled", "num_actors", "actor_cpus"):
         refine.pop(k)
     return {"refine": refine}
+
+
+def check(cfg: Config) -> None:
+    """Rules decidable from the config alone: the low-pass keeps at least one pixel."""
+    if cfg.refine.enabled and cfg.refine.factor >= cfg.data.image_size:
+        raise ConfigError(f"config key 'refine.factor': {cfg.refine.factor} must be smaller than "
+                          f"data.image_size ({cfg.data.image_size}); x' = up(down(x)) would be one flat colour")
+
+
+def resources(cfg: Config) -> dict[str, float]:
+    """What the stage holds at once: its actors, one GPU each where used (the images come from
+    the driver's memory, so no read task competes for a CPU)."""
+    rc = cfg.refine
+    return {"CPU": rc.num_actors * rc.actor_cpus,
+            "GPU": float(rc.num_actors) if cfg.compute.use_gpu else 0.0}
 
 
 class RefineBatch:
@@ -137,13 +100,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     import ray
 
     from hello_ray.data.imageset import load_image_set, write_image_set
-    from hello_ray.runtime import ensure_ray
 
-    for role in ("select", "transfer"):
-        if role not in inputs:
-            raise KeyError(f"refine {key}: needs the input role {role!r} (got {sorted(inputs)})")
     rc = cfg.refine
-    ensure_ray(cfg.compute)
     parent = load_image_set(store, inputs["select"])
     images = np.asarray(parent.images)  # uint8 [N,H,W,3]
     n = len(images)

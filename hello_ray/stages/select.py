@@ -35,6 +35,7 @@ from hello_ray.stages import select_core as core
 log = logging.getLogger("hello_ray.select")
 
 STAGE = "select"
+INPUTS = ("teachers",)  # the observer; the real images come from cfg.data
 # Fields that change how fast the stage runs, not what it selects: left out of the artifact key.
 _RUNTIME_FIELDS = ("batch_size", "num_actors", "actor_cpus")
 
@@ -46,11 +47,18 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     return {"data": data, "select": sel}
 
 
-def check_config(cfg: Config) -> None:
-    """Reject selection sizes that cannot be stitched, before any compute."""
+def check(cfg: Config) -> None:
+    """Rules decidable from the config alone: the patches tile the image exactly."""
     if cfg.data.image_size % cfg.select.factor:
         raise ConfigError(f"config key 'select.factor': image_size {cfg.data.image_size} is not divisible "
                           f"by factor {cfg.select.factor}; patches are image_size // factor pixels")
+
+
+def resources(cfg: Config) -> dict[str, float]:
+    """What the stage holds at once: its scoring actors and a read/crop task feeding them."""
+    sel = cfg.select
+    return {"CPU": sel.num_actors * sel.actor_cpus + cfg.data.cpus_per_task,
+            "GPU": float(sel.num_actors) if cfg.compute.use_gpu else 0.0}
 
 
 # ---------------------------------------------------------------------------- Ray UDFs
@@ -156,16 +164,11 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
 
     from hello_ray.data.imageset import write_image_set
     from hello_ray.data.sources import load_split
-    from hello_ray.runtime import ensure_ray
 
-    check_config(cfg)
-    if "teachers" not in inputs:
-        raise KeyError(f"select stage {key}: inputs must name the 'teachers' artifact, got {sorted(inputs)}")
     sel, data = cfg.select, cfg.data
     size, factor = data.image_size, sel.factor
     crop_size, k = size // factor, sel.ipc * factor * factor
     t0 = time.time()
-    ensure_ray(cfg.compute)
     phase: dict[str, float] = {}
 
     # The mipc cut happens where the data module can do it without reading images.
@@ -238,10 +241,10 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     }
     counts = list(summary["per_class"].values())
     shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-    print(f"select: {images_read} images read ({len(skipped)} undecodable skipped"
-          f"{': ' + shown if skipped else ''}), {crops_scored} crops scored, "
-          f"{len(names)} classes x {min(counts)}-{max(counts)} images -> {len(images)} images of "
-          f"{factor}x{factor} patches in {seconds:.1f}s ({summary['crops_per_s']} crops/s)", flush=True)
+    log.info("[select] %d images read (%d undecodable skipped%s), %d crops scored, %d classes x %d-%d "
+             "images -> %d images of %dx%d patches in %.1f s (%s crops/s)", images_read, len(skipped),
+             ": " + shown if skipped else "", crops_scored, len(names), min(counts), max(counts), len(images),
+             factor, factor, seconds, summary["crops_per_s"])
     return summary
 
 

@@ -1,0 +1,162 @@
+"""The one place that launches Ray Train (teachers, transfer, evaluate) and the resource check.
+
+Every Ray Train stage is a per-worker loop plus data. What they share lives here, once:
+
+- the driver side, :func:`fit`: scaling (``compute.num_workers`` x ``compute.cpus_per_worker``,
+  one GPU each with ``compute.use_gpu``), the DDP backend (nccl on GPU, gloo on CPU), the run name
+  (= the stage's artifact key, so a re-launched driver resumes the same run), the storage
+  (``<store>/_ray/<key>``), failure and checkpoint retention, and a failed result turned into an
+  error that names the stage and the key;
+- the worker side, :func:`worker_context`: rank, world size, the device, the seed, and the global
+  batch split into per-worker batches;
+- the resource check, :func:`check_resources`: what each stage holds at once, against what a local
+  Ray has, before any stage starts.
+
+Stages stay the owners of their loops: this module knows nothing about teachers or students.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from hello_ray.config import ComputeConfig, ConfigError
+from hello_ray.runtime import seed_everything, torch_device
+
+if TYPE_CHECKING:
+    import ray.train
+
+    from hello_ray.store import Store
+
+log = logging.getLogger("hello_ray.launcher")
+
+CHECKPOINTS_KEPT = 2  # the last finished epoch/row and the one before it (a torn upload leaves one)
+
+
+class StageFailed(RuntimeError):
+    """A Ray Train stage gave up (after ``compute.max_failures`` restarts)."""
+
+
+def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
+        loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+        datasets: Mapping[str, Any], *, split_datasets: bool = True) -> "ray.train.Result":
+    """Run ``loop`` on ``compute.num_workers`` Ray Train workers under the run name ``key``.
+
+    ``loop_config`` reaches every worker as is (it must not read argv or the environment).
+    ``split_datasets=False`` gives every worker the whole of each dataset (evaluate's rows mode).
+    Raises :class:`StageFailed` naming the stage and key when the run fails for good.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, filesystem = store.ray_storage()
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
+                                     resources_per_worker={"CPU": compute.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+        run_config=RunConfig(name=key, storage_path=storage_path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                             failure_config=FailureConfig(max_failures=compute.max_failures)),
+        datasets=dict(datasets),
+        dataset_config=DataConfig(datasets_to_split="all" if split_datasets else []),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise StageFailed(f"{stage} {key}: Ray Train gave up after compute.max_failures="
+                          f"{compute.max_failures} restarts: {e}") from e
+    if result.error is not None:
+        raise StageFailed(f"{stage} {key}: Ray Train run failed: {result.error}") from result.error
+    return result
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a Ray Train worker knows about its place in the run."""
+    rank: int
+    world: int
+    device: torch.device
+    per_worker_batch: int   # the global batch split across ranks (DDP averages the gradients)
+
+
+def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext:
+    """Inside a Ray Train worker: rank, world, device; seeds every RNG with ``seed``.
+
+    The same seed on every rank gives every rank the same initial weights (DDP also broadcasts
+    rank 0's). ``check_batch_split`` ran on the driver, so the split cannot be empty here.
+    """
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(seed)
+    return WorkerContext(rank=rank, world=world, device=torch_device(use_gpu),
+                         per_worker_batch=max(1, global_batch // world))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A reproducible seed per (run seed, epoch, rank): different views per rank and epoch."""
+    return seed * 100_003 + epoch * 1_009 + rank
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over the DDP ranks (a copy; the input itself on one worker)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def worker_logger(stage: str) -> logging.Logger:
+    """The stage's logger inside a Ray worker (``hello_ray.<stage>``, to stdout, which Ray forwards)."""
+    from hello_ray.runtime import worker_logger as _wl
+
+    return _wl(f"hello_ray.{stage}")
+
+
+# ---------------------------------------------------------------------------- checks (driver, no compute)
+
+def train_resources(compute: ComputeConfig, cpus_per_task: float) -> dict[str, float]:
+    """What a Ray Train stage holds at once: its workers, plus one data task feeding them."""
+    return {"CPU": compute.num_workers * compute.cpus_per_worker + cpus_per_task,
+            "GPU": float(compute.num_workers) if compute.use_gpu else 0.0}
+
+
+def check_batch_split(key: str, global_batch: int, compute: ComputeConfig) -> None:
+    """A global batch must give every Train worker at least one image."""
+    if global_batch < compute.num_workers:
+        raise ConfigError(f"config key '{key}': {global_batch} cannot be split over compute.num_workers="
+                          f"{compute.num_workers} Train workers; use at least one image per worker")
+
+
+def check_resources(asks: Mapping[str, Mapping[str, float]], compute: ComputeConfig) -> None:
+    """Refuse, on a local Ray, a stage whose ask could never be scheduled; name the stage.
+
+    ``asks``: stage -> {"CPU": ..., "GPU": ...} that the stage holds at once, including the CPU its
+    Ray Data read/decode tasks need next to the Train workers or actors (without it the first
+    batch waits for data forever). A real cluster (an address) may autoscale into an ask, so only
+    a local Ray is checked.
+    """
+    import ray
+
+    if compute.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    for stage, ask in asks.items():
+        for kind in ("CPU", "GPU"):
+            need, got = float(ask.get(kind, 0.0)), float(have.get(kind, 0.0))
+            if need > got + 1e-9:
+                hint = ("set compute.use_gpu=false or fewer workers/actors" if kind == "GPU" else
+                        "lower compute.num_workers / compute.cpus_per_worker / the stage's actor_cpus, "
+                        "or data.cpus_per_task")
+                raise ConfigError(f"stage '{stage}' asks for {need:g} {kind} at once (its Train workers "
+                                  f"or actors plus the data tasks feeding them) but this local Ray has "
+                                  f"{got:g}; it would wait forever: {hint}")
