@@ -101,35 +101,23 @@ def open_run_store(cfg: Config) -> "Store":
 
 
 def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, str] | None = None) -> str:
-    """Run one stage unless its artifact exists; returns the artifact key.
-
-    The stage writes its data files; the manifest is written here, last, so a stage that
-    dies half-way leaves nothing that readers would take for a finished artifact.
-    """
+    """Run one stage unless its artifact exists; returns the artifact key (tests and tools that
+    hold a stage module; the recipe below spells each stage's call out)."""
+    run = Run(cfg, store)
     inputs = dict(inputs or {})
-    if set(inputs) != set(stage.INPUTS):
-        raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
-    config = stage.stage_config(cfg)
-    key = store.artifact_key(stage.STAGE, config, inputs)
-    if store.exists(key):
-        log.info("[%s] cached: %s", stage.STAGE, store.uri_for(key))
-        return key
-    log.info("[%s] running -> %s", stage.STAGE, store.uri_for(key))
-    t0 = time.perf_counter()
-    summary = stage.run(cfg, store, key, inputs) or {}
-    summary = {**summary, "wall_s": round(time.perf_counter() - t0, 2)}
-    store.finalize(key, stage.STAGE, config, inputs, summary)
-    log.info("[%s] done in %.1f s: %s", stage.STAGE, summary["wall_s"], store.uri_for(key))
-    return key
+    if run.needs(stage, inputs):
+        run.done(stage, inputs, stage.run(cfg, store, run.keys[stage.STAGE], inputs))
+    return run.keys[stage.STAGE]
 
 
 @dataclass
 class Run:
-    """One run of the recipe: its config, its store and the artifact keys made so far (by stage;
+    """One run of the recipe: its config, its store and the artifact keys known so far (by stage;
     "images" is the distilled set evaluate reads: the refined one, or the selection)."""
     cfg: Config
     store: "Store"
     keys: dict[str, str] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
@@ -139,35 +127,66 @@ class Run:
         check_resources(cfg)
         return cls(cfg, store if store is not None else open_run_store(cfg))
 
-    def stage(self, stage: ModuleType, inputs: dict[str, str]) -> str:
-        """The stage's key in this run: made once, then remembered."""
-        if stage.STAGE not in self.keys:
-            self.keys[stage.STAGE] = run_stage(stage, self.cfg, self.store, inputs)
-        return self.keys[stage.STAGE]
+    def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:
+        """Derive the stage's key (into ``keys``); True when its artifact is not finished yet."""
+        if set(inputs) != set(stage.INPUTS):
+            raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
+        key = self.store.artifact_key(stage.STAGE, stage.stage_config(self.cfg), inputs)
+        known = self.keys.get(stage.STAGE) == key
+        self.keys[stage.STAGE] = key
+        if self.store.exists(key):
+            if not known:
+                log.info("[%s] cached: %s", stage.STAGE, self.store.uri_for(key))
+            return False
+        log.info("[%s] running -> %s", stage.STAGE, self.store.uri_for(key))
+        self._started[stage.STAGE] = time.perf_counter()
+        return True
+
+    def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:
+        """Finalize the stage's artifact: the manifest is written last, here, so a stage that dies
+        half-way leaves nothing that readers would take for a finished artifact."""
+        key = self.keys[stage.STAGE]
+        wall = time.perf_counter() - self._started.pop(stage.STAGE)
+        summary = {**(summary or {}), "wall_s": round(wall, 2)}
+        self.store.finalize(key, stage.STAGE, stage.stage_config(self.cfg), inputs, summary)
+        log.info("[%s] done in %.1f s: %s", stage.STAGE, wall, self.store.uri_for(key))
 
 
 # ---------------------------------------------------------------------------- the recipe's steps
-# Each step runs its stage after the steps it needs (each of those runs once per Run), so a
-# per-stage job or a sweep trial calls exactly the step it wants.
+# Each step runs its stage after the steps it needs, and only when its artifact is not finished,
+# so a per-stage job or a sweep trial calls exactly the step it wants. Every stage's ``run`` is
+# called by name here: reading this file leads into every stage.
 
 def run_teachers(run: Run) -> str:
     """Stage 1: the teacher trajectory (the observer and the multi-weak teachers)."""
-    return run.stage(teachers, {})
+    inputs: dict[str, str] = {}
+    if run.needs(teachers, inputs):
+        run.done(teachers, inputs, teachers.run(run.cfg, run.store, run.keys["teachers"], inputs))
+    return run.keys["teachers"]
 
 
 def run_select(run: Run) -> str:
     """Stage 2: RDED patch selection with the observer."""
-    return run.stage(select, {"teachers": run_teachers(run)})
+    inputs = {"teachers": run_teachers(run)}
+    if run.needs(select, inputs):
+        run.done(select, inputs, select.run(run.cfg, run.store, run.keys["select"], inputs))
+    return run.keys["select"]
 
 
 def run_transfer(run: Run) -> str:
     """Stage 3: the LoRA projector fitted to the teacher window (needs no images)."""
-    return run.stage(transfer, {"teachers": run_teachers(run)})
+    inputs = {"teachers": run_teachers(run)}
+    if run.needs(transfer, inputs):
+        run.done(transfer, inputs, transfer.run(run.cfg, run.store, run.keys["transfer"], inputs))
+    return run.keys["transfer"]
 
 
 def run_refine(run: Run) -> str:
     """Stage 4: the image update of the selected images on the projector."""
-    return run.stage(refine, {"select": run_select(run), "transfer": run_transfer(run)})
+    inputs = {"select": run_select(run), "transfer": run_transfer(run)}
+    if run.needs(refine, inputs):
+        run.done(refine, inputs, refine.run(run.cfg, run.store, run.keys["refine"], inputs))
+    return run.keys["refine"]
 
 
 def run_images(run: Run) -> str:
@@ -178,8 +197,10 @@ def run_images(run: Run) -> str:
 
 def run_evaluate(run: Run) -> str:
     """Stage 5/6: students on the distilled images with every label strategy."""
-    return run.stage(evaluate, {"images": run_images(run), "teachers": run_teachers(run),
-                                "transfer": run_transfer(run)})
+    inputs = {"images": run_images(run), "teachers": run_teachers(run), "transfer": run_transfer(run)}
+    if run.needs(evaluate, inputs):
+        run.done(evaluate, inputs, evaluate.run(run.cfg, run.store, run.keys["evaluate"], inputs))
+    return run.keys["evaluate"]
 
 
 @dataclass
