@@ -1,0 +1,76 @@
+"""Packaging: the wheel carries the presets and the console script, and works outside the checkout."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hello_ray.config import PRESET_DIR, preset_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built offline from a copy of the checkout (the build writes build/ and *.egg-info
+    into its source folder, which must not land in the working tree)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "hello_ray", src / "hello_ray",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    out = tmp / "dist"
+    # An absolute path: a bare folder name would be taken for a package name on the index.
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(out), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (whl,) = out.glob("hello_ray-*.whl")
+    return whl
+
+
+def test_presets_are_found_inside_the_package():
+    assert PRESET_DIR.parent == REPO / "hello_ray"
+    assert {"demo", "smoke", "imagenet100", "imagenet1k"} <= set(preset_names())
+
+
+def test_wheel_carries_every_preset_and_the_console_script(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+    presets = {f"hello_ray/presets/{p.name}" for p in PRESET_DIR.glob("*.yaml")}
+    assert presets and presets <= names, presets - names
+    assert "hello-ray = hello_ray.cli:main" in entry_points
+    assert not any(n.startswith(("jobs/", "tests/")) for n in names)
+
+
+def test_unpacked_wheel_loads_every_preset_away_from_the_checkout(wheel, tmp_path):
+    """The installed layout, with the checkout off the path: presets resolve inside the package,
+    ``extends:`` chains included."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    code = (
+        "import json\n"
+        "from hello_ray import config\n"
+        "rows = {n: config.load_config(n, overrides=['data.source=s3://b/x']).name\n"
+        "        for n in config.preset_names()}\n"
+        "print(json.dumps({'dir': str(config.PRESET_DIR), 'rows': rows}))\n"
+    )
+    # cwd outside the checkout and PYTHONPATH = only the unpacked wheel: the wheel's own files
+    # are imported (the editable install's finder comes after sys.path).
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dir"] == str(site / "hello_ray" / "presets")
+    assert out["rows"] == {n: n for n in preset_names()}
+
