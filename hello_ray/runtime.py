@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +13,16 @@ import torch
 from hello_ray.config import ComputeConfig
 
 log = logging.getLogger("hello_ray")
+
+
+def source_root() -> Path | None:
+    """The source checkout this hello_ray was imported from, or None when it is installed.
+
+    A checkout has pyproject.toml beside the package; an installed wheel sits in site-packages,
+    whose parent must never go on anyone's path.
+    """
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
 
 
 def ensure_ray(compute: ComputeConfig | None = None) -> None:
@@ -25,13 +36,17 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
     if ray.is_initialized():
         return
     address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
-    # Workers import hello_ray from the working dir when the package is not installed there.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    # A local Ray started from a source checkout: its workers import this hello_ray. Nothing else
+    # needs it: an installed package is on every worker's path already, and under
+    # `ray job submit --working-dir .` Ray puts the working dir there itself.
+    root = source_root()
+    env = {}
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     # The local Ray keeps Ray's default dashboard: Ray Train's placement-group cleaner asks the
     # State API (served by the dashboard) whether a run's controller is alive; without it, it
     # logs a warning every few seconds and cannot free a dead run's placement group.
-    ray.init(address=address, runtime_env={"env_vars": env} if address is None else None,
+    ray.init(address=address, runtime_env={"env_vars": env} if address is None and env else None,
              log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
 

@@ -54,16 +54,17 @@ def test_wheel_carries_every_preset_and_the_console_script(wheel):
 
 def test_unpacked_wheel_loads_every_preset_away_from_the_checkout(wheel, tmp_path):
     """The installed layout, with the checkout off the path: presets resolve inside the package,
-    ``extends:`` chains included."""
+    ``extends:`` chains included, and the package knows it is not a source checkout."""
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
     code = (
         "import json\n"
-        "from hello_ray import config\n"
+        "from hello_ray import config, runtime\n"
         "rows = {n: config.load_config(n, overrides=['data.source=s3://b/x']).name\n"
         "        for n in config.preset_names()}\n"
-        "print(json.dumps({'dir': str(config.PRESET_DIR), 'rows': rows}))\n"
+        "print(json.dumps({'dir': str(config.PRESET_DIR), 'rows': rows,\n"
+        "                  'root': str(runtime.source_root())}))\n"
     )
     # cwd outside the checkout and PYTHONPATH = only the unpacked wheel: the wheel's own files
     # are imported (the editable install's finder comes after sys.path).
@@ -73,4 +74,11 @@ def test_unpacked_wheel_loads_every_preset_away_from_the_checkout(wheel, tmp_pat
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["dir"] == str(site / "hello_ray" / "presets")
     assert out["rows"] == {n: n for n in preset_names()}
+    assert out["root"] == "None"
 
+
+
+def test_the_tests_import_the_checkout():
+    from hello_ray.runtime import source_root
+
+    assert source_root() == REPO
