@@ -82,3 +82,81 @@ def test_the_tests_import_the_checkout():
     from hello_ray.runtime import source_root
 
     assert source_root() == REPO
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime: progress output, worker env, logging
+
+
+@pytest.fixture
+def data_context(monkeypatch):
+    """The driver's DataContext with bars on and no user choice in the env (restored after)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    return ctx
+
+
+def test_progress_bars_stay_on_a_terminal(data_context):
+    from hello_ray.runtime import configure_progress
+
+    assert configure_progress(interactive=True) == {}
+    assert data_context.enable_progress_bars is True
+
+
+def test_progress_bars_go_off_a_terminal_here_and_in_workers(data_context):
+    from hello_ray.runtime import configure_progress
+
+    assert configure_progress(interactive=False) == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    assert data_context.enable_progress_bars is False
+
+
+def test_a_users_progress_setting_is_kept(data_context, monkeypatch):
+    from hello_ray.runtime import configure_progress
+
+    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    assert configure_progress(interactive=False) == {}
+    assert data_context.enable_progress_bars is True
+
+
+def test_installed_ray_reads_the_progress_variable(tmp_path):
+    """The variable configure_progress hands to workers is the one this Ray's DataContext reads."""
+    code = "import ray.data; print(ray.data.DataContext.get_current().enable_progress_bars)"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("interactive, local, keys", [
+    (True, True, {"PYTHONPATH"}),                                      # a laptop: checkout only
+    (False, True, {"PYTHONPATH", "RAY_DATA_DISABLE_PROGRESS_BARS"}),   # a local run into a file
+    (False, False, {"RAY_DATA_DISABLE_PROGRESS_BARS"}),                # ray job submit: Ray sets the path
+    (True, False, set()),
+])
+def test_worker_env(interactive, local, keys, data_context):
+    from hello_ray.runtime import worker_env
+
+    env = worker_env(interactive, local)
+    assert set(env) == keys
+    if "PYTHONPATH" in env:
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+
+
+def test_setup_logging_shows_hello_ray_info_one_line_each(tmp_path):
+    code = (
+        "import logging\n"
+        "from hello_ray.runtime import setup_logging\n"
+        "setup_logging(); setup_logging()\n"
+        "logging.getLogger('hello_ray.select').info('done in 1.0 s')\n"
+        "logging.getLogger('botocore.credentials').info('noise')\n"
+        "logging.getLogger('hello_ray.labels').debug('detail')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(" hello_ray.select done in 1.0 s"), lines
