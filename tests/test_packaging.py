@@ -85,6 +85,29 @@ def test_the_tests_import_the_checkout():
 
 
 # ---------------------------------------------------------------------------------------------
+# the console script
+
+
+def test_help_lists_every_command_with_its_line(capsys):
+    from hello_ray import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name, cmd in cli.COMMANDS.items():
+        assert any(line.split()[:1] == [name] and line.strip().endswith(cmd.help) for line in out), name
+    assert set(cli.COMMANDS) == {"distill", "sweep", "storage"}
+
+
+@pytest.mark.parametrize("argv, problem", [([], "no command given"), (["distil"], "unknown command 'distil'")])
+def test_no_or_unknown_command_exits_2_with_the_usage(argv, problem, capsys):
+    from hello_ray import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "commands:" in err and err.rstrip().endswith(f"hello-ray: error: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
 # runtime: progress output, worker env, logging
 
 
