@@ -183,3 +183,24 @@ def test_setup_logging_shows_hello_ray_info_one_line_each(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0].endswith(" hello_ray.select done in 1.0 s"), lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's set-up commands, as .ci/run reads them
+
+
+def _readme_block(heading: str) -> str:
+    """The block .ci/run runs for ``heading``, extracted by .ci/run's own function."""
+    script = f'eval "$(sed -n \'/^readme_block()/,/^}}/p\' .ci/run)"; readme_block {heading}'
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_readme_blocks_install_then_test_without_the_demo():
+    install, test = _readme_block("Install"), _readme_block("Test")
+    assert install.startswith("pip install") and '-e ".[test]"' in install
+    # The Test block stands alone on a fresh machine (its own install) and runs the suite;
+    # CI runs Install then Test, so neither may start the 10-minute demo.
+    assert test.startswith('pip install -q -e ".[test]" && ') and test.endswith("python -m pytest -q")
+    assert "jobs/distill.py" not in install + test
