@@ -22,6 +22,9 @@ LOG_DATEFMT = "%H:%M:%S"
 # Read by DataContext's defaults when ray.data is imported, in every process (drivers, Tune
 # trials, Train workers), which is how the driver's decision reaches executions in workers.
 DISABLE_PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
+# Read by the driver each time it prints forwarded worker lines: "0" drops the ANSI colour codes
+# around their "(RayTrainWorker pid=...)" prefixes.
+COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -46,17 +49,22 @@ def source_root() -> Path | None:
 
 
 def configure_progress(interactive: bool) -> dict[str, str]:
-    """Ray Data progress bars only on a terminal; returns the env vars that carry the choice to workers.
+    """Ray Data progress bars and coloured prefixes only on a terminal; returns the env vars that
+    carry the choice to workers.
 
     A bar redraws its line with carriage returns: one live line on a terminal, but in a file,
     ``ray job logs`` or a CI log each redraw is kept (thousands of lines per stage, interleaved
     from several executions). Off a terminal the driver's DataContext turns them off, and
     ``RAY_DATA_DISABLE_PROGRESS_BARS=1`` turns them off in workers that start their own Ray
     Data executions (Tune trials, Train workers), whose bars Ray would forward to the driver's
-    output. The stages' own one-line-per-stage/epoch logs remain. A value the user gave that
-    variable is theirs: DataContext already read it, and their job or shell passes it on.
+    output. The stages' own one-line-per-stage/epoch logs remain. The driver also stops
+    wrapping forwarded worker lines in colour codes (``RAY_COLOR_PREFIX=0``), which a file
+    shows as ``[36m`` noise. A value the user gave either variable is theirs and stays.
     """
-    if interactive or DISABLE_PROGRESS_ENV in os.environ:
+    if interactive:
+        return {}
+    os.environ.setdefault(COLOR_PREFIX_ENV, "0")
+    if DISABLE_PROGRESS_ENV in os.environ:  # DataContext read it; the job or shell passes it on
         return {}
     import ray.data
 

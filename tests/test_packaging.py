@@ -113,12 +113,14 @@ def test_no_or_unknown_command_exits_2_with_the_usage(argv, problem, capsys):
 
 @pytest.fixture
 def data_context(monkeypatch):
-    """The driver's DataContext with bars on and no user choice in the env (restored after)."""
+    """The driver's DataContext with bars on and no user choice in the env (all restored after)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx, "enable_progress_bars", True)
-    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
+        monkeypatch.setenv(name, "")  # recorded first, so what the code under test sets is undone
+        monkeypatch.delenv(name)
     return ctx
 
 
@@ -127,21 +129,25 @@ def test_progress_bars_stay_on_a_terminal(data_context):
 
     assert configure_progress(interactive=True) == {}
     assert data_context.enable_progress_bars is True
+    assert "RAY_COLOR_PREFIX" not in os.environ
 
 
-def test_progress_bars_go_off_a_terminal_here_and_in_workers(data_context):
+def test_progress_bars_and_colours_go_off_a_terminal_here_and_in_workers(data_context):
     from hello_ray.runtime import configure_progress
 
     assert configure_progress(interactive=False) == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     assert data_context.enable_progress_bars is False
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
 
 
-def test_a_users_progress_setting_is_kept(data_context, monkeypatch):
+def test_a_users_settings_are_kept(data_context, monkeypatch):
     from hello_ray.runtime import configure_progress
 
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert configure_progress(interactive=False) == {}
     assert data_context.enable_progress_bars is True
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
 
 
 def test_installed_ray_reads_the_progress_variable(tmp_path):
@@ -152,6 +158,24 @@ def test_installed_ray_reads_the_progress_variable(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_installed_ray_prints_worker_lines_without_colour_when_told(monkeypatch):
+    """The driver-side switch configure_progress sets is the one this Ray's log printer reads."""
+    import io
+
+    from ray._private.worker import print_worker_logs  # the printer of forwarded worker lines
+
+    line = {"pid": 123, "ip": "10.0.0.1", "localhost": "10.0.0.1", "lines": ["epoch 1"],
+            "actor_name": "RayTrainWorker", "task_name": ""}
+    printed = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv("RAY_COLOR_PREFIX", value)
+        buf = io.StringIO()
+        print_worker_logs(line, buf)
+        printed[value] = buf.getvalue()
+    assert "\x1b[" in printed["1"]
+    assert printed["0"] == "(RayTrainWorker pid=123) epoch 1\n"
 
 
 @pytest.mark.parametrize("interactive, local, keys", [
