@@ -1,22 +1,47 @@
 """The ``hello-ray`` console script: ``hello-ray <command> ...``."""
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    target: str   # "module:function", imported only when the command runs (torch and Ray are slow)
+    help: str     # the one line ``hello-ray --help`` shows
+
+
+COMMANDS: dict[str, Command] = {
+    "distill": Command("hello_ray.pipeline:main",
+                       "the whole pipeline, teachers to report (same as jobs/distill.py)"),
+    "sweep": Command("hello_ray.sweep:main",
+                     "Ray Tune over LoRA ranks and teacher windows (same as jobs/sweep.py)"),
+    "storage": Command("hello_ray.accounting:main",
+                       "bytes each label strategy ships, from the real layer shapes (no compute)"),
+}
+
+
+def usage() -> str:
+    """``hello-ray --help``: the commands, one line each."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hello-ray <command> [args...]", "",
+             "HeLlO dataset distillation with light labels, on Ray.", "", "commands:"]
+    lines += [f"  {name:{width}s}  {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", "'hello-ray <command> --help' lists a command's flags; "
+              "'hello-ray distill --help-config' every config key."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "storage": "hello_ray.accounting:main",   # label storage of each strategy, from real shapes
-        "distill": "hello_ray.pipeline:main",     # the whole pipeline (same as jobs/distill.py)
-        "sweep": "hello_ray.sweep:main",          # Ray Tune over LoRA ranks and teacher windows
-    }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: hello-ray {" + ",".join(commands) + "} [args...]", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module, func = commands[argv[0]].split(":")
-    import importlib
-
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\n\nhello-ray: error: {problem}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[argv[0]].target.split(":")
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
 

@@ -1,8 +1,9 @@
 """Typed configuration: one dataclass per stage, YAML presets, ``key=value`` overrides.
 
 Defaults are the published settings of METHOD.md (ImageNet-1K); presets in
-``jobs/configs/*.yaml`` override them. Every value is checked before any compute starts:
-an unknown key or a value of the wrong type fails with the dotted key in the message.
+``hello_ray/presets/*.yaml`` (package data: an installed wheel carries them) override them.
+Every value is checked before any compute starts: an unknown key or a value of the wrong type
+fails with the dotted key in the message.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+# Inside the package, not beside it: a wheel installed anywhere carries its presets.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
@@ -392,14 +394,22 @@ def _target_type(cfg: Any, dotted: str) -> Any:
 
 
 def preset_path(preset: str) -> Path:
+    """A preset name (``smoke``: ``PRESET_DIR/smoke.yaml``) or a path to a YAML file."""
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} not found (relative to {Path.cwd()}); the "
+                              f"bundled presets are named without a path: {', '.join(preset_names())}")
         return path
     path = PRESET_DIR / f"{preset}.yaml"
-    if not path.exists():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {preset!r}; presets in {PRESET_DIR}: {', '.join(names)}")
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; presets in {PRESET_DIR}: {', '.join(preset_names())}")
     return path
+
+
+def preset_names() -> list[str]:
+    """The bundled presets, by the name ``--preset`` takes."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def _load_yaml(path: Path, seen: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:

@@ -40,7 +40,7 @@ from hello_ray.data.errors import DataError
 from hello_ray.runtime import auto_bf16, native_bf16
 
 LABELS_DIR = "labels"
-log = logging.getLogger("hello_ray")
+log = logging.getLogger(__name__)
 
 
 class ClassCountMismatch(DataError):

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, describe, load_config
-from hello_ray.runtime import ensure_ray
+from hello_ray.runtime import ensure_ray, setup_logging
 from hello_ray.stages import evaluate, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger("hello_ray.pipeline")
 
 STAGES: tuple[ModuleType, ...] = (teachers, select, transfer, refine, evaluate)  # recipe order
 
@@ -37,7 +37,7 @@ STAGES: tuple[ModuleType, ...] = (teachers, select, transfer, refine, evaluate) 
 
 def build_parser(prog: str = "distill", description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
-    p.add_argument("--preset", default="demo", help="preset name in jobs/configs (smoke, demo, "
+    p.add_argument("--preset", default="demo", help="preset bundled in hello_ray/presets (smoke, demo, "
                    "imagenet100, imagenet1k) or a YAML path; default: demo")
     p.add_argument("--config", default=None, help="a YAML file applied over the preset")
     p.add_argument("--store", default=None, help="artifact store URI (local path, file://, s3://bucket/prefix)")
@@ -66,11 +66,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "distill",
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")
     raise AssertionError("unreachable")
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=False)
 
 
 # ---------------------------------------------------------------------------- checks before compute

@@ -1,38 +1,109 @@
-"""One place for process-level decisions: connecting to Ray, choosing the device, seeding."""
+"""One place for process-level decisions: connecting to Ray, logging and progress output,
+choosing the device, seeding."""
 from __future__ import annotations
 
 import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from hello_ray.config import ComputeConfig
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger("hello_ray.runtime")
+
+# Every hello_ray record reads "12:03:04 hello_ray.<stage or module> message": one line, greppable.
+LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+# Read by DataContext's defaults when ray.data is imported, in every process (drivers, Tune
+# trials, Train workers), which is how the driver's decision reaches executions in workers.
+DISABLE_PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
+# Read by the driver each time it prints forwarded worker lines: "0" drops the ANSI colour codes
+# around their "(RayTrainWorker pid=...)" prefixes.
+COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The logging set-up of every entry point: ``hello_ray.*`` records at ``level`` on stdout,
+    which Ray forwards and ``ray job logs`` keeps; other libraries' records only from WARNING.
+
+    The root handler is added once (``basicConfig`` keeps one already there: pytest's, a
+    notebook's, an earlier call's), so calling it again is harmless.
+    """
+    logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stdout)
+    logging.getLogger("hello_ray").setLevel(level)
+
+
+def source_root() -> Path | None:
+    """The source checkout this hello_ray was imported from, or None when it is installed.
+
+    A checkout has pyproject.toml beside the package; an installed wheel sits in site-packages,
+    whose parent must never go on anyone's path.
+    """
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def configure_progress(interactive: bool) -> dict[str, str]:
+    """Ray Data progress bars and coloured prefixes only on a terminal; returns the env vars that
+    carry the choice to workers.
+
+    A bar redraws its line with carriage returns: one live line on a terminal, but in a file,
+    ``ray job logs`` or a CI log each redraw is kept (thousands of lines per stage, interleaved
+    from several executions). Off a terminal the driver's DataContext turns them off, and
+    ``RAY_DATA_DISABLE_PROGRESS_BARS=1`` turns them off in workers that start their own Ray
+    Data executions (Tune trials, Train workers), whose bars Ray would forward to the driver's
+    output. The stages' own one-line-per-stage/epoch logs remain. The driver also stops
+    wrapping forwarded worker lines in colour codes (``RAY_COLOR_PREFIX=0``), which a file
+    shows as ``[36m`` noise. A value the user gave either variable is theirs and stays.
+    """
+    if interactive:
+        return {}
+    os.environ.setdefault(COLOR_PREFIX_ENV, "0")
+    if DISABLE_PROGRESS_ENV in os.environ:  # DataContext read it; the job or shell passes it on
+        return {}
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return {DISABLE_PROGRESS_ENV: "1"}
+
+
+def worker_env(interactive: bool, local: bool) -> dict[str, str]:
+    """The env vars ``ensure_ray`` gives the job's workers (see configure_progress).
+
+    A local Ray started from a source checkout also gets the checkout on PYTHONPATH, so its
+    workers import this hello_ray. Nothing else needs it: an installed package is on every
+    worker's path already, and under ``ray job submit --working-dir .`` Ray puts the working dir
+    there itself.
+    """
+    env = configure_progress(interactive)
+    root = source_root()
+    if local and root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def ensure_ray(compute: ComputeConfig | None = None) -> None:
     """Connect to the cluster named by ``compute.address`` / ``RAY_ADDRESS``, or start a local Ray.
 
     Inside ``ray job submit`` the driver is already attached to the cluster (RAY_ADDRESS is
-    set), so the same call joins it instead of starting a second Ray.
+    set), so the same call joins it instead of starting a second Ray; the env vars given here
+    are merged into the job's runtime env.
     """
     import ray
 
     if ray.is_initialized():
         return
     address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
-    # Workers import hello_ray from the working dir when the package is not installed there.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    env = worker_env(interactive=sys.stdout.isatty(), local=address is None)
     # The local Ray keeps Ray's default dashboard: Ray Train's placement-group cleaner asks the
     # State API (served by the dashboard) whether a run's controller is alive; without it, it
     # logs a warning every few seconds and cannot free a dead run's placement group.
-    ray.init(address=address, runtime_env={"env_vars": env} if address is None else None,
-             log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
 
 
@@ -74,7 +145,7 @@ def worker_logger(name: str) -> logging.Logger:
     wlog = logging.getLogger(name)
     if not wlog.handlers:
         h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        h.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         wlog.addHandler(h)
         wlog.setLevel(logging.INFO)
         wlog.propagate = False

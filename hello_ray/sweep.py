@@ -21,9 +21,10 @@ from typing import Any
 
 from hello_ray.config import Config
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_select, run_teachers,
-                                run_transfer, setup_logging)
+                                run_transfer)
+from hello_ray.runtime import setup_logging
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger("hello_ray.sweep")
 
 
 def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:

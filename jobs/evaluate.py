@@ -8,13 +8,10 @@
 The artifacts it needs (teachers, selection, projector, refined images) are reused when finished
 (same config -> same key) or made first. Prints the accuracy vs label-bytes table.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hello_ray.pipeline import run_evaluate, stage_job  # noqa: E402
-from hello_ray.stages import evaluate  # noqa: E402
+from hello_ray.pipeline import run_evaluate, stage_job
+from hello_ray.stages import evaluate
 
 
 def main(argv: list[str]) -> int:

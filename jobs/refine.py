@@ -7,12 +7,9 @@
 Its inputs (teachers, selection, transfer) are reused when finished or computed first. It runs
 even when refine.enabled=false (that switch only tells the full pipeline to skip it).
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hello_ray.pipeline import run_refine, stage_job  # noqa: E402
+from hello_ray.pipeline import run_refine, stage_job
 
 
 def main(argv: list[str]) -> int:

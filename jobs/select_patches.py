@@ -5,12 +5,9 @@
     ray job submit --working-dir . -- python jobs/select_patches.py --preset imagenet1k \
         data.source=s3://my-bucket/imagenet store=s3://my-bucket/hello_ray select.num_actors=8
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hello_ray.pipeline import run_select, stage_job  # noqa: E402
+from hello_ray.pipeline import run_select, stage_job
 
 
 def main(argv: list[str]) -> int:

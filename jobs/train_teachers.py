@@ -5,13 +5,10 @@
     ray job submit --working-dir . -- python jobs/train_teachers.py --preset imagenet1k \
         data.source=s3://my-bucket/imagenet store=s3://my-bucket/hello_ray
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hello_ray.models.ensemble import load_trajectory  # noqa: E402
-from hello_ray.pipeline import run_teachers, stage_job  # noqa: E402
+from hello_ray.models.ensemble import load_trajectory
+from hello_ray.pipeline import run_teachers, stage_job
 
 
 def main(argv: list[str]) -> int:

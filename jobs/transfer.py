@@ -6,12 +6,9 @@
 
 The teacher trajectory it needs is reused when finished (same config -> same key) or trained first.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hello_ray.pipeline import run_transfer, stage_job  # noqa: E402
+from hello_ray.pipeline import run_transfer, stage_job
 
 
 def main(argv: list[str]) -> int:

@@ -107,3 +107,19 @@ def test_every_key_has_help():
     rows = describe()
     assert len(rows) > 50
     assert all(text for _, _, text in rows), [k for k, _, t in rows if not t]
+
+
+def test_preset_given_as_a_path_extends_a_bundled_one(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("extends: smoke\nname: mine\nselect:\n  ipc: 3\n")
+    cfg = load_config(str(f))
+    smoke = load_config("smoke")
+    assert (cfg.name, cfg.select.ipc) == ("mine", 3)
+    assert cfg.data.max_per_class == smoke.data.max_per_class  # from smoke, which extends demo
+    assert cfg.data.source == "demo"
+
+
+def test_missing_preset_file_names_the_path_and_the_bundled_presets(tmp_path):
+    missing = tmp_path / "jobs" / "configs" / "smoke.yaml"
+    with pytest.raises(ConfigError, match=f"preset file {missing} not found.*smoke"):
+        load_config(str(missing))

@@ -18,7 +18,7 @@ from hello_ray.config import DataConfig
 from hello_ray.data.errors import CorruptImageError, data_errors
 from hello_ray.data.images import decode_resized
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger(__name__)
 
 
 class DecodeBatch:

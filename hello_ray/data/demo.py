@@ -22,7 +22,7 @@ from PIL import Image
 
 from hello_ray.data.images import encode_png
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger(__name__)
 
 DEMO_STAGE = "dataset-demo"
 DEMO_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

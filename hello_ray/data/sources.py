@@ -42,7 +42,7 @@ from hello_ray.data.images import is_image_file
 from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
                                     display_path)
 
-log = logging.getLogger("hello_ray")
+log = logging.getLogger(__name__)
 
 FORMATS = ("imagefolder", "parquet", "webdataset")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "image_bytes")
