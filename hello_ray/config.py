@@ -110,8 +110,18 @@ class SelectConfig:
                         default=2)
     mipc: int = _help("real images per class considered", default=300)
     num_crop: int = _help("random-resized crops per real image", default=5)
-    show: str = _help("how a crop is shown to the observer: resize (to full size) | pad (zero-pad, "
-                      "centred, as the RDED reference)", default="resize")
+    show: str = _help("how a crop is shown to the observer: pad (centred on the observer's mean colour "
+                      "= zero after normalisation, RDED) | pad_black (on black [0,1] pixels) | resize "
+                      "(up-sampled to full size)", default="pad")
+    crop_source: str = _help("what crops are cut from: original (the decoded image at its own "
+                             "resolution, RDED) | resized (resized + centre-cropped to data.image_size)",
+                             default="original")
+    max_side: int = _help("crop_source=original: a source's longer side is shrunk to this (memory "
+                          "bound; ImageNet's ~500 px pass untouched)", default=1024)
+    tile_order: str = _help("stitching: rded (image b, tile (r, c) = rank (r*factor + c)*ipc + b) | "
+                            "rowmajor (image b = ranks b*f^2 .. b*f^2 + f^2 - 1)", default="rded")
+    mipc_order: str = _help("which mipc images of a class compete: random (seeded, RDED) | first "
+                            "(in dataset order)", default="random")
     batch_size: int = _help("crops per scoring batch", default=256)
     num_actors: int = _help("observer scoring actors", default=1)
     actor_cpus: float = _help("CPUs per scoring actor; keep < 1 on CPU so read tasks are not starved",
@@ -121,7 +131,11 @@ class SelectConfig:
     def validate(self, p: str = "select") -> None:
         for k in ("ipc", "factor", "mipc", "num_crop", "batch_size", "num_actors"):
             _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
-        _check(self.show in ("resize", "pad"), f"{p}.show", "must be 'resize' or 'pad'")
+        _check(self.show in ("pad", "pad_black", "resize"), f"{p}.show", "must be 'pad', 'pad_black' or 'resize'")
+        _check(self.crop_source in ("original", "resized"), f"{p}.crop_source", "must be 'original' or 'resized'")
+        _check(self.tile_order in ("rded", "rowmajor"), f"{p}.tile_order", "must be 'rded' or 'rowmajor'")
+        _check(self.mipc_order in ("random", "first"), f"{p}.mipc_order", "must be 'random' or 'first'")
+        _check(self.max_side >= 8, f"{p}.max_side", "must be >= 8")
         _check(self.mipc * 1 >= 1, f"{p}.mipc", "must be >= 1")
         _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from hello_ray.config import DataConfig
 from hello_ray.data.classnames import readable_class_names
+from hello_ray.data.subset import keep_per_class, sample_order
 from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError, data_errors
 from hello_ray.data.images import is_image_file
 from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
@@ -148,18 +149,6 @@ def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], s
     return None
 
 
-def _keep_first(labels: np.ndarray, n: int) -> np.ndarray:
-    """Boolean mask of the first ``n`` occurrences of each label (in array order)."""
-    if n <= 0:
-        return np.ones(len(labels), dtype=bool)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    keep = np.zeros(len(labels), dtype=bool)
-    keep[order[np.arange(len(labels)) - starts < n]] = True
-    return keep
-
-
 def _check_counts(counts: np.ndarray, names: list[str], where: str) -> None:
     for c, n in enumerate(counts):
         if n == 0:
@@ -172,7 +161,7 @@ def _blocks(table: pa.Table, rows: int = ROWS_PER_BATCH) -> list[pa.Table]:
 
 # ------------------------------------------------------------------------------ the formats
 
-def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str) -> dict:
+def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str, sample: tuple[int, int] | None) -> dict:
     import ray
 
     split_dir = layout.files[0]
@@ -191,15 +180,18 @@ def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str) -> dict:
         if not files:
             raise EmptyClassError(classes[c], f"{where}/{classes[c]}")
     cap = data.max_per_class or None
-    paths, labels = [], []
+    paths, labels, counts = [], [], []
     for c, files in enumerate(per_class):
         chosen = sorted(files)[:cap]
+        if sample is not None:
+            n, seed = sample
+            chosen = sorted(sorted(chosen, key=lambda p: sample_order(seed, display_path(fs, p)))[:n])
         paths += chosen
         labels += [c] * len(chosen)
+        counts.append(len(chosen))
     table = pa.table({"path": paths, "label": pa.array(labels, pa.int64())})
     ds = ray.data.from_arrow(_blocks(table)).map_batches(
         ReadFiles(fs), batch_size=None, batch_format="numpy", num_cpus=data.cpus_per_task)
-    counts = [min(len(f), cap or len(f)) for f in per_class]
     return dict(ds=ds, class_keys=classes, num_rows=len(paths), counts=counts)
 
 
@@ -233,7 +225,7 @@ def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
 
 
 def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None,
-             names_from: str | None) -> dict:
+             names_from: str | None, sample: tuple[int, int] | None) -> dict:
     import ray
 
     shards = layout.files
@@ -262,11 +254,17 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
     _check_counts(counts, names, f"{display_path(fs, posixpath.dirname(shards[0]))} "
                   f"({len(shards)} {split} shards)")
     keep = None
-    if data.max_per_class:
-        mask = _keep_first(all_labels, data.max_per_class)
+    if data.max_per_class or sample is not None:
+        mask = keep_per_class(all_labels, None, data.max_per_class)
+        if sample is not None:  # ids as the reader names rows: "<shard>:<row>"
+            ids = [f"{display_path(fs, sh)}:{r}" for sh, lab in zip(shards, per_shard) for r in range(len(lab))]
+            rows = np.flatnonzero(mask)
+            sub = keep_per_class(all_labels[rows], [ids[i] for i in rows], sample[0], sample[1])
+            mask = np.zeros_like(mask)
+            mask[rows[sub]] = True
         offsets = np.cumsum([0] + [len(x) for x in per_shard])
         keep = {s: np.flatnonzero(mask[offsets[i]:offsets[i + 1]]) for i, s in enumerate(shards)}
-        counts = np.minimum(counts, data.max_per_class)
+        counts = np.bincount(all_labels[mask], minlength=len(names))
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(ReadParquetShards(fs, image_col, label_col, keep), batch_size=1,
                         batch_format="numpy", num_cpus=data.cpus_per_task)
@@ -274,7 +272,8 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
                 counts=[int(c) for c in counts])
 
 
-def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None) -> dict:
+def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None,
+                sample: tuple[int, int] | None) -> dict:
     import ray
 
     shards = layout.files
@@ -283,7 +282,7 @@ def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[s
         return ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
 
     keep, counts, num_rows = None, None, None
-    if names is None or data.max_per_class:
+    if names is None or data.max_per_class or sample is not None:
         # The labels live inside the tars: one pass reading only the .cls members' values.
         index = shard_ds().map_batches(
             ReadTarShards(fs, len(names) if names else None, labels_only=True),
@@ -297,9 +296,15 @@ def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[s
         cnt = np.bincount(labels, minlength=len(names))
         _check_counts(cnt, names, f"{display_path(fs, posixpath.dirname(shards[0]))} "
                       f"({len(shards)} {split} shards)")
-        if data.max_per_class:
-            keep = set(rows["id"][_keep_first(labels, data.max_per_class)])
-            cnt = np.minimum(cnt, data.max_per_class)
+        if data.max_per_class or sample is not None:
+            mask = keep_per_class(labels, None, data.max_per_class)
+            if sample is not None:
+                sel = np.flatnonzero(mask)
+                sub = keep_per_class(labels[sel], [str(i) for i in rows["id"].to_numpy()[sel]], *sample)
+                mask = np.zeros_like(mask)
+                mask[sel[sub]] = True
+            keep = set(rows["id"][mask])
+            cnt = np.bincount(labels[mask], minlength=len(names))
         counts, num_rows = [int(c) for c in cnt], int(cnt.sum())
     ds = shard_ds().map_batches(ReadTarShards(fs, len(names), keep), batch_size=1,
                                 batch_format="numpy", num_cpus=data.cpus_per_task)
@@ -320,10 +325,12 @@ def dataset_root(data: DataConfig, store=None) -> str:
     return data.source
 
 
-def load_split(data: DataConfig, split: str, store=None) -> DatasetSplit:
+def load_split(data: DataConfig, split: str, store=None, sample: tuple[int, int] | None = None) -> DatasetSplit:
     """One split (``data.train_split`` / ``data.val_split`` or any name) as a lazy Ray dataset.
 
-    ``data.max_per_class`` applies to the training split only.
+    ``data.max_per_class`` applies to the training split only. ``sample=(n, seed)`` then keeps a
+    seeded random ``n`` of each class (:mod:`hello_ray.data.subset`), decided from the listing or
+    label columns before any image is read (select's ``mipc``).
 
     ``store`` is needed for ``source=demo``; its S3 endpoint is also used for the dataset.
     """
@@ -342,11 +349,11 @@ def load_split(data: DataConfig, split: str, store=None) -> DatasetSplit:
         if found:
             names, names_from = found
     if layout.format == "imagefolder":
-        out = _imagefolder(fs, layout, data, split)
+        out = _imagefolder(fs, layout, data, split, sample)
     elif layout.format == "parquet":
-        out = _parquet(fs, layout, data, split, names, names_from)
+        out = _parquet(fs, layout, data, split, names, names_from, sample)
     else:
-        out = _webdataset(fs, layout, data, split, names)
+        out = _webdataset(fs, layout, data, split, names, sample)
     keys = out["class_keys"]
     if data.class_names and len(data.class_names) != len(keys):
         raise DataError(f"config data.class_names has {len(data.class_names)} names but split "

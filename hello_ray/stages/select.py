@@ -64,28 +64,43 @@ def resources(cfg: Config) -> dict[str, float]:
 # ---------------------------------------------------------------------------- Ray UDFs
 
 def crop_batch(batch: dict[str, np.ndarray], *, ranks: dict[int, int], image_size: int, on_corrupt: str,
-               num_crop: int, crop_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+               num_crop: int, crop_size: int, seed: int, crop_source: str = "original",
+               max_side: int = 1024) -> Iterator[dict[str, np.ndarray]]:
     """Encoded rows -> per image: label, id, ok, reason, ranks, boxes [K,4], crops uint8 [K,c,c,3].
 
-    With ``on_corrupt="skip"`` an undecodable image stays as a row with ``ok=False`` (zero
-    crops) so the driver can report it; with ``"fail"`` DecodeBatch raises, naming it.
+    ``crop_source="original"`` cuts the crops from the decoded image at its own resolution (longer
+    side capped at ``max_side``), as RDED does; ``"resized"`` from the image resized and centre-
+    cropped to ``image_size``. With ``on_corrupt="skip"`` an undecodable image stays as a row with
+    ``ok=False`` (zero crops) so the driver can report it; with ``"fail"`` it raises, naming it.
     A generator, so an empty batch yields nothing (Ray cannot type an empty tensor column).
     """
-    from hello_ray.data.decode import DecodeBatch
+    from hello_ray.data.errors import CorruptImageError
+    from hello_ray.data.images import decode_image, decode_resized
 
-    dec = DecodeBatch(image_size, on_corrupt, keep_corrupt=on_corrupt == "skip")(batch)
-    n = len(dec["id"])
+    n = len(batch["id"])
     if n == 0:
         return
-    ok = np.asarray(dec.get("ok", np.ones(n, dtype=bool)), dtype=bool)
-    ids = [str(i) for i in dec["id"]]
-    labels = np.asarray(dec["label"], dtype=np.int64)
-    boxes, crops = core.make_crops(dec["image"], ids, num_crop, crop_size, seed)   # [n,K,4], [n,K,c,c,3]
+    ids = [str(i) for i in batch["id"]]
+    ok = np.ones(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    sources: list[np.ndarray] = []
+    for i, (data, where) in enumerate(zip(batch["image"], ids)):
+        try:
+            img = (core.cap_side(decode_image(data, where), max_side) if crop_source == "original"
+                   else decode_resized(data, where, image_size))                 # uint8 [H, W, 3]
+        except CorruptImageError as e:
+            if on_corrupt == "fail":
+                raise
+            ok[i], reasons[i] = False, e.reason
+            img = np.zeros((crop_size, crop_size, 3), np.uint8)                  # a stand-in, never scored
+        sources.append(img)
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    boxes, crops = core.make_crops(sources, ids, num_crop, crop_size, seed)      # [n,K,4], [n,K,c,c,3]
     yield {
         "label": labels,
         "id": np.asarray(ids, dtype=object),
         "ok": ok,
-        "reason": np.asarray(dec.get("reason", np.full(n, "", dtype=object)), dtype=object),
+        "reason": reasons,
         "ranks": np.asarray([ranks.get(int(lab), 1) for lab in labels], dtype=np.int64),
         "boxes": boxes.numpy(),
         "crops": crops.numpy(),
@@ -171,9 +186,13 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     t0 = time.time()
     phase: dict[str, float] = {}
 
-    # The mipc cut happens where the data module can do it without reading images.
-    cap = sel.mipc if data.max_per_class == 0 else min(sel.mipc, data.max_per_class)
-    split = load_split(dataclasses.replace(data, max_per_class=cap), data.train_split, store)
+    # The mipc cut happens where the data module can do it without reading images: a seeded
+    # random mipc of each class (RDED), or the first mipc in dataset order.
+    if sel.mipc_order == "random":
+        split = load_split(data, data.train_split, store, sample=(sel.mipc, sel.seed))
+    else:
+        cap = sel.mipc if data.max_per_class == 0 else min(sel.mipc, data.max_per_class)
+        split = load_split(dataclasses.replace(data, max_per_class=cap), data.train_split, store)
     names = list(split.class_names)
     # Classes with fewer than k images let more than their best crop compete (select_core
     # docstring); when the split cannot count without reading, every crop competes.
@@ -187,7 +206,7 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     scored = split.ds.map_batches(
         crop_batch, batch_format="numpy", num_cpus=data.cpus_per_task,
         fn_kwargs=dict(ranks=ranks, image_size=size, on_corrupt=data.on_corrupt, num_crop=sel.num_crop,
-                       crop_size=crop_size, seed=sel.seed),
+                       crop_size=crop_size, seed=sel.seed, crop_source=sel.crop_source, max_side=sel.max_side),
     ).map_batches(
         ObserverScorer, batch_format="numpy", batch_size=images_per_batch,
         compute=ray.data.ActorPoolStrategy(size=sel.num_actors),
@@ -220,12 +239,14 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
 
     per_class = [core.fill_to_k(keeper.winners(c), k) for c in range(len(names))]
     pixels = {(c.image_id, c.crop): torch.as_tensor(c.patch) for cands in per_class for c in cands}
-    images, labels = core.assemble(per_class, pixels, factor)                     # [classes*ipc, S, S, 3]
+    images, labels = core.assemble(per_class, pixels, factor, sel.tile_order)     # [classes*ipc, S, S, 3]
     phase["stitch"] = time.time() - t0 - sum(phase.values())
 
-    index = _index_frame(per_class, sel.ipc, factor)
+    index = _index_frame(per_class, sel.ipc, factor, sel.tile_order)
     meta = {"ipc": sel.ipc, "factor": factor, "mipc": sel.mipc, "num_crop": sel.num_crop,
-            "show": sel.show, "seed": sel.seed, "parent": inputs["teachers"], "source": split.source}
+            "show": sel.show, "crop_source": sel.crop_source, "tile_order": sel.tile_order,
+            "mipc_order": sel.mipc_order, "seed": sel.seed, "parent": inputs["teachers"],
+            "source": split.source}
     write_image_set(store, key, images.numpy(), labels.numpy(), names, index, meta)
 
     phase["write"] = time.time() - t0 - sum(phase.values())
@@ -248,13 +269,15 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     return summary
 
 
-def _index_frame(per_class: list[list[core.Candidate]], ipc: int, factor: int) -> pd.DataFrame:
-    """One row per synthetic image and patch: where every patch's pixels came from."""
+def _index_frame(per_class: list[list[core.Candidate]], ipc: int, factor: int, order: str) -> pd.DataFrame:
+    """One row per synthetic image and patch: where every patch's pixels came from. ``patch`` is
+    the tile (r * factor + c), ``class_rank`` the patch's place among its class's winners (0 =
+    best; ``select.tile_order`` maps it to image and tile), ``rank`` its crop's rank in its image."""
     rows = []
-    per_image = factor * factor
     for label, cands in enumerate(per_class):
         for p, c in enumerate(cands):
-            rows.append({"image": label * ipc + p // per_image, "class": label, "patch": p % per_image,
+            image, tile = core.tile_of(p, ipc, factor, order)
+            rows.append({"image": label * ipc + image, "class": label, "patch": tile, "class_rank": p,
                          "source_id": c.image_id, "crop": c.crop, "rank": c.rank,
                          "x0": c.box[0], "y0": c.box[1], "x1": c.box[2], "y1": c.box[3], "score": c.score})
     return pd.DataFrame(rows)

@@ -1,26 +1,42 @@
 """RDED patch selection, the plain-PyTorch core (METHOD.md stage 2; no Ray in this file).
 
-Per image: ``num_crop`` random-resized *square* crops (scale 0.08-1, aspect 1) at
-``crop_size = image_size // factor``, drawn from a generator seeded by a stable hash of
-``(seed, image id)``, so a crop box never depends on batch order, worker or process.
-Crops are cut from the uint8 image and resized (bilinear, antialiased) back to uint8:
-the pixels the observer scores are exactly the pixels later stitched into the image set.
+Reference: LINs-lab/RDED at 3f6453d8b18b6a9bcc6c718bc16ecda6bb94d59f, ``synthesize/main.py``
+(selection transform), ``synthesize/utils.py`` (``MultiRandomCrop``, ``pad``, ``selector``,
+``mix_images``) and ``validation/utils.py`` (``ImageFolder`` with ``shuffle=True``). The defaults
+reproduce it; every difference is a named ``select.*`` option or listed below.
 
-Scoring: the crop is shown to the observer at full size (``show="resize"``: bilinear
-up-sampling; ``show="pad"``: zero padding, centred, as the RDED reference does) and scored
-by the cross-entropy of the observer's prediction against the image's true class (lower is
-more representative).
+*Crops* (``crop_source="original"``, RDED): ``num_crop`` RandomResizedCrops of side
+``image_size // factor`` (scale 0.08-1, aspect ratio 1, torchvision's 10 tries then its centre
+fallback) cut from the decoded source image at its own resolution (its longer side capped at
+``select.max_side``) and resized bilinearly with antialiasing. ``crop_source="resized"`` (our
+earlier behaviour) cuts them from the image resized and centre-cropped to ``image_size`` instead.
+Boxes come from a generator seeded by a stable hash of ``(seed, image id)``, so a box never
+depends on batch order, worker or process (RDED draws them from the unseeded global RNG).
 
-Selection: each image's crops are ranked (score, then crop index); rank 0 is the image's
-best crop. Per class, the ``k = ipc * factor**2`` smallest candidates by the key
+*Scoring*: the crop is shown to the observer at full size and scored by the cross-entropy of its
+prediction against the image's true class (lower is more representative). ``show="pad"`` (RDED)
+centres the crop on a ``image_size`` canvas (odd pixels bottom/right) filled with the observer's
+normalisation mean, which is exactly RDED's zero padding *after* normalisation; ``pad_black``
+pads [0, 1] pixels with 0 (black) before the model normalises (our earlier ``pad``); ``resize``
+up-samples the crop bilinearly.
+
+*Selection*: each image's crops are ranked (score, then crop index); rank 0 is the image's best
+crop. Per class, the ``k = ipc * factor**2`` smallest candidates by the key
 ``(rank, score, image id, crop index)`` win, kept by a bounded heap per class
-(:class:`ClassTopK`) so memory is classes x k whatever the dataset size. When a class has
-at least ``k`` images only rank-0 crops compete: exactly RDED's "best crop per image, then
-the best images". When a class has fewer images, RDED's "best crops overall" reading is
-followed: the second-best crops of all images come next (then the third, ...), ordered by
-score; and when even ``images x num_crop < k`` the winners repeat cyclically (a class of
-one image still yields ``ipc`` images). Winners are stitched ``factor x factor``
-row-major, in the order of the key, into ``ipc`` images of full size.
+(:class:`ClassTopK`) so memory is classes x k whatever the dataset size. When a class has at
+least ``k`` images only rank-0 crops compete: exactly RDED's ``selector`` (best crop per image,
+then the images' best scores ascending). When a class has fewer images (RDED would fail), the
+second-best crops of all images come next (then the third, ...), ordered by score; when even
+``images x num_crop < k`` the winners repeat cyclically.
+
+*Stitching* (``tile_order="rded"``, RDED's ``mix_images``): image ``b`` of a class, tile
+``(row r, col c)`` holds the winner ranked ``(r * factor + c) * ipc + b``, so the ``ipc`` best
+patches are the top-left tiles of the ``ipc`` images. ``tile_order="rowmajor"`` (our earlier
+layout) puts ranks ``b*f^2 .. b*f^2 + f^2 - 1`` into image ``b``, row-major.
+
+Known remaining differences: RDED scores float crops and saves JPEGs by truncation, we score and
+store the uint8-rounded crops as PNG (the pixels scored are the pixels shipped); RDED's argsort is
+not stable (ties in any order), ours breaks ties by image id and crop index; RNG streams differ.
 """
 from __future__ import annotations
 
@@ -36,7 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SCALE = (0.08, 1.0)          # area fraction of a random-resized crop (RDED / torchvision default)
-SHOW_MODES = ("resize", "pad")
+SHOW_MODES = ("pad", "pad_black", "resize")
+TILE_ORDERS = ("rded", "rowmajor")
+RRC_TRIES = 10               # torchvision RandomResizedCrop.get_params
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 K = TypeVar("K")
@@ -51,20 +69,33 @@ def crop_seed(seed: int, image_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def crop_boxes(image_id: str, image_size: int, num_crop: int, seed: int,
+def crop_boxes(image_id: str, height: int, width: int, num_crop: int, seed: int,
                scale: tuple[float, float] = SCALE) -> torch.Tensor:
-    """The ``num_crop`` square crop boxes of one image: int64 [num_crop, 4] as (x0, y0, x1, y1).
+    """The ``num_crop`` square crop boxes of one ``height x width`` image: int64 [num_crop, 4]
+    as (x0, y0, x1, y1), x along the width.
 
-    Area fraction ~ U(scale), aspect ratio 1, position uniform over the valid offsets
-    (torchvision's RandomResizedCrop with ratio (1, 1), which always succeeds for squares).
+    torchvision's ``RandomResizedCrop.get_params`` with ``ratio=(1, 1)`` (what RDED's
+    ``MultiRandomCrop`` uses): up to 10 tries of an area fraction ~ U(scale) whose square fits,
+    at a uniform position; else the centred square of the shorter side. The draws come from a
+    generator seeded by ``(seed, image id)``.
     """
     g = torch.Generator().manual_seed(crop_seed(seed, image_id))
-    u = torch.rand(num_crop, 3, generator=g, dtype=torch.float64)            # [K, 3]
-    area = image_size * image_size * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
-    side = torch.sqrt(area).round().clamp(1, image_size).long()              # [K]
-    x0 = (u[:, 1] * (image_size - side + 1)).floor().long()
-    y0 = (u[:, 2] * (image_size - side + 1)).floor().long()
-    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)               # [K, 4]
+    area = height * width
+    boxes = []
+    for _ in range(num_crop):
+        for _ in range(RRC_TRIES):
+            target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g, dtype=torch.float64)))
+            side = int(round(math.sqrt(target)))                      # aspect ratio 1: w = h
+            if 0 < side <= width and 0 < side <= height:
+                y0 = int(torch.randint(0, height - side + 1, (1,), generator=g))
+                x0 = int(torch.randint(0, width - side + 1, (1,), generator=g))
+                boxes.append((x0, y0, x0 + side, y0 + side))
+                break
+        else:  # the fallback: ratio (1, 1) clamps to the shorter side, centred
+            side = min(height, width)
+            y0, x0 = (height - side) // 2, (width - side) // 2
+            boxes.append((x0, y0, x0 + side, y0 + side))
+    return torch.tensor(boxes, dtype=torch.long).reshape(num_crop, 4)
 
 
 def cut_crop(image: torch.Tensor, box: Sequence[int], crop_size: int) -> torch.Tensor:
@@ -78,45 +109,76 @@ def cut_crop(image: torch.Tensor, box: Sequence[int], crop_size: int) -> torch.T
     return region.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # [c, c, 3]
 
 
-def cut_crops(images: torch.Tensor | np.ndarray, boxes: torch.Tensor | np.ndarray,
-              crop_size: int) -> torch.Tensor:
-    """uint8 images [N, S, S, 3] and boxes [N, K, 4] -> uint8 crops [N, K, c, c, 3]."""
-    images = torch.as_tensor(images)
-    boxes = torch.as_tensor(boxes)
-    n, k = boxes.shape[:2]
-    out = torch.empty((n, k, crop_size, crop_size, 3), dtype=torch.uint8)
-    for i in range(n):
-        for j in range(k):
-            out[i, j] = cut_crop(images[i], boxes[i, j].tolist(), crop_size)
-    return out
+def make_crops(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray, ids: Sequence[str],
+               num_crop: int, crop_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes int64 [N, K, 4] and uint8 crops [N, K, c, c, 3] of decoded uint8 images [H_i, W_i, 3]
+    (a list of any sizes, or one [N, S, S, 3] array)."""
+    if len(ids) == 0:
+        return (torch.zeros((0, num_crop, 4), dtype=torch.long),
+                torch.zeros((0, num_crop, crop_size, crop_size, 3), dtype=torch.uint8))
+    boxes, crops = [], []
+    for img, iid in zip(images, ids):
+        img = torch.as_tensor(img)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"make_crops: expected a uint8 image [H, W, 3] for {iid}, got {tuple(img.shape)}")
+        b = crop_boxes(str(iid), img.shape[0], img.shape[1], num_crop, seed)              # [K, 4]
+        boxes.append(b)
+        crops.append(torch.stack([cut_crop(img, box.tolist(), crop_size) for box in b]))  # [K, c, c, 3]
+    return torch.stack(boxes), torch.stack(crops)
 
 
-def make_crops(images: torch.Tensor | np.ndarray, ids: Sequence[str], num_crop: int, crop_size: int,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes int64 [N, K, 4] and uint8 crops [N, K, c, c, 3] of decoded images [N, S, S, 3]."""
-    images = torch.as_tensor(images)
-    size = images.shape[1]
-    if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3:
-        raise ValueError(f"make_crops: expected uint8 images [N, S, S, 3], got {tuple(images.shape)}")
-    boxes = torch.stack([crop_boxes(str(i), size, num_crop, seed) for i in ids]) if len(ids) else \
-        torch.zeros((0, num_crop, 4), dtype=torch.long)
-    return boxes, cut_crops(images, boxes, crop_size)
+def cap_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """uint8 [H, W, 3] with its longer side shrunk to ``max_side`` (antialiased) when longer:
+    bounds a crop source's memory; RDED's ImageNet sources are ~500 px and pass untouched."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    s = max_side / max(h, w)
+    x = torch.as_tensor(image).permute(2, 0, 1).unsqueeze(0).float()
+    x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                      align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
 # ---------------------------------------------------------------------------- scoring
 
-def show_crops(crops: torch.Tensor, image_size: int, show: str) -> torch.Tensor:
-    """float crops [M, 3, c, c] in [0, 1] -> [M, 3, S, S] as the observer sees them."""
+def pad_colour(observer: nn.Module) -> torch.Tensor:
+    """float [3] in [0, 1]: the colour that the observer's normalisation maps to zero (its mean).
+
+    Zoo models normalise inside ``forward`` with a ``mean`` buffer; others are assumed ImageNet's.
+    """
+    from hello_ray.models.zoo import IMAGENET_MEAN
+
+    mean = getattr(observer, "mean", None)
+    if isinstance(mean, torch.Tensor) and mean.numel() == 3:
+        return mean.detach().flatten().float().cpu()
+    return torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
+
+
+def show_crops(crops: torch.Tensor, image_size: int, show: str,
+               colour: torch.Tensor | None = None) -> torch.Tensor:
+    """float crops [M, 3, c, c] in [0, 1] -> [M, 3, S, S] as the observer sees them.
+
+    ``pad``: centred on a canvas of ``colour`` (float [3]; the observer's mean, see
+    :func:`pad_colour`), top/left gap = floor(gap / 2) as RDED's ``pad``; ``pad_black``: the
+    same on black; ``resize``: bilinear up-sampling.
+    """
     c = crops.shape[-1]
+    if show not in SHOW_MODES:
+        raise ValueError(f"select.show: unknown mode {show!r}; use one of {SHOW_MODES}")
     if c == image_size:
         return crops
     if show == "resize":
         return F.interpolate(crops, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    if show == "pad":
-        lo = (image_size - c) // 2
-        hi = image_size - c - lo
-        return F.pad(crops, (lo, hi, lo, hi), value=0.0)
-    raise ValueError(f"select.show: unknown mode {show!r}; use one of {SHOW_MODES}")
+    lo = (image_size - c) // 2
+    if show == "pad_black" or colour is None:
+        if show == "pad":
+            raise ValueError("show_crops: show='pad' needs the observer's colour (pad_colour(observer))")
+        return F.pad(crops, (lo, image_size - c - lo, lo, image_size - c - lo), value=0.0)
+    canvas = colour.to(crops.device, crops.dtype).view(1, 3, 1, 1).expand(len(crops), 3, image_size, image_size)
+    canvas = canvas.clone()                                                      # [M, 3, S, S]
+    canvas[:, :, lo:lo + c, lo:lo + c] = crops
+    return canvas
 
 
 def score_crops(observer: nn.Module, crops: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
@@ -124,16 +186,20 @@ def score_crops(observer: nn.Module, crops: torch.Tensor | np.ndarray, labels: t
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Cross-entropy of the observer on each crop vs its class: float32 [M] (lower = better).
 
-    ``crops`` are uint8 [M, c, c, 3]; ``labels`` int64 [M]. The observer takes [0, 1]
-    images at full size and normalises inside (docs/ARCHITECTURE.md).
+    ``crops`` are uint8 [M, c, c, 3] or float [M, 3, c, c] in [0, 1]; ``labels`` int64 [M]. The
+    observer takes [0, 1] images at full size and normalises inside (docs/ARCHITECTURE.md).
+    RDED's ``selector`` loss: -log softmax(logits)[true class], per crop, no reduction.
     """
     crops = torch.as_tensor(crops)
     labels = torch.as_tensor(labels, dtype=torch.long)
+    colour = pad_colour(observer) if show == "pad" else None
     out = torch.empty(len(crops), dtype=torch.float32)
     with torch.inference_mode():
         for s in range(0, len(crops), batch_size):
-            x = crops[s:s + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, c, c]
-            logits = observer(show_crops(x, image_size, show))                             # [B, C]
+            x = crops[s:s + batch_size].to(device)
+            if x.dtype == torch.uint8:
+                x = x.permute(0, 3, 1, 2).float().div_(255.0)                          # [B, 3, c, c]
+            logits = observer(show_crops(x, image_size, show, colour))                 # [B, C]
             y = labels[s:s + batch_size].to(device)
             out[s:s + batch_size] = F.cross_entropy(logits.float(), y, reduction="none").cpu()
     return out
@@ -284,14 +350,23 @@ def fill_to_k(winners: Sequence[Candidate], k: int) -> list[Candidate]:
     return [winners[i % len(winners)] for i in range(k)]
 
 
-def stitch(patches: torch.Tensor | np.ndarray, factor: int) -> torch.Tensor:
-    """uint8 patches [ipc * f^2, c, c, 3] -> uint8 images [ipc, f*c, f*c, 3], row-major patches."""
+def stitch(patches: torch.Tensor | np.ndarray, factor: int, order: str = "rded") -> torch.Tensor:
+    """uint8 patches [ipc * f^2, c, c, 3], best first -> uint8 images [ipc, f*c, f*c, 3].
+
+    ``rded``: image b, tile (r, c) = patch (r*f + c) * ipc + b (RDED's ``mix_images``);
+    ``rowmajor``: image b holds patches b*f^2 .. b*f^2 + f^2 - 1, row-major.
+    """
     patches = torch.as_tensor(patches)
     n, c = patches.shape[0], patches.shape[1]
     if n % (factor * factor):
         raise ValueError(f"stitch: {n} patches do not fill images of {factor}x{factor} patches")
+    if order not in TILE_ORDERS:
+        raise ValueError(f"select.tile_order: unknown order {order!r}; use one of {TILE_ORDERS}")
     ipc = n // (factor * factor)
-    grid = patches.reshape(ipc, factor, factor, c, c, 3)                        # [ipc, row, col, y, x, 3]
+    if order == "rded":
+        grid = patches.reshape(factor, factor, ipc, c, c, 3).permute(2, 0, 1, 3, 4, 5)  # [ipc, row, col, y, x, 3]
+    else:
+        grid = patches.reshape(ipc, factor, factor, c, c, 3)                          # [ipc, row, col, y, x, 3]
     return grid.permute(0, 1, 3, 2, 4, 5).reshape(ipc, factor * c, factor * c, 3)
 
 
@@ -305,43 +380,56 @@ class Selection:
     labels: torch.Tensor             # int64 [classes * ipc]
 
 
+def tile_of(rank: int, ipc: int, factor: int, order: str = "rded") -> tuple[int, int]:
+    """(image, tile) that the patch of ``rank`` (0 = best) lands in; tile = r * factor + c."""
+    if order == "rded":
+        return rank % ipc, rank // ipc
+    return rank // (factor * factor), rank % (factor * factor)
+
+
 def assemble(patches_per_class: list[list[Candidate]], pixels: dict[tuple[str, int], torch.Tensor],
-             factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+             factor: int, order: str = "rded") -> tuple[torch.Tensor, torch.Tensor]:
     """Stitch every class's patches (pixels looked up by (image id, crop)) -> images, labels."""
     images, labels = [], []
     for label, cands in enumerate(patches_per_class):
         tiles = torch.stack([pixels[(c.image_id, c.crop)] for c in cands])     # [k, c, c, 3]
-        imgs = stitch(tiles, factor)
+        imgs = stitch(tiles, factor, order)
         images.append(imgs)
         labels.append(torch.full((len(imgs),), label, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
 
 
-def select_in_memory(images: torch.Tensor | np.ndarray, labels: Sequence[int], ids: Sequence[str],
-                     observer: nn.Module, num_classes: int, *, ipc: int, factor: int, mipc: int,
-                     num_crop: int, show: str, seed: int, batch_size: int = 256,
+def select_in_memory(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray, labels: Sequence[int],
+                     ids: Sequence[str], observer: nn.Module, num_classes: int, *, ipc: int, factor: int,
+                     mipc: int, num_crop: int, show: str, seed: int, image_size: int | None = None,
+                     tile_order: str = "rded", mipc_order: str = "random", batch_size: int = 256,
                      device: torch.device | str = "cpu") -> Selection:
-    """The whole selection on decoded uint8 images [N, S, S, 3] held in memory (small data, tests).
+    """The whole selection on decoded uint8 images [H_i, W_i, 3] held in memory (small data, tests).
 
-    The first ``mipc`` images of each class in the given order compete (the Ray stage gets
-    the same cut from ``data.max_per_class``: first images in dataset order). Same functions
-    as the streaming Ray stage, in one process, so the two must agree.
+    ``image_size`` is the stitched images' side (default: the first image's height, for square
+    inputs). The ``mipc`` images of a class are chosen as the streaming stage's data layer chooses
+    them (:func:`hello_ray.data.subset.keep_per_class`: seeded random, or the first in the given
+    order). Same functions as the streaming Ray stage, in one process, so the two must agree.
     """
-    images = torch.as_tensor(images)
-    size = images.shape[1]
+    from hello_ray.data.subset import keep_per_class
+
+    images = [torch.as_tensor(im) for im in images]
+    size = image_size or images[0].shape[0]
     crop_size = size // factor
     k = ipc * factor * factor
+    ids = [str(i) for i in ids]
+    chosen_mask = keep_per_class(np.asarray(labels), ids, mipc, seed if mipc_order == "random" else None)
     chosen: list[list[str]] = [[] for _ in range(num_classes)]
-    for label, iid in zip(labels, ids):                  # the mipc cut: first images of each class
-        if len(chosen[int(label)]) < mipc:
-            chosen[int(label)].append(str(iid))
-    row_of = {str(i): n for n, i in enumerate(ids)}
+    for label, iid, keep in zip(labels, ids, chosen_mask):
+        if keep:
+            chosen[int(label)].append(iid)
+    row_of = {i: n for n, i in enumerate(ids)}
     keeper = ClassTopK(num_classes, k)
     for label, class_ids in enumerate(chosen):
         if not class_ids:
             raise ValueError(f"class {label} has no images")
         idx = [row_of[i] for i in class_ids]
-        boxes, crops = make_crops(images[idx], class_ids, num_crop, crop_size, seed)   # [n, K, 4], [n, K, c, c, 3]
+        boxes, crops = make_crops([images[i] for i in idx], class_ids, num_crop, crop_size, seed)  # [n,K,4], [n,K,c,c,3]
         n = len(idx)
         scores = score_crops(observer, crops.reshape(n * num_crop, crop_size, crop_size, 3),
                              torch.full((n * num_crop,), label), size, show, batch_size, device)
@@ -350,5 +438,5 @@ def select_in_memory(images: torch.Tensor | np.ndarray, labels: Sequence[int], i
     per_class = [fill_to_k(keeper.winners(c), k) for c in range(num_classes)]
     pixels = {(c.image_id, c.crop): cut_crop(images[row_of[c.image_id]], c.box, crop_size)
               for cands in per_class for c in cands}
-    out_images, out_labels = assemble(per_class, pixels, factor)
+    out_images, out_labels = assemble(per_class, pixels, factor, tile_order)
     return Selection(per_class, out_images, out_labels)
