@@ -24,6 +24,7 @@ import torch
 
 from hello_ray.models.lora import LORA_STYLES
 from hello_ray.models.projector import default_head_rank
+from hello_ray.units import human_bytes
 
 MIB = 1024 ** 2
 FP16_BYTES = 2
@@ -130,14 +131,6 @@ def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8
     }
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def format_report(r: dict[str, Any]) -> str:
     """A readable table of a :func:`storage_report`."""
     rows = [
@@ -156,7 +149,7 @@ def format_report(r: dict[str, Any]) -> str:
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     lines = [head, "-" * len(head)]
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c):>12}" for a, b, c in rows]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c, digits=1):>12}" for a, b, c in rows]
     lines.append(f"stored labels / projector LoRA (fp16): {r['labels_over_projector_fp16']:,.1f}x")
     return "\n".join(lines)
 

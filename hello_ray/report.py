@@ -33,6 +33,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hello_ray.units import human_bytes
+
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
@@ -53,18 +55,6 @@ PNG_NAMES = {
 
 
 # ---------------------------------------------------------------- small formatters
-
-def human_bytes(n: float | None) -> str:
-    """``1536 -> '1.50 KiB'``; binary units, as METHOD.md quotes MiB/GiB."""
-    if n is None or _is_nan(n):
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
 
 def format_pct(mean: float, std: float | None = None) -> str:
     """Fractions -> percent with 2 decimals: ``(0.4523, 0.0031) -> '45.23 ± 0.31'``."""

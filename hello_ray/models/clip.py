@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Several Ray workers may create the same cache file at once: each writes its own temp file and
+# renames it (the content is deterministic, so the last rename wins harmlessly).
+from hello_ray.store import atomic_write, cache_root
 
 TINY_CLIP = "hello-tiny-rn"
 RANDOM_INIT = "random-init"
@@ -43,25 +46,6 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
 }
 
 
-def cache_root() -> Path:
-    """hello_ray's local cache root: ``$HELLO_RAY_CACHE`` or ``~/.cache/hello_ray``."""
-    return Path(os.environ.get("HELLO_RAY_CACHE") or Path.home() / ".cache" / "hello_ray")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder + rename, so readers never see half a file
-    (several Ray workers may create the same cache file at once; the content is deterministic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def register_tiny_clip() -> None:
     """Register ``hello-tiny-rn`` with ``open_clip.add_model_config`` (idempotent).
 
@@ -73,7 +57,7 @@ def register_tiny_clip() -> None:
     path = cache_root() / "clip" / "model_configs" / f"{TINY_CLIP}.json"
     text = json.dumps(TINY_CLIP_CONFIG, indent=2)
     if not path.exists() or path.read_text() != text:
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path, lambda f: f.write(text.encode()))
     open_clip.add_model_config(path)
 
 
@@ -100,7 +84,7 @@ def _ensure_random_init(model_name: str) -> Path:
                 module.weight.fill_(1.0)
     _calibrate_batchnorm(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -31,6 +31,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from hello_ray.models.modules import replace_submodule
+
 LORA_STYLES = ("separable", "standard")
 ADAPTER = "default"  # peft's adapter name; artifacts store keys without it
 
@@ -169,9 +171,7 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         layer.merge()
         if unload:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.get_base_layer())
+            replace_submodule(model, name, layer.get_base_layer())
     return model
 
 
