@@ -24,7 +24,7 @@ import torch
 
 from hello_ray.models.lora import LORA_STYLES
 from hello_ray.models.projector import default_head_rank
-from hello_ray.units import human_bytes
+from hello_ray.tables import human_bytes
 
 MIB = 1024 ** 2
 FP16_BYTES = 2

@@ -13,15 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from hello_ray.formats.results import RESULTS_PARQUET, format_table, read_results  # noqa: E402
 from hello_ray.pipeline import stage_job  # noqa: E402
-from hello_ray.stages import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     _, store, key = stage_job(argv, "evaluate", __doc__.splitlines()[0])
     print()
-    print(evaluate.format_table(store.manifest(key)["summary"]["table"]))
-    print(f"\nresults: {store.uri_for(key, 'results.parquet')}")
+    print(format_table(read_results(store, key)))
+    print(f"\nresults: {store.uri_for(key, RESULTS_PARQUET)}")
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hello_ray.models.ensemble import load_trajectory  # noqa: E402
+from hello_ray.formats.trajectory import load_trajectory  # noqa: E402
 from hello_ray.pipeline import stage_job  # noqa: E402
 
 

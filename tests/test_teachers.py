@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from hello_ray.config import ConfigError, load_config
-from hello_ray.models.ensemble import (TeacherEnsemble, epoch_file, load_observer, load_state,
-                                       load_trajectory, resolve_window)
+from hello_ray.formats.trajectory import epoch_file, load_trajectory
+from hello_ray.models.ensemble import TeacherEnsemble, load_observer, load_state, resolve_window
 from hello_ray.models.zoo import build_model
 from hello_ray.stages import teachers
 

@@ -19,7 +19,6 @@ Rows:
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -28,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hello_ray.config import Config, data_identity, section_dict
+# The results format (writer, reader, summary) lives in formats/results.py; evaluate.write_results
+# stays importable from here for existing callers.
+from hello_ray.formats.results import write_results
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
@@ -199,29 +200,6 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     with result.checkpoint.as_directory() as d:
         done = json.loads((Path(d) / ROWS_FILE).read_text())
     return write_results(store, key, done, wall_s=time.perf_counter() - t0)
-
-
-def write_results(store, key: str, rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """results.parquet + results.json (rows and the mean +- std table); returns the summary."""
-    df = pd.DataFrame(rows).drop(columns=["classes", "row"], errors="ignore")
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    store.put_bytes(key, "results.parquet", buf.getvalue())
-    table = summarise(df)
-    store.put_bytes(key, "results.json", json.dumps({"rows": rows, "table": table}, indent=1).encode())
-    return {"rows": len(rows), "table": table, "wall_s": round(wall_s, 1)}
-
-
-def summarise(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """Mean +- std of top-1 over seeds per (images, student, strategy, continual step)."""
-    keys = ["images", "student", "strategy", "continual_steps", "continual_step"]
-    out = []
-    for k, g in df.groupby(keys, sort=False):
-        out.append({**dict(zip(keys, k)), "top1_mean": float(g.top1.mean()),
-                    "top1_std": float(g.top1.std(ddof=0)), "seeds": int(len(g)),
-                    "label_bytes": int(g.label_bytes.iloc[0]), "step_s": float(g.step_s.mean()),
-                    "peak_mem_mb": float(g.peak_mem_mb.max())})
-    return out
 
 
 # ------------------------------------------------------------------------ worker side
