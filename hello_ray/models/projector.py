@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hello_ray.models import lora as lora_mod
-from hello_ray.models.adapter import load_adapter, save_adapter  # re-exported: the projector's artifact
+# One way only: the adapter format knows nothing of the Projector class; the projector saves and
+# rebuilds itself through it.
+from hello_ray.models.adapter import read_adapter, save_adapter
 from hello_ray.models.clip import META, clip_embed_dim, clip_input_size, clip_normalisation, create_clip
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -117,6 +119,26 @@ class Projector(nn.Module):
         return cls(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
                    model_name, pretrained, class_names, templates)
 
+    @classmethod
+    def from_adapter(cls, adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
+                     device: torch.device | str | None = None) -> "Projector":
+        """Rebuild the projector of an adapter folder (hello_ray/models/adapter.py): ``from_clip``
+        + ``add_lora`` + the stored tensors.
+
+        ``num_classes``: the class count the caller's dataset has; a different count in the
+        adapter is a ValueError naming both. ``merge=True`` folds the LoRA into the base weights
+        (and drops the LoRA layers) for fast labelling. ``device``: where the projector is built.
+        """
+        meta, tensors, where = read_adapter(adapter_dir, num_classes)
+        projector = cls.from_clip(meta["model"], meta["pretrained"], meta["class_names"], meta["templates"],
+                                  device=device)
+        projector.add_lora(meta["conv_rank"], meta["head_rank"], style=meta["style"],
+                           alpha_ratio=meta["alpha_ratio"])
+        projector.load_lora_state_dict(tensors, where=where)
+        if merge:
+            projector.merge_lora(unload=True)
+        return projector.eval()
+
     # ------------------------------------------------------------------ compute
     @property
     def num_classes(self) -> int:
@@ -186,8 +208,8 @@ class Projector(nn.Module):
         """Write the adapter artifact (hello_ray/models/adapter.py) into ``out_dir``."""
         return save_adapter(self, out_dir, dtype=dtype)
 
-    @staticmethod
-    def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
-                     device: torch.device | str | None = None) -> "Projector":
-        """Rebuild a projector from an adapter folder (hello_ray/models/adapter.py)."""
-        return load_adapter(adapter_dir, merge=merge, num_classes=num_classes, device=device)
+
+def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
+                 device: torch.device | str | None = None) -> Projector:
+    """The projector of an adapter folder: ``Projector.from_adapter`` (see there)."""
+    return Projector.from_adapter(adapter_dir, merge=merge, num_classes=num_classes, device=device)
