@@ -129,10 +129,6 @@ def _artifact_key(param_name: str) -> str:
     return param_name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
 
 
-def _param_name(artifact_key: str) -> str:
-    return artifact_key.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}.")
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors only, keyed without the adapter name (e.g. ``encoder.conv1.lora_A.weight``)."""
     return {_artifact_key(n): p.detach() for n, p in model.named_parameters()
@@ -156,10 +152,6 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], whe
                 raise ValueError(f"{where}: LoRA tensor {key!r} has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(p.shape)}")
             p.copy_(t.to(p.dtype))
-
-
-def count_lora_params(model: nn.Module) -> int:
-    return sum(t.numel() for t in lora_state_dict(model).values())
 
 
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
