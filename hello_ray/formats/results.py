@@ -115,9 +115,10 @@ def results_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[s
             f"{s['continual_step']}/{s['continual_steps']}" if s["continual_steps"] else "-",
             format_pct(s["top1_mean"], s["top1_std"]), str(s["seeds"]),
             f"{s['label_bytes']:,}", human_bytes(s["label_bytes"]),
-            "-" if is_missing(s["step_s"]) else f"{1000 * s['step_s']:.1f}",
-            "-" if is_missing(s["wall_s"]) else f"{s['wall_s']:.1f}",
-            "-" if is_missing(s["peak_mem_mb"]) else human_bytes(s["peak_mem_mb"] * 2**20),
+            # .get: tables stored before wall_s joined the summary still print
+            "-" if is_missing(s.get("step_s")) else f"{1000 * s['step_s']:.1f}",
+            "-" if is_missing(s.get("wall_s")) else f"{s['wall_s']:.1f}",
+            "-" if is_missing(s.get("peak_mem_mb")) else human_bytes(s["peak_mem_mb"] * 2**20),
         ])
     return headers, body
 
