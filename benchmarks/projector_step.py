@@ -3,9 +3,9 @@
     python benchmarks/projector_step.py                  # CPU defaults (about 2-3 minutes on 2 cores)
     python benchmarks/projector_step.py --json           # also the raw numbers as one JSON object
 
-For the tiny test CLIP (32 px, the demo's size) and OpenAI's RN50 architecture (224 px), both at
-random init (open_clip ``pretrained=None``: nothing is downloaded, the cost is the same as with
-real weights), it prints the mean time of:
+For the tiny test CLIP (32 px, the demo's size) and OpenAI's RN50 architecture (224 px), both
+``pretrained="random-init"`` (seeded weights made once in the local cache: nothing is downloaded,
+the cost is the same as with real weights), it prints the mean time of:
 
 - ``teacher fwd``: one ResNet-18 forward on the batch (eval, inference_mode) -- the unit;
 - ``train step``: one knowledge-transfer step of the projector alone (forward + backward through
@@ -35,19 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hello_ray.labels import prepare_labeller  # noqa: E402
+from hello_ray.models.clip import RANDOM_INIT  # noqa: E402
+from hello_ray.models.projector import Projector  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.stages.transfer_core import lora_parameters, transfer_loss  # noqa: E402
-
-
-def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int) -> torch.nn.Module:
-    """A CLIP projector at random init (open_clip ``pretrained=None``) with LoRA added (unmerged)."""
-    from hello_ray.models.projector import random_projector as base
-
-    proj = base(model_name, num_classes, conv_rank, head_rank)
-    with torch.no_grad():  # a trained-looking LoRA (B != 0), so unmerged and merged both do real work
-        for p in lora_parameters(proj):
-            p.normal_(0, 0.01)
-    return proj.eval()
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -76,7 +67,12 @@ def bench_clip(clip: str, image_size: int, batch: int, classes: int, conv_rank: 
     y = torch.randint(0, classes, (batch,), device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     teacher = build_model("resnet18", classes, image_size).to(device, memory_format=fmt).eval()
-    projector = random_projector(clip, classes, conv_rank, head_rank).to(device)
+    projector = Projector.from_clip(clip, RANDOM_INIT, class_names=[f"class {i}" for i in range(classes)])
+    projector.add_lora(conv_rank, head_rank)
+    with torch.no_grad():  # a trained-looking LoRA (B != 0), so unmerged and merged both do real work
+        for p in lora_parameters(projector):
+            p.normal_(0, 0.01)
+    projector = projector.eval().to(device)
     merged = copy.deepcopy(projector).merge_lora().to(device, memory_format=fmt).eval()
     prepared = prepare_labeller(copy.deepcopy(merged), device, image_size)
     teacher_prepared = prepare_labeller(copy.deepcopy(teacher), device, image_size)

@@ -21,7 +21,6 @@ Prints, in one run on one machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -94,7 +93,7 @@ def write_teachers(store, model: str, classes: int, size: int) -> str:
     """A one-epoch teachers artifact (random-init observer) in the documented trajectory format."""
     import io
 
-    from hello_ray.models.ensemble import TRAJECTORY_FILE, epoch_file
+    from hello_ray.formats.trajectory import epoch_file, write_trajectory
     from hello_ray.models.zoo import build_model
 
     torch.manual_seed(0)
@@ -108,7 +107,7 @@ def write_teachers(store, model: str, classes: int, size: int) -> str:
     traj = {"model": model, "num_classes": classes, "image_size": size,
             "class_names": [f"class_{c:03d}" for c in range(classes)],
             "epochs": [{"epoch": 1, "top1": 0.0, "file": epoch_file(1)}], "observer": epoch_file(1)}
-    store.put_bytes(key, TRAJECTORY_FILE, json.dumps(traj).encode())
+    write_trajectory(store, key, traj)
     store.finalize(key, "teachers", {"bench": model}, {}, {})
     return key
 

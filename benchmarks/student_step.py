@@ -10,7 +10,8 @@ peak memory of the run for a ResNet-18 student labelled by:
 - ``hard``: class ids (no labeller; the floor of any step time);
 - ``teacher``: a ResNet-18 observer (random init: only the cost is measured);
 - ``projector``: CLIP + LoRA *merged* into the base weights, for the tiny test CLIP and for
-  OpenAI's RN50 architecture (both random init, ``pretrained=None``: nothing is downloaded),
+  OpenAI's RN50 architecture (both ``pretrained="random-init"``: seeded weights made once in the
+  local cache, nothing is downloaded; the cost is that of real weights),
 
 and the ratios projector/teacher (published: 0.21 s / 0.12 s = 1.75x on an A5000; goal <= 1.3x)
 and projector/hard, for each labelling precision of ``--precisions`` (``evaluate.label_precision``:
@@ -43,17 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hello_ray.labels import HardLabels, LabelStrategy, ProjectorLabels, TeacherLabels  # noqa: E402
+from hello_ray.models.clip import RANDOM_INIT  # noqa: E402
+from hello_ray.models.projector import Projector  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.runtime import native_bf16, seed_everything  # noqa: E402
 from hello_ray.stages.evaluate_core import PeakMemory, TrainSettings, train_student  # noqa: E402
-
-
-def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int) -> torch.nn.Module:
-    """A CLIP projector at random init (open_clip ``pretrained=None``), LoRA added then merged."""
-    from hello_ray.models.projector import random_projector as base
-
-    proj = base(model_name, num_classes, conv_rank, head_rank)
-    return proj.merge_lora(unload=True).eval()
 
 
 def measure(strategy: LabelStrategy, args, device: torch.device) -> dict:
@@ -114,8 +109,12 @@ def main() -> None:
     # A case is (labeller, precision). Each case builds its labeller afresh and drops it after,
     # so the peak memory of a case holds that labeller's weights and no other's.
     def projector(clip: str):
-        return lambda: ProjectorLabels(random_projector(clip, args.classes, 8, 64 if args.classes <= 100 else 128),
-                                       args.classes, args.image_size, adapter_bytes=0)
+        def build() -> ProjectorLabels:
+            names = [f"class {i}" for i in range(args.classes)]
+            proj = Projector.from_clip(clip, RANDOM_INIT, class_names=names)
+            proj.add_lora(8, 64 if args.classes <= 100 else 128).merge_lora(unload=True)  # as evaluate labels
+            return ProjectorLabels(proj.eval(), args.classes, args.image_size, adapter_bytes=0)
+        return build
 
     factories = {
         "hard": lambda: HardLabels(torch.zeros(1).numpy(), args.classes, 0),

@@ -6,39 +6,28 @@
   ``epochs x images x classes x 2`` bytes (METHOD.md; augmentation parameters not counted);
 - the teacher's weights (the observer shipped instead, RDED-style);
 - the HeLlO projector's LoRA tensors, counted by actually applying ``Projector.add_lora`` to
-  the real CLIP architecture (open_clip at random init, built on PyTorch's meta device: the
-  layer shapes are real, no weights are allocated or downloaded).
+  the projector of the one factory, ``Projector.from_clip(..., pretrained="meta")``: the real
+  CLIP architecture on PyTorch's meta device (real layer shapes, no weights allocated, read or
+  downloaded, no prompts encoded), so ``hello-ray storage`` takes about a second.
 
 CLI: ``hello-ray storage --classes 1000 --ipc 10 [--json]``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import sys
 from typing import Any
 
 import torch
 
+from hello_ray.models.clip import META
 from hello_ray.models.lora import LORA_STYLES
-from hello_ray.models.projector import default_head_rank
+from hello_ray.models.projector import Projector, default_head_rank
+from hello_ray.tables import human_bytes
 
 MIB = 1024 ** 2
 FP16_BYTES = 2
-
-
-@contextlib.contextmanager
-def _quiet_open_clip():
-    """Silence open_clip's root-logger "No pretrained weights loaded" warning: accounting builds the
-    architecture without weights on purpose."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def stored_soft_label_bytes(classes: int, ipc: int, epochs: int) -> int:
@@ -58,26 +47,13 @@ def projector_lora_counts(classes: int, conv_rank: int, head_rank: int, clip_mod
                           lora_style: str = "separable") -> dict[str, int]:
     """LoRA parameter/tensor counts of the projector for ``clip_model``, from its real layers.
 
-    The projector is assembled on the meta device (encoder of the real architecture, a head
-    of the real [classes, embed_dim] shape) and ``add_lora`` is applied to it, so the count is
-    exactly what knowledge transfer trains and the adapter ships.
+    The projector comes from ``Projector.from_clip`` on the meta device (encoder of the real
+    architecture, a head of the real [classes, embed_dim] shape) and ``add_lora`` is applied to
+    it, so the count is exactly what knowledge transfer trains and the adapter ships.
     """
-    import open_clip
-
-    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
-    from hello_ray.models.projector import Projector
-
-    register_tiny_clip()
-    if clip_model not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP model {clip_model!r} (open_clip.list_models() has e.g. RN50, RN101)")
-    with torch.device("meta"), _quiet_open_clip():
-        clip = open_clip.create_model(clip_model, pretrained=None, device="meta")
-        embed_dim = int(open_clip.get_model_config(clip_model)["embed_dim"])
-        mean, std = clip_normalisation(clip)
-        projector = Projector(clip.visual, torch.empty(classes, embed_dim), clip.logit_scale,
-                              clip_input_size(clip), mean, std, clip_model, "meta",
-                              [f"class_{c}" for c in range(classes)])
-        projector.add_lora(conv_rank, head_rank, style=lora_style)
+    projector = Projector.from_clip(clip_model, META, [f"class_{c}" for c in range(classes)])
+    projector.add_lora(conv_rank, head_rank, style=lora_style)
+    embed_dim = projector.head.in_features
     lora = projector.lora_state_dict()
     head = sum(t.numel() for k, t in lora.items() if k.startswith("head."))
     total = sum(t.numel() for t in lora.values())
@@ -130,14 +106,6 @@ def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8
     }
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def format_report(r: dict[str, Any]) -> str:
     """A readable table of a :func:`storage_report`."""
     rows = [
@@ -156,7 +124,7 @@ def format_report(r: dict[str, Any]) -> str:
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     lines = [head, "-" * len(head)]
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c):>12}" for a, b, c in rows]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c, digits=1):>12}" for a, b, c in rows]
     lines.append(f"stored labels / projector LoRA (fp16): {r['labels_over_projector_fp16']:,.1f}x")
     return "\n".join(lines)
 

@@ -315,9 +315,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
 
 def parse_window(window: str, key: str = "teacher_window") -> tuple[int, int]:
     """``"11-51"`` -> ``(11, 51)``; epochs are 1-based and the window inclusive."""

@@ -27,7 +27,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -315,7 +315,7 @@ class ProjectorLabels(_OnlineModel):
 
     @classmethod
     def from_store(cls, store, key: str, num_classes: int, image_size: int) -> "ProjectorLabels":
-        from hello_ray.models.adapter import load_adapter
+        from hello_ray.models.projector import load_adapter
 
         files = [f for f in store.list_files(key) if f.startswith("adapter")]
         if not files:

@@ -240,6 +240,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     """Collect the finished artifacts' numbers and write the report next to them."""
     from hello_ray import report
     from hello_ray.accounting import storage_report
+    from hello_ray.formats.results import format_table
 
     inputs = report.collect_inputs(store, keys)
     storage = storage_report(
@@ -254,7 +255,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               teacher_window=cfg.transfer.teacher_window,
                               meta={"preset": cfg.name, "store": store.uri})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
-                     table=report.format_table(inputs["rows"]))
+                     table=format_table(inputs["rows"]))
 
 
 def main(argv: list[str] | None = None) -> int:

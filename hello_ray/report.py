@@ -1,12 +1,14 @@
 """The run report: markdown tables and PNG plots written into the store.
 
-Inputs are plain data, never stage objects, so the report can be rebuilt from the JSON
-files the stages leave in the store (``collect_inputs``) or from a notebook:
+Inputs are plain data, never stage objects, so the report can be rebuilt from the files the
+stages leave in the store (``collect_inputs``, through the format modules of hello_ray/formats/)
+or from a notebook:
 
-- ``results_rows``: one dict per (student, strategy, seed) with keys ``student, strategy,
-  seed, top1, label_bytes`` and optionally ``step_time_s, wall_s, peak_mem_bytes``, and
-  ``kind``/``step`` that keep e.g. the floor or continual steps apart (a list of dicts or a
-  pandas DataFrame). ``top1`` is a fraction in [0, 1].
+- ``results_rows``: the evaluate stage's rows (a list of dicts or a pandas DataFrame), in the one
+  results schema of hello_ray/formats/results.py: ``student, strategy, seed, images,
+  continual_steps, continual_step, top1`` (a fraction in [0, 1]), ``label_bytes`` and optionally
+  ``step_s, wall_s, peak_mem_mb``. They are summarised over seeds per (images, student,
+  strategy, continual step), so the floor and continual rows keep their own groups.
 - ``trajectory``: the teachers' ``trajectory.json`` (``{"epochs": [{"epoch", "top1"}, ...]}``).
 - ``fidelity``: the transfer stage's ``fidelity.json``: ``{"before": {...}, "after": {...}}``,
   each with ``agreement, kl`` and ``projector_top1`` (or ``top1``), optionally ``teacher_top1``;
@@ -23,21 +25,23 @@ Ray workers and without a display.
 from __future__ import annotations
 
 import io
-import json
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hello_ray.formats.fidelity import read_fidelity
+from hello_ray.formats.results import read_results, results_table, summarise
+from hello_ray.formats.trajectory import load_trajectory
+from hello_ray.tables import as_records, cell, check_rows, format_pct, human_bytes, is_missing, markdown_table
+
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 STAGE = "report"
-RESULT_KEYS = ("student", "strategy", "seed", "top1", "label_bytes")
 SWEEP_KEYS = ("conv_rank", "head_rank", "window")
 # (key in fidelity.json, alternative key, panel title, how to read it)
 FIDELITY_METRICS = (("agreement", None, "top-1 agreement with teachers", "higher is better"),
@@ -50,172 +54,6 @@ PNG_NAMES = {
     "fidelity": "fidelity.png",
     "sweep": "sweep_heatmap.png",
 }
-
-
-# ---------------------------------------------------------------- small formatters
-
-def human_bytes(n: float | None) -> str:
-    """``1536 -> '1.50 KiB'``; binary units, as METHOD.md quotes MiB/GiB."""
-    if n is None or _is_nan(n):
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-def format_pct(mean: float, std: float | None = None) -> str:
-    """Fractions -> percent with 2 decimals: ``(0.4523, 0.0031) -> '45.23 ± 0.31'``."""
-    if std is None:
-        return f"{100 * mean:.2f}"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def _is_nan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
-def _missing(v: Any) -> bool:
-    return v is None or _is_nan(v)
-
-
-def _cell(v: Any) -> str:
-    if _missing(v):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _records(rows: Any, what: str) -> list[dict[str, Any]]:
-    """A list of dicts from a list of dicts or a pandas DataFrame."""
-    if rows is None:
-        return []
-    if hasattr(rows, "to_dict") and not isinstance(rows, Mapping):
-        return [dict(r) for r in rows.to_dict("records")]
-    if isinstance(rows, (Mapping, str, bytes)) or not isinstance(rows, Iterable):
-        raise TypeError(f"report: {what} must be a list of dicts or a DataFrame, got {type(rows).__name__}")
-    return [dict(r) for r in rows]
-
-
-def _check_rows(rows: list[dict[str, Any]], keys: Sequence[str], what: str,
-                top1_optional: bool = False) -> None:
-    """Every row has ``keys`` and a ``top1`` fraction in [0, 1]; the error names the row."""
-    for i, r in enumerate(rows):
-        missing = [k for k in keys if _missing(r.get(k))]
-        if missing:
-            raise ValueError(f"report: {what} row {i} lacks {missing} (has {sorted(r)})")
-        top1 = r.get("top1")
-        if _missing(top1):
-            if top1_optional:
-                continue
-            raise ValueError(f"report: {what} row {i} has no top1 (has {sorted(r)})")
-        if not 0.0 <= float(top1) <= 1.0:
-            raise ValueError(f"report: {what} row {i} has top1={top1!r}; expected a fraction in [0, 1]")
-
-
-def _opt_mean(rows: list[dict[str, Any]], key: str) -> float | None:
-    vals = [float(r[key]) for r in rows if not _missing(r.get(key))]
-    return float(np.mean(vals)) if vals else None
-
-
-# ---------------------------------------------------------------- results
-
-def _mb_to_bytes(mb: float | None) -> float | None:
-    return None if mb is None else mb * 2**20
-
-
-def summarize_results(results_rows: Any) -> list[dict[str, Any]]:
-    """Group per (student, strategy[, kind, step]) over seeds, first-seen order.
-
-    Each group: n seeds, mean and std of top-1 (population std, ddof=0), label bytes (the
-    largest if seeds disagree: bytes follow the config, not the seed), mean step time, wall
-    time and peak memory. ``kind`` other than "final" (e.g. the floor) and ``step`` (continual
-    learning) become part of the displayed strategy name so they are never averaged together.
-    """
-    rows = _records(results_rows, "results_rows")
-    _check_rows(rows, RESULT_KEYS, "results_rows")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        strategy = str(r["strategy"])
-        tags = [str(r["kind"])] if not _missing(r.get("kind")) and r["kind"] != "final" else []
-        # The evaluate stage marks the floor (random real images) and continual-learning rows
-        # with ``images`` / ``continual_steps`` / ``continual_step``.
-        if not _missing(r.get("images")) and r["images"] != "distilled":
-            tags.append(f"{r['images']} images")
-        if r.get("continual_steps"):
-            tags.append(f"continual {r['continual_step']}/{r['continual_steps']}")
-        if not _missing(r.get("step")):
-            tags.append(f"step {r['step']}")
-        if tags:
-            strategy += f" ({', '.join(tags)})"
-        groups.setdefault((str(r["student"]), strategy), []).append(r)
-    out = []
-    for (student, strategy), g in groups.items():
-        top1 = np.array([float(r["top1"]) for r in g])  # [seeds]
-        out.append({
-            "student": student,
-            "strategy": strategy,
-            "n_seeds": len(g),
-            "top1_mean": float(top1.mean()),
-            "top1_std": float(top1.std()),
-            "label_bytes": max(int(r["label_bytes"]) for r in g),
-            "step_time_s": _opt_mean(g, "step_time_s") if _opt_mean(g, "step_time_s") is not None
-            else _opt_mean(g, "step_s"),  # the evaluate stage's name for it
-            "wall_s": _opt_mean(g, "wall_s"),
-            "peak_mem_bytes": _opt_mean(g, "peak_mem_bytes") if _opt_mean(g, "peak_mem_bytes") is not None
-            else _mb_to_bytes(_opt_mean(g, "peak_mem_mb")),
-        })
-    return out
-
-
-def results_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Headers and display cells of the results table (one row per summary group)."""
-    headers = ["student", "strategy", "top-1 % (mean ± std)", "seeds", "label bytes", "label size",
-               "step ms", "wall s", "peak mem"]
-    body = []
-    for s in summary:
-        body.append([
-            s["student"], s["strategy"], format_pct(s["top1_mean"], s["top1_std"]), str(s["n_seeds"]),
-            f"{s['label_bytes']:,}", human_bytes(s["label_bytes"]),
-            "-" if s["step_time_s"] is None else f"{1000 * s['step_time_s']:.1f}",
-            "-" if s["wall_s"] is None else f"{s['wall_s']:.1f}",
-            human_bytes(s["peak_mem_bytes"]),
-        ])
-    return headers, body
-
-
-def format_table(rows: Any, columns: Sequence[str] | None = None) -> str:
-    """An aligned plain-text table of ``rows`` (dicts or a DataFrame) for the terminal.
-
-    Results rows (with ``seed`` and ``top1``...) are first summarised per (student, strategy),
-    so ``print(format_table(results_rows))`` is what ``jobs/distill.py`` shows at the end.
-    """
-    recs = _records(rows, "rows")
-    if recs and columns is None and all(k in recs[0] for k in RESULT_KEYS):
-        headers, body = results_table(summarize_results(recs))
-    else:
-        headers = list(columns) if columns else list(dict.fromkeys(k for r in recs for k in r))
-        body = [[_cell(r.get(h)) for h in headers] for r in recs]
-    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
-
-
-def markdown_table(headers: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; ``|`` inside cells is escaped."""
-    def esc(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- storage accounting
@@ -233,7 +71,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _storage_readable(item: str, v: Any) -> str:
     """Bytes as KiB/MiB/GiB, parameter counts in millions, anything else left blank."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or _is_nan(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or is_missing(v):
         return ""
     if "bytes" in item:
         return human_bytes(v)
@@ -259,20 +97,20 @@ def storage_table(storage: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> t
             elif isinstance(v, (list, tuple)):
                 exact = ", ".join(map(str, v))
             else:
-                exact = _cell(v)
+                exact = cell(v)
             body.append([item, exact, _storage_readable(item, v)])
         return ["item", "value", "readable"], body
-    recs = _records(storage, "storage")
+    recs = as_records(storage, "storage")
     headers = list(dict.fromkeys(k for r in recs for k in r))
     body = []
     for r in recs:
         row = []
         for h in headers:
             v = r.get(h)
-            if h.endswith("bytes") and isinstance(v, (int, float)) and not _is_nan(v):
+            if h.endswith("bytes") and isinstance(v, (int, float)) and not is_missing(v):
                 row.append(f"{int(v):,} ({human_bytes(v)})")
             else:
-                row.append(_cell(v))
+                row.append(cell(v))
         body.append(row)
     return headers, body
 
@@ -289,12 +127,12 @@ def _window_bounds(window: str) -> tuple[int, int]:
 
 def sweep_summary(sweep_rows: Any) -> list[dict[str, Any]]:
     """Sweep rows validated and sorted: finished trials best first, then early-stopped ones."""
-    rows = _records(sweep_rows, "sweep_rows")
-    _check_rows(rows, SWEEP_KEYS, "sweep_rows", top1_optional=True)
+    rows = as_records(sweep_rows, "sweep_rows")
+    check_rows(rows, SWEEP_KEYS, "sweep_rows", top1_optional=True)
     for r in rows:
         _window_bounds(r["window"])
-    done = sorted((r for r in rows if not _missing(r.get("top1"))), key=lambda r: -float(r["top1"]))
-    return done + [r for r in rows if _missing(r.get("top1"))]
+    done = sorted((r for r in rows if not is_missing(r.get("top1"))), key=lambda r: -float(r["top1"]))
+    return done + [r for r in rows if is_missing(r.get("top1"))]
 
 
 def sweep_grid(sweep: list[dict[str, Any]]) -> tuple[list[int], list[str], np.ndarray]:
@@ -304,7 +142,7 @@ def sweep_grid(sweep: list[dict[str, Any]]) -> tuple[list[int], list[str], np.nd
     windows = sorted({str(r["window"]) for r in sweep}, key=_window_bounds)
     acc: dict[tuple[int, str], list[float]] = {}
     for r in sweep:
-        if not _missing(r.get("top1")):
+        if not is_missing(r.get("top1")):
             acc.setdefault((int(r["conv_rank"]), str(r["window"])), []).append(float(r["top1"]))
     grid = np.full((len(ranks), len(windows)), np.nan)  # [ranks, windows]
     for (rank, window), vals in acc.items():
@@ -322,15 +160,26 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def series_label(group: Mapping[str, Any], with_student: bool) -> str:
+    """A summary group's legend entry: its strategy, tagged with what sets it apart from the main
+    grid (floor images, a continual step) and, when several students were trained, the student."""
+    tags = [] if group["images"] == "distilled" else [f"{group['images']} images"]
+    if group["continual_steps"]:
+        tags.append(f"continual {group['continual_step']}/{group['continual_steps']}")
+    if with_student:
+        tags.append(str(group["student"]))
+    return f"{group['strategy']} ({', '.join(tags)})" if tags else str(group["strategy"])
+
+
 def plot_accuracy_vs_bytes(summary: list[dict[str, Any]]) -> bytes:
     """Top-1 (mean ± std error bars) against label bytes on a log x axis, one series per
-    strategy (and student when several). A zero-byte strategy switches to symlog so it shows."""
+    ``summarise`` group. A zero-byte strategy switches to symlog so it shows."""
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
-    students = {s["student"] for s in summary}
+    several = len({s["student"] for s in summary}) > 1
     markers = "osD^v<>pPX*h"
     for i, s in enumerate(summary):
-        label = s["strategy"] if len(students) == 1 else f"{s['strategy']} ({s['student']})"
+        label = series_label(s, several)
         x, y = s["label_bytes"], 100 * s["top1_mean"]
         ax.errorbar([x], [y], yerr=[100 * s["top1_std"]], fmt=markers[i % len(markers)], capsize=4,
                     markersize=7, label=label)
@@ -385,7 +234,7 @@ def plot_fidelity(fidelity: Mapping[str, Any]) -> bytes:
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
         if key == "projector_top1":
             teacher = next((fidelity[p]["teacher_top1"] for p in phases
-                            if not _missing(fidelity[p].get("teacher_top1"))), None)
+                            if not is_missing(fidelity[p].get("teacher_top1"))), None)
             if teacher is not None:
                 ax.axhline(100 * float(teacher), color="tab:orange", linestyle="--", label="teachers")
                 ax.legend(fontsize=7)
@@ -437,7 +286,7 @@ def _fidelity_section(fidelity: Mapping[str, Any]) -> tuple[list[str], bytes]:
         teacher = f.get("teacher_top1")
         body.append([p, format_pct(_fid(f, "agreement", None)), f"{_fid(f, 'kl', None):.4f}",
                      format_pct(_fid(f, "projector_top1", "top1")),
-                     "-" if _missing(teacher) else format_pct(float(teacher))])
+                     "-" if is_missing(teacher) else format_pct(float(teacher))])
     md = ["## Projector fidelity", "",
           markdown_table(["phase", "agreement %", "KL", "projector top-1 %", "teachers top-1 %"], body), "",
           f"![fidelity]({PNG_NAMES['fidelity']})", "",
@@ -459,7 +308,7 @@ def build_report(
 ) -> tuple[str, dict[str, bytes]]:
     """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
     None or empty is left out. Raises ValueError naming the row/key of malformed input."""
-    summary = summarize_results(results_rows)
+    summary = summarise(results_rows)
     pngs: dict[str, bytes] = {}
     md: list[str] = [f"# {title}", ""]
     if meta:
@@ -480,7 +329,7 @@ def build_report(
     epochs = list((trajectory or {}).get("epochs") or [])
     if epochs:
         for i, e in enumerate(epochs):
-            if _missing(e.get("epoch")) or _missing(e.get("top1")):
+            if is_missing(e.get("epoch")) or is_missing(e.get("top1")):
                 raise ValueError(f"report: trajectory epochs[{i}] lacks 'epoch' or 'top1' (has {sorted(e)})")
         window = teacher_window or (fidelity or {}).get("teacher_window")
         pngs[PNG_NAMES["teacher"]] = plot_teacher_curve(epochs, window)
@@ -499,9 +348,9 @@ def build_report(
     sweep = sweep_summary(sweep_rows) if sweep_rows is not None else []
     if sweep:
         pngs[PNG_NAMES["sweep"]] = plot_sweep_heatmap(sweep)
-        finished = [r for r in sweep if not _missing(r.get("top1"))]
+        finished = [r for r in sweep if not is_missing(r.get("top1"))]
         body = [[str(r["conv_rank"]), str(r["head_rank"]), str(r["window"]),
-                 "stopped early" if _missing(r.get("top1")) else format_pct(float(r["top1"]))]
+                 "stopped early" if is_missing(r.get("top1")) else format_pct(float(r["top1"]))]
                 for r in sweep]
         best = (f"Best: conv rank {finished[0]['conv_rank']}, head rank {finished[0]['head_rank']}, "
                 f"window {finished[0]['window']}: top-1 {format_pct(float(finished[0]['top1']))} %."
@@ -528,20 +377,14 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
     (``evaluate``, ``teachers``, ``transfer``; missing roles give None/empty).
 
     Returns ``{"rows": results rows, "trajectory": trajectory.json, "fidelity": fidelity.json,
-    "class_names": [...]}``.
+    "class_names": [...]}``, each read through its format module (hello_ray/formats/).
     """
-    def read_json(role: str, name: str) -> Any:
-        if not keys.get(role):
-            return None
-        try:
-            return json.loads(store.get_bytes(keys[role], name))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"report: {store.uri_for(keys[role], name)} is not valid JSON: {e}") from None
+    def read(role: str, reader: Any) -> Any:
+        return reader(store, keys[role]) if keys.get(role) else None
 
-    results = read_json("evaluate", "results.json")
-    rows = results.get("rows", []) if isinstance(results, Mapping) else list(results or [])
-    trajectory = read_json("teachers", "trajectory.json")
-    return {"rows": rows, "trajectory": trajectory, "fidelity": read_json("transfer", "fidelity.json"),
+    trajectory = read("teachers", load_trajectory)
+    return {"rows": read("evaluate", read_results) or [], "trajectory": trajectory,
+            "fidelity": read("transfer", read_fidelity),
             "class_names": list((trajectory or {}).get("class_names") or [])}
 
 

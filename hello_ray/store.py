@@ -132,9 +132,16 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+def cache_root() -> Path:
+    """hello_ray's local cache root: ``$HELLO_RAY_CACHE`` or ``~/.cache/hello_ray`` (downloaded
+    artifacts here, the random-init CLIP weights in models/clip.py)."""
+    return Path(os.environ.get("HELLO_RAY_CACHE") or Path.home() / ".cache" / "hello_ray")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
     """Write through a temp file + os.replace: a killed process never leaves a truncated file
-    under the final name (at worst a hidden ``.*.partial`` file that nobody lists)."""
+    under the final name (at worst a hidden ``.*.partial`` file that nobody lists). Several
+    writers of one path (Ray workers filling a cache) each get their own temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
     try:
@@ -316,13 +323,13 @@ class LocalStore(Store):
             raise StoreError(f"store folder {self.root} is not writable")
 
     def _write(self, rel: str, data: bytes) -> None:
-        _atomic_write(self._path(rel), lambda f: f.write(data), fsync=rel.endswith(MANIFEST))
+        atomic_write(self._path(rel), lambda f: f.write(data), fsync=rel.endswith(MANIFEST))
 
     def _write_file(self, rel: str, path: Path) -> None:
         def copy(f: BinaryIO) -> None:
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, _CHUNK)
-        _atomic_write(self._path(rel), copy)
+        atomic_write(self._path(rel), copy)
 
     def _read(self, rel: str) -> bytes:
         try:
@@ -611,7 +618,7 @@ class S3Store(Store):
 
     # -- download into the local cache --------------------------------------------------------
     def cache_dir(self, key: str) -> Path:
-        root = Path(os.environ.get("HELLO_RAY_CACHE") or Path.home() / ".cache" / "hello_ray")
+        root = cache_root()
         ident = hashlib.sha256(f"{self.endpoint_url}|{self.uri}".encode()).hexdigest()[:16]
         return root / ident / _check_key(key)
 
@@ -641,9 +648,9 @@ class S3Store(Store):
                 rel = path.relative_to(dest).as_posix()
                 if rel != MANIFEST and rel not in want:  # from an older version of this key
                     path.unlink()
-            _atomic_write(dest / MANIFEST, lambda f: f.write(raw))
+            atomic_write(dest / MANIFEST, lambda f: f.write(raw))
             stamp["files"] = {n: _stat(dest / n) for n in want}
-            _atomic_write(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))
+            atomic_write(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))
         return dest
 
     def _fetch_verified(self, key: str, entry: dict, path: Path) -> None:
@@ -663,7 +670,7 @@ class S3Store(Store):
                     f"{entry['size']}): the object was changed or corrupted after the artifact was "
                     "finished. Re-run its stage or delete the artifact")
 
-        _atomic_write(path, fetch)
+        atomic_write(path, fetch)
 
 
 def _stat(path: Path) -> list[int]:

@@ -66,10 +66,11 @@ def run_trial(params: dict[str, Any]) -> None:
 
 
 def _eval_rows(store, key: str) -> list[dict[str, Any]]:
-    import json
+    """The trial's main rows: distilled images, not continual (trials switch floor and continual off)."""
+    from hello_ray.formats.results import read_results
 
-    return [r for r in json.loads(store.get_bytes(key, "results.json"))["rows"]
-            if r.get("kind", "final") == "final"]
+    return [r for r in read_results(store, key)
+            if r.get("images", "distilled") == "distilled" and not r.get("continual_steps")]
 
 
 def sweep(cfg: Config) -> dict[str, Any]:

@@ -10,15 +10,15 @@ The artifacts it needs (teachers, selection, projector, refined images) are reus
 """
 import sys
 
+from hello_ray.formats.results import RESULTS_PARQUET, format_table, read_results
 from hello_ray.pipeline import run_evaluate, stage_job
-from hello_ray.stages import evaluate
 
 
 def main(argv: list[str]) -> int:
     _, store, key = stage_job(argv, run_evaluate, __doc__.splitlines()[0])
     print()
-    print(evaluate.format_table(store.manifest(key)["summary"]["table"]))
-    print(f"\nresults: {store.uri_for(key, 'results.parquet')}")
+    print(format_table(read_results(store, key)))
+    print(f"\nresults: {store.uri_for(key, RESULTS_PARQUET)}")
     return 0
 
 

@@ -7,7 +7,7 @@
 """
 import sys
 
-from hello_ray.models.ensemble import load_trajectory
+from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.pipeline import run_teachers, stage_job
 
 

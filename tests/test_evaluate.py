@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+from hello_ray import report
 from hello_ray.config import load_config
+from hello_ray.formats.results import REQUIRED, RESULTS_JSON, RESULTS_PARQUET, read_results, summarise
+from hello_ray.formats.trajectory import epoch_file, write_trajectory
 from hello_ray.labels import ClassCountMismatch
 from hello_ray.models.zoo import build_model
 from hello_ray.stages import evaluate
@@ -41,11 +44,11 @@ def _teachers(store, key: str, num_classes: int, size: int) -> None:
         torch.manual_seed(e)
         buf = io.BytesIO()
         torch.save(build_model("resnet18", num_classes, size).state_dict(), buf)
-        name = f"epochs/epoch_{e:03d}.pt"
+        name = epoch_file(e)
         store.put_bytes(key, name, buf.getvalue())
         traj["epochs"].append({"epoch": e, "top1": 0.1, "file": name})
         traj["observer"] = name
-    store.put_bytes(key, "trajectory.json", json.dumps(traj).encode())
+    write_trajectory(store, key, traj)
     store.finalize(key, "teachers", {}, {})
 
 
@@ -83,7 +86,7 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
 
     cfg, store, names = world
     key = run_stage(evaluate, cfg, store, INPUTS)
-    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, RESULTS_PARQUET)))
     main = df[(df.images == "distilled") & (df.continual_steps == 0)]
     assert sorted(main.strategy) == sorted(cfg.evaluate.strategies)
     assert len(df[df.images == "floor"]) == 1 and len(df[df.continual_steps == 2]) == 2
@@ -108,17 +111,26 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
     assert by["stored/10"] < by["stored"] / 2                # 1 of 4 label batches kept (ceil of 4/10)
     adapter = sum(len(store.get_bytes("transfer-test", f)) for f in store.list_files("transfer-test"))
     assert by["projector"] == adapter
-    assert by["teacher"] == len(store.get_bytes("teachers-test", "epochs/epoch_003.pt"))
+    assert by["teacher"] == len(store.get_bytes("teachers-test", epoch_file(3)))
     assert (main.peak_mem_kind == "cpu_rss_peak").all() and (main.peak_mem_mb > 0).all()
     # The smoke preset trains whole rows per worker: no row is split, each saw the whole val set.
     assert (df.parallel == "rows").all() and (df.workers == 1).all()
-    summary = json.loads(store.get_bytes(key, "results.json"))
+    summary = json.loads(store.get_bytes(key, RESULTS_JSON))
     assert len(summary["rows"]) == len(df) and len(summary["table"]) == len(df)
-    assert "projector" in evaluate.format_table(summary["table"])
+    from hello_ray.formats.results import format_table
+
+    assert "projector" in format_table(summary["table"])
+    # The report reads these very rows through the one results format, and summarises them alike.
+    rows = read_results(store, key)
+    assert rows == summary["rows"] and all(set(REQUIRED) <= set(r) for r in rows)
+    assert summarise(rows) == summary["table"] == store.manifest(key)["summary"]["table"]
+    md, _ = report.build_report(rows)
+    assert all(f"| distilled | resnet18 | {s} | - |" in md for s in cfg.evaluate.strategies)
+    assert "projector" in format_table(rows)
 
     # A restart with the same key resumes from the row checkpoint: nothing is retrained.
     again = evaluate.run(cfg, store, key, INPUTS)
-    df2 = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    df2 = pd.read_parquet(io.BytesIO(store.get_bytes(key, RESULTS_PARQUET)))
     assert again["rows"] == len(df) and df2.wall_s.tolist() == df.wall_s.tolist()
 
 
@@ -132,7 +144,7 @@ def test_ddp_rows_split_batches_over_both_workers(world):
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(
         cfg.evaluate, parallel="ddp", strategies=["hard", "stored"], floor=False, continual_steps=[]))
     key = run_stage(evaluate, cfg, store, INPUTS)
-    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, "results.parquet")))
+    df = pd.read_parquet(io.BytesIO(store.get_bytes(key, RESULTS_PARQUET)))
     assert sorted(df.strategy) == ["hard", "stored"]
     assert (df.parallel == "ddp").all() and (df.workers == 2).all()
     assert (df.steps == 4).all() and (df.val_images > 100).all()  # counts summed over the two shards

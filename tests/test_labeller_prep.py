@@ -9,7 +9,8 @@ from torch import nn
 from hello_ray.labels import ProjectorLabels, TeacherLabels
 from hello_ray.models.attnpool import QueryTokenAttentionPool, use_query_token_pool
 from hello_ray.models.fold import fold_batchnorm
-from hello_ray.models.projector import random_projector
+from hello_ray.models.clip import RANDOM_INIT, TINY_CLIP
+from hello_ray.models.projector import Projector
 from hello_ray.models.zoo import build_model
 
 
@@ -25,6 +26,12 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
     return model.eval()
+
+
+def _merged_projector() -> Projector:
+    """The tiny random-init CLIP projector with a rank-2/4 LoRA merged in: what evaluate labels with."""
+    proj = Projector.from_clip(TINY_CLIP, RANDOM_INIT, class_names=[f"class {i}" for i in range(5)])
+    return proj.add_lora(2, 4).merge_lora(unload=True).eval()
 
 
 def _count_bn(model: nn.Module) -> int:
@@ -43,7 +50,7 @@ def test_resnet18_folds_every_batchnorm_and_keeps_its_logits():
 
 
 def test_clip_projector_folds_and_keeps_its_logits():
-    proj = random_projector("hello-tiny-rn", 5, 2, 4).merge_lora(unload=True).eval()
+    proj = _merged_projector()
     _randomise_bn(proj.encoder, seed=1)
     x = torch.rand(3, 3, 32, 32)
     folded, n = fold_batchnorm(proj, x[:2])
@@ -106,13 +113,13 @@ def test_query_token_attention_pool_matches_open_clips_pool(side, dim, heads, ou
 
 
 def test_only_clip_pools_are_swapped():
-    proj = random_projector("hello-tiny-rn", 5, 2, 4).merge_lora(unload=True).eval()
+    proj = _merged_projector()
     assert use_query_token_pool(proj) == 1 and isinstance(proj.encoder.attnpool, QueryTokenAttentionPool)
     assert use_query_token_pool(build_model("resnet18", 4, 16)) == 0
 
 
 def test_online_projector_labels_are_unchanged_by_moving_to_a_device():
-    proj = random_projector("hello-tiny-rn", 5, 2, 4).merge_lora(unload=True).eval()
+    proj = _merged_projector()
     _randomise_bn(proj.encoder, seed=2)
     x = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hello_ray.accounting import projector_lora_counts
-from hello_ray.models.adapter import ADAPTER_JSON, ADAPTER_WEIGHTS, SCALE_SUFFIX, load_adapter, save_adapter
+from hello_ray.models.adapter import ADAPTER_JSON, ADAPTER_WEIGHTS, SCALE_SUFFIX, save_adapter
 from hello_ray.models.clip import RANDOM_INIT, TINY_CLIP, clip_input_size, create_clip, random_init_path
 from hello_ray.models.lora import (SeparableLoraConv2d, add_lora, conv_lora_params, lora_layers,
                                    merge_lora, unmerge_lora)
-from hello_ray.models.projector import DEFAULT_TEMPLATES, Projector
+from hello_ray.models.projector import DEFAULT_TEMPLATES, Projector, load_adapter
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -1,9 +1,11 @@
 """hello_ray/report.py: every section, real PNGs, table numbers equal to the input, and the
-report written through the store API to a local folder and to the moto S3 server."""
+report written through the store API to a local folder and to the moto S3 server.
+
+The results rows are the evaluate stage's own (its ``plan_rows`` plus the fields ``_train_row``
+measures), written and read through hello_ray/formats/results.py: the one results schema."""
 from __future__ import annotations
 
 import io
-import json
 import re
 
 import numpy as np
@@ -12,6 +14,12 @@ import pytest
 from PIL import Image
 
 from hello_ray import report
+from hello_ray.formats.results import format_table
+from hello_ray.config import load_config
+from hello_ray.formats.fidelity import write_fidelity
+from hello_ray.formats.results import summarise, write_results
+from hello_ray.formats.trajectory import epoch_file, write_trajectory
+from hello_ray.stages.evaluate import plan_rows
 from hello_ray.store import open_store
 
 STRATEGIES = {"hard": 1_200, "teacher": 46_827_520, "stored": 12_582_912, "stored/10": 1_258_291,
@@ -20,21 +28,31 @@ SECTIONS = ["## Results", "### Accuracy vs label bytes", "## Teacher trajectory"
             "## Sweep", "## Storage accounting"]
 
 
-def make_rows() -> list[dict]:
+def evaluate_rows(num_classes: int = 10, **evaluate: str) -> list[dict]:
+    """The rows the evaluate stage plans for ``evaluate.<key>=<value>`` overrides, each with the
+    fields ``evaluate._train_row`` adds (seeded measurements; ``label_bytes`` per STRATEGIES)."""
+    cfg = load_config("smoke", overrides=[f"evaluate.{k}={v}" for k, v in evaluate.items()])
     rng = np.random.default_rng(0)
     rows = []
-    for strategy, nbytes in STRATEGIES.items():
-        for seed in range(3):
-            rows.append({"student": "resnet18", "strategy": strategy, "seed": seed,
-                         "top1": float(rng.uniform(0.2, 0.6)), "label_bytes": nbytes,
-                         "step_time_s": float(rng.uniform(0.01, 0.05)), "wall_s": float(rng.uniform(5, 9)),
-                         "peak_mem_bytes": int(rng.integers(2**28, 2**30)), "kind": "final"})
+    for r in plan_rows(cfg, num_classes):
+        val = 360 if not r["continual_steps"] else 36 * len(r["classes"])
+        rows.append({**r, "top1": float(rng.uniform(0.2, 0.6)), "val_images": val,
+                     "label_bytes": STRATEGIES[r["strategy"]], "train_images": 20, "wall_s": float(rng.uniform(5, 9)),
+                     "step_s": float(rng.uniform(0.01, 0.05)), "steps": 4, "final_loss": float(rng.uniform(1, 2)),
+                     "peak_mem_mb": float(rng.uniform(256, 1024)), "peak_mem_kind": "cpu_rss_peak",
+                     "device": "cpu", "workers": 1, "parallel": "rows"})
     return rows
 
 
-TRAJECTORY = {"model": "resnet18", "class_names": [str(i) for i in range(10)],
-              "epochs": [{"epoch": e, "top1": 1 - 0.8 ** e, "file": f"epochs/epoch_{e:03d}.pt"}
-                         for e in range(1, 11)]}
+def make_rows() -> list[dict]:
+    """One student, every strategy of STRATEGIES, three seeds (in plan order: strategy, then seed)."""
+    return evaluate_rows(students="[resnet18]", strategies=f"[{','.join(STRATEGIES)}]", seeds="[0,1,2]",
+                         floor="false", continual_steps="[]")
+
+
+TRAJECTORY = {"model": "resnet18", "num_classes": 10, "image_size": 32, "class_names": [str(i) for i in range(10)],
+              "epochs": [{"epoch": e, "top1": 1 - 0.8 ** e, "file": epoch_file(e)} for e in range(1, 11)],
+              "observer": epoch_file(10)}
 # The transfer stage's fidelity.json layout.
 FIDELITY = {"before": {"views": 400, "agreement": 0.21, "kl": 1.734, "projector_top1": 0.12, "teacher_top1": 0.83},
             "after": {"views": 400, "agreement": 0.77, "kl": 0.2451, "projector_top1": 0.64, "teacher_top1": 0.83},
@@ -86,14 +104,14 @@ def test_results_table_numbers_match_the_input(full_report):
     for strategy, nbytes in STRATEGIES.items():
         group = [r for r in rows if r["strategy"] == strategy]
         top1 = np.array([r["top1"] for r in group])
-        line = table_row(md, "resnet18", strategy)
+        line = table_row(md, "distilled", "resnet18", strategy, "-")
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[2] == f"{100 * top1.mean():.2f} ± {100 * top1.std():.2f}"
-        assert cells[3] == "3"
-        assert cells[4] == f"{nbytes:,}"
-        step_ms = 1000 * np.mean([r["step_time_s"] for r in group])
-        assert cells[6] == f"{step_ms:.1f}"
-        assert cells[7] == f"{np.mean([r['wall_s'] for r in group]):.1f}"
+        assert cells[4] == f"{100 * top1.mean():.2f} ± {100 * top1.std():.2f}"
+        assert cells[5] == "3"
+        assert cells[6] == f"{nbytes:,}"
+        step_ms = 1000 * np.mean([r["step_s"] for r in group])
+        assert cells[8] == f"{step_ms:.1f}"
+        assert cells[9] == f"{np.mean([r['wall_s'] for r in group]):.1f}"
 
 
 def test_fidelity_sweep_and_storage_tables(full_report):
@@ -124,16 +142,30 @@ def test_dataframe_input_gives_the_same_report():
     assert report.build_report(pd.DataFrame(rows))[0] == report.build_report(rows)[0]
 
 
-def test_summary_keeps_kinds_and_students_apart():
-    rows = make_rows()[:3] + [
-        {"student": "resnet18", "strategy": "hard", "seed": 0, "top1": 0.1, "label_bytes": 1200, "kind": "floor"},
-        {"student": "mobilenet_v2", "strategy": "hard", "seed": 0, "top1": 0.2, "label_bytes": 1200},
-    ]
-    summary = {(s["student"], s["strategy"]): s for s in report.summarize_results(rows)}
-    assert set(summary) == {("resnet18", "hard"), ("resnet18", "hard (floor)"), ("mobilenet_v2", "hard")}
-    assert summary[("resnet18", "hard (floor)")]["top1_mean"] == pytest.approx(0.1)
-    assert summary[("resnet18", "hard")]["n_seeds"] == 3
-    assert summary[("mobilenet_v2", "hard")]["step_time_s"] is None
+def test_summary_keeps_images_continual_steps_and_students_apart():
+    rows = evaluate_rows(num_classes=4, students="[resnet18,mobilenet_v2]", strategies="[hard]", seeds="[0,1,2]",
+                         floor="true", continual_steps="[2]", continual_strategies="[hard]")
+    for r in rows:
+        if r["images"] == "floor" and r["student"] == "resnet18":
+            r["top1"] = 0.1
+        if r["student"] == "mobilenet_v2":
+            del r["step_s"]                             # a measure no row of the group has
+    summary = {tuple(s[k] for k in ("images", "student", "strategy", "continual_steps", "continual_step")): s
+               for s in summarise(rows)}
+    assert set(summary) == {("distilled", "resnet18", "hard", 0, 0), ("floor", "resnet18", "hard", 0, 0),
+                            ("distilled", "mobilenet_v2", "hard", 0, 0), ("floor", "mobilenet_v2", "hard", 0, 0),
+                            ("distilled", "resnet18", "hard", 2, 1), ("distilled", "resnet18", "hard", 2, 2)}
+    assert summary[("floor", "resnet18", "hard", 0, 0)]["top1_mean"] == pytest.approx(0.1)
+    assert all(s["seeds"] == 3 for s in summary.values())
+    assert summary[("distilled", "mobilenet_v2", "hard", 0, 0)]["step_s"] is None
+    assert summary[("distilled", "resnet18", "hard", 0, 0)]["step_s"] is not None
+    # The report names each group apart, in the table and in the plot's legend.
+    md, _ = report.build_report(rows)
+    assert table_row(md, "floor", "resnet18", "hard", "-")
+    assert table_row(md, "distilled", "resnet18", "hard", "1/2")
+    assert report.series_label(summary[("distilled", "resnet18", "hard", 2, 1)], True) == \
+        "hard (continual 1/2, resnet18)"
+    assert report.series_label(summary[("floor", "resnet18", "hard", 0, 0)], False) == "hard (floor images)"
 
 
 def test_stopped_sweep_trials_are_listed_not_plotted():
@@ -166,16 +198,18 @@ def test_bad_fidelity_and_sweep_name_the_key():
 
 
 def test_format_table_for_the_terminal():
-    text = report.format_table(make_rows())
+    text = format_table(make_rows())
     lines = text.splitlines()
     assert len(lines) == 2 + len(STRATEGIES)
     assert re.fullmatch(r"[- ]+", lines[1])
     # Columns line up: every cell of a column starts at the header's offset.
     col = lines[0].index("label bytes")
     for line, (strategy, nbytes) in zip(lines[2:], STRATEGIES.items()):
-        assert line.split()[1] == strategy
+        assert line.split()[:4] == ["distilled", "resnet18", strategy, "-"]
         assert line[col:].startswith(f"{nbytes:,}")
-    generic = report.format_table([{"a": 1, "b": 0.123456}, {"a": 22, "b": None}])
+    # The summary table that write_results stores (and a manifest holds) prints the same.
+    assert format_table(summarise(make_rows())) == text
+    generic = format_table([{"a": 1, "b": 0.123456}, {"a": 22, "b": None}])
     assert generic.splitlines()[2:] == ["1   0.1235", "22  -"]
 
 
@@ -221,12 +255,13 @@ def test_write_report_through_the_store(store, full_report):
 
 
 def test_collect_inputs_reads_the_stage_artifacts(file_store_uri):
+    """The stages' own writers (formats/) in, the report's readers out."""
     store = open_store(file_store_uri)
-    files = {"teachers-000000000001": ("trajectory.json", TRAJECTORY),
-             "transfer-000000000002": ("fidelity.json", FIDELITY),
-             "evaluate-000000000003": ("results.json", {"rows": make_rows()})}
-    for key, (name, data) in files.items():
-        store.put_bytes(key, name, json.dumps(data).encode())
+    writers = {"teachers-000000000001": lambda k: write_trajectory(store, k, TRAJECTORY),
+               "transfer-000000000002": lambda k: write_fidelity(store, k, FIDELITY),
+               "evaluate-000000000003": lambda k: write_results(store, k, make_rows(), wall_s=1.0)}
+    for key, write in writers.items():
+        write(key)
         store.finalize(key, key.split("-")[0], {}, {})
     got = report.collect_inputs(store, {"teachers": "teachers-000000000001", "transfer": "transfer-000000000002",
                                         "evaluate": "evaluate-000000000003", "select": "select-000000000004"})

@@ -252,9 +252,8 @@ def _write_folder(root, classes: dict[str, list[str]], size: int | tuple[int, in
 def _teachers_artifact(store, class_names: list[str], size: int = 32) -> str:
     """A finished teachers artifact in the documented format: one zoo checkpoint + trajectory.json."""
     import io
-    import json
 
-    from hello_ray.models.ensemble import TRAJECTORY_FILE, epoch_file
+    from hello_ray.formats.trajectory import epoch_file, write_trajectory
     from hello_ray.models.zoo import build_model
 
     torch.manual_seed(0)
@@ -266,7 +265,7 @@ def _teachers_artifact(store, class_names: list[str], size: int = 32) -> str:
     traj = {"model": "shufflenet_v2_x0_5", "num_classes": len(class_names), "image_size": size,
             "class_names": class_names, "epochs": [{"epoch": 1, "top1": 0.0, "file": epoch_file(1)}],
             "observer": epoch_file(1)}
-    store.put_bytes(key, TRAJECTORY_FILE, json.dumps(traj).encode())
+    write_trajectory(store, key, traj)
     store.finalize(key, "teachers", {"test": "select"}, {}, {})
     return key
 

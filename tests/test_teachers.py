@@ -20,8 +20,8 @@ from torch import nn
 
 from hello_ray.config import ConfigError, load_config
 from hello_ray.data.augment import train_crop_scale
-from hello_ray.models.ensemble import (TeacherEnsemble, epoch_file, load_observer, load_state,
-                                       load_trajectory, resolve_window)
+from hello_ray.formats.trajectory import epoch_file, load_trajectory
+from hello_ray.models.ensemble import TeacherEnsemble, load_observer, load_state, resolve_window
 from hello_ray.models.zoo import build_model
 from hello_ray import launcher
 from hello_ray.stages import teachers, teachers_core

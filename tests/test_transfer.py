@@ -36,11 +36,12 @@ def tiny_teachers(n: int, num_classes: int, image_size: int, model: str = "resne
 
 
 def write_tiny_trajectory(store, cfg, epochs: int = 3) -> str:
-    """A finished teachers artifact in the documented trajectory format (hello_ray/models/ensemble.py):
+    """A finished teachers artifact in the documented trajectory format (hello_ray/formats/trajectory.py):
     one zoo state_dict per epoch + trajectory.json, then the manifest. Returns its key."""
     import io
 
     from hello_ray.data.sources import load_train_val
+    from hello_ray.formats.trajectory import epoch_file, write_trajectory
 
     train, _ = load_train_val(cfg.data, store)
     names = list(train.class_names)
@@ -49,11 +50,11 @@ def write_tiny_trajectory(store, cfg, epochs: int = 3) -> str:
     for e, model in enumerate(tiny_teachers(epochs, len(names), cfg.data.image_size), start=1):
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-        store.put_bytes(key, f"epochs/epoch_{e:03d}.pt", buf.getvalue())
-        rows.append({"epoch": e, "top1": 0.0, "file": f"epochs/epoch_{e:03d}.pt"})
+        store.put_bytes(key, epoch_file(e), buf.getvalue())
+        rows.append({"epoch": e, "top1": 0.0, "file": epoch_file(e)})
     trajectory = {"model": "resnet18", "num_classes": len(names), "image_size": cfg.data.image_size,
                   "class_names": names, "epochs": rows, "observer": rows[-1]["file"]}
-    store.put_bytes(key, "trajectory.json", json.dumps(trajectory).encode())
+    write_trajectory(store, key, trajectory)
     store.finalize(key, "teachers", {"tiny_trajectory": epochs}, {})
     return key
 
@@ -143,7 +144,10 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     from safetensors.torch import load_file
 
     from hello_ray.config import load_config
-    from hello_ray.models.adapter import load_adapter, read_adapter_json
+    from hello_ray.formats.fidelity import read_fidelity
+    from hello_ray.formats.trajectory import load_trajectory
+    from hello_ray.models.adapter import read_adapter_json
+    from hello_ray.models.projector import load_adapter
     from hello_ray.stages import transfer
     from hello_ray.store import open_store
 
@@ -157,7 +161,7 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     history = json.loads(store.get_bytes(key, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"], history
-    fidelity = json.loads(store.get_bytes(key, "fidelity.json"))
+    fidelity = read_fidelity(store, key)
     for when in ("before", "after"):
         assert set(fidelity[when]) == {"views", "agreement", "kl", "projector_top1", "teacher_top1"}
         assert fidelity[when]["views"] > 0
@@ -172,7 +176,7 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     history4 = json.loads(store.get_bytes(key, "history.json"))
     assert [h["epoch"] for h in history4] == [1, 2, 3, 4]
     assert history4[:3] == history  # restored, not retrained
-    assert json.loads(store.get_bytes(key, "fidelity.json"))["before"] == fidelity["before"]
+    assert read_fidelity(store, key)["before"] == fidelity["before"]
 
     store.finalize(key, transfer.STAGE, transfer.stage_config(cfg4), {"teachers": teachers_key})
     folder = store.download(key)
@@ -180,7 +184,7 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     tensors = load_file(str(folder / "adapter.safetensors"))
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     assert meta["num_params"] == sum(t.numel() for t in tensors.values())
-    trajectory = json.loads(store.get_bytes(teachers_key, "trajectory.json"))
+    trajectory = load_trajectory(store, teachers_key)
     assert meta["class_names"] == trajectory["class_names"] and meta["conv_rank"] == cfg.transfer.conv_rank
     # B starts at zero (a fresh LoRA equals its base): the head's B must have moved.
     shipped = load_adapter(folder).lora_state_dict()

@@ -123,16 +123,14 @@ def read_adapter_json(adapter_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
-                 device: torch.device | str | None = None) -> Any:
-    """Rebuild the projector of an adapter folder: create_clip + from_clip + add_lora + the tensors.
+def read_adapter(adapter_dir: str | Path, num_classes: int | None = None
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(adapter.json, the fp32 LoRA tensors, the weights file's path for error messages) of an
+    adapter folder; ``Projector.from_adapter`` (hello_ray/models/projector.py) builds on them.
 
-    ``num_classes``: the class count the caller's dataset has; a different count in the
-    adapter is an error naming both. ``merge=True`` folds the LoRA into the base weights
-    (and drops the LoRA layers) for fast labelling. ``device``: where the projector is built.
+    ``num_classes``: the class count the caller's dataset has; a different count in the adapter
+    is a ValueError naming both, raised before the weights are read.
     """
-    from hello_ray.models.projector import Projector
-
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_json(adapter_dir)
     n = len(meta["class_names"])
@@ -142,12 +140,4 @@ def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int 
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"adapter {adapter_dir}: {ADAPTER_WEIGHTS} is missing")
-    tensors = decode_tensors(load_file(str(weights)), where=str(weights))
-    projector = Projector.from_clip(meta["model"], meta["pretrained"], meta["class_names"], meta["templates"],
-                                    device=device)
-    projector.add_lora(meta["conv_rank"], meta["head_rank"], style=meta["style"],
-                       alpha_ratio=meta["alpha_ratio"])
-    projector.load_lora_state_dict(tensors, where=str(weights))
-    if merge:
-        projector.merge_lora(unload=True)
-    return projector.eval()
+    return meta, decode_tensors(load_file(str(weights)), where=str(weights)), str(weights)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hello_ray.models.modules import replace_submodule
+
 
 class QueryTokenAttentionPool(nn.Module):
     """Drop-in for ``open_clip.modified_resnet.AttentionPool2d`` in eval/inference."""
@@ -58,7 +60,6 @@ def use_query_token_pool(model: nn.Module) -> int:
     swapped = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, AttentionPool2d):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, QueryTokenAttentionPool(module))
+            replace_submodule(model, name, QueryTokenAttentionPool(module))
             swapped += 1
     return swapped

@@ -9,13 +9,16 @@
   ``$HELLO_RAY_CACHE/clip/<model>-random-init.pt`` (default root ``~/.cache/hello_ray``)
   and loads it back through ``open_clip.create_model(..., pretrained=<that file>)``, so
   tests and the demo go through exactly the loading code that real weights take, and no
-  test ever downloads anything.
+  test ever downloads anything;
+- ``'meta'`` builds the architecture on PyTorch's meta device: real layer shapes, no weights
+  allocated, nothing read or downloaded (storage accounting counts LoRA parameters on it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Several Ray workers may create the same cache file at once: each writes its own temp file and
+# renames it (the content is deterministic, so the last rename wins harmlessly).
+from hello_ray.store import atomic_write, cache_root
+
 TINY_CLIP = "hello-tiny-rn"
 RANDOM_INIT = "random-init"
+META = "meta"
 RANDOM_INIT_SEED = 0
 # v2: unit weights for the last BN of every residual block; v3: BN statistics estimated on
 # seeded smooth-noise images (see _ensure_random_init).
@@ -43,25 +51,6 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
 }
 
 
-def cache_root() -> Path:
-    """hello_ray's local cache root: ``$HELLO_RAY_CACHE`` or ``~/.cache/hello_ray``."""
-    return Path(os.environ.get("HELLO_RAY_CACHE") or Path.home() / ".cache" / "hello_ray")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder + rename, so readers never see half a file
-    (several Ray workers may create the same cache file at once; the content is deterministic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def register_tiny_clip() -> None:
     """Register ``hello-tiny-rn`` with ``open_clip.add_model_config`` (idempotent).
 
@@ -73,7 +62,7 @@ def register_tiny_clip() -> None:
     path = cache_root() / "clip" / "model_configs" / f"{TINY_CLIP}.json"
     text = json.dumps(TINY_CLIP_CONFIG, indent=2)
     if not path.exists() or path.read_text() != text:
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path, lambda f: f.write(text.encode()))
     open_clip.add_model_config(path)
 
 
@@ -100,7 +89,7 @@ def _ensure_random_init(model_name: str) -> Path:
                 module.weight.fill_(1.0)
     _calibrate_batchnorm(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
@@ -141,10 +130,22 @@ def pretrained_identity(pretrained: str) -> str:
     return f"{RANDOM_INIT}-v{RANDOM_INIT_VERSION}" if pretrained == RANDOM_INIT else pretrained
 
 
-def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:
-    """An open_clip model (eval mode, CPU, fp32) and its tokenizer.
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's root-logger "No pretrained weights loaded" warning where a model is
+    built without weights on purpose."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
-    ``pretrained``: an open_clip tag (cluster), a local weights file, or ``'random-init'``.
+
+def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:
+    """An open_clip model (eval mode, CPU, fp32; on the meta device for ``'meta'``) and its tokenizer.
+
+    ``pretrained``: an open_clip tag (cluster), a local weights file, ``'random-init'`` or ``'meta'``.
     """
     register_tiny_clip()
     if model_name not in open_clip.list_models():
@@ -152,7 +153,11 @@ def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:
                          f"and hello_ray registers {TINY_CLIP!r} (see open_clip.list_models())")
     if not pretrained:
         raise ValueError(f"CLIP {model_name!r}: give pretrained = an open_clip tag (e.g. 'openai'), "
-                         f"a local weights file, or '{RANDOM_INIT}'")
+                         f"a local weights file, '{RANDOM_INIT}' or '{META}'")
+    if pretrained == META:
+        with torch.device("meta"), _quiet_open_clip():
+            model = open_clip.create_model(model_name, pretrained=None, device="meta")
+        return model.eval(), open_clip.get_tokenizer(model_name)
     if pretrained == RANDOM_INIT:
         weights = str(_ensure_random_init(model_name))
     elif pretrained.lower() in (t.lower() for t in open_clip.list_pretrained_tags_by_model(model_name)):
@@ -162,11 +167,17 @@ def create_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Any]:
     else:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
         raise ValueError(f"CLIP {model_name!r}: pretrained={pretrained!r} is neither a known tag "
-                         f"({tags}), nor an existing file, nor '{RANDOM_INIT}'")
+                         f"({tags}), nor an existing file, nor '{RANDOM_INIT}' or '{META}'")
     model = open_clip.create_model(model_name, pretrained=weights)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, tokenizer
+
+
+def clip_embed_dim(model_name: str) -> int:
+    """The joint image/text embedding width of ``model_name`` (the projector head's input)."""
+    register_tiny_clip()
+    return int(open_clip.get_model_config(model_name)["embed_dim"])
 
 
 def clip_input_size(model: nn.Module) -> tuple[int, int]:

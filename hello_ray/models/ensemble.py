@@ -1,11 +1,7 @@
 """The teacher trajectory as models: the observer and the multi-weak teachers of a window.
 
-The teachers stage (hello_ray/stages/teachers.py) writes the artifact read here:
-
-    trajectory.json          {"model", "num_classes", "image_size", "class_names",
-                              "epochs": [{"epoch": e, "top1": acc, "file": "epochs/epoch_{e:03d}.pt"}],
-                              "observer": file}
-    epochs/epoch_{e:03d}.pt  the zoo model's state_dict after epoch e (CPU, fp32), epochs 1-based
+The teachers stage (hello_ray/stages/teachers.py) writes the artifact read here, in the format
+of hello_ray/formats/trajectory.py (``trajectory.json`` + ``epochs/epoch_{e:03d}.pt``).
 
 A *teacher window* "a-b" with n teachers names n checkpoints evenly spaced from epoch a to
 epoch b inclusive (METHOD.md: "11-51", 9 -> 11, 16, ..., 51).
@@ -13,7 +9,6 @@ epoch b inclusive (METHOD.md: "11-51", 9 -> 11, 16, ..., 51).
 from __future__ import annotations
 
 import io
-import json
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -21,17 +16,11 @@ import torch
 from torch import nn
 
 from hello_ray.config import parse_window
+from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.models.zoo import build_model
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
-
-TRAJECTORY_FILE = "trajectory.json"
-
-
-def epoch_file(epoch: int) -> str:
-    """Name of epoch ``epoch``'s checkpoint inside the teachers artifact."""
-    return f"epochs/epoch_{epoch:03d}.pt"
 
 
 def _span(epochs: Iterable[int]) -> str:
@@ -76,21 +65,6 @@ def resolve_window(window: str, n: int, available_epochs: Iterable[int]) -> list
             f"teacher window {window!r} (n={n}) needs epochs {missing} that the trajectory does not "
             f"have (trained epochs: {_span(available)}); choose a window inside them")
     return epochs
-
-
-def load_trajectory(store: "Store", key: str) -> dict[str, Any]:
-    """``trajectory.json`` of teachers artifact ``key`` (ArtifactNotFound when it is unfinished)."""
-    if not store.exists(key):
-        from hello_ray.store import ArtifactNotFound
-
-        raise ArtifactNotFound(f"teachers artifact {key!r} is not finished in store {store.uri} "
-                               "(no manifest); run the teachers stage first")
-    traj = json.loads(store.get_bytes(key, TRAJECTORY_FILE))
-    for field in ("model", "num_classes", "image_size", "class_names", "epochs", "observer"):
-        if field not in traj:
-            raise ValueError(f"{store.uri_for(key, TRAJECTORY_FILE)}: missing field {field!r}; "
-                             "not a teachers trajectory")
-    return traj
 
 
 def load_state(store: "Store", key: str, name: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ import logging
 import torch
 from torch import nn
 
+from hello_ray.models.modules import replace_submodule
+
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +96,7 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-3) ->
         if not isinstance(bn, nn.BatchNorm2d) or bn.track_running_stats is False:
             return model, 0
         _fold_pair(conv, bn)
-        parent, _, child = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent) if parent else folded, child, nn.Identity())
+        replace_submodule(folded, bn_name, nn.Identity())
     with torch.inference_mode():
         want, got = model(probe).float(), folded(probe).float()
     err = (want - got).abs().max().item()

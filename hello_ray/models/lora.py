@@ -31,6 +31,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from hello_ray.models.modules import replace_submodule
+
 LORA_STYLES = ("separable", "standard")
 ADAPTER = "default"  # peft's adapter name; artifacts store keys without it
 
@@ -127,10 +129,6 @@ def _artifact_key(param_name: str) -> str:
     return param_name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
 
 
-def _param_name(artifact_key: str) -> str:
-    return artifact_key.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}.")
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors only, keyed without the adapter name (e.g. ``encoder.conv1.lora_A.weight``)."""
     return {_artifact_key(n): p.detach() for n, p in model.named_parameters()
@@ -156,10 +154,6 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], whe
             p.copy_(t.to(p.dtype))
 
 
-def count_lora_params(model: nn.Module) -> int:
-    return sum(t.numel() for t in lora_state_dict(model).values())
-
-
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     """Fold every LoRA update into its base weight (inference: no extra convs per layer).
 
@@ -169,9 +163,7 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         layer.merge()
         if unload:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.get_base_layer())
+            replace_submodule(model, name, layer.get_base_layer())
     return model
 
 

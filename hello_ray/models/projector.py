@@ -15,6 +15,7 @@ encoder, whose running statistics must not drift with the distillation batches.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hello_ray.models import lora as lora_mod
-from hello_ray.models.adapter import load_adapter, save_adapter  # re-exported: the projector's artifact
-from hello_ray.models.clip import clip_input_size, clip_normalisation, create_clip
+# One way only: the adapter format knows nothing of the Projector class; the projector saves and
+# rebuilds itself through it.
+from hello_ray.models.adapter import read_adapter, save_adapter
+from hello_ray.models.clip import META, clip_embed_dim, clip_input_size, clip_normalisation, create_clip
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.",
@@ -94,21 +97,47 @@ class Projector(nn.Module):
     def from_clip(cls, model_name: str, pretrained: str, class_names: Sequence[str],
                   templates: Sequence[str] = DEFAULT_TEMPLATES,
                   device: torch.device | str | None = None) -> "Projector":
-        """Build from open_clip (see ``create_clip`` for ``pretrained``); the text tower is used
-        once for the head and then dropped. ``device``: where to build and encode the prompts
-        (1000 classes x 7 templates through RN50's text tower is worth a GPU)."""
+        """The one projector factory: open_clip's ``model_name`` with ``pretrained`` weights (see
+        ``create_clip``: a tag, a file, ``'random-init'`` for tests, benchmarks and the demo, or
+        ``'meta'`` for layer shapes only), the text tower used once for the head and then dropped.
+        ``device``: where to build and encode the prompts (1000 classes x 7 templates through
+        RN50's text tower is worth a GPU); ignored for ``'meta'``, whose head is an empty
+        [classes, embed_dim] tensor (shapes need no prompts)."""
         if not class_names:
             raise ValueError("Projector.from_clip: no class names")
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"Projector.from_clip: every template needs a '{{}}' for the class name: "
                              f"{list(templates)}")
         model, tokenizer = create_clip(model_name, pretrained)
-        if device is not None:
-            model = model.to(device)
-        head = text_head_weight(model, tokenizer, list(class_names), list(templates))
+        if pretrained == META:
+            head = torch.empty(len(class_names), clip_embed_dim(model_name), device="meta")
+        else:
+            if device is not None:
+                model = model.to(device)
+            head = text_head_weight(model, tokenizer, list(class_names), list(templates))
         mean, std = clip_normalisation(model)
         return cls(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
                    model_name, pretrained, class_names, templates)
+
+    @classmethod
+    def from_adapter(cls, adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
+                     device: torch.device | str | None = None) -> "Projector":
+        """Rebuild the projector of an adapter folder (hello_ray/models/adapter.py): ``from_clip``
+        + ``add_lora`` + the stored tensors.
+
+        ``num_classes``: the class count the caller's dataset has; a different count in the
+        adapter is a ValueError naming both. ``merge=True`` folds the LoRA into the base weights
+        (and drops the LoRA layers) for fast labelling. ``device``: where the projector is built.
+        """
+        meta, tensors, where = read_adapter(adapter_dir, num_classes)
+        projector = cls.from_clip(meta["model"], meta["pretrained"], meta["class_names"], meta["templates"],
+                                  device=device)
+        projector.add_lora(meta["conv_rank"], meta["head_rank"], style=meta["style"],
+                           alpha_ratio=meta["alpha_ratio"])
+        projector.load_lora_state_dict(tensors, where=where)
+        if merge:
+            projector.merge_lora(unload=True)
+        return projector.eval()
 
     # ------------------------------------------------------------------ compute
     @property
@@ -145,8 +174,11 @@ class Projector(nn.Module):
         the LoRA tensors stay trainable (see hello_ray/models/lora.py)."""
         if self.lora_config is not None:
             raise ValueError(f"projector already has LoRA {self.lora_config}")
-        lora_mod.add_lora(self, lora_mod.conv_targets(self.encoder, "encoder"), conv_rank, "head",
-                          head_rank, style=style, alpha_ratio=alpha_ratio)
+        # A shapes-only projector (pretrained='meta') gets shapes-only LoRA tensors: peft would build
+        # them on the CPU (memory, and draws from the global RNG) before moving them to the base's device.
+        with torch.device("meta") if self.head.weight.is_meta else contextlib.nullcontext():
+            lora_mod.add_lora(self, lora_mod.conv_targets(self.encoder, "encoder"), conv_rank, "head",
+                              head_rank, style=style, alpha_ratio=alpha_ratio)
         self.lora_config = {"conv_rank": conv_rank, "head_rank": head_rank, "style": style,
                             "alpha_ratio": float(alpha_ratio), "merged": False}
         return self
@@ -176,31 +208,8 @@ class Projector(nn.Module):
         """Write the adapter artifact (hello_ray/models/adapter.py) into ``out_dir``."""
         return save_adapter(self, out_dir, dtype=dtype)
 
-    @staticmethod
-    def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
-                     device: torch.device | str | None = None) -> "Projector":
-        """Rebuild a projector from an adapter folder (hello_ray/models/adapter.py)."""
-        return load_adapter(adapter_dir, merge=merge, num_classes=num_classes, device=device)
 
-
-def random_projector(model_name: str, num_classes: int, conv_rank: int, head_rank: int,
-                     style: str = "separable") -> "Projector":
-    """A projector on a seeded random-init CLIP (open_clip ``pretrained=None``) with LoRA added.
-
-    For benchmarks: real layer shapes (e.g. RN50) without weights or downloads. The head is
-    still the text-initialised one, over placeholder class names.
-    """
-    import open_clip
-
-    from hello_ray.models.clip import clip_input_size, clip_normalisation, register_tiny_clip
-
-    register_tiny_clip()
-    torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).eval()
-    names = [f"class {i}" for i in range(num_classes)]
-    head = text_head_weight(model, open_clip.get_tokenizer(model_name), names, DEFAULT_TEMPLATES)
-    mean, std = clip_normalisation(model)
-    proj = Projector(model.visual, head, model.logit_scale, clip_input_size(model), mean, std,
-                     model_name, "random-init", names)
-    proj.add_lora(conv_rank, head_rank, style)
-    return proj
+def load_adapter(adapter_dir: str | Path, merge: bool = False, num_classes: int | None = None,
+                 device: torch.device | str | None = None) -> Projector:
+    """The projector of an adapter folder: ``Projector.from_adapter`` (see there)."""
+    return Projector.from_adapter(adapter_dir, merge=merge, num_classes=num_classes, device=device)

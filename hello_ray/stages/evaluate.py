@@ -19,7 +19,6 @@ Rows:
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -28,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
+# The results format (writer, reader, summary) lives in formats/results.py; evaluate.write_results
+# stays importable from here for existing callers.
+from hello_ray.formats.results import write_results
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
@@ -115,27 +116,19 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
     return rows
 
 
-def floor_key(sample_id: str) -> str:
-    """The part of a sample id that does not depend on where the dataset lives: its last two path
-    parts (``<class folder>/<file>`` or ``<dataset folder>/<shard>:<row>``). Ids are full paths
-    so errors can name the file; hashing those made the floor differ between two copies of one
-    dataset (a local folder and its S3 upload, or two stores)."""
-    return "/".join(str(sample_id).replace("\\", "/").split("/")[-2:])
-
-
 def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """ipc random real training images per class, streaming: per class keep the ipc rows whose
-    seeded hash of the id (``floor_key``: location-independent) is smallest (memory = ipc x
-    classes images, whatever the dataset size).
+    seeded order (:func:`hello_ray.data.subset.sample_order`, location-independent) is smallest
+    (memory = ipc x classes images, whatever the dataset size).
 
     train_ds rows: {"image": uint8 [S, S, 3], "label", "id"} (decoded). -> (uint8 [N,S,S,3], labels [N]).
     """
-    import hashlib
+    from hello_ray.data.subset import sample_order
 
     best: dict[int, list[tuple[bytes, np.ndarray]]] = {c: [] for c in range(num_classes)}
     for batch in train_ds.iter_batches(batch_size=256, batch_format="numpy"):
         for img, lab, rid in zip(batch["image"], batch["label"], batch["id"]):
-            h = hashlib.sha256(f"{seed}:{floor_key(rid)}".encode()).digest()
+            h = sample_order(seed, rid)
             keep = best[int(lab)]
             keep.append((h, img))
             if len(keep) > ipc:
@@ -150,12 +143,15 @@ def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.nd
 
 
 def _adapter_classes(store, key: str) -> int:
-    meta = json.loads(store.get_bytes(key, "adapter.json"))
-    return len(meta["class_names"])
+    from hello_ray.models.adapter import read_adapter_json
+
+    return len(read_adapter_json(store.download(key))["class_names"])
 
 
 def _teacher_classes(store, key: str) -> int:
-    return int(json.loads(store.get_bytes(key, "trajectory.json"))["num_classes"])
+    from hello_ray.formats.trajectory import load_trajectory
+
+    return int(load_trajectory(store, key)["num_classes"])
 
 
 def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: int, dataset_classes: int) -> None:
@@ -210,29 +206,6 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     with result.checkpoint.as_directory() as d:
         done = json.loads((Path(d) / ROWS_FILE).read_text())
     return write_results(store, key, done, wall_s=time.perf_counter() - t0)
-
-
-def write_results(store, key: str, rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """results.parquet + results.json (rows and the mean +- std table); returns the summary."""
-    df = pd.DataFrame(rows).drop(columns=["classes", "row"], errors="ignore")
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    store.put_bytes(key, "results.parquet", buf.getvalue())
-    table = summarise(df)
-    store.put_bytes(key, "results.json", json.dumps({"rows": rows, "table": table}, indent=1).encode())
-    return {"rows": len(rows), "table": table, "wall_s": round(wall_s, 1)}
-
-
-def summarise(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """Mean +- std of top-1 over seeds per (images, student, strategy, continual step)."""
-    keys = ["images", "student", "strategy", "continual_steps", "continual_step"]
-    out = []
-    for k, g in df.groupby(keys, sort=False):
-        out.append({**dict(zip(keys, k)), "top1_mean": float(g.top1.mean()),
-                    "top1_std": float(g.top1.std(ddof=0)), "seeds": int(len(g)),
-                    "label_bytes": int(g.label_bytes.iloc[0]), "step_s": float(g.step_s.mean()),
-                    "peak_mem_mb": float(g.peak_mem_mb.max())})
-    return out
 
 
 # ------------------------------------------------------------------------ worker side
@@ -398,15 +371,3 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
             "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,
             "peak_mem_kind": mem.kind, "device": device.type, "workers": world,
             "parallel": cfg.evaluate.parallel}
-
-
-def format_table(table: list[dict[str, Any]]) -> str:
-    """The summary table as fixed-width text: top-1 mean +- std and label bytes per row."""
-    lines = [f"{'images':<10} {'student':<20} {'strategy':<12} {'cl':>5} {'top-1 %':>14} {'label bytes':>14} "
-             f"{'step ms':>8}"]
-    for r in table:
-        cl = f"{r['continual_step']}/{r['continual_steps']}" if r["continual_steps"] else ""
-        lines.append(f"{r['images']:<10} {r['student']:<20} {r['strategy']:<12} {cl:>5} "
-                     f"{100 * r['top1_mean']:7.2f} +- {100 * r['top1_std']:4.2f} {r['label_bytes']:>14,} "
-                     f"{1e3 * r['step_s']:8.1f}")
-    return "\n".join(lines)

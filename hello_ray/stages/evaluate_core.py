@@ -10,7 +10,6 @@ same views whatever the number of workers, and stored labels replay identically 
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -214,10 +213,3 @@ def top1_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
 def nhwc_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> uint8 [N, 3, H, W] (contiguous)."""
     return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
-
-
-def set_threads_for_rank() -> None:
-    """Give each CPU worker the cores Ray reserved for it instead of all cores of the node."""
-    n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)

@@ -38,7 +38,7 @@ import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, TeacherConfig, data_identity, section_dict
-from hello_ray.models.ensemble import TRAJECTORY_FILE, epoch_file
+from hello_ray.formats.trajectory import epoch_file, epoch_metrics_file, write_trajectory
 from hello_ray.models.zoo import build_model
 from hello_ray.stages.teachers_core import Batch, evaluate_top1, make_optimizer, state_bytes, train_augment, train_epoch
 
@@ -51,11 +51,6 @@ TORCHVISION_OBSERVER_FILE = "observer_torchvision.pt"
 DRILL_PREFIX = "_drill-"  # fault-drill markers live under their own (never finalized) key
 
 log = logging.getLogger("hello_ray.teachers")
-
-
-def epoch_metrics_file(epoch: int) -> str:
-    """Name of epoch ``epoch``'s metrics json inside the artifact (beside its checkpoint)."""
-    return f"epochs/epoch_{epoch:03d}.json"
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
@@ -282,7 +277,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
                     "train_acc": m["train_acc"], "file": epoch_file(m["epoch"])} for m in epochs],
         "observer": observer,
     }
-    store.put_bytes(key, TRAJECTORY_FILE, json.dumps(trajectory, indent=1).encode())
+    write_trajectory(store, key, trajectory)
     attempts = sorted({m["attempt_start_epoch"] for m in epochs})
     return {"epochs": tc.epochs, "final_top1": epochs[-1]["top1"],
             "best_top1": max(m["top1"] for m in epochs), "observer": observer,

@@ -39,6 +39,7 @@ from torch import nn
 from hello_ray import launcher
 from hello_ray.config import Config, data_identity, section_dict
 from hello_ray.data.augment import train_crop_scale
+from hello_ray.formats.fidelity import read_fidelity, write_fidelity
 from hello_ray.stages.transfer_core import label_fidelity, lora_parameters, shipped_fidelity, transfer_step
 
 log = logging.getLogger("hello_ray.transfer")
@@ -168,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "n_teachers": tc.n_teachers, "ensemble": "mean of teacher logits",
                     "views": "real validation images, no augmentation",
                     "adapter_dtype": tc.adapter_dtype}
-        store.put_bytes(key, "fidelity.json", json.dumps(fidelity, indent=1).encode())
+        write_fidelity(store, key, fidelity)
         wlog.info("[transfer] fidelity: agreement %.3f -> %.3f, KL %.3f -> %.3f, projector top-1 %.3f -> "
                   "%.3f (teachers %.3f)", before["agreement"], after["agreement"], before["kl"],
                   after["kl"], before["projector_top1"], after["projector_top1"], after["teacher_top1"])
@@ -205,7 +206,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
                   "class_names": list(train.class_names)},
                  {"train": decoded_split(train, cfg.data, columns=columns).randomize_block_order(),
                   "val": decoded_split(val, cfg.data, columns=columns)})
-    fidelity = json.loads(store.get_bytes(key, "fidelity.json"))
+    fidelity = read_fidelity(store, key)
     history = json.loads(store.get_bytes(key, "history.json"))
     log.info("[transfer] %s: %d epochs; agreement with the teachers %.3f -> %.3f, KL %.3f -> %.3f",
              key, len(history), fidelity["before"]["agreement"], fidelity["after"]["agreement"],

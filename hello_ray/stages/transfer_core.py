@@ -123,7 +123,8 @@ def shipped_fidelity(projector: nn.Module, teachers: nn.Module,
                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict[str, float], Path]:
     """Save the adapter as shipped (``dtype``), load it back merged, and measure its fidelity
     (``reduce`` sums the counts over ranks when the val set is split). Returns (fidelity, the local adapter folder)."""
-    from hello_ray.models.adapter import load_adapter, save_adapter
+    from hello_ray.models.adapter import save_adapter
+    from hello_ray.models.projector import load_adapter
 
     out = Path(tempfile.mkdtemp(prefix="hello_ray_adapter_"))
     save_adapter(projector, out, dtype=dtype)
