@@ -35,6 +35,20 @@ def stored_soft_label_bytes(classes: int, ipc: int, epochs: int) -> int:
     return epochs * classes * ipc * classes * FP16_BYTES
 
 
+def pruned_label_bytes(classes: int, ipc: int, epochs: int, batch_size: int, prune: int) -> int:
+    """fp16 logits of LPLD's pool for ``stored/prune``: the first floor(T / prune) label batches in
+    (epoch, batch) order, each as many views as images in it (the epoch's last batch is partial)."""
+    from hello_ray.labels import lpld_pool_size
+
+    images = classes * ipc
+    per_epoch = -(-images // batch_size)
+    kept = lpld_pool_size(epochs * per_epoch, prune)
+    full_epochs, rest = divmod(kept, per_epoch)
+    # rest < per_epoch: a partial epoch holds only full batches (only an epoch's last one is short)
+    views = full_epochs * images + rest * batch_size
+    return views * classes * FP16_BYTES
+
+
 def teacher_params(teacher: str, classes: int, image_size: int) -> int:
     """Parameters of the zoo teacher (built on the meta device: shapes only)."""
     from hello_ray.models.zoo import build_model, count_params
@@ -64,7 +78,8 @@ def projector_lora_counts(classes: int, conv_rank: int, head_rank: int, clip_mod
 
 def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8,
                    head_rank: int | None = None, clip_model: str = "RN50", lora_style: str = "separable",
-                   teacher: str = "resnet18", image_size: int = 224) -> dict[str, Any]:
+                   teacher: str = "resnet18", image_size: int = 224, batch_size: int = 100,
+                   prunes: tuple[int, ...] = (10, 20, 40)) -> dict[str, Any]:
     """Bytes of each label strategy for ``classes x ipc`` images trained ``epochs`` epochs."""
     for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("conv_rank", conv_rank)):
         if value < 1:
@@ -84,6 +99,9 @@ def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8
         "epochs": epochs,
         "stored_soft_labels_bytes": labels,
         "stored_soft_labels_mib": labels / MIB,
+        "label_batch_size": batch_size,
+        # LPLD's pool for stored/N (hello_ray/labels.py): {N: bytes}
+        "stored_pruned_bytes": {str(n): pruned_label_bytes(classes, ipc, epochs, batch_size, n) for n in prunes},
         "teacher": teacher,
         "teacher_image_size": image_size,
         "teacher_params": t_params,
@@ -111,6 +129,8 @@ def format_report(r: dict[str, Any]) -> str:
     rows = [
         ("stored soft labels (fp16, 1 view/img/epoch)", f"{r['epochs']} ep x {r['images']:,} img x "
          f"{r['classes']:,} cls", r["stored_soft_labels_bytes"]),
+        *[(f"stored / {n} (LPLD pool, batch {r['label_batch_size']})", f"first 1/{n} of the label batches", b)
+          for n, b in r.get("stored_pruned_bytes", {}).items()],
         (f"teacher {r['teacher']} weights (fp32)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp32"]),
         (f"teacher {r['teacher']} weights (fp16)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp16"]),
     ]
@@ -142,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-style", default="separable", choices=LORA_STYLES, help="conv LoRA parametrisation")
     ap.add_argument("--teacher", default="resnet18", help="zoo architecture of the teacher")
     ap.add_argument("--image-size", type=int, default=224, help="teacher input size (stem choice)")
+    ap.add_argument("--batch-size", type=int, default=100, help="label batch size (evaluate.batch_size)")
     ap.add_argument("--json", action="store_true", help="emit one JSON object instead of the table")
     args = ap.parse_args(argv)
     try:
         report = storage_report(args.classes, args.ipc, epochs=args.epochs, conv_rank=args.conv_rank,
+                                batch_size=args.batch_size,
                                 head_rank=args.head_rank, clip_model=args.clip_model,
                                 lora_style=args.lora_style, teacher=args.teacher, image_size=args.image_size)
     except ValueError as e:

@@ -222,6 +222,9 @@ class EvalConfig:
     continual_strategies: list[str] = _help("label strategies of the continual runs (online ones: "
                                             "hard | teacher | projector)",
                                             default_factory=lambda: ["projector"])
+    prune_pool: str = _help("which label batches stored/N keeps: lpld (the first floor(T/N) in (epoch, "
+                            "batch) order, only those relabelled; LPLD) | random (a seeded draw of "
+                            "ceil(T/N) anywhere)", default="lpld")
     teacher_labels: str = _help("what the teacher strategy and the stored relabel pass use: observer | "
                                 "window (mean logits of transfer.teacher_window)", default="observer")
     label_precision: str = _help("online labellers (teacher, projector, the stored relabel pass): auto "
@@ -253,6 +256,7 @@ class EvalConfig:
         for s in self.continual_strategies:
             _check(s in ("hard", "teacher", "projector"), f"{p}.continual_strategies",
                    f"{s!r}: continual runs use online labels (hard, teacher or projector)")
+        _check(self.prune_pool in ("lpld", "random"), f"{p}.prune_pool", "must be 'lpld' or 'random'")
         _check(self.teacher_labels in ("observer", "window"), f"{p}.teacher_labels",
                "must be 'observer' or 'window'")
         _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")

@@ -335,6 +335,20 @@ def stored_name(prune: int) -> str:
     return "stored" if prune <= 1 else f"stored-{prune}"
 
 
+PRUNE_POOLS = ("lpld", "random")
+
+
+def lpld_pool_size(total_batches: int, prune: int) -> int:
+    """Label batches LPLD keeps for ``stored/N``: floor(T / N), at least one.
+
+    LPLD (he-y/soft-label-pruning-for-dataset-distillation at 63eee18,
+    ``relabel_and_validate/train_FKD_label_pruning_batch.py`` l. 442-445) computes
+    ``int((1 - r) * T)`` with r = 1 - 1/N in floating point, which can land one below T/N
+    (e.g. r = 0.9, T = 1000 -> 99); we keep the exact floor(T / N) the method describes.
+    """
+    return max(1, total_batches // prune)
+
+
 @dataclass
 class RelabelPlan:
     """Everything that fixes the views of a relabel pass; replay needs exactly the same."""
@@ -344,6 +358,7 @@ class RelabelPlan:
     cutmix_alpha: float
     seed: int
     prune: int = 1                 # keep 1/prune of the label batches (LPLD); 1 = keep all
+    pool: str = "lpld"             # which batches: lpld (the first floor(T/N)) | random (a seeded draw)
 
     def views(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[int, int, View, torch.Tensor]]:
         """(epoch, batch, view, augmented batch) for every label batch, in training order."""
@@ -354,11 +369,17 @@ class RelabelPlan:
                 yield epoch, b, view, x
 
     def kept(self, n_images: int) -> list[tuple[int, int]]:
-        """The (epoch, batch) label batches kept: all, or a seeded draw of ceil(total/prune)."""
+        """The (epoch, batch) label batches kept, in (epoch, batch) order: all (prune 1); LPLD's pool,
+        the first floor(T / prune) of the T batches (``pool="lpld"``); or a seeded draw of
+        ceil(T / prune) batches anywhere (``pool="random"``, our earlier rule)."""
         per_epoch = math.ceil(n_images / self.batch_size)
         every = [(e, b) for e in range(self.epochs) for b in range(per_epoch)]
         if self.prune <= 1:
             return every
+        if self.pool == "lpld":
+            return every[:lpld_pool_size(len(every), self.prune)]
+        if self.pool != "random":
+            raise ValueError(f"stored label pool {self.pool!r}: use one of {PRUNE_POOLS}")
         n_keep = max(1, math.ceil(len(every) / self.prune))
         rng = np.random.default_rng([self.seed, self.prune])
         picked = sorted(rng.choice(len(every), size=n_keep, replace=False).tolist())
@@ -425,10 +446,13 @@ def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
             written[fname] = len(data)
             current.clear()
 
+    last_kept = max(e for e, _ in keep)
     for epoch, b, view, x in plan.views(images, labels):
         if epoch != last_epoch:
             flush(last_epoch)
             last_epoch = epoch
+        if epoch > last_kept:  # LPLD's pool is a prefix: nothing after its last epoch is labelled
+            break
         # The RNG stream is walked for every batch (so kept views match the unpruned run's),
         # but only kept batches of this caller's epochs are labelled.
         if epoch in wanted and (epoch, b) in keep:
@@ -455,9 +479,13 @@ def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_cla
 class StoredLabels(LabelStrategy):
     """Replays the views and fp16 logits of a relabel pass (FKD / SRe2L; with prune N, LPLD).
 
-    Unpruned: epoch e replays exactly the batches labelled for epoch e. Pruned: the kept batches
-    form a pool and every epoch draws as many batches as an unpruned epoch has from it, with
-    replacement (seeded by the student seed and the epoch).
+    Unpruned: epoch e replays exactly the batches labelled for epoch e. Pruned (LPLD,
+    he-y/soft-label-pruning-for-dataset-distillation at 63eee18,
+    ``relabel_and_validate/train_FKD_label_pruning_batch.py`` l. 426-485, ``random`` metric with
+    ``batch_to_epoch`` granularity): the kept batches form a pool and every epoch draws as many
+    batches as an unpruned epoch has from it, uniformly with replacement; with ``pool="lpld"`` a
+    draw that is the last batch of its epoch (the partial one) is replaced by its predecessor, as
+    LPLD does. Draws are seeded by the student seed and the epoch (LPLD's global RNG is unseeded).
     """
 
     replays = True
@@ -497,13 +525,20 @@ class StoredLabels(LabelStrategy):
 
     def epoch_views(self, epoch: int, seed: int) -> list[View]:
         """The views a student trains on in ``epoch`` (epochs beyond the plan wrap around)."""
-        per_epoch = math.ceil(self.meta["n_images"] / self.plan.batch_size)
         if self.prune <= 1:
             views = self._epoch(epoch % self.plan.epochs)
             return [views[b] for b in sorted(views)]
-        pool = self.pool()
+        return [self.pool()[i] for i in self.epoch_draw(epoch, seed)]
+
+    def epoch_draw(self, epoch: int, seed: int) -> list[int]:
+        """Pool indices (= global batch indices e * B + b for LPLD's prefix pool) of ``epoch``."""
+        per_epoch = math.ceil(self.meta["n_images"] / self.plan.batch_size)
+        n_pool = len(self.meta["kept"])
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        return [pool[i] for i in torch.randint(len(pool), (per_epoch,), generator=g).tolist()]
+        draw = torch.randint(n_pool, (per_epoch,), generator=g).tolist()
+        if self.plan.pool == "lpld" and per_epoch > 1:
+            draw = [i - 1 if (i + 1) % per_epoch == 0 else i for i in draw]
+        return draw
 
     def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
         if context.stored_logits is None:

@@ -247,7 +247,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
         classes=len(inputs["class_names"]), ipc=cfg.select.ipc, epochs=cfg.evaluate.epochs,
         conv_rank=cfg.transfer.conv_rank, head_rank=cfg.transfer.head_rank,
         clip_model=cfg.transfer.clip_model, lora_style=cfg.transfer.lora_style,
-        teacher=cfg.teachers.model, image_size=cfg.data.image_size)
+        teacher=cfg.teachers.model, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size)
     name = f"report-{cfg.name}-{keys['evaluate'].rsplit('-', 1)[-1]}"
     uri = report.write_report(store, name, results_rows=inputs["rows"],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],

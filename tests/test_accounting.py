@@ -121,3 +121,19 @@ def test_console_script_subprocess():
     report = json.loads(proc.stdout)
     assert report["stored_soft_labels_bytes"] == 600_000_000
     assert report["projector_lora_params"] == 776_776
+
+
+@pytest.mark.parametrize("classes,ipc,epochs,batch,prune", [(1000, 10, 300, 100, 10), (10, 10, 15, 25, 40),
+                                                            (10, 3, 7, 4, 10), (100, 1, 300, 100, 20)])
+def test_pruned_bytes_count_lpld_pool_views(classes, ipc, epochs, batch, prune):
+    """stored/N bytes = the views of the first floor(T/N) label batches x classes x 2 (fp16)."""
+    from hello_ray.accounting import pruned_label_bytes
+    from hello_ray.labels import RelabelPlan
+
+    images = classes * ipc
+    plan = RelabelPlan(epochs=epochs, batch_size=batch, image_size=8, cutmix_alpha=1.0, seed=0, prune=prune)
+    per_epoch = -(-images // batch)
+    views = sum(images - b * batch if b == per_epoch - 1 else batch for _, b in plan.kept(images))
+    assert pruned_label_bytes(classes, ipc, epochs, batch, prune) == views * classes * 2
+    r = storage_report(classes=classes, ipc=ipc, epochs=epochs, batch_size=batch, prunes=(prune,))
+    assert r["stored_pruned_bytes"][str(prune)] == views * classes * 2 < r["stored_soft_labels_bytes"]

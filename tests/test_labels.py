@@ -183,3 +183,35 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_warns_where_the_cpu_emulates_it(
         teacher.with_precision("bf16")
     warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(warned) == (0 if native_bf16(cpu) else 1)         # once per process, not per call
+
+
+@pytest.mark.parametrize("epochs,n_images,batch,prune,expected", [
+    (300, 10, 10, 10, 30),      # T = 300 -> 30 (LPLD's float int((1 - 0.9) * 300) would give 29)
+    (300, 100, 25, 10, 120),    # T = 1200
+    (3, 7, 3, 4, 2),            # T = 9 (partial last batches) -> 2
+    (1, 5, 5, 40, 1),           # T = 1 -> at least one batch
+    (10, 1000, 100, 40, 2),     # T = 100 -> 2
+])
+def test_lpld_pool_is_the_first_floor_t_over_n_batches(epochs, n_images, batch, prune, expected):
+    plan = RelabelPlan(epochs=epochs, batch_size=batch, image_size=8, cutmix_alpha=1.0, seed=0, prune=prune)
+    per_epoch = -(-n_images // batch)
+    every = [(e, b) for e in range(epochs) for b in range(per_epoch)]
+    assert plan.kept(n_images) == every[:expected]           # a prefix in (epoch, batch) order
+    old = RelabelPlan(epochs=epochs, batch_size=batch, image_size=8, cutmix_alpha=1.0, seed=0, prune=prune,
+                      pool="random")
+    assert len(old.kept(n_images)) == max(1, -(-len(every) // prune)) and set(old.kept(n_images)) <= set(every)
+
+
+@pytest.mark.parametrize("per_epoch,pool,seed", [(3, 12, 0), (4, 7, 1), (1, 5, 2), (10, 30, 3)])
+def test_lpld_epoch_draws_replace_an_epochs_last_batch_by_its_predecessor(per_epoch, pool, seed):
+    stored = StoredLabels.__new__(StoredLabels)   # the draw needs only the plan and the meta
+    stored.plan = RelabelPlan(epochs=100, batch_size=10, image_size=8, cutmix_alpha=1.0, seed=0, prune=10)
+    stored.meta = {"n_images": 10 * per_epoch, "kept": [[0, 0]] * pool}
+    draws = [stored.epoch_draw(e, seed) for e in range(20)]
+    assert all(len(d) == per_epoch for d in draws)
+    flat = [i for d in draws for i in d]
+    assert all(0 <= i < pool for i in flat)
+    if per_epoch > 1:
+        assert not any((i + 1) % per_epoch == 0 for i in flat)   # never an epoch's last batch
+    assert draws == [stored.epoch_draw(e, seed) for e in range(20)]  # seeded
+    assert len(set(map(tuple, draws))) > 1                   # with replacement, other draws per epoch

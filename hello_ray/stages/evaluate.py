@@ -227,7 +227,7 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
         return teacher
     ev = cfg.evaluate
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
-                       cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune)
+                       cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune, pool=ev.prune_pool)
     meta = f"labels/{stored_name(prune)}/meta.json"
     if meta not in store.list_files(key):                     # not relabelled before a restart
         mine = [e for e in range(ev.epochs) if e % world == rank]
