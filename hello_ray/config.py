@@ -199,6 +199,21 @@ class RefineConfig:
 
 LABEL_STRATEGIES = ("hard", "teacher", "stored", "projector")
 
+# What each evaluation protocol sets (keys the user gives still win). Sources: hello = METHOD.md
+# stage 5; rded = LINs-lab/RDED @ 3f6453d validation/main.py (KL batchmean of softmax(T=20) with
+# CutMix, no CE, no T^2; LambdaLR 0.5(1+cos(pi e/E/2)) stepped per epoch; AdamW without decay on
+# biases/norms; best top-1 over epochs > 0.8E at e % 10 == 9 and the last); fkd = VILA-Lab/SRe2L @
+# 8d00cba validate/train_FKD.py and he-y/soft-label-pruning-for-dataset-distillation @ 63eee18
+# (KL at T=20, no T^2; 0.5(1+cos(pi e/E)) per epoch; best of every 10th epoch and the last).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "hello": {"loss": "mse_ce", "ce_weight": 0.025, "temperature": 4.0, "schedule": "cosine_step",
+              "decay": "all", "report": "final"},
+    "rded": {"loss": "kl_plain", "ce_weight": 0.0, "temperature": 20.0, "schedule": "half_cosine_epoch",
+             "decay": "weights", "report": "rded_best"},
+    "fkd": {"loss": "kl_plain", "ce_weight": 0.0, "temperature": 20.0, "schedule": "cosine_epoch",
+            "decay": "weights", "report": "fkd_best"},
+}
+
 
 @dataclass
 class EvalConfig:
@@ -207,14 +222,28 @@ class EvalConfig:
                                   "1/N) | projector", default_factory=lambda: ["projector"])
     epochs: int = _help("student epochs", default=300)
     batch_size: int = _help("global batch size", default=100)
+    protocol: str = _help("evaluation protocol: hello (METHOD.md) | rded (LINs-lab/RDED validation/main.py) | "
+                          "fkd (SRe2L/LPLD train_FKD.py); sets loss, temperature, ce_weight, schedule, "
+                          "decay and report unless those keys are given", default="hello")
+    # RDED's per-architecture AdamW rates (LINs-lab/RDED @ 3f6453d, argument.py l. 276-306); RDED sets
+    # none for shufflenet_v2_x0_5 (its default is 0): we use resnet18's 1e-3, a conv net of that scale.
     lr: dict[str, float] = _help("AdamW learning rate per student architecture", default_factory=lambda: {
-        "resnet18": 1e-3, "shufflenet_v2_x0_5": 1e-3, "mobilenet_v2": 1e-3,
-        "efficientnet_b0": 1e-3, "swin_v2_t": 5e-4, "vgg11": 5e-4})
+        "resnet18": 1e-3, "shufflenet_v2_x0_5": 1e-3, "mobilenet_v2": 2.5e-3,
+        "efficientnet_b0": 2e-3, "swin_v2_t": 1e-4, "vgg11": 5e-4, "vit_b_16": 1e-4})
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     cutmix_alpha: float = _help("CutMix Beta(alpha, alpha); 0 disables", default=1.0)
-    loss: str = _help("mse_ce (METHOD.md) | kl (KL with temperature, RDED/SRe2L)", default="mse_ce")
+    loss: str = _help("mse_ce (METHOD.md) | kl (T^2 x KL at a temperature) | kl_plain (KL batchmean at a "
+                      "temperature, no T^2: RDED's and SRe2L/LPLD's code)", default="mse_ce")
     ce_weight: float = _help("weight of CE(mixed true class) in mse_ce", default=0.025)
-    temperature: float = _help("temperature of the kl loss", default=4.0)
+    temperature: float = _help("temperature of the kl losses", default=4.0)
+    schedule: str = _help("learning-rate schedule: cosine_step (0.5(1+cos(pi t/T)) per step) | cosine_epoch "
+                          "(the same per epoch, FKD) | half_cosine_epoch (0.5(1+cos(pi e/E/2)) per epoch, "
+                          "ends near half the rate, RDED)", default="cosine_step")
+    decay: str = _help("which parameters weight decay applies to: all | weights (tensors of 2+ dims; "
+                       "no decay on biases and norms, RDED/FKD)", default="all")
+    report: str = _help("which epoch's top-1 a row reports as best: final | rded_best (best of epochs "
+                        "> 0.8E at every 10th and the last) | fkd_best (best of every 10th epoch and the "
+                        "last); the final epoch's top-1 is always reported too", default="final")
     seeds: list[int] = _help("student seeds (mean +- std over them)", default_factory=lambda: [0, 1, 2])
     floor: bool = _help("also train on random real images with hard labels (the floor)", default=True)
     continual_steps: list[int] = _help("GDumb class-incremental runs, e.g. [5, 10]; empty = none",
@@ -245,7 +274,13 @@ class EvalConfig:
             _check(s in self.lr, f"{p}.lr", f"no learning rate for student {s!r}")
         for s, lr in self.lr.items():
             _check(lr > 0, f"{p}.lr.{s}", "must be > 0 (a zero rate trains nothing)")
-        _check(self.loss in ("mse_ce", "kl"), f"{p}.loss", "must be 'mse_ce' or 'kl'")
+        _check(self.protocol in PROTOCOLS, f"{p}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+        _check(self.loss in ("mse_ce", "kl", "kl_plain"), f"{p}.loss", "must be 'mse_ce', 'kl' or 'kl_plain'")
+        _check(self.schedule in ("cosine_step", "cosine_epoch", "half_cosine_epoch"), f"{p}.schedule",
+               "must be 'cosine_step', 'cosine_epoch' or 'half_cosine_epoch'")
+        _check(self.decay in ("all", "weights"), f"{p}.decay", "must be 'all' or 'weights'")
+        _check(self.report in ("final", "rded_best", "fkd_best"), f"{p}.report",
+               "must be 'final', 'rded_best' or 'fkd_best'")
         _check(self.temperature > 0, f"{p}.temperature", "must be > 0")
         _check(self.cutmix_alpha >= 0, f"{p}.cutmix_alpha", "must be >= 0 (0 disables CutMix)")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
@@ -370,10 +405,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str,
+           explicit: set[str] | None = None) -> None:
     types = _field_types(type(obj))
     for k, v in updates.items():
         key = f"{prefix}{k}"
+        if explicit is not None:
+            explicit.add(key)
         if k not in types:
             valid = ", ".join(sorted(types))
             raise ConfigError(f"unknown config key '{key}' (from {source}); valid keys here: {valid}")
@@ -381,7 +419,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}' (from {source}) is a section; give a mapping")
-            _merge(cur, v, f"{key}.", source)
+            _merge(cur, v, f"{key}.", source, explicit)
         elif typing.get_origin(types[k]) is dict and isinstance(v, dict) and isinstance(cur, dict):
             setattr(obj, k, {**cur, **_coerce(v, types[k], key)})  # per-key update of a table
         else:
@@ -450,13 +488,14 @@ def load_config(preset: str | None = "demo", config_file: str | None = None,
     ``evaluate.seeds=[0,1]``, ``data.source=s3://bucket/imagenet``).
     """
     cfg = Config()
+    explicit: set[str] = set()   # dotted keys some layer set: an evaluation protocol leaves them alone
     layers: list[tuple[dict[str, Any], str]] = []
     if preset:
         layers += _load_yaml(preset_path(preset))
     if config_file:
         layers += _load_yaml(Path(config_file))
     for data, source in layers:
-        _merge(cfg, data, "", source)
+        _merge(cfg, data, "", source, explicit)
     if isinstance(overrides, dict):
         overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     for item in overrides or []:
@@ -475,8 +514,18 @@ def load_config(preset: str | None = "demo", config_file: str | None = None,
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
                 pass
-        _merge(cfg, _nest(key.strip(), value), "", "command line")
+        _merge(cfg, _nest(key.strip(), value), "", "command line", explicit)
+    apply_protocol(cfg.evaluate, explicit)
     return cfg.validate()
+
+
+def apply_protocol(ev: "EvalConfig", explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Set the keys ``evaluate.protocol`` decides (``PROTOCOLS``), except those given explicitly."""
+    if ev.protocol not in PROTOCOLS:
+        raise ConfigError(f"config key 'evaluate.protocol': {ev.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    for k, v in PROTOCOLS[ev.protocol].items():
+        if f"evaluate.{k}" not in explicit:
+            setattr(ev, k, v)
 
 
 def section_dict(cfg: Any) -> dict[str, Any]:

@@ -319,6 +319,10 @@ def build_report(
            "each label strategy ships a different amount of label data with the same images.", ""]
     if summary:
         md += [markdown_table(*results_table(summary)), ""]
+        if any(g.get("report", "final") != "final" for g in summary):
+            md += ["\\* *Best epoch on val*: the best top-1 of the scored epochs, picked on the "
+                   "validation set as the reference protocol reports it (optimistic); the final-epoch "
+                   "column beside it is the number to compare.", ""]
         pngs[PNG_NAMES["accuracy"]] = plot_accuracy_vs_bytes(summary)
         md += ["### Accuracy vs label bytes", "", f"![accuracy vs label bytes]({PNG_NAMES['accuracy']})", "",
                "Up and to the left is better: the same accuracy for fewer label bytes. Error bars "

@@ -10,7 +10,7 @@ from hello_ray.models.zoo import IMAGENET_MEAN, IMAGENET_STD, STUDENTS, ZOO, bui
 
 def test_zoo_names_are_the_students_of_the_method():
     assert STUDENTS == ("resnet18", "shufflenet_v2_x0_5", "mobilenet_v2", "efficientnet_b0", "swin_v2_t",
-                        "vgg11")
+                        "vgg11", "vit_b_16")
     assert ZOO == STUDENTS
 
 
@@ -22,6 +22,7 @@ FEATURE_MAP = {
     "efficientnet_b0": ("net.features", 2),
     "swin_v2_t": ("net.norm", 2),  # NHWC tokens
     "vgg11": ("net.features", 1),
+    "vit_b_16": ("net.conv_proj", 8),  # 8 x 8 tokens of 4 px patches
 }
 
 
@@ -106,3 +107,10 @@ def test_bad_arguments_fail_clearly():
         build_model("resnet18", 0, 32)
     with pytest.raises(ValueError, match="pretrained ImageNet weights need the 224 px stem"):
         build_model("resnet18", 10, 32, pretrained=True)  # refused before any download
+
+
+def test_vit_b_16_is_torchvisions_at_224_and_refuses_sizes_its_patches_do_not_tile():
+    """ViT-B/16 (HeLlO supplement table 5): torchvision's 86M-parameter encoder at 224 px."""
+    assert count_params(build_model("vit_b_16", 1000, 224)) == 86_567_656
+    with pytest.raises(ValueError, match="vit_b_16.*multiple"):
+        build_model("vit_b_16", 10, 100)

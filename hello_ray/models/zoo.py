@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 
 STUDENTS: tuple[str, ...] = ("resnet18", "shufflenet_v2_x0_5", "mobilenet_v2", "efficientnet_b0",
-                             "swin_v2_t", "vgg11")
+                             "swin_v2_t", "vgg11", "vit_b_16")
 ZOO = STUDENTS  # teachers come from the same zoo (METHOD.md: ResNet-18 by default)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +88,20 @@ def _small_swin(net: nn.Module, image_size: int) -> None:
     net.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=patch, stride=patch)
 
 
+def _vit_b_16(num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's ViT-B/16 (HeLlO's supplement, table 5; RDED's ``vit_b_16``). At 224 px and other
+    multiples of 16 it is torchvision's own; small images get patches of ``image_size // 8`` px (8 x 8
+    tokens, the same encoder), so a 32 px image is not one token."""
+    small = image_size <= SMALL_IMAGE_MAX
+    patch = max(1, image_size // 8) if small else 16
+    if image_size % patch:
+        raise ValueError(f"model 'vit_b_16': image_size {image_size} is not a multiple of its {patch} px "
+                         "patches; use a multiple of 16 (224) or, for small images, of 8")
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
+                                                num_heads=12, hidden_dim=768, mlp_dim=3072,
+                                                num_classes=num_classes)
+
+
 def _small_vgg(net: nn.Module, image_size: int) -> None:
     num_classes = net.classifier[-1].out_features
     net.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -102,6 +116,7 @@ _SMALL_STEM: dict[str, Callable[[nn.Module, int], None]] = {
     "efficientnet_b0": _small_efficientnet,
     "swin_v2_t": _small_swin,
     "vgg11": _small_vgg,
+    "vit_b_16": lambda net, image_size: None,   # built at its size by _vit_b_16
 }
 
 
@@ -111,6 +126,8 @@ def _replace_classifier(name: str, net: nn.Module, num_classes: int) -> None:
         net.fc = nn.Linear(net.fc.in_features, num_classes)
     elif name == "swin_v2_t":
         net.head = nn.Linear(net.head.in_features, num_classes)
+    elif name == "vit_b_16":
+        net.heads.head = nn.Linear(net.heads.head.in_features, num_classes)
     else:  # mobilenet_v2, efficientnet_b0, vgg11: an nn.Sequential ending in the Linear
         last = net.classifier[-1]
         net.classifier[-1] = nn.Linear(last.in_features, num_classes)
@@ -137,6 +154,8 @@ def build_model(name: str, num_classes: int, image_size: int, pretrained: bool =
         net = torchvision.models.get_model(name, weights="DEFAULT")
         if num_classes != 1000:
             _replace_classifier(name, net, num_classes)
+    elif name == "vit_b_16":
+        net = _vit_b_16(num_classes, image_size)
     else:
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         if small:

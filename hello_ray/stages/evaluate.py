@@ -82,7 +82,8 @@ def settings_for(cfg: Config, student: str) -> TrainSettings:
     ev = cfg.evaluate
     return TrainSettings(epochs=ev.epochs, batch_size=ev.batch_size, lr=ev.lr[student],
                          weight_decay=ev.weight_decay, cutmix_alpha=ev.cutmix_alpha, loss=ev.loss,
-                         ce_weight=ev.ce_weight, temperature=ev.temperature, image_size=cfg.data.image_size)
+                         ce_weight=ev.ce_weight, temperature=ev.temperature, image_size=cfg.data.image_size,
+                         schedule=ev.schedule, decay=ev.decay, report=ev.report)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -352,20 +353,31 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
     model = build_model(row["student"], num_classes, cfg.data.image_size).to(memory_format=torch.channels_last)
     model = prepare_model(model) if world > 1 else model.to(device)
     settings = settings_for(cfg, row["student"])
+    val_images = [0]
+
+    def score() -> float:
+        """Top-1 of the student now on the real validation images (counts summed over DDP ranks)."""
+        correct, total = top1_counts(model, ((b["image"], b["label"]) for b in
+                                             val_shard.iter_batches(batch_size=256, batch_format="numpy")),
+                                     device, classes=classes)
+        counts = torch.tensor([correct, total], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        val_images[0] = int(counts[1])
+        return float(counts[0] / max(counts[1], 1))
+
     with PeakMemory(device) as mem:
         stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
-                              rank=rank, world_size=world)
-    correct, total = top1_counts(model, ((b["image"], b["label"]) for b in
-                                         val_shard.iter_batches(batch_size=256, batch_format="numpy")),
-                                 device, classes=classes)
-    agg = torch.tensor([correct, total, mem.peak_bytes], dtype=torch.float64)
+                              rank=rank, world_size=world, score=score)
+    peak = torch.tensor([mem.peak_bytes], dtype=torch.float64)
     if world > 1:
-        counts = agg[:2].clone()
-        dist.all_reduce(counts)
-        peak = agg[2:].clone()
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        agg = torch.cat([counts, peak])
-    return {**row, "top1": float(agg[0] / max(agg[1], 1)), "val_images": int(agg[1]),
+    scores = stats["scores"]                                   # {epoch (1-based): top-1}
+    best_epoch = max(scores, key=lambda e: (scores[e], e))
+    agg = torch.tensor([scores[settings.epochs] * val_images[0], val_images[0], float(peak[0])],
+                       dtype=torch.float64)
+    return {**row, "top1": scores[settings.epochs], "top1_best": scores[best_epoch], "best_epoch": best_epoch,
+            "report": settings.report, "scored_epochs": sorted(scores), "val_images": int(agg[1]),
             "label_bytes": int(strategy.shipped_bytes()), "train_images": int(len(x)),
             "wall_s": time.perf_counter() - t0, "step_s": stats["step_s"], "steps": stats["steps"],
             "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,

@@ -13,7 +13,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -31,10 +31,13 @@ class TrainSettings:
     lr: float
     weight_decay: float
     cutmix_alpha: float
-    loss: str                     # mse_ce | kl
+    loss: str                     # mse_ce | kl | kl_plain
     ce_weight: float
     temperature: float
     image_size: int
+    schedule: str = "cosine_step"  # cosine_step | cosine_epoch | half_cosine_epoch
+    decay: str = "all"             # all | weights (no decay on biases and norms)
+    report: str = "final"          # final | rded_best | fkd_best: the epochs scored on the val set
 
 
 def student_loss(out: torch.Tensor, target: torch.Tensor, ctx: LabelContext, soft: bool,
@@ -43,14 +46,16 @@ def student_loss(out: torch.Tensor, target: torch.Tensor, ctx: LabelContext, sof
 
     Hard labels: CE against the mixed one-hot = lam*CE(y_a) + (1-lam)*CE(y_b) (classic CutMix).
     mse_ce: MSE(out, logits) + ce_weight x that mixed CE (METHOD.md). kl: T^2 KL(p_T(label) || p_T(out)),
-    batch mean, as the RDED/SRe2L evaluations.
+    batch mean (Hinton's scaling). kl_plain: the same without T^2, as RDED's validation/main.py and
+    SRe2L/LPLD's train_FKD.py compute it (KLDivLoss(batchmean) of log_softmax(out/T) vs softmax(label/T)).
     """
     if not soft:
         return -(target * F.log_softmax(out, 1)).sum(1).mean()
-    if s.loss == "kl":
+    if s.loss in ("kl", "kl_plain"):
         t = s.temperature
-        return F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
-                        log_target=True) * t * t
+        kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                      log_target=True)
+        return kl * t * t if s.loss == "kl" else kl
     mixed_ce = ctx.lam * F.cross_entropy(out, ctx.y_a) + (1 - ctx.lam) * F.cross_entropy(out, ctx.y_b)
     return F.mse_loss(out, target) + s.ce_weight * mixed_ce
 
@@ -59,6 +64,43 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     """lr x 0.5 (1 + cos(pi t / T)) over all steps of the run."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / max(1, total_steps))))
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The per-epoch factor of the epoch schedules (epoch 0-based, the rate *during* that epoch):
+    cosine_epoch 0.5 (1 + cos(pi e / E)) (FKD); half_cosine_epoch 0.5 (1 + cos(pi e / E / 2)) (RDED,
+    whose last epoch runs near half the rate)."""
+    if schedule == "cosine_epoch":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "half_cosine_epoch":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs / 2))
+    raise ValueError(f"lr_factor: {schedule!r} is not an epoch schedule")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay: str) -> list[dict]:
+    """AdamW parameter groups: ``all`` decays everything; ``weights`` only tensors of 2+ dims (no
+    decay on biases and norm parameters, RDED's and FKD's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def scored_epochs(report: str, epochs: int) -> list[int]:
+    """0-based epochs whose student is scored on the validation set.
+
+    final: the last. rded_best (RDED validation/main.py): e % 10 == 9 or the last, only e > 0.8 E.
+    fkd_best (SRe2L/LPLD train_FKD.py): e % 10 == 0 or the last.
+    """
+    last = epochs - 1
+    if report == "final":
+        return [last]
+    if report == "rded_best":
+        return [e for e in range(epochs) if (e % 10 == 9 or e == last) and e > 0.8 * epochs] or [last]
+    if report == "fkd_best":
+        return [e for e in range(epochs) if e % 10 == 0 or e == last]
+    raise ValueError(f"evaluate.report: unknown {report!r}")
 
 
 class PeakMemory:
@@ -104,18 +146,25 @@ def _sync(device: torch.device) -> None:
 def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, strategy: LabelStrategy,
                   s: TrainSettings, seed: int, device: torch.device, classes: torch.Tensor | None = None,
                   rank: int = 0, world_size: int = 1,
-                  log: Callable[[str], None] | None = None) -> dict[str, float]:
+                  log: Callable[[str], None] | None = None,
+                  score: Callable[[], float] | None = None) -> dict[str, Any]:
     """Train ``model`` (already on ``device``, possibly DDP-wrapped) on the distilled set.
 
     images uint8 [M, 3, H, W] on CPU; labels int64 [M]. ``classes`` (continual learning) restricts
-    the loss to the seen classes (GDumb masking). Returns {steps, step_s (mean), final_loss}.
+    the loss to the seen classes (GDumb masking). ``score`` (val top-1 of the model now) is called
+    after each epoch of :func:`scored_epochs`. Returns {steps, step_s (mean), final_loss, scores:
+    {epoch (1-based): top-1}}.
     """
     num_classes = output_classes(model, images, s)
     g = torch.Generator().manual_seed(seed)                   # identical on every rank
     steps_per_epoch = math.ceil(len(images) / s.batch_size)
     total = s.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sched = cosine_schedule(opt, total)
+    opt = torch.optim.AdamW(param_groups(model, s.weight_decay, s.decay), lr=s.lr)
+    per_step = s.schedule == "cosine_step"
+    sched = (cosine_schedule(opt, total) if per_step else
+             torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(s.schedule, e, s.epochs)))
+    to_score = set(scored_epochs(s.report, s.epochs)) if score is not None else set()
+    scores: dict[int, float] = {}
     cols = classes.to(device) if classes is not None else None
     remap = None
     if classes is not None:                                   # class id -> column among the seen ones
@@ -153,15 +202,24 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if per_step:
+                sched.step()
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             last = float(loss.detach())
+        lr_now = sched.get_last_lr()[0]
+        if not per_step:
+            sched.step()                                      # per epoch, after it, as RDED and FKD do
+        if epoch in to_score:
+            assert score is not None
+            scores[epoch + 1] = score()
+            model.train()
         if log is not None and rank == 0:
-            log(f"epoch {epoch + 1}/{s.epochs} loss {last:.4f} lr {sched.get_last_lr()[0]:.2e}")
+            top = f" val top1 {scores[epoch + 1]:.4f}" if epoch + 1 in scores else ""
+            log(f"epoch {epoch + 1}/{s.epochs} loss {last:.4f} lr {lr_now:.2e}{top}")
     # The first steps pay one-off costs (allocations, DDP buckets); time the steady state.
     steady = step_times[1:] if len(step_times) > 2 else step_times
-    return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": last}
+    return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": last, "scores": scores}
 
 
 def output_classes(model: nn.Module, images: torch.Tensor, s: TrainSettings) -> int:
