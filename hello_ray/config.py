@@ -199,6 +199,14 @@ class RefineConfig:
 
 LABEL_STRATEGIES = ("hard", "teacher", "stored", "projector")
 
+def _check_strategy(spec: str, key: str) -> None:
+    """A label strategy spec: hard | teacher | stored | stored/N (integer N >= 1) | projector."""
+    base, _, prune = spec.partition("/")
+    _check(base in LABEL_STRATEGIES, key, f"unknown label strategy {spec!r}")
+    _check(not prune or (base == "stored" and prune.isdigit() and int(prune) >= 1),
+           key, f"{spec!r}: only stored/N with integer N takes a prune ratio")
+
+
 # What each evaluation protocol sets (keys the user gives still win). Sources: hello = METHOD.md
 # stage 5; rded = LINs-lab/RDED @ 3f6453d validation/main.py (KL batchmean of softmax(T=20) with
 # CutMix, no CE, no T^2; LambdaLR 0.5(1+cos(pi e/E/2)) stepped per epoch; AdamW without decay on
@@ -245,7 +253,11 @@ class EvalConfig:
                         "> 0.8E at every 10th and the last) | fkd_best (best of every 10th epoch and the "
                         "last); the final epoch's top-1 is always reported too", default="final")
     seeds: list[int] = _help("student seeds (mean +- std over them)", default_factory=lambda: [0, 1, 2])
-    floor: bool = _help("also train on random real images with hard labels (the floor)", default=True)
+    floor: bool = _help("also train on random real images, as many per class (the floor and controls)",
+                        default=True)
+    floor_strategies: list[str] = _help("label strategies on those random real images: hard is the "
+                                        "floor; teacher, stored, projector are the controls that show what "
+                                        "selection adds at equal labels", default_factory=lambda: ["hard"])
     continual_steps: list[int] = _help("GDumb class-incremental runs, e.g. [5, 10]; empty = none",
                                        default_factory=list)
     continual_strategies: list[str] = _help("label strategies of the continual runs (online ones: "
@@ -265,11 +277,9 @@ class EvalConfig:
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
-        for s in self.strategies:
-            base, _, prune = s.partition("/")
-            _check(base in LABEL_STRATEGIES, f"{p}.strategies", f"unknown label strategy {s!r}")
-            _check(not prune or (base == "stored" and prune.isdigit() and int(prune) >= 1),
-                   f"{p}.strategies", f"{s!r}: only stored/N with integer N takes a prune ratio")
+        for field_name in ("strategies", "floor_strategies"):
+            for spec in getattr(self, field_name):
+                _check_strategy(spec, f"{p}.{field_name}")
         for s in self.students:
             _check(s in self.lr, f"{p}.lr", f"no learning rate for student {s!r}")
         for s, lr in self.lr.items():

@@ -330,9 +330,11 @@ class ProjectorLabels(_OnlineModel):
 
 # ----------------------------------------------------------------------------- stored
 
-def stored_name(prune: int) -> str:
-    """'stored' or 'stored-N': the folder name under ``labels/`` (no '/' inside a file name)."""
-    return "stored" if prune <= 1 else f"stored-{prune}"
+def stored_name(prune: int, images: str = "distilled") -> str:
+    """'stored' or 'stored-N' (``floor-stored[-N]`` for the random real images of the control rows):
+    the folder name under ``labels/`` (no '/' inside a file name)."""
+    name = "stored" if prune <= 1 else f"stored-{prune}"
+    return name if images == "distilled" else f"{images}-{name}"
 
 
 PRUNE_POOLS = ("lpld", "random")
@@ -422,7 +424,7 @@ def _unpack(data: bytes, where: str) -> dict[int, View]:
 
 def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
             plan: RelabelPlan, store, key: str, epochs: Iterator[int] | None = None,
-            ) -> dict[str, int]:
+            image_set: str = "distilled") -> dict[str, int]:
     """FKD/SRe2L relabel pass: label every kept view once and write it to the store.
 
     images [M, 3, H, W] (uint8, or float in [0, 1]); labels [M]. Writes one
@@ -431,7 +433,7 @@ def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     work to some epochs (ranks of a Ray Train group split them); the caller writes ``meta.json``
     with ``write_stored_meta`` once all epochs are in. Returns {file name: bytes written}.
     """
-    name = stored_name(plan.prune)
+    name = stored_name(plan.prune, image_set)
     keep = set(plan.kept(len(images)))
     wanted = set(range(plan.epochs) if epochs is None else epochs)
     written: dict[str, int] = {}
@@ -463,12 +465,12 @@ def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
 
 
 def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_classes: int,
-                      files: dict[str, int]) -> int:
+                      files: dict[str, int], image_set: str = "distilled") -> int:
     """Write ``labels/<name>/meta.json`` last (the plan, the kept batches, each file's size).
 
     Returns the total shipped bytes: the epoch files plus meta.json itself.
     """
-    name = stored_name(plan.prune)
+    name = stored_name(plan.prune, image_set)
     meta = {"plan": plan.__dict__, "n_images": n_images, "num_classes": num_classes,
             "kept": plan.kept(n_images), "files": dict(sorted(files.items()))}
     data = json.dumps(meta, indent=1).encode()
@@ -490,10 +492,10 @@ class StoredLabels(LabelStrategy):
 
     replays = True
 
-    def __init__(self, store, key: str, prune: int = 1):
+    def __init__(self, store, key: str, prune: int = 1, image_set: str = "distilled"):
         self.store, self.key, self.prune = store, key, prune
         self.name = "stored" if prune <= 1 else f"stored/{prune}"
-        folder = f"{LABELS_DIR}/{stored_name(prune)}"
+        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set)}"
         try:
             meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
         except Exception as e:  # the store raises its own not-found type
@@ -508,7 +510,7 @@ class StoredLabels(LabelStrategy):
 
     def _epoch(self, e: int) -> dict[int, View]:
         if e not in self._cache:
-            fname = f"{LABELS_DIR}/{stored_name(self.prune)}/epoch_{e:04d}.npz"
+            fname = f"{self.folder}/epoch_{e:04d}.npz"
             if fname not in self.meta["files"]:
                 return {}
             self._cache = {e: _unpack(self.store.get_bytes(self.key, fname), f"{self.key}/{fname}")}
@@ -519,7 +521,7 @@ class StoredLabels(LabelStrategy):
         if self._pool is None:
             self._pool = []
             for e in sorted({e for e, _ in self.meta["kept"]}):
-                fname = f"{LABELS_DIR}/{stored_name(self.prune)}/epoch_{e:04d}.npz"
+                fname = f"{self.folder}/epoch_{e:04d}.npz"
                 self._pool += list(_unpack(self.store.get_bytes(self.key, fname), fname).values())
         return self._pool
 

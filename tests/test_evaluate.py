@@ -67,6 +67,7 @@ def world(tmp_path_factory, ray_local):
     """A store holding the demo data, a 2-ipc image set, a trajectory and an adapter (10 classes)."""
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config("smoke", overrides=[f"store={root / 'store'}", "evaluate.floor=true",
+                                          "evaluate.floor_strategies=[hard, stored/10, projector]",
                                           "evaluate.continual_steps=[2]", "evaluate.continual_strategies=[hard]"])
     store = open_store(cfg.store)
     from hello_ray.data.sources import load_train_val
@@ -89,7 +90,8 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
     df = pd.read_parquet(io.BytesIO(store.get_bytes(key, RESULTS_PARQUET)))
     main = df[(df.images == "distilled") & (df.continual_steps == 0)]
     assert sorted(main.strategy) == sorted(cfg.evaluate.strategies)
-    assert len(df[df.images == "floor"]) == 1 and len(df[df.continual_steps == 2]) == 2
+    floor = df[df.images == "floor"]
+    assert sorted(floor.strategy) == ["hard", "projector", "stored/10"] and len(df[df.continual_steps == 2]) == 2
     assert df.top1.between(0, 1).all()
     # 2 epochs x ceil(20 images / batch 10); a pruned epoch draws as many batches from its pool.
     assert (df[df.continual_steps == 0].steps == 4).all()
@@ -108,7 +110,16 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
 
     assert by["hard"] == size("labels/hard/") > 0
     assert by["stored"] == size("labels/stored/") and by["stored/10"] == size("labels/stored-10/")
-    assert by["stored/10"] < by["stored"] / 2                # 1 of 4 label batches kept (ceil of 4/10)
+    assert by["stored/10"] < by["stored"] / 2                # 1 of 4 label batches kept
+    # LPLD's pool: T = 2 epochs x 2 batches; the first max(1, floor(T / 10)) = 1 batch, from the manifest
+    meta = json.loads(store.get_bytes(key, "labels/stored-10/meta.json"))
+    assert meta["kept"] == [[0, 0]] and meta["plan"]["pool"] == "lpld"
+    listed = [f["name"] for f in store.manifest(key)["files"] if f["name"].startswith("labels/stored-10/")]
+    assert sorted(listed) == ["labels/stored-10/epoch_0000.npz", "labels/stored-10/meta.json"]
+    # The controls: the floor's random real images with their own stored labels, the same projector
+    fb = dict(zip(floor.strategy, floor.label_bytes))
+    assert fb["hard"] == size("labels/floor/") and fb["stored/10"] == size("labels/floor-stored-10/") > 0
+    assert fb["projector"] == by["projector"]
     adapter = sum(len(store.get_bytes("transfer-test", f)) for f in store.list_files("transfer-test"))
     assert by["projector"] == adapter
     assert by["teacher"] == len(store.get_bytes("teachers-test", epoch_file(3)))

@@ -65,7 +65,10 @@ def test_sweep_two_by_two(ray_local, smoke_store):
     trains and is scored, and the grid is in the report (table + heat map)."""
     from hello_ray.sweep import format_sweep, sweep
 
-    cfg = load_config("smoke", overrides=[f"store={smoke_store}"])
+    # Two trials at a time, one Train worker each: trials are mostly start-up (trainers, actors),
+    # which overlaps; the grid, the refine step and the report are the same.
+    cfg = load_config("smoke", overrides=[f"store={smoke_store}", "sweep.max_concurrent=2",
+                                          "compute.num_workers=1"])
     out = sweep(cfg)
     rows = out["rows"]
     assert {(r["conv_rank"], r["window"]) for r in rows} == {(2, "1-2"), (2, "2-3"), (4, "1-2"), (4, "2-3")}

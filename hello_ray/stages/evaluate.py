@@ -97,8 +97,9 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
             for seed in ev.seeds:
                 rows.append({"student": student, "strategy": strategy, "seed": seed, "images": "distilled"})
         if ev.floor:
-            for seed in ev.seeds:
-                rows.append({"student": student, "strategy": "hard", "seed": seed, "images": "floor"})
+            for strategy in ev.floor_strategies:
+                for seed in ev.seeds:
+                    rows.append({"student": student, "strategy": strategy, "seed": seed, "images": "floor"})
     check_continual(ev.continual_steps, num_classes)
     for n_steps in ev.continual_steps:
         groups = np.array_split(np.arange(num_classes), n_steps)
@@ -213,14 +214,16 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
 
 def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, str], images: torch.Tensor,
                    labels: torch.Tensor, num_classes: int, device: torch.device, rank: int, world: int,
-                   teacher: TeacherLabels | None) -> LabelStrategy:
-    """The label strategy named ``spec`` on ``device`` (stored: relabelled once, split over ranks)."""
+                   teacher: TeacherLabels | None, image_set: str = "distilled") -> LabelStrategy:
+    """The label strategy named ``spec`` on ``device`` for ``images`` (the distilled set, or the
+    floor's random real images); stored labels are relabelled once, split over ranks."""
     import torch.distributed as dist
 
     base, prune = parse_strategy(spec)
     size = cfg.data.image_size
     if base == "hard":
-        return HardLabels.write(labels.numpy(), num_classes, store, key, write=rank == 0)
+        return HardLabels.write(labels.numpy(), num_classes, store, key, write=rank == 0,
+                                name="hard" if image_set == "distilled" else image_set)
     if base == "projector":
         return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size).to(device).with_precision(
             cfg.evaluate.label_precision)
@@ -229,20 +232,21 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
     ev = cfg.evaluate
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
                        cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune, pool=ev.prune_pool)
-    meta = f"labels/{stored_name(prune)}/meta.json"
+    meta = f"labels/{stored_name(prune, image_set)}/meta.json"
     if meta not in store.list_files(key):                     # not relabelled before a restart
         mine = [e for e in range(ev.epochs) if e % world == rank]
-        files = relabel(lambda x: teacher.logits(x.to(device)), images, labels, plan, store, key, epochs=mine)
+        files = relabel(lambda x: teacher.logits(x.to(device)), images, labels, plan, store, key, epochs=mine,
+                        image_set=image_set)
         gathered: list[dict[str, int]] = [files]
         if world > 1:
             gathered = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(gathered, files)
         if rank == 0:
             write_stored_meta(store, key, plan, len(images), num_classes,
-                              {k: v for part in gathered for k, v in part.items()})
+                              {k: v for part in gathered for k, v in part.items()}, image_set=image_set)
         if world > 1:
             dist.barrier()
-    return StoredLabels(store, key, prune)
+    return StoredLabels(store, key, prune, image_set)
 
 
 def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, device: torch.device
@@ -294,15 +298,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Every strategy is built before training, by all ranks in the same order: the stored relabel
     # pass is collective, and in rows mode ranks train different strategies at the same time.
-    strategies: dict[str, LabelStrategy] = {}
+    # Online labellers (teacher, projector) serve both image sets; hard and stored labels are
+    # per image set (the floor's random real images have their own files).
+    strategies: dict[tuple[str, str], LabelStrategy] = {}
     teacher: TeacherLabels | None = None
-    for spec in dict.fromkeys(r["strategy"] for r in pending if r["images"] != "floor"):
-        if teacher is None and parse_strategy(spec)[0] in ("teacher", "stored"):
+    for image_set, spec in dict.fromkeys((r["images"], r["strategy"]) for r in pending):
+        base = parse_strategy(spec)[0]
+        if teacher is None and base in ("teacher", "stored"):
             teacher = _load_teacher(cfg, store, inputs, num_classes, device)
-        strategies[spec] = build_strategy(spec, cfg, store, key, inputs, images, labels, num_classes,
-                                          device, rank, world, teacher)
-    floor_labels = (HardLabels.write(floor[1].numpy(), num_classes, store, key, name="floor", write=rank == 0)
-                    if floor is not None and any(r["images"] == "floor" for r in pending) else None)
+        if base in ("teacher", "projector") and ("distilled", spec) in strategies:
+            strategies[(image_set, spec)] = strategies[("distilled", spec)]
+            continue
+        x_set, y_set = floor if image_set == "floor" else (images, labels)
+        strategies[(image_set, spec)] = build_strategy(spec, cfg, store, key, inputs, x_set, y_set, num_classes,
+                                                       device, rank, world, teacher, image_set)
 
     step = world if by_rows else 1
     for first in range(0, len(pending), step):
@@ -311,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record = None
         if mine is not None:
             x, y = floor if mine["images"] == "floor" else (images, labels)
-            strategy = floor_labels if mine["images"] == "floor" else strategies[mine["strategy"]]
+            strategy = strategies[(mine["images"], mine["strategy"])]
             record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device,
                                 rank=0 if by_rows else rank, world=1 if by_rows else world)
         if by_rows:
