@@ -73,6 +73,9 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(
         num_cpus=2,
+        # Two test processes (pytest-xdist) each run a local Ray: a small object store each keeps
+        # the pair far below the machine's memory (the tests' data are a few MB).
+        object_store_memory=1_000_000_000,
         include_dashboard=False,
         log_to_driver=True,
         runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
