@@ -636,7 +636,10 @@ class S3Store(Store):
         stamp_path = dest.parent / f"{key}.verified.json"
         with open(dest.parent / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            want = {f["name"]: f for f in manifest["files"]}
+            # Names come from the bucket: the write rule applies before any touches a local path
+            # (a hostile '../../x' or '/abs' would otherwise be written outside the cache).
+            want = {_check_name(key, f.get("name") if isinstance(f, dict) else None): f
+                    for f in manifest.get("files", [])}
             stamp = {"manifest": hashlib.sha256(raw).hexdigest()}
             if _stamp_ok(stamp_path, stamp, dest, want):
                 return dest

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -286,6 +287,27 @@ def test_download_caches_and_verifies(s3_bucket, tmp_path, monkeypatch):
     with pytest.raises(StoreError, match=r"epoch_000\.pt: sha256 .* does not match the manifest"):
         store.download(key)
     assert not list((tmp_path / "fresh").rglob("epoch_000.pt*")), "a rejected file was kept"
+
+
+@pytest.mark.parametrize("hostile", ["../../escaped.txt", "/tmp/absolute.txt", "a/../../b.txt", "x\\..\\..\\y"])
+def test_a_hostile_manifest_name_is_refused_before_it_touches_a_path(s3_bucket, tmp_path, monkeypatch, hostile):
+    """A manifest in the bucket names a file outside the artifact (with a matching object): the
+    download refuses it, naming it, and writes nothing outside the cache folder."""
+    monkeypatch.setenv("HELLO_RAY_CACHE", str(tmp_path / "cache" / "deep"))
+    store = open_store(s3_bucket)
+    key = "transfer-0123456789ab"
+    store.put_bytes(key, "adapter.json", b"{}")
+    store.finalize(key, "transfer", {})
+    bucket, prefix = s3_bucket[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{key}/manifest.json")["Body"].read())
+    manifest["files"].append({"name": hostile, "size": 4, "sha256": hashlib.sha256(b"evil").hexdigest()})
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}/manifest.json", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}/{hostile}", Body=b"evil")
+    with pytest.raises(StoreError, match=re.escape(repr(hostile))):
+        store.download(key)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() == b"evil"]
+    assert not written and not (tmp_path / "escaped.txt").exists() and not os.path.exists("/tmp/absolute.txt")
 
 
 def test_credentials_never_in_manifest_or_errors(s3_server, s3_bucket, monkeypatch):
