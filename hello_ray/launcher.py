@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from hello_ray.config import ComputeConfig, ConfigError
-from hello_ray.runtime import seed_everything, torch_device
+from hello_ray.runtime import quiet_library_logs, seed_everything, torch_device
 
 if TYPE_CHECKING:
     import ray.train
@@ -93,6 +93,7 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
     """
     import ray.train
 
+    quiet_library_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(seed)

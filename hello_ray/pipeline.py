@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a stage that could never be scheduled here: refused before compute
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    import ray
+
+    ray.shutdown()  # drains the workers' forwarded log lines, so the table below is the last thing
     print("\nartifacts: " + ", ".join(f"{s}={k}" for s, k in result.keys.items()))
     print(f"wall time: {result.wall_s:.1f} s\n")
     print(result.table)

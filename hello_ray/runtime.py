@@ -27,6 +27,18 @@ DISABLE_PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
 COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"
 
 
+# Libraries whose INFO lines drown a run's own (per Train report "Reporting training result",
+# per checkpoint, per Ray Data execution its plan and "finished", per CLIP load its config steps):
+# a demo log was 412 lines, 200 of them these. Their warnings and errors still show.
+LIBRARY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "open_clip")
+
+
+def quiet_library_logs() -> None:
+    """Libraries' INFO records off, in this process (the driver, a Train worker or an actor)."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The logging set-up of every entry point: ``hello_ray.*`` records at ``level`` on stdout,
     which Ray forwards and ``ray job logs`` keeps; other libraries' records only from WARNING.
@@ -36,6 +48,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     """
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stdout)
     logging.getLogger("hello_ray").setLevel(level)
+    quiet_library_logs()
 
 
 def source_root() -> Path | None:

@@ -72,7 +72,9 @@ class RefineBatch:
     def __init__(self, store, transfer_key: str, steps: int, lr: float, factor: int, target: str,
                  use_gpu: bool) -> None:
         from hello_ray.models.projector import load_adapter
-        from hello_ray.runtime import torch_device
+        from hello_ray.runtime import quiet_library_logs, torch_device
+
+        quiet_library_logs()
 
         self.device = torch_device(use_gpu)
         self.projector = load_adapter(store.download(transfer_key), merge=True).to(self.device).eval()

@@ -118,7 +118,9 @@ class ObserverScorer:
     def __init__(self, store: Any, teachers_key: str, image_size: int, show: str, use_gpu: bool,
                  batch_size: int):
         from hello_ray.models.ensemble import load_observer
-        from hello_ray.runtime import torch_device
+        from hello_ray.runtime import quiet_library_logs, torch_device
+
+        quiet_library_logs()
 
         self.device = torch_device(use_gpu)
         self.observer = load_observer(store, teachers_key, self.device)
