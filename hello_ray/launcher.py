@@ -93,7 +93,7 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
     """
     import ray.train
 
-    quiet_library_logs()
+    quiet_library_logs(worker=True)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(seed)

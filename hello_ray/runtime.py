@@ -33,10 +33,23 @@ COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"
 LIBRARY_LOGGERS = ("ray.train", "ray.data", "ray.tune", "open_clip")
 
 
-def quiet_library_logs() -> None:
-    """Libraries' INFO records off, in this process (the driver, a Train worker or an actor)."""
+DATA_LOG_LEVEL_ENV = "RAY_DATA_LOG_LEVEL"   # Ray Data re-applies its levels per execution from this
+
+
+def quiet_library_logs(worker: bool = False) -> None:
+    """Libraries' INFO records off, in this process (the driver, a Train worker or an actor).
+
+    In a Ray worker the root logger goes to WARNING too: open_clip logs through the root logger
+    and Ray Train V2 through loggers named by file path, both at INFO; our own ``hello_ray.*``
+    worker loggers have their own level and handler (``worker_logger``). Ray Data resets its
+    loggers' levels at each execution, from ``RAY_DATA_LOG_LEVEL`` (set for workers by
+    ``ensure_ray`` off a terminal, and here for this process).
+    """
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault(DATA_LOG_LEVEL_ENV, "WARNING")
+    if worker:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -75,14 +88,15 @@ def configure_progress(interactive: bool) -> dict[str, str]:
     shows as ``[36m`` noise. A value the user gave either variable is theirs and stays.
     """
     if interactive:
-        return {}
+        return {DATA_LOG_LEVEL_ENV: os.environ.get(DATA_LOG_LEVEL_ENV, "WARNING")}
     os.environ.setdefault(COLOR_PREFIX_ENV, "0")
+    quiet = {DATA_LOG_LEVEL_ENV: os.environ.get(DATA_LOG_LEVEL_ENV, "WARNING")}
     if DISABLE_PROGRESS_ENV in os.environ:  # DataContext read it; the job or shell passes it on
-        return {}
+        return quiet
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return {DISABLE_PROGRESS_ENV: "1"}
+    return {DISABLE_PROGRESS_ENV: "1", **quiet}
 
 
 def worker_env(interactive: bool, local: bool) -> dict[str, str]:

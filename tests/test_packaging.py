@@ -118,7 +118,7 @@ def data_context(monkeypatch):
 
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx, "enable_progress_bars", True)
-    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX", "RAY_DATA_LOG_LEVEL"):
         monkeypatch.setenv(name, "")  # recorded first, so what the code under test sets is undone
         monkeypatch.delenv(name)
     return ctx
@@ -127,7 +127,7 @@ def data_context(monkeypatch):
 def test_progress_bars_stay_on_a_terminal(data_context):
     from hello_ray.runtime import configure_progress
 
-    assert configure_progress(interactive=True) == {}
+    assert configure_progress(interactive=True) == {"RAY_DATA_LOG_LEVEL": "WARNING"}  # no INFO chatter
     assert data_context.enable_progress_bars is True
     assert "RAY_COLOR_PREFIX" not in os.environ
 
@@ -135,7 +135,8 @@ def test_progress_bars_stay_on_a_terminal(data_context):
 def test_progress_bars_and_colours_go_off_a_terminal_here_and_in_workers(data_context):
     from hello_ray.runtime import configure_progress
 
-    assert configure_progress(interactive=False) == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    assert configure_progress(interactive=False) == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                                     "RAY_DATA_LOG_LEVEL": "WARNING"}
     assert data_context.enable_progress_bars is False
     assert os.environ["RAY_COLOR_PREFIX"] == "0"
 
@@ -145,7 +146,8 @@ def test_a_users_settings_are_kept(data_context, monkeypatch):
 
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
-    assert configure_progress(interactive=False) == {}
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "INFO")
+    assert configure_progress(interactive=False) == {"RAY_DATA_LOG_LEVEL": "INFO"}
     assert data_context.enable_progress_bars is True
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
 
@@ -179,10 +181,10 @@ def test_installed_ray_prints_worker_lines_without_colour_when_told(monkeypatch)
 
 
 @pytest.mark.parametrize("interactive, local, keys", [
-    (True, True, {"PYTHONPATH"}),                                      # a laptop: checkout only
-    (False, True, {"PYTHONPATH", "RAY_DATA_DISABLE_PROGRESS_BARS"}),   # a local run into a file
-    (False, False, {"RAY_DATA_DISABLE_PROGRESS_BARS"}),                # ray job submit: Ray sets the path
-    (True, False, set()),
+    (True, True, {"PYTHONPATH", "RAY_DATA_LOG_LEVEL"}),                # a laptop: checkout only
+    (False, True, {"PYTHONPATH", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL"}),  # into a file
+    (False, False, {"RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL"}),  # job submit: Ray sets the path
+    (True, False, {"RAY_DATA_LOG_LEVEL"}),
 ])
 def test_worker_env(interactive, local, keys, data_context):
     from hello_ray.runtime import worker_env

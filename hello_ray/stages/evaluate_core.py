@@ -249,7 +249,9 @@ def top1_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     correct = total = 0
     cols = classes.to(device) if classes is not None else None
     for x, y in batches:
-        x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+        # Ray hands out read-only numpy batches: copy those rather than alias them
+        x = torch.as_tensor(np.require(x, requirements='W') if isinstance(x, np.ndarray) else x)
+        y = torch.as_tensor(np.require(y, requirements='W') if isinstance(y, np.ndarray) else y).long()
         if x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)                         # NHWC -> NCHW
         x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)

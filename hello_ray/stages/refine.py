@@ -74,7 +74,7 @@ class RefineBatch:
         from hello_ray.models.projector import load_adapter
         from hello_ray.runtime import quiet_library_logs, torch_device
 
-        quiet_library_logs()
+        quiet_library_logs(worker=True)
 
         self.device = torch_device(use_gpu)
         self.projector = load_adapter(store.download(transfer_key), merge=True).to(self.device).eval()

@@ -120,7 +120,7 @@ class ObserverScorer:
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
-        quiet_library_logs()
+        quiet_library_logs(worker=True)
 
         self.device = torch_device(use_gpu)
         self.observer = load_observer(store, teachers_key, self.device)
