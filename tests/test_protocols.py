@@ -110,3 +110,16 @@ def test_weight_decay_groups():
     assert decayed == {id(model[0].weight), id(model[3].weight)}  # conv and linear weights only
     assert len(groups[1]["params"]) == 4                      # conv bias, BN weight + bias, linear bias
     assert param_groups(model, 0.01, "all")[0]["params"] == list(model.parameters())
+
+
+def test_rded_protocol_on_the_demo_preset():
+    """`evaluate.protocol=rded` on the demo: the student settings the evaluate stage builds."""
+    from hello_ray.stages.evaluate import settings_for
+
+    s = settings_for(load_config("demo", overrides=["evaluate.protocol=rded"]), "resnet18")
+    assert (s.loss, s.temperature, s.ce_weight, s.schedule, s.decay, s.report) == \
+        ("kl_plain", 20.0, 0.0, "half_cosine_epoch", "weights", "rded_best")
+    assert (s.lr, s.epochs, s.weight_decay, s.cutmix_alpha) == (1e-3, 15, 0.01, 1.0)
+    assert lr_factor(s.schedule, 0, s.epochs) == 1.0
+    assert lr_factor(s.schedule, s.epochs - 1, s.epochs) == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 30)))
+    assert scored_epochs(s.report, s.epochs) == [14]          # 15 epochs: only the last is > 0.8 E
