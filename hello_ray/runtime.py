@@ -87,10 +87,10 @@ def configure_progress(interactive: bool) -> dict[str, str]:
     wrapping forwarded worker lines in colour codes (``RAY_COLOR_PREFIX=0``), which a file
     shows as ``[36m`` noise. A value the user gave either variable is theirs and stays.
     """
+    quiet = {DATA_LOG_LEVEL_ENV: os.environ.get(DATA_LOG_LEVEL_ENV, "WARNING")}  # the user's, else quiet
     if interactive:
-        return {DATA_LOG_LEVEL_ENV: os.environ.get(DATA_LOG_LEVEL_ENV, "WARNING")}
+        return quiet
     os.environ.setdefault(COLOR_PREFIX_ENV, "0")
-    quiet = {DATA_LOG_LEVEL_ENV: os.environ.get(DATA_LOG_LEVEL_ENV, "WARNING")}
     if DISABLE_PROGRESS_ENV in os.environ:  # DataContext read it; the job or shell passes it on
         return quiet
     import ray.data
