@@ -31,9 +31,7 @@ import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
-# The results format (writer, reader, summary) lives in formats/results.py; evaluate.write_results
-# stays importable from here for existing callers.
-from hello_ray.formats.results import write_results
+from hello_ray.formats.results import write_results  # the results format: writer, reader, summary
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
