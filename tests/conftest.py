@@ -16,6 +16,21 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 SHARED_DIR = TESTS_DIR.parent.parent / "shared"
 
+# Ray Train's controller polls its workers every 2 s and a worker's ``ray.train.report`` waits
+# for the previous report to be polled (a result queue of one): with the tests' sub-second
+# epochs every report would wait for the poll. A short interval keeps the same protocol; the
+# preemption watcher (one more actor per run) has no drain events to watch on a local node.
+# Set before any Ray starts: the driver passes them on to controllers and workers.
+for _var, _value in {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
+    os.environ.setdefault(_var, _value)
+
+# Files whose tests start Ray Train runs or whole pipelines, heaviest first. pytest-xdist
+# (``--dist loadfile``) hands whole files to the two workers in collection order, so starting
+# with the longest files balances them (longest-processing-time-first scheduling).
+HEAVY_FILES = ("test_pipeline.py", "test_evaluate.py", "test_teachers.py", "test_transfer.py",
+               "test_store.py", "test_select.py", "test_refine.py")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -92,7 +107,10 @@ def file_store_uri(tmp_path) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.slow` tests are opt-in (HELLO_RAY_SLOW=1): CI's budget is 20 minutes."""
+    """Heavy files first (a stable sort: the order inside a file is kept); `@pytest.mark.slow`
+    tests are opt-in (HELLO_RAY_SLOW=1): CI's budget is 20 minutes."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if os.environ.get("HELLO_RAY_SLOW"):
         return
     skip = pytest.mark.skip(reason="slow: opt-in with HELLO_RAY_SLOW=1")
