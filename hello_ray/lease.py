@@ -108,7 +108,7 @@ class LeaseInfo:
     def describe(self, now: float | None = None) -> str:
         left = self.expires - (time.time() if now is None else now)
         when = time.strftime("%H:%M:%S", time.localtime(self.expires))
-        state = f"expires {when} (in {left:.0f} s)" if left > 0 else f"expired {when} ({-left:.0f} s ago)"
+        state = f"expires {when}, in {left:.0f} s" if left > 0 else f"expired {when}, {-left:.0f} s ago"
         return f"host {self.host} pid {self.pid} ({self.stage}, lease {self.owner[:8]}, {state})"
 
 
@@ -418,8 +418,14 @@ class Lease:
             self._thread.join(timeout=max(5.0, self.ttl))
         with self._lock:
             token, self._token = self._token, None
-        if token is not None and not self._backend.delete(self.key, token) and self.lost is None:
-            log.warning("artifact %s: the lease was no longer this writer's when releasing it", self.key)
+        if token is None:
+            return
+        try:
+            if not self._backend.delete(self.key, token) and self.lost is None:
+                log.warning("artifact %s: the lease was no longer this writer's when releasing it", self.key)
+        except (StoreError, OSError) as e:  # never hide the error a failed stage is raising
+            log.warning("artifact %s: could not release the lease (%s); it frees itself when it "
+                        "expires, within %.0f s", self.key, e, self.ttl)
 
     def record(self) -> dict:
         """Who wrote the artifact (into its manifest summary)."""
@@ -441,7 +447,16 @@ def acquire(store: "Store", key: str, stage: str, *, ttl: float = DEFAULT_TTL_S,
     poll = poll_s if poll_s is not None else max(0.05, min(5.0, ttl / 4))
     announced = None
     while True:
-        holder = lease.try_acquire()
+        try:
+            holder = lease.try_acquire()
+        except LeaseHeld:
+            raise
+        except (StoreError, OSError) as e:
+            if announced is None:       # before any waiting: a store that cannot be used at all
+                raise
+            logger.warning("[%s] %s: the store failed while waiting (%s); still waiting", stage, key, e)
+            time.sleep(poll)
+            continue
         if holder is None:
             if finished():              # finished between our check and the acquire: reuse it
                 lease.release()
@@ -465,8 +480,11 @@ def acquire(store: "Store", key: str, stage: str, *, ttl: float = DEFAULT_TTL_S,
             logger.info("[%s] %s is being written by %s; waiting", stage, key, holder.describe())
             announced = holder.owner
         time.sleep(poll)
-        if finished():
-            return None
+        try:
+            if finished():
+                return None
+        except (StoreError, OSError) as e:
+            logger.warning("[%s] %s: the store failed while waiting (%s); still waiting", stage, key, e)
 
 
 def _ray_state_exists(store: "Store", key: str) -> bool:
@@ -487,8 +505,12 @@ def _remove(store: "Store", key: str, names: list[str]) -> None:
     if isinstance(store, S3Store):
         for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": store._obj(f"{key}/{n}")} for n in names[i:i + 1000]]
-            store._call(f"deleting files of {key}", store._client.delete_objects, Bucket=store.bucket,
-                        Delete={"Objects": batch, "Quiet": True})
+            out = store._call(f"deleting files of {key}", store._client.delete_objects, Bucket=store.bucket,
+                              Delete={"Objects": batch, "Quiet": True})
+            if out.get("Errors"):
+                err = out["Errors"][0]
+                raise StoreError(f"S3 store {store.uri}: deleting the unfinished files of {key} failed for "
+                                 f"{len(out['Errors'])} object(s), e.g. {err.get('Key')}: {err.get('Code')}")
         return
     raise StoreError(f"{store!r}: unknown store type")
 
