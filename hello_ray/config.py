@@ -80,9 +80,9 @@ class ComputeConfig:
 
     def validate(self, p: str = "compute") -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
-        _check(self.lease_ttl_s >= 1, f"{p}.lease_ttl_s", "must be >= 1 (seconds)")
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
         _check(self.max_failures >= 0, f"{p}.max_failures", "must be >= 0")
+        _check(self.lease_ttl_s >= 1, f"{p}.lease_ttl_s", "must be >= 1 (seconds)")
 
 
 @dataclass

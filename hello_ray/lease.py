@@ -31,8 +31,13 @@ per ``ttl/3``: the check is cached up to ``expires - ttl/3``, which nobody can t
 A writer that lost its lease therefore fails its next write with :class:`LeaseLost`, before a
 taker-over can have started. The residual window is a write that passed its check and then took
 longer than ``ttl/3`` to land (a paused process, a huge upload); hosts' clocks are assumed to agree
-within a few seconds (NTP). Ray Train's checkpoint uploads go through Ray, not the store: teachers
-writes each epoch file *before* its checkpoint, so a fenced rank stops before checkpointing.
+within a few seconds (NTP). The owner's driver learns of the loss from its renewal thread, and
+``Run.done`` re-proves the lease (one conditional write) before finalizing. Ray Train's checkpoint
+uploads go through Ray, not the store: teachers writes each epoch file *before* its checkpoint, so
+a fenced rank stops before checkpointing; transfer and evaluate report checkpoints between store
+writes, so a stale run of theirs may add checkpoints under ``_ray/<key>`` until its next write.
+That never reaches the new owner's files; it matters only if the new owner dies too and a third
+resumes (from a checkpoint of the same config either way).
 
 **What a finished artifact holds.** Writers of a key follow each other, never overlap. When a
 writer takes an unfinished key, whatever the earlier attempt left there is either resume state or

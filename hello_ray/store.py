@@ -24,10 +24,10 @@ import shutil
 import sys
 import uuid
 from abc import ABC, abstractmethod
-from types import MappingProxyType
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO, Callable
 from urllib.parse import unquote, urlparse
 
