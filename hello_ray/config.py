@@ -72,11 +72,17 @@ class ComputeConfig:
                               default=2)
     address: str = _help("Ray address ('' = connect to a running cluster or start a local one)",
                          default="")
+    lease_wait: bool = _help("when another driver is writing a stage's artifact: wait, then reuse it "
+                             "(true) or refuse at once (false; the --no-wait flag)", default=True)
+    lease_ttl_s: float = _help("seconds a writer's lease on an artifact outlives its last renewal "
+                               "(renewed every third of it): how soon a crashed driver's key frees",
+                               default=60.0)
 
     def validate(self, p: str = "compute") -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
         _check(self.max_failures >= 0, f"{p}.max_failures", "must be >= 0")
+        _check(self.lease_ttl_s >= 1, f"{p}.lease_ttl_s", "must be >= 1 (seconds)")
 
 
 @dataclass

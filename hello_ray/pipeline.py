@@ -4,6 +4,8 @@ Every stage reads artifacts by key and writes one artifact whose key is derived 
 config and its inputs' keys. ``run_stage`` skips a stage whose artifact is already finished,
 so a re-run with the same config is a no-op, a crashed run resumes at the stage that died
 (and, inside Ray Train stages, at its last checkpoint), and a second IPC reuses the teachers.
+One writer per artifact: a stage runs under its key's lease (:mod:`hello_ray.lease`), so a second
+driver on the same key waits and reuses the artifact (or, ``--no-wait``, refuses).
 
 Every stage module has one shape (``hello_ray/stages/<name>.py``, the Ray wrapper; its compute in
 ``<name>_core.py`` beside it): ``STAGE``, ``INPUTS`` (its input roles), ``stage_config(cfg)``
@@ -16,11 +18,12 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from hello_ray import launcher
+from hello_ray import launcher, lease
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray, setup_logging
 from hello_ray.stages import evaluate, refine, select, teachers, transfer
@@ -41,6 +44,8 @@ def build_parser(prog: str = "distill", description: str = "") -> argparse.Argum
                    "imagenet100, imagenet1k) or a YAML path; default: demo")
     p.add_argument("--config", default=None, help="a YAML file applied over the preset")
     p.add_argument("--store", default=None, help="artifact store URI (local path, file://, s3://bucket/prefix)")
+    p.add_argument("--no-wait", action="store_true", help="refuse (exit 3) instead of waiting when another "
+                   "driver is writing an artifact this run needs (compute.lease_wait=false)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. select.ipc=50 compute.use_gpu=false")
     return p
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "distill",
             print(f"{key:38s} {default:24s} {text}")
         raise SystemExit(0)
     overrides = list(args.overrides)
+    if args.no_wait:
+        overrides.append("compute.lease_wait=false")
     if args.store:
         overrides.append(f"store={args.store}")
     try:
@@ -100,8 +107,9 @@ def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, 
     hold a stage module; the recipe below spells each stage's call out)."""
     run = Run(cfg, store)
     inputs = dict(inputs or {})
-    if run.needs(stage, inputs):
-        run.done(stage, inputs, stage.run(cfg, store, run.keys[stage.STAGE], inputs))
+    with run.writing(stage, inputs) as key:
+        if key:
+            run.done(stage, inputs, stage.run(cfg, store, key, inputs))
     return run.keys[stage.STAGE]
 
 
@@ -113,6 +121,7 @@ class Run:
     store: "Store"
     keys: dict[str, str] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
+    _leases: dict[str, lease.Lease] = field(default_factory=dict)
 
     @classmethod
     def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
@@ -123,7 +132,12 @@ class Run:
         return cls(cfg, store if store is not None else open_run_store(cfg))
 
     def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:
-        """Derive the stage's key (into ``keys``); True when its artifact is not finished yet."""
+        """Derive the stage's key (into ``keys``); True when its artifact is not finished yet, and
+        then this run holds the key's lease (released by ``done``/``release``).
+
+        Another driver writing the key: wait for it (one log line naming it) and reuse what it
+        finishes, take over if its lease expires (it died), or with ``compute.lease_wait=false``
+        raise :class:`hello_ray.lease.LeaseHeld`."""
         if set(inputs) != set(stage.INPUTS):
             raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
         key = self.store.artifact_key(stage.STAGE, stage.stage_config(self.cfg), inputs)
@@ -133,54 +147,105 @@ class Run:
             if not known:
                 log.info("[%s] cached: %s", stage.STAGE, self.store.uri_for(key))
             return False
+        held = lease.acquire(self.store, key, stage.STAGE, ttl=self.cfg.compute.lease_ttl_s,
+                             wait=self.cfg.compute.lease_wait, finished=lambda: self.store.exists(key),
+                             logger=log)
+        if held is None:
+            log.info("[%s] reused, finished by another driver: %s", stage.STAGE, self.store.uri_for(key))
+            return False
+        self._leases[stage.STAGE] = held
+        # Writes into the key (here and in the stage's workers, which get pickled copies of the
+        # store) check the lease first: a writer whose lease was taken over stops.
+        self.store.fences = {**self.store.fences, key: held.fence()}
+        try:
+            prep = lease.prepare_key(self.store, key)
+        except BaseException:
+            self.release(stage)
+            raise
+        if prep["removed"] or prep["partials"] or prep["kept"]:
+            log.info("[%s] unfinished attempt found: %s", stage.STAGE,
+                     f"kept its {prep['kept']} files, its Ray run resumes" if prep["resumes_ray_run"] else
+                     f"removed its {prep['removed']} files and {prep['partials']} temp files")
         log.info("[%s] running -> %s", stage.STAGE, self.store.uri_for(key))
         self._started[stage.STAGE] = time.perf_counter()
         return True
 
     def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:
         """Finalize the stage's artifact: the manifest is written last, here, so a stage that dies
-        half-way leaves nothing that readers would take for a finished artifact."""
+        half-way leaves nothing that readers would take for a finished artifact. Only while this
+        run still holds the key's lease (LeaseLost otherwise); the lease is released after."""
         key = self.keys[stage.STAGE]
-        wall = time.perf_counter() - self._started.pop(stage.STAGE)
-        summary = {**(summary or {}), "wall_s": round(wall, 2)}
-        self.store.finalize(key, stage.STAGE, stage.stage_config(self.cfg), inputs, summary)
+        held = self._leases.get(stage.STAGE)
+        try:
+            if held is None:
+                raise lease.LeaseLost(f"[{stage.STAGE}] {key}: finalize without the key's lease "
+                                      "(Run.needs takes it)")
+            held.check()
+            wall = time.perf_counter() - self._started.pop(stage.STAGE)
+            summary = {**(summary or {}), "wall_s": round(wall, 2), "writer": held.record()}
+            self.store.finalize(key, stage.STAGE, stage.stage_config(self.cfg), inputs, summary)
+        finally:
+            self.release(stage)
         log.info("[%s] done in %.1f s: %s", stage.STAGE, wall, self.store.uri_for(key))
+
+    def release(self, stage: ModuleType) -> None:
+        """Give up the stage's lease if this run holds it (after done, or after a failure)."""
+        held = self._leases.pop(stage.STAGE, None)
+        if held is None:
+            return
+        self.store.fences = {k: f for k, f in self.store.fences.items() if k != held.key}
+        held.release()
+
+    @contextmanager
+    def writing(self, stage: ModuleType, inputs: dict[str, str]) -> Iterator[str | None]:
+        """``needs`` as a block: yields the key to compute (lease held), or None when the artifact
+        is finished; the lease is released however the block ends."""
+        todo = self.needs(stage, inputs)
+        try:
+            yield self.keys[stage.STAGE] if todo else None
+        finally:
+            self.release(stage)
 
 
 # ---------------------------------------------------------------------------- the recipe's steps
 # Each step runs its stage after the steps it needs, and only when its artifact is not finished,
-# so a per-stage job or a sweep trial calls exactly the step it wants. Every stage's ``run`` is
-# called by name here: reading this file leads into every stage.
+# so a per-stage job or a sweep trial calls exactly the step it wants; ``run.writing`` holds the
+# key's lease while the stage runs. Every stage's ``run`` is called by name here: reading this
+# file leads into every stage.
 
 def run_teachers(run: Run) -> str:
     """Stage 1: the teacher trajectory (the observer and the multi-weak teachers)."""
     inputs: dict[str, str] = {}
-    if run.needs(teachers, inputs):
-        run.done(teachers, inputs, teachers.run(run.cfg, run.store, run.keys["teachers"], inputs))
+    with run.writing(teachers, inputs) as key:
+        if key:
+            run.done(teachers, inputs, teachers.run(run.cfg, run.store, key, inputs))
     return run.keys["teachers"]
 
 
 def run_select(run: Run) -> str:
     """Stage 2: RDED patch selection with the observer."""
     inputs = {"teachers": run_teachers(run)}
-    if run.needs(select, inputs):
-        run.done(select, inputs, select.run(run.cfg, run.store, run.keys["select"], inputs))
+    with run.writing(select, inputs) as key:
+        if key:
+            run.done(select, inputs, select.run(run.cfg, run.store, key, inputs))
     return run.keys["select"]
 
 
 def run_transfer(run: Run) -> str:
     """Stage 3: the LoRA projector fitted to the teacher window (needs no images)."""
     inputs = {"teachers": run_teachers(run)}
-    if run.needs(transfer, inputs):
-        run.done(transfer, inputs, transfer.run(run.cfg, run.store, run.keys["transfer"], inputs))
+    with run.writing(transfer, inputs) as key:
+        if key:
+            run.done(transfer, inputs, transfer.run(run.cfg, run.store, key, inputs))
     return run.keys["transfer"]
 
 
 def run_refine(run: Run) -> str:
     """Stage 4: the image update of the selected images on the projector."""
     inputs = {"select": run_select(run), "transfer": run_transfer(run)}
-    if run.needs(refine, inputs):
-        run.done(refine, inputs, refine.run(run.cfg, run.store, run.keys["refine"], inputs))
+    with run.writing(refine, inputs) as key:
+        if key:
+            run.done(refine, inputs, refine.run(run.cfg, run.store, key, inputs))
     return run.keys["refine"]
 
 
@@ -193,8 +258,9 @@ def run_images(run: Run) -> str:
 def run_evaluate(run: Run) -> str:
     """Stage 5/6: students on the distilled images with every label strategy."""
     inputs = {"images": run_images(run), "teachers": run_teachers(run), "transfer": run_transfer(run)}
-    if run.needs(evaluate, inputs):
-        run.done(evaluate, inputs, evaluate.run(run.cfg, run.store, run.keys["evaluate"], inputs))
+    with run.writing(evaluate, inputs) as key:
+        if key:
+            run.done(evaluate, inputs, evaluate.run(run.cfg, run.store, key, inputs))
     return run.keys["evaluate"]
 
 
@@ -232,7 +298,11 @@ def stage_job(argv: list[str], step: "Any", description: str) -> tuple[Config, "
     prog = os.path.splitext(os.path.basename(sys.argv[0]))[0] or step.__name__
     cfg = parse_args(argv, prog=prog, description=description)
     run = Run.start(cfg)
-    return cfg, run.store, step(run)
+    try:
+        return cfg, run.store, step(run)
+    except lease.LeaseHeld as e:  # --no-wait and another driver is writing: refused, not failed
+        print(f"{prog}: refused: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def make_report(cfg: Config, store: "Store", keys: dict[str, str],
@@ -268,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a stage that could never be scheduled here: refused before compute
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    except lease.LeaseHeld as e:  # --no-wait and another driver is writing an artifact we need
+        print(f"distill: refused: {e}", file=sys.stderr)
+        return 3
     import ray
 
     ray.shutdown()  # drains the workers' forwarded log lines, so the table below is the last thing

@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO, Callable
 from urllib.parse import unquote, urlparse
 
@@ -172,6 +173,9 @@ class Store(ABC):
     """
 
     uri: str
+    # key -> hello_ray.lease.Fence of the lease this writer holds on the key: writes into the key
+    # check it first. Replaced, never mutated (the default is shared); pickled copies carry it.
+    fences: "MappingProxyType[str, Any] | dict[str, Any]" = MappingProxyType({})
 
     # -- primitives (per backend); ``rel`` is "<key>/<name>" ---------------------------------
     @abstractmethod
@@ -222,13 +226,21 @@ class Store(ABC):
         """True only for a finished artifact (its manifest.json is present)."""
         return self._exists(f"{_check_key(key)}/{MANIFEST}")
 
+    def _fenced(self, key: str) -> None:
+        """A key under a lease of this writer: LeaseLost when the lease is no longer ours."""
+        fence = self.fences.get(key)
+        if fence is not None:
+            fence.check(self)
+
     def put_bytes(self, key: str, name: str, data: bytes) -> None:
+        self._fenced(key)
         self._write(f"{_check_key(key)}/{_check_name(key, name)}", bytes(data))
 
     def put_file(self, key: str, name: str, path: str | Path) -> None:
         path = Path(path)
         if not path.is_file():
             raise StoreError(f"artifact {key}: cannot store {name!r}: {path} is not a file")
+        self._fenced(key)
         self._write_file(f"{_check_key(key)}/{_check_name(key, name)}", path)
 
     def put_dir(self, key: str, local_dir: str | Path, prefix: str = "") -> None:
@@ -297,6 +309,7 @@ class Store(ABC):
         except (TypeError, ValueError) as e:
             raise StoreError(f"artifact {key}: config/inputs/summary cannot be written as JSON "
                              f"({e})") from None
+        self._fenced(key)  # the files listed above are this lease holder's: still ours, now
         self._write(f"{key}/{MANIFEST}", text.encode())
         return json.loads(text)
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from typing import Any
 
 from hello_ray.config import Config
+from hello_ray.lease import LeaseHeld
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_select, run_teachers,
                                 run_transfer)
 from hello_ray.runtime import setup_logging
@@ -137,7 +139,11 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="sweep", description="Ray Tune over LoRA ranks and teacher windows")
-    out = sweep(cfg)
+    try:
+        out = sweep(cfg)
+    except LeaseHeld as e:  # --no-wait and another driver is writing the shared teachers/selection
+        print(f"sweep: refused: {e}", file=sys.stderr)
+        return 3
     print()
     print(format_sweep(out["rows"]))
     if out["best"]:
