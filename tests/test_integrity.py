@@ -157,6 +157,19 @@ def test_a_flipped_byte_is_named_on_every_read_path(store, kind):
         assert "sha256" in msg and f"hello-ray rm {key} --store {store.uri}" in msg, msg
 
 
+def test_a_flipped_byte_in_the_demo_dataset_is_named_before_ray_data_reads_it(store):
+    """The demo shards are a store artifact read by Ray Data's parquet reader (by URI, past
+    get_bytes): reusing them checks them first."""
+    from hello_ray.data.demo import DEMO_CONFIG, DEMO_STAGE, ensure_demo_dataset
+
+    uri = ensure_demo_dataset(store)
+    key = store.artifact_key(DEMO_STAGE, DEMO_CONFIG)
+    assert ensure_demo_dataset(store) == uri
+    _flip(store, key, "train-00001-of-00002.parquet")
+    with pytest.raises(IntegrityError, match=f"artifact {key}: file train-00001-of-00002.parquet does not match"):
+        ensure_demo_dataset(store)
+
+
 def test_truncated_and_missing_files_are_named(store):
     key = "select-0123456789ab"
     _image_set(store, key)
