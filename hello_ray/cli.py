@@ -18,6 +18,12 @@ COMMANDS: dict[str, Command] = {
                      "Ray Tune over LoRA ranks and teacher windows (same as jobs/sweep.py)"),
     "storage": Command("hello_ray.accounting:main",
                        "bytes each label strategy ships, from the real layer shapes (no compute)"),
+    "ls": Command("hello_ray.housekeeping:ls_main",
+                  "list a store's artifacts, finished or not, with files, bytes and run state"),
+    "rm": Command("hello_ray.housekeeping:rm_main",
+                  "remove an artifact with its Ray run state and local cache (re-runs start fresh)"),
+    "gc": Command("hello_ray.housekeeping:gc_main",
+                  "collect unfinished leftovers, orphan Ray run state and stale download caches"),
 }
 
 

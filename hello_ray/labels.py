@@ -38,6 +38,7 @@ from torch import nn
 from hello_ray.data.augment import apply_crop_flip, apply_cutmix, cutmix, random_resized_crop_flip
 from hello_ray.data.errors import DataError
 from hello_ray.runtime import auto_bf16, native_bf16
+from hello_ray.store import ArtifactNotFound
 
 LABELS_DIR = "labels"
 log = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ class StoredLabels(LabelStrategy):
         self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set)}"
         try:
             meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
-        except Exception as e:  # the store raises its own not-found type
+        except ArtifactNotFound as e:  # a damaged file (IntegrityError) is not "missing": it propagates
             raise LabelError(f"artifact {key}: no stored labels at {folder}/meta.json "
                                      f"(run the relabel pass first): {e}") from None
         self.meta = json.loads(meta_bytes)

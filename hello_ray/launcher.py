@@ -101,6 +101,17 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
                          per_worker_batch=max(1, global_batch // world))
 
 
+def load_checkpoint(checkpoint: "ray.train.Checkpoint", name: str, key: str,
+                    map_location: Any = "cpu") -> Any:
+    """The state a Train loop saved as ``name`` in its Ray checkpoint (under ``<store>/_ray/<key>``):
+    plain tensors, dicts, lists and numbers only; a pickle that would run code is refused."""
+    from hello_ray.formats.weights import load_weights
+
+    with checkpoint.as_directory() as d:
+        return load_weights(os.path.join(d, name), f"Ray checkpoint {name} of {key} "
+                            f"({checkpoint.path})", map_location)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A reproducible seed per (run seed, epoch, rank): different views per rank and epoch."""
     return seed * 100_003 + epoch * 1_009 + rank

@@ -67,14 +67,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from hello_ray.store import RAY_DIR, LocalStore, S3Store, StoreError, _check_key, _is_partial, atomic_write
+from hello_ray.store import (LEASE_DIR, RAY_DIR, LocalStore, S3Store, StoreError, _check_key, _is_partial,
+                             atomic_write)
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 log = logging.getLogger("hello_ray.lease")
 
-LEASE_DIR = "_leases"
 DEFAULT_TTL_S = 60.0
 
 
@@ -273,10 +273,11 @@ def read_lease(store: "Store", key: str) -> LeaseInfo | None:
     return None if cur is None else LeaseInfo.parse(*cur)
 
 
-def lease_active(store: "Store", key: str) -> bool:
-    """True while a writer holds an unexpired lease on ``key``."""
+def lease_active(store: "Store", key: str, now: float | None = None) -> bool:
+    """True while a writer holds an unexpired lease on ``key`` (``hello-ray gc`` skips it, ``rm``
+    refuses it)."""
     info = read_lease(store, key)
-    return info is not None and not info.expired()
+    return info is not None and not info.expired(now)
 
 
 # ---------------------------------------------------------------------------- fence (travels with the store)

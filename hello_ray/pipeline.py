@@ -145,6 +145,7 @@ class Run:
         self.keys[stage.STAGE] = key
         if self.store.exists(key):
             if not known:
+                self.store.check_reuse(key)  # another manifest format is refused, by name
                 log.info("[%s] cached: %s", stage.STAGE, self.store.uri_for(key))
             return False
         held = lease.acquire(self.store, key, stage.STAGE, ttl=self.cfg.compute.lease_ttl_s,

@@ -13,22 +13,25 @@ message and never written into an artifact.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import dataclasses
 import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -37,10 +40,13 @@ MANIFEST = "manifest.json"
 # Bump when the key derivation or the manifest layout changes: old artifacts then stop matching.
 FORMAT_VERSION = 1
 RAY_DIR = "_ray"
+# Per-key writer leases: ``<store>/_leases/<key>.json`` = {"owner", "host", "pid", "expires"}.
+LEASE_DIR = "_leases"
 _PARTIAL = ".partial"  # suffix of a local temp file; never listed, never part of an artifact
 # Flat folder names; a leading "_" marks helper folders (never finalized), "_ray" is Ray's own.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _CHUNK = 1 << 20
+_DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1,000 keys per call
 # Credential sources that are plain key pairs: safe to hand to other processes as they are.
 # Refreshable ones (instance roles, SSO, web identity) are left for each node to resolve itself.
 _STATIC_CRED_METHODS = {"env", "explicit", "shared-credentials-file", "config-file", "boto-config"}
@@ -53,6 +59,18 @@ class StoreError(RuntimeError):
 
 class ArtifactNotFound(StoreError):
     """No finished artifact (or no such file in it) under the given key."""
+
+
+class IntegrityError(StoreError):
+    """A finished artifact's file does not match its manifest (size or sha256), or is missing."""
+
+
+log = logging.getLogger("hello_ray.store")
+
+
+def rm_hint(key: str, store_uri: str) -> str:
+    """How a user removes a damaged or unwanted artifact (every error that says so points here)."""
+    return f"`hello-ray rm {key} --store {store_uri}`"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +118,11 @@ def _check_key(key: str) -> str:
     return key
 
 
+def is_artifact_key(name: str) -> bool:
+    """True for a store folder that holds an artifact (not a helper folder such as ``_ray``)."""
+    return isinstance(name, str) and bool(_KEY_RE.match(name)) and not name.startswith("_")
+
+
 def _check_name(key: str, name: str) -> str:
     """A file name inside an artifact: relative, '/'-separated, no '..', not the manifest."""
     parts = name.split("/") if isinstance(name, str) else [""]
@@ -125,12 +148,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, fsync: bool = False) -> str:
+    """sha256 of a local file; with ``fsync`` its data is also forced to disk (same open, no
+    second pass: a just-written file's pages are still in the page cache)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (creations, renames) durable: an fsync on the folder itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def cache_root() -> Path:
@@ -163,6 +199,29 @@ def _is_partial(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# finished artifacts: parsed manifests, cached per process
+
+
+@dataclasses.dataclass(frozen=True)
+class _Manifest:
+    """A finished artifact's manifest as read: its bytes, the decoded JSON and its files by name
+    (every name already passed ``_check_name``)."""
+    raw: bytes
+    data: dict
+    files: dict[str, dict]
+
+
+# (store identity, key) -> (signature, manifest). Finished artifacts are immutable until removed,
+# so a manifest is read once per process; a local store re-stats it (one syscall) and re-reads a
+# replaced one, an S3 store trusts its copy and re-reads only when a file stops matching it.
+_MANIFESTS: dict[tuple[str, str], tuple[Any, _Manifest]] = {}
+_NO_MANIFEST = object()
+# Library-version differences already warned about in this process (once each, not per read).
+_WARNED_VERSIONS: set[tuple[str, ...]] = set()
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ---------------------------------------------------------------------------------------------
 # the store
 
 
@@ -177,7 +236,7 @@ class Store(ABC):
     # check it first. Replaced, never mutated (the default is shared); pickled copies carry it.
     fences: "MappingProxyType[str, Any] | dict[str, Any]" = MappingProxyType({})
 
-    # -- primitives (per backend); ``rel`` is "<key>/<name>" ---------------------------------
+    # -- primitives (per backend); ``rel`` is "<key>/<name>", a ``folder`` is "<key>" or "_ray/<key>"
     @abstractmethod
     def _write(self, rel: str, data: bytes) -> None: ...
 
@@ -189,26 +248,54 @@ class Store(ABC):
         """The object's bytes; ArtifactNotFound when absent."""
 
     @abstractmethod
+    def _chunks(self, rel: str, chunk: int = _CHUNK) -> Iterator[bytes]:
+        """The object's bytes as they arrive, in chunks of at most ``chunk`` bytes;
+        ArtifactNotFound when absent."""
+
+    @abstractmethod
     def _exists(self, rel: str) -> bool: ...
 
     @abstractmethod
     def _list(self, key: str) -> dict[str, int]:
-        """name -> size of the artifact's data files (no manifest, no temp files)."""
+        """name -> size of the artifact's data files (no manifest, no temp files); every name
+        passed ``_check_name`` (a hostile listing is refused, naming the object)."""
 
     @abstractmethod
-    def _children(self) -> list[str]:
-        """Names of the top-level folders of the store."""
+    def _children(self, under: str = "") -> list[str]:
+        """Names of the folders at the top of the store (or directly under folder ``under``)."""
+
+    @abstractmethod
+    def _tree(self, folder: str) -> dict[str, tuple[int, float]]:
+        """Everything under ``folder`` as it lies (manifest and temp files too): relative name ->
+        (size, modification time in unix seconds). Names are shown, never used as paths."""
+
+    @abstractmethod
+    def _delete(self, rel: str) -> None:
+        """Remove one object (absent: nothing to do)."""
+
+    @abstractmethod
+    def _delete_tree(self, folder: str) -> int:
+        """Remove ``folder`` and everything under it; returns how many files went."""
 
     @abstractmethod
     def _digests(self, key: str, files: dict[str, int]) -> dict[str, str]:
-        """name -> sha256 of the listed files."""
+        """name -> sha256 of the listed files (and, on local disk, the files made durable)."""
+
+    @abstractmethod
+    def _manifest_signature(self, key: str) -> Any:
+        """What tells a cached manifest from a replaced one without reading it (``_NO_MANIFEST``
+        when there is none); None: the backend trusts its cache."""
+
+    @abstractmethod
+    def _cache_ident(self) -> str:
+        """This store's folder name under ``cache_root()`` (download copies, verified stamps)."""
 
     @abstractmethod
     def uri_for(self, key: str, name: str = "") -> str: ...
 
     @abstractmethod
     def download(self, key: str) -> Path:
-        """A local folder holding the finished artifact."""
+        """A local folder holding the finished artifact, verified against its manifest."""
 
     @abstractmethod
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
@@ -253,25 +340,66 @@ class Store(ABC):
             self.put_file(key, f"{prefix.strip('/')}/{rel}" if prefix.strip("/") else rel, path)
 
     def get_bytes(self, key: str, name: str) -> bytes:
-        return self._read(f"{_check_key(key)}/{_check_name(key, name)}")
+        """The file's bytes. From a finished artifact they are checked against its manifest while
+        they stream in (size and sha256; IntegrityError naming the file on a mismatch); from an
+        artifact still being written (a stage reading its own files) there is nothing to check
+        against yet."""
+        rel = f"{_check_key(key)}/{_check_name(key, name)}"
+        manifest = self._finished(key)
+        if manifest is None:
+            return self._read(rel)
+        try:
+            return self._read_verified(key, manifest, name)
+        except IntegrityError:
+            # The cached manifest may be older than the artifact (removed and re-made by another
+            # process): believe the file only against the manifest the store holds now.
+            fresh = self._finished(key, refresh=True)
+            if fresh is None or fresh.raw == manifest.raw:
+                raise
+            return self._read_verified(key, fresh, name)
+
+    def verify(self, key: str) -> None:
+        """Check every file of finished artifact ``key`` against its manifest without keeping the
+        bytes: for artifacts that other readers (Ray Data's parquet reader) open by URI. Each
+        object is streamed once (a local store reuses ``download``'s verified stamp instead)."""
+        manifest = self._finished(key)
+        if manifest is None:
+            self.manifest(key)  # raises ArtifactNotFound, saying why
+            raise AssertionError("unreachable")
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda entry: self._verify_stream(key, entry), manifest.files.values()))
 
     def list_files(self, key: str) -> list[str]:
         """Names (relative to the artifact) of its data files, without the manifest."""
         return sorted(self._list(_check_key(key)))
 
-    def _read_manifest_bytes(self, key: str) -> bytes:
-        try:
-            return self._read(f"{_check_key(key)}/{MANIFEST}")
-        except ArtifactNotFound:
-            raise ArtifactNotFound(f"artifact {key} not found in {self.uri}: no {MANIFEST} "
-                                   "(never run, or its run stopped before finishing)") from None
-
     def manifest(self, key: str) -> dict:
-        text = self._read_manifest_bytes(key)
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{self.uri_for(key, MANIFEST)} is not valid JSON: {e}") from None
+        """The finished artifact's manifest (a copy: callers may change it)."""
+        found = self._finished(key)
+        if found is None:
+            raise ArtifactNotFound(f"artifact {key} not found in {self.uri}: no {MANIFEST} "
+                                   "(never run, or its run stopped before finishing)")
+        return copy.deepcopy(found.data)
+
+    def check_reuse(self, key: str) -> dict:
+        """The manifest of finished artifact ``key`` once it may be reused: written in this code's
+        FORMAT_VERSION (StoreError otherwise). Library versions that differ from this process's
+        are logged once as a warning (a result computed with other versions, not an error)."""
+        manifest = self.manifest(key)
+        found = manifest.get("format")
+        if found != FORMAT_VERSION:
+            raise StoreError(
+                f"artifact {key} in {self.uri} has manifest format {found!r}, but this hello_ray "
+                f"reads format {FORMAT_VERSION}: it cannot be reused. Remove it with "
+                f"{rm_hint(key, self.uri)} and re-run to rebuild it (or use the hello_ray that wrote it)")
+        now = library_versions()
+        diffs = tuple(sorted(f"{dist} {old} -> {now[dist]}" for dist, old in
+                             (manifest.get("versions") or {}).items() if now.get(dist, old) != old))
+        if diffs and diffs not in _WARNED_VERSIONS:
+            _WARNED_VERSIONS.add(diffs)
+            log.warning("artifact %s was written with other library versions (%s); reusing it",
+                        key, ", ".join(diffs))
+        return manifest
 
     def list_artifacts(self, stage: str | None = None) -> list[str]:
         """Keys of finished artifacts, optionally only those of one stage."""
@@ -311,10 +439,150 @@ class Store(ABC):
                              f"({e})") from None
         self._fenced(key)  # the files listed above are this lease holder's: still ours, now
         self._write(f"{key}/{MANIFEST}", text.encode())
+        self.forget(key)
         return json.loads(text)
+
+    # -- housekeeping (``hello-ray ls / rm / gc``, hello_ray/housekeeping.py) --------------------
+    def folders(self, under: str = "") -> list[str]:
+        """Names of the store's top folders (or of those under ``under``, e.g. ``RAY_DIR``):
+        artifact keys, helper folders, and whatever else lies there (shown, never used as paths)."""
+        return self._children(under)
+
+    def folder_files(self, folder: str) -> dict[str, tuple[int, float]]:
+        """Everything under ``folder`` as it lies: relative name -> (size, mtime unix seconds)."""
+        return self._tree(folder)
+
+    def remove_folder(self, folder: str) -> int:
+        """Remove an artifact folder ``<key>`` (its manifest first: from then on nobody takes the
+        rest for a finished artifact) or a Ray run state ``_ray/<key>``; returns the files removed."""
+        parts = folder.split("/")
+        if len(parts) == 2 and parts[0] == RAY_DIR:
+            _check_key(parts[1])
+        elif len(parts) != 1 or _check_key(folder) == LEASE_DIR:
+            raise StoreError(f"{folder!r} is neither an artifact key nor {RAY_DIR}/<key>")
+        else:
+            had_manifest = self._exists(f"{folder}/{MANIFEST}")
+            self._delete(f"{folder}/{MANIFEST}")
+            self.forget(folder)
+            return self._delete_tree(folder) + had_manifest
+        return self._delete_tree(folder)
+
+    def manifest_sha256(self, key: str) -> str | None:
+        """sha256 of the finished artifact's manifest bytes (what download stamps record), or None."""
+        found = self._finished(key)
+        return hashlib.sha256(found.raw).hexdigest() if found is not None else None
+
+    def forget(self, key: str) -> None:
+        """Drop this process's cached manifest of ``key`` (after finalize, rm)."""
+        _MANIFESTS.pop((self._cache_ident(), key), None)
+
+    def cache_folder(self) -> Path:
+        """This store's folder under ``cache_root()`` on this machine."""
+        return cache_root() / self._cache_ident()
+
+    def cache_dir(self, key: str) -> Path:
+        """Where this machine keeps its copy of ``key`` (S3) and, beside it, the verified stamp."""
+        return self.cache_folder() / _check_key(key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+    # -- verification -------------------------------------------------------------------------
+    def _finished(self, key: str, refresh: bool = False) -> _Manifest | None:
+        """The manifest of ``key`` if the artifact is finished, else None; cached per process."""
+        slot = (self._cache_ident(), _check_key(key))
+        signature = self._manifest_signature(key)
+        if signature is _NO_MANIFEST:
+            _MANIFESTS.pop(slot, None)
+            return None
+        hit = _MANIFESTS.get(slot)
+        if hit is not None and not refresh and hit[0] == signature:
+            return hit[1]
+        try:
+            raw = self._read(f"{key}/{MANIFEST}")
+        except ArtifactNotFound:
+            _MANIFESTS.pop(slot, None)
+            return None
+        manifest = self._parse_manifest(key, raw)
+        _MANIFESTS[slot] = (signature, manifest)
+        return manifest
+
+    def _parse_manifest(self, key: str, raw: bytes) -> _Manifest:
+        """Decode a manifest; every file name must pass the write rule before anyone uses it."""
+        where = f"{self.uri_for(key)}/{MANIFEST}"
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where} is not valid JSON ({e}). Remove the artifact with "
+                             f"{rm_hint(key, self.uri)} and re-run its stage") from None
+        entries = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise StoreError(f"{where}: no 'files' list; not a hello_ray manifest")
+        files: dict[str, dict] = {}
+        for entry in entries:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            try:
+                _check_name(key, name)
+            except StoreError as e:
+                raise StoreError(f"{where}: refusing the manifest: {e}") from None
+            size, sha = entry.get("size"), entry.get("sha256")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                    or not isinstance(sha, str) or not _SHA_RE.match(sha):
+                raise StoreError(f"{where}: file {name!r} has no valid size and sha256 "
+                                 f"({size!r}, {sha!r}); refusing the manifest")
+            files[name] = {"name": name, "size": size, "sha256": sha}
+        return _Manifest(raw=bytes(raw), data=data, files=files)
+
+    def _read_verified(self, key: str, manifest: _Manifest, name: str) -> bytes:
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ArtifactNotFound(f"artifact {key} is finished and its manifest lists no file "
+                                   f"{name!r} ({len(manifest.files)} files in {self.uri_for(key)})")
+        parts: list[bytes] = []
+        # The bytes end up in memory anyway: read them in one piece (one allocation, no join copy;
+        # 1 MiB chunks cost ~2x the time of a local read in allocation and page faults).
+        self._verify_stream(key, entry, parts.append, chunk=entry["size"] + 1)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _verify_stream(self, key: str, entry: dict, sink: Callable[[bytes], Any] | None = None,
+                       chunk: int = _CHUNK) -> int:
+        """Stream one file of a finished artifact through sha256 (and into ``sink``) as it is
+        read, so checking costs no extra pass; IntegrityError naming the file on a mismatch.
+        Returns the bytes read."""
+        name, size = entry["name"], entry["size"]
+        h, n = hashlib.sha256(), 0
+        try:
+            for part in self._chunks(f"{key}/{name}", chunk):
+                n += len(part)
+                if n > size:  # longer than it was: stop reading, it cannot match
+                    break
+                h.update(part)
+                if sink is not None:
+                    sink(part)
+        except ArtifactNotFound:
+            raise IntegrityError(
+                f"artifact {key}: file {name} is listed in its manifest but missing from the store "
+                f"({self.uri_for(key, name)}). Remove the artifact with {rm_hint(key, self.uri)} "
+                "and re-run its stage") from None
+        got = h.hexdigest()
+        if n != size or got != entry["sha256"]:
+            found = (f"more than {size:,} bytes" if n > size else f"{n:,} bytes, sha256 {got[:16]}...")
+            raise IntegrityError(
+                f"artifact {key}: file {name} does not match its manifest: expected {size:,} bytes, "
+                f"sha256 {entry['sha256'][:16]}...; found {found} ({self.uri_for(key, name)}). It was "
+                f"changed or corrupted after the artifact was finished: remove the artifact with "
+                f"{rm_hint(key, self.uri)} and re-run its stage")
+        return n
+
+    @contextmanager
+    def _cache_lock(self, key: str) -> Iterator[Path]:
+        """Hold this machine's lock on ``key``'s cache entry (Ray workers on one node share it);
+        yields the verified-stamp path."""
+        dest = self.cache_dir(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.parent / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield dest.parent / f"{key}.verified.json"
 
 
 class LocalStore(Store):
@@ -336,7 +604,11 @@ class LocalStore(Store):
             raise StoreError(f"store folder {self.root} is not writable")
 
     def _write(self, rel: str, data: bytes) -> None:
-        atomic_write(self._path(rel), lambda f: f.write(data), fsync=rel.endswith(MANIFEST))
+        path = self._path(rel)
+        manifest = rel.endswith(MANIFEST)
+        atomic_write(path, lambda f: f.write(data), fsync=manifest)
+        if manifest:  # the rename that publishes the manifest must itself survive a power loss
+            _fsync_dir(path.parent)
 
     def _write_file(self, rel: str, path: Path) -> None:
         def copy(f: BinaryIO) -> None:
@@ -350,6 +622,15 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ArtifactNotFound(f"{self._path(rel)} not found") from None
 
+    def _chunks(self, rel: str, chunk: int = _CHUNK) -> Iterator[bytes]:
+        try:
+            f = open(self._path(rel), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ArtifactNotFound(f"{self._path(rel)} not found") from None
+        with f:
+            while part := f.read(chunk):
+                yield part
+
     def _exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
 
@@ -361,31 +642,95 @@ class LocalStore(Store):
                 name = (Path(dirpath) / fn).relative_to(base).as_posix()
                 if name != MANIFEST and not _is_partial(name):
                     try:
-                        out[name] = (Path(dirpath) / fn).stat().st_size
+                        out[_check_name(key, name)] = (Path(dirpath) / fn).stat().st_size
                     except FileNotFoundError:  # a concurrent writer replaced it; list the rest
                         continue
         return out
 
-    def _children(self) -> list[str]:
-        if not self.root.is_dir():
+    def _children(self, under: str = "") -> list[str]:
+        folder = self.root / under if under else self.root
+        if not folder.is_dir():
             return []
-        return [p.name for p in self.root.iterdir() if p.is_dir()]
+        return [p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+
+    def _tree(self, folder: str) -> dict[str, tuple[int, float]]:
+        base = self._path(folder)
+        out: dict[str, tuple[int, float]] = {}
+        for dirpath, _, filenames in os.walk(base):
+            for fn in filenames:
+                try:
+                    st = (Path(dirpath) / fn).lstat()
+                except FileNotFoundError:
+                    continue
+                out[(Path(dirpath) / fn).relative_to(base).as_posix()] = (st.st_size, st.st_mtime)
+        return out
+
+    def _delete(self, rel: str) -> None:
+        self._path(rel).unlink(missing_ok=True)
+
+    def _delete_tree(self, folder: str) -> int:
+        path = self._path(folder)
+        if not path.is_dir():
+            return 0
+        n = sum(len(files) for _, _, files in os.walk(path))
+        shutil.rmtree(path)
+        return n
 
     def _digests(self, key: str, files: dict[str, int]) -> dict[str, str]:
+        """sha256 of every data file, each fsynced in the same read, then every folder of the
+        artifact up to the store root: after a power loss the manifest written next never names
+        an empty or missing file."""
         base = self._path(key)
         # Leftover temp files of killed writers are not part of the artifact: tidy them away.
         for p in base.rglob(f".*{_PARTIAL}"):
             p.unlink(missing_ok=True)
-        return {n: _sha256_file(base / n) for n in files}
+        digests = {n: _sha256_file(base / n, fsync=True) for n in files}
+        folders = {self.root, base}
+        for n in files:
+            folders.update(p for p in (base / n).parents if p.is_relative_to(base))
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):  # deepest first
+            _fsync_dir(folder)
+        return digests
+
+    def _manifest_signature(self, key: str) -> Any:
+        try:
+            st = self._path(f"{key}/{MANIFEST}").stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return _NO_MANIFEST
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _cache_ident(self) -> str:
+        return hashlib.sha256(self.uri.encode()).hexdigest()[:16]
 
     def uri_for(self, key: str, name: str = "") -> str:
         path = self._path(_check_key(key))
         return (path / _check_name(key, name) if name else path).as_uri()
 
     def download(self, key: str) -> Path:
-        """A local store's artifact is already a local folder: return it (if finished)."""
-        self.manifest(key)
-        return self._path(key)
+        """A local artifact is already a local folder: return it once every file matches the
+        manifest. The check is streamed once; afterwards sizes and mtimes recorded in a stamp
+        under ``cache_root()`` let an unchanged folder through without reading it again."""
+        manifest = self._finished(key)
+        if manifest is None:
+            self.manifest(key)  # raises ArtifactNotFound, saying why
+            raise AssertionError("unreachable")
+        dest = self._path(key)
+        stamp = {"manifest": hashlib.sha256(manifest.raw).hexdigest()}
+        with self._cache_lock(key) as stamp_path:
+            if _stamp_ok(stamp_path, stamp, dest, manifest.files):
+                return dest
+            stamp_path.unlink(missing_ok=True)
+            stats = {}
+            for name, entry in manifest.files.items():
+                if (dest / name).is_file():  # stat before reading: a later change re-checks
+                    stats[name] = _stat(dest / name)
+                self._verify_stream(key, entry)  # a missing file is named here
+            stamp["files"] = stats
+            atomic_write(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))
+        return dest
+
+    def verify(self, key: str) -> None:
+        self.download(key)  # checks in place, and stamps the folder so the next check is a stat
 
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         return str(self.root / RAY_DIR), None
@@ -582,25 +927,81 @@ class S3Store(Store):
     def _exists(self, rel: str) -> bool:
         return self._head(rel) is not None
 
+    def _chunks(self, rel: str, chunk: int = _CHUNK) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._obj(rel))["Body"]
+        except (BotoCoreError, ClientError) as e:
+            if self._missing(e):
+                raise ArtifactNotFound(f"s3://{self.bucket}/{self._obj(rel)} not found") from None
+            raise self._error(e, f"reading {self._obj(rel)}") from None
+        try:
+            while part := body.read(chunk):
+                yield part
+        except BotoCoreError as e:  # the connection broke mid-object
+            raise self._error(e, f"reading {self._obj(rel)}") from None
+        finally:
+            body.close()
+
+    def _objects(self, folder: str) -> Iterator[dict]:
+        """Every object under ``folder/`` (paginated listing)."""
+        base = self._obj(f"{folder}/")
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        for page in self._call(f"listing {base}", list, pages):
+            yield from page.get("Contents", [])
+
     def _list(self, key: str) -> dict[str, int]:
         base = self._obj(f"{key}/")
         out: dict[str, int] = {}
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
-        for page in self._call(f"listing {base}", list, pages):
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(base):]
-                if name and not name.endswith("/") and name != MANIFEST:  # '/' = folder markers
-                    out[name] = obj["Size"]
+        for obj in self._objects(key):
+            name = obj["Key"][len(base):]
+            if name and not name.endswith("/") and name != MANIFEST:  # '/' = folder markers
+                # Names come from the bucket and end up in manifests and local paths: the write
+                # rule applies ('../x', '/abs', 'a//b' are refused here, naming the object).
+                try:
+                    out[_check_name(key, name)] = obj["Size"]
+                except StoreError as e:
+                    raise StoreError(f"listing of {self.uri_for(key)}: refusing object "
+                                     f"s3://{self.bucket}/{obj['Key']}: {e}") from None
         return out
 
-    def _children(self) -> list[str]:
-        base = self._obj("")
+    def _children(self, under: str = "") -> list[str]:
+        base = self._obj(f"{under}/") if under else self._obj("")
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=base, Delimiter="/")
         names = []
         for page in self._call(f"listing {self.uri}", list, pages):
             names += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
         return names
+
+    def _tree(self, folder: str) -> dict[str, tuple[int, float]]:
+        base = self._obj(f"{folder}/")
+        return {o["Key"][len(base):]: (int(o["Size"]), o["LastModified"].timestamp())
+                for o in self._objects(folder)}
+
+    def _delete(self, rel: str) -> None:
+        self._call(f"deleting {self._obj(rel)}", self._client.delete_object, Bucket=self.bucket,
+                   Key=self._obj(rel))
+
+    def _delete_tree(self, folder: str) -> int:
+        keys = [o["Key"] for o in self._objects(folder)]
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[i:i + _DELETE_BATCH]]
+            out = self._call(f"deleting {self._obj(folder)}/", self._client.delete_objects,
+                             Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if out.get("Errors"):
+                err = out["Errors"][0]
+                raise StoreError(f"S3 store {self.uri}: deleting {self._obj(folder)}/ failed for "
+                                 f"{len(out['Errors'])} objects, e.g. {err.get('Key')}: "
+                                 f"{err.get('Code')} {err.get('Message', '')}")
+        return len(keys)
+
+    def _manifest_signature(self, key: str) -> Any:
+        return None  # trusted: a re-made artifact is noticed when a file stops matching
+
+    def _cache_ident(self) -> str:
+        return hashlib.sha256(f"{self.endpoint_url}|{self.uri}".encode()).hexdigest()[:16]
 
     def _digest(self, rel: str, size: int) -> str:
         head = self._head(rel)
@@ -630,30 +1031,33 @@ class S3Store(Store):
         return f"{self.bucket}/{self._obj(RAY_DIR)}", fs
 
     # -- download into the local cache --------------------------------------------------------
-    def cache_dir(self, key: str) -> Path:
-        root = cache_root()
-        ident = hashlib.sha256(f"{self.endpoint_url}|{self.uri}".encode()).hexdigest()[:16]
-        return root / ident / _check_key(key)
-
     def download(self, key: str) -> Path:
         """Copy a finished artifact into the local cache, verified against its manifest.
 
         A complete, unchanged copy is reused without reading it again (sizes + mtimes recorded
-        after the last verification); anything else is re-checked by sha256 and re-fetched.
-        Concurrent callers on one machine (Ray workers) serialise on a lock file.
+        after the last verification); anything else is re-checked by sha256 and re-fetched, each
+        object hashed as it streams to disk. Concurrent callers on one machine (Ray workers)
+        serialise on a lock file.
         """
-        raw = self._read_manifest_bytes(key)
-        manifest = json.loads(raw)
+        manifest = self._finished(key)
+        if manifest is None:
+            self.manifest(key)  # raises ArtifactNotFound, saying why
+            raise AssertionError("unreachable")
+        try:
+            return self._download(key, manifest)
+        except IntegrityError:
+            fresh = self._finished(key, refresh=True)  # re-made since this process cached it?
+            if fresh is None or fresh.raw == manifest.raw:
+                raise
+            return self._download(key, fresh)
+
+    def _download(self, key: str, manifest: _Manifest) -> Path:
         dest = self.cache_dir(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        stamp_path = dest.parent / f"{key}.verified.json"
-        with open(dest.parent / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            # Names come from the bucket: the write rule applies before any touches a local path
-            # (a hostile '../../x' or '/abs' would otherwise be written outside the cache).
-            want = {_check_name(key, f.get("name") if isinstance(f, dict) else None): f
-                    for f in manifest.get("files", [])}
-            stamp = {"manifest": hashlib.sha256(raw).hexdigest()}
+        # Every name passed the write rule when the manifest was parsed, before it touches a path
+        # here (a hostile '../../x' or '/abs' would otherwise be written outside the cache).
+        want = manifest.files
+        with self._cache_lock(key) as stamp_path:
+            stamp = {"manifest": hashlib.sha256(manifest.raw).hexdigest()}
             if _stamp_ok(stamp_path, stamp, dest, want):
                 return dest
             stamp_path.unlink(missing_ok=True)
@@ -664,29 +1068,14 @@ class S3Store(Store):
                 rel = path.relative_to(dest).as_posix()
                 if rel != MANIFEST and rel not in want:  # from an older version of this key
                     path.unlink()
-            atomic_write(dest / MANIFEST, lambda f: f.write(raw))
+            atomic_write(dest / MANIFEST, lambda f: f.write(manifest.raw))
             stamp["files"] = {n: _stat(dest / n) for n in want}
             atomic_write(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))
         return dest
 
     def _fetch_verified(self, key: str, entry: dict, path: Path) -> None:
-        rel = f"{key}/{entry['name']}"
-
-        def fetch(f: BinaryIO) -> None:
-            body = self._call(f"reading {self._obj(rel)}", self._client.get_object,
-                              Bucket=self.bucket, Key=self._obj(rel))["Body"]
-            h = hashlib.sha256()
-            for chunk in iter(lambda: body.read(_CHUNK), b""):
-                h.update(chunk)
-                f.write(chunk)
-            if h.hexdigest() != entry["sha256"]:
-                raise StoreError(
-                    f"{self.uri_for(key, entry['name'])}: sha256 {h.hexdigest()[:16]}... does not "
-                    f"match the manifest's {entry['sha256'][:16]}... (size {f.tell()} vs "
-                    f"{entry['size']}): the object was changed or corrupted after the artifact was "
-                    "finished. Re-run its stage or delete the artifact")
-
-        atomic_write(path, fetch)
+        """One object into ``path``, hashed as it streams; nothing is kept when it mismatches."""
+        atomic_write(path, lambda f: self._verify_stream(key, entry, f.write))
 
 
 def _stat(path: Path) -> list[int]:

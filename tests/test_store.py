@@ -284,7 +284,8 @@ def test_download_caches_and_verifies(s3_bucket, tmp_path, monkeypatch):
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"]).put_object(
         Bucket=bucket, Key=f"{prefix}/{key}/epochs/epoch_000.pt", Body=os.urandom(3000))
     monkeypatch.setenv("HELLO_RAY_CACHE", str(tmp_path / "fresh"))
-    with pytest.raises(StoreError, match=r"epoch_000\.pt: sha256 .* does not match the manifest"):
+    with pytest.raises(StoreError, match=rf"artifact {key}: file epochs/epoch_000\.pt does not match its "
+                       rf"manifest: .*hello-ray rm {key} --store {s3_bucket}"):
         store.download(key)
     assert not list((tmp_path / "fresh").rglob("epoch_000.pt*")), "a rejected file was kept"
 

@@ -262,6 +262,43 @@ def test_rerun_with_same_config_is_a_no_op(trained_s3):
     assert store.get_bytes(key, epoch_file(1)) == weights
 
 
+def test_rm_then_rerun_retrains_from_epoch_1(trained_s3):
+    """``hello-ray rm`` removes the artifact *and* its Ray run state: the re-run trains epoch 1 again
+    instead of "resuming" the old run (whose epoch files are gone) and failing on "epoch 1 is
+    missing". Needs a real Ray Train run: the resume decision is Ray Train's, from ``_ray/<key>``.
+    Works on a copy of the module's S3 store (other tests read it) and re-trains on one worker
+    (compute is not in the key: the same key, a cheaper re-run)."""
+    import boto3
+
+    from hello_ray import cli
+    from hello_ray.pipeline import run_stage
+    from hello_ray.store import open_store
+
+    cfg, store, key, _ = trained_s3
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    bucket, prefix = cfg.store[len("s3://"):].split("/", 1)
+    copy_prefix = f"copy-{uuid.uuid4().hex[:8]}"
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for obj in page.get("Contents", []):
+            s3.copy_object(Bucket=bucket, Key=copy_prefix + obj["Key"][len(prefix):],
+                           CopySource={"Bucket": bucket, "Key": obj["Key"]})
+    uri = f"s3://{bucket}/{copy_prefix}"
+    copy = open_store(uri)
+    old = json.loads(copy.get_bytes(key, "epochs/epoch_001.json"))
+    assert copy.exists(key) and copy.folders("_ray") == [key]
+
+    assert cli.main(["rm", key, "--store", uri]) == 0
+    assert not copy.exists(key) and copy.folder_files(key) == {} and copy.folders("_ray") == []
+
+    rerun = dataclasses.replace(cfg, store=uri, compute=dataclasses.replace(cfg.compute, num_workers=1))
+    assert run_stage(teachers, rerun, copy) == key
+    m = [json.loads(copy.get_bytes(key, f"epochs/epoch_{e:03d}.json")) for e in range(1, cfg.teachers.epochs + 1)]
+    assert [x["epoch"] for x in m] == list(range(1, cfg.teachers.epochs + 1))
+    assert all(x["attempt_start_epoch"] == 1 and x["resumed_from"] is None for x in m), m
+    assert len({x["attempt"] for x in m}) == 1 and m[0]["attempt"] != old["attempt"]
+    assert copy.manifest(key)["summary"]["attempt_start_epochs"] == [1]
+
+
 def test_local_ray_too_small_for_workers_plus_data_is_refused(ray_local):
     # 2 workers x 1 CPU on the 2-CPU local Ray would leave Ray Data no CPU: a hang, not a run.
     cfg = load_config("smoke", overrides=["compute.num_workers=2", "compute.cpus_per_worker=1.0"])

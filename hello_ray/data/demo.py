@@ -66,6 +66,7 @@ def ensure_demo_dataset(store) -> str:
     """Write the demo shards into ``store`` unless already there; return the dataset root URI."""
     key = store.artifact_key(DEMO_STAGE, DEMO_CONFIG)
     if store.exists(key):
+        store.verify(key)  # Ray Data's parquet reader opens the shards by URI, past get_bytes
         return store.uri_for(key)
     images, labels = demo_images()
     n_shards = DEMO_CONFIG["shards_per_split"]

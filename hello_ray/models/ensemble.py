@@ -8,7 +8,6 @@ epoch b inclusive (METHOD.md: "11-51", 9 -> 11, 16, ..., 51).
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from hello_ray.config import parse_window
 from hello_ray.formats.trajectory import load_trajectory
+from hello_ray.formats.weights import load_weights
 from hello_ray.models.zoo import build_model
 
 if TYPE_CHECKING:
@@ -68,9 +68,9 @@ def resolve_window(window: str, n: int, available_epochs: Iterable[int]) -> list
 
 
 def load_state(store: "Store", key: str, name: str) -> dict[str, torch.Tensor]:
-    """A state_dict stored as ``name`` in artifact ``key``, on CPU."""
-    data = store.get_bytes(key, name)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """A state_dict stored as ``name`` in artifact ``key``, on CPU (verified against the
+    manifest as it is read; plain tensors only, see formats/weights.py)."""
+    return load_weights(store.get_bytes(key, name), store.uri_for(key, name))
 
 
 def _frozen(model: nn.Module) -> nn.Module:

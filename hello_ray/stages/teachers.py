@@ -42,12 +42,15 @@ from hello_ray.formats.trajectory import epoch_file, epoch_metrics_file, write_t
 from hello_ray.models.zoo import build_model
 from hello_ray.stages.teachers_core import Batch, evaluate_top1, make_optimizer, state_bytes, train_augment, train_epoch
 
+from hello_ray.store import rm_hint
+
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 STAGE = "teachers"
 INPUTS: tuple[str, ...] = ()          # the trajectory is trained from the real data alone
 TORCHVISION_OBSERVER_FILE = "observer_torchvision.pt"
+CHECKPOINT_FILE = "state.pt"  # the Ray checkpoint: model, optimizer, scheduler, epoch
 DRILL_PREFIX = "_drill-"  # fault-drill markers live under their own (never finalized) key
 
 log = logging.getLogger("hello_ray.teachers")
@@ -158,8 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start, resumed_from = 1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location=w.device, weights_only=True)
+        state = launcher.load_checkpoint(checkpoint, CHECKPOINT_FILE, key, w.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -205,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       100 * metrics["top1"], metrics["seconds"])
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(d, "state.pt"))
+                            "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(d, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -221,7 +223,9 @@ def read_epoch_metrics(store: "Store", key: str, epochs: int) -> list[dict[str, 
         pt, js = epoch_file(e), epoch_metrics_file(e)
         if pt not in names or js not in names:
             raise RuntimeError(f"teachers artifact {key}: epoch {e} is missing ({pt} / {js}) after "
-                               f"training finished; the Ray run under _ray/{key} did not reach it")
+                               f"training finished; the Ray run under _ray/{key} did not reach it "
+                               "(run state left from an artifact removed by hand?). Remove both with "
+                               f"{rm_hint(key, store.uri)} and re-run")
         out.append(json.loads(store.get_bytes(key, js)))
     return out
 

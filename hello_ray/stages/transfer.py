@@ -119,9 +119,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     state = None
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            # Tensors, dicts, lists and numbers only: nothing from the store is unpickled as code.
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        # Tensors, dicts, lists and numbers only: nothing from the store is unpickled as code.
+        state = launcher.load_checkpoint(ckpt, CHECKPOINT_FILE, key)
         start_epoch, history, before = state["epoch"], state["history"], state["fidelity_before"]
         if w.rank == 0:
             wlog.info("[transfer] %s: resuming after epoch %d", key, start_epoch)
