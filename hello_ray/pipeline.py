@@ -1,4 +1,4 @@
-"""The recipe: teachers -> select | transfer -> refine -> evaluate -> report, read top to bottom.
+"""The recipe: teachers -> select or recover | transfer -> refine -> evaluate -> report, read top to bottom.
 
 Every stage reads artifacts by key and writes one artifact whose key is derived from its
 config and its inputs' keys. ``run_stage`` skips a stage whose artifact is already finished,
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray, setup_logging
-from hello_ray.stages import evaluate, refine, select, teachers, transfer
+from hello_ray.stages import evaluate, recover, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 log = logging.getLogger("hello_ray.pipeline")
 
-STAGES: tuple[ModuleType, ...] = (teachers, select, transfer, refine, evaluate)  # recipe order
+STAGES: tuple[ModuleType, ...] = (teachers, select, recover, transfer, refine, evaluate)  # recipe order
 
 
 # ---------------------------------------------------------------------------- command line
@@ -78,8 +78,12 @@ def check(cfg: Config) -> None:
 
 
 def active_stages(cfg: Config) -> list[ModuleType]:
-    """The stages a full run executes, in order (refine only when enabled)."""
-    return [s for s in STAGES if s is not refine or cfg.refine.enabled]
+    """The stages a full run executes, in order: the image source ``images.source`` names (select
+    for rded, recover for sre2l / lpld), refine only when enabled."""
+    skip = {recover if cfg.images.source == "rded" else select}
+    if not cfg.refine.enabled:
+        skip.add(refine)
+    return [s for s in STAGES if s not in skip]
 
 
 def check_resources(cfg: Config) -> None:
@@ -168,6 +172,23 @@ def run_select(run: Run) -> str:
     return run.keys["select"]
 
 
+def run_recover(run: Run) -> str:
+    """Stage 2 (images.source sre2l | lpld): images synthesised against the observer's BatchNorm
+    statistics (lpld: each class's own, from a pass over the training set)."""
+    if run.cfg.images.source not in recover.SOURCES:  # before the teachers: nothing to synthesise
+        raise ConfigError(f"config key 'images.source': recover makes {' or '.join(recover.SOURCES)} images, "
+                          f"not {run.cfg.images.source!r}; set images.source=lpld (or sre2l)")
+    inputs = {"teachers": run_teachers(run)}
+    if run.needs(recover, inputs):
+        run.done(recover, inputs, recover.run(run.cfg, run.store, run.keys["recover"], inputs))
+    return run.keys["recover"]
+
+
+def run_source_images(run: Run) -> str:
+    """The image source ``images.source`` names: RDED's selection, or SRe2L / LPLD recover."""
+    return run_select(run) if run.cfg.images.source == "rded" else run_recover(run)
+
+
 def run_transfer(run: Run) -> str:
     """Stage 3: the LoRA projector fitted to the teacher window (needs no images)."""
     inputs = {"teachers": run_teachers(run)}
@@ -177,16 +198,16 @@ def run_transfer(run: Run) -> str:
 
 
 def run_refine(run: Run) -> str:
-    """Stage 4: the image update of the selected images on the projector."""
-    inputs = {"select": run_select(run), "transfer": run_transfer(run)}
+    """Stage 4: the image update of the source images (selected or recovered) on the projector."""
+    inputs = {"select": run_source_images(run), "transfer": run_transfer(run)}
     if run.needs(refine, inputs):
         run.done(refine, inputs, refine.run(run.cfg, run.store, run.keys["refine"], inputs))
     return run.keys["refine"]
 
 
 def run_images(run: Run) -> str:
-    """The distilled images evaluate trains on: refined when refine is on, else the selection."""
-    run.keys["images"] = run_refine(run) if run.cfg.refine.enabled else run_select(run)
+    """The distilled images evaluate trains on: refined when refine is on, else the source's."""
+    run.keys["images"] = run_refine(run) if run.cfg.refine.enabled else run_source_images(run)
     return run.keys["images"]
 
 
@@ -213,8 +234,8 @@ def distill(cfg: Config) -> RunResult:
     t0 = time.perf_counter()
     run = Run.start(cfg)
     run_teachers(run)
-    # select and transfer each need only the teachers: neither reads the other's artifact.
-    run_select(run)
+    # the image source and transfer each need only the teachers: neither reads the other's artifact.
+    run_source_images(run)  # select (rded) or recover (sre2l, lpld), by images.source
     run_transfer(run)
     run_images(run)        # refine (when enabled) adapts the selected images to the projector
     run_evaluate(run)
@@ -253,7 +274,8 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
                               sweep_rows=sweep_rows, storage=storage, inputs=keys,
                               teacher_window=cfg.transfer.teacher_window,
-                              meta={"preset": cfg.name, "store": store.uri})
+                              meta={"preset": cfg.name, "store": store.uri,
+                                    "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
                      table=format_table(inputs["rows"]))
 
