@@ -143,10 +143,11 @@ class ClassStats:
         """Add one batch: ``inputs[l]`` [N, F_l, H, W] (layer l's BN input), ``labels`` int64 [N]."""
         labels = labels.to("cpu", torch.long)
         for l, x in enumerate(inputs):
-            x = x.detach().to("cpu", torch.float64)
+            # Reduced over (H, W) where x lives (a GPU): only [N, F] per layer travels to the CPU.
+            x = x.detach().double()
             hw = x.shape[2] * x.shape[3]
-            self.sums[l].index_add_(0, labels, x.sum((2, 3)))                     # [N, F] per image
-            self.sumsq[l].index_add_(0, labels, x.square().sum((2, 3)))
+            self.sums[l].index_add_(0, labels, x.sum((2, 3)).cpu())               # [N, F] per image
+            self.sumsq[l].index_add_(0, labels, x.square().sum((2, 3)).cpu())
             self.count[l].index_add_(0, labels, torch.full((len(labels),), float(hw), dtype=torch.float64))
 
     def merge(self, other: "ClassStats") -> "ClassStats":
