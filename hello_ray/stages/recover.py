@@ -148,9 +148,13 @@ class RecoverActor:
         from hello_ray.data.imageset import image_name
         from hello_ray.data.images import encode_png
 
+        from hello_ray.store import ArtifactNotFound
+
         name = marker_name(index)
-        if name in self.store.list_files(self.key):   # finished before a crash: never redone
-            return {**json.loads(self.store.get_bytes(self.key, name)), "resumed": True}
+        try:  # one object, not a listing of the whole image set (50k PNGs on ImageNet)
+            return {**json.loads(self.store.get_bytes(self.key, name)), "resumed": True}  # finished: kept
+        except ArtifactNotFound:
+            pass
         unit = self.units[index]
         labels = torch.tensor([c for c, _ in unit.slots])
         where = core.describe_unit(unit, self.class_names)
