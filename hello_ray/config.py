@@ -111,7 +111,7 @@ class TeacherConfig:
 
 @dataclass
 class SelectConfig:
-    ipc: int = _help("synthetic images per class", default=10)
+    ipc: int = _help("synthetic images per class (of every images.source: rded, sre2l, lpld)", default=10)
     factor: int = _help("patches per side of a synthetic image (2 for ImageNet, 1 for <= 64 px)",
                         default=2)
     mipc: int = _help("real images per class considered", default=300)
@@ -143,6 +143,52 @@ class SelectConfig:
         _check(self.mipc_order in ("random", "first"), f"{p}.mipc_order", "must be 'random' or 'first'")
         _check(self.max_side >= 8, f"{p}.max_side", "must be >= 8")
         _check(self.mipc * 1 >= 1, f"{p}.mipc", "must be >= 1")
+        _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+
+
+IMAGE_SOURCES = ("rded", "sre2l", "lpld")
+
+
+@dataclass
+class ImagesConfig:
+    source: str = _help("where the distilled images come from: rded (select: RDED's patches of real images) | "
+                        "sre2l (recover: synthesised against the observer's BatchNorm statistics, SRe2L) | "
+                        "lpld (recover: one class per batch against that class's own statistics, LPLD)",
+                        default="rded")
+
+    def validate(self, p: str = "images") -> None:
+        _check(self.source in IMAGE_SOURCES, f"{p}.source",
+               f"unknown image source {self.source!r}; use one of {', '.join(IMAGE_SOURCES)}")
+
+
+# Defaults: the references' published ImageNet-1K runs (VILA-Lab/SRe2L @ 8d00cba SRe2L/recover/recover.sh
+# and he-y/soft-label-pruning-for-dataset-distillation @ 63eee18 recover/scripts/imagenet1k_recover.sh:
+# 4000 iterations, lr 0.25, r_bn 0.01, no TV / L2 prior; jitter 32 and first-BN multiplier 10 are
+# both scripts' code defaults; SRe2L's batch is 100 classes, LPLD's the ipc images of one class).
+@dataclass
+class RecoverConfig:
+    iterations: int = _help("Adam iterations per batch of synthesised images", default=4000)
+    lr: float = _help("Adam learning rate on the normalised pixels (cosine to 0 over the iterations)",
+                      default=0.25)
+    r_bn: float = _help("weight of the BatchNorm-statistics term next to the cross-entropy", default=0.01)
+    first_bn_multiplier: float = _help("extra weight of the first BatchNorm layer's term", default=10.0)
+    jitter: int = _help("circular shift of up to this many pixels per iteration (32 at 224 px)", default=32)
+    batch_size: int = _help("images optimised together: sre2l = classes per batch, one image each; lpld = "
+                            "images of one class per batch, at most select.ipc", default=100)
+    seed: int = _help("seed of the initial noise and the augmentation draws (per batch, reproducible)",
+                      default=0)
+    num_actors: int = _help("recover actors (one GPU each where used)", default=1)
+    actor_cpus: float = _help("CPUs per recover / statistics actor; keep < 1 on CPU so read tasks are not "
+                              "starved", default=0.5)
+    stats_batch_size: int = _help("lpld: images per forward pass of the class-statistics pass", default=256)
+
+    def validate(self, p: str = "recover") -> None:
+        for k in ("iterations", "batch_size", "num_actors", "stats_batch_size"):
+            _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _check(self.lr > 0, f"{p}.lr", "must be > 0")
+        for k in ("r_bn", "first_bn_multiplier"):
+            _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
+        _check(self.jitter >= 0, f"{p}.jitter", "must be >= 0")
         _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
 
 
@@ -346,6 +392,8 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)

@@ -44,7 +44,8 @@ writer takes an unfinished key, whatever the earlier attempt left there is eithe
 garbage, and :func:`prepare_key` decides which with one rule: if the key has Ray run state
 (``<store>/_ray/<key>``: a Ray Train stage that got as far as starting its run), the files are the
 state that run resumes with (teachers' epoch files up to its last checkpoint, evaluate's stored
-labels) and are kept, exactly as a Ray Train restart inside one driver keeps them, and the resumed
+labels) and are kept (so are the files of a stage that resumes from its own files: recover, whose
+batches each write their images and then a marker), exactly as a Ray Train restart inside one driver keeps them, and the resumed
 run rewrites everything after its checkpoint; otherwise (select, refine, or a run that never
 started) every file is removed, so the new attempt starts clean. Stale ``.partial`` temp files
 are removed in both cases (their writers are gone: the lease is ours). So the manifest lists the
@@ -521,9 +522,10 @@ def _remove(store: "Store", key: str, names: list[str]) -> None:
     raise StoreError(f"{store!r}: unknown store type")
 
 
-def prepare_key(store: "Store", key: str) -> dict:
+def prepare_key(store: "Store", key: str, resumable: bool = False) -> dict:
     """Before a lease holder runs the stage of an unfinished ``key``: drop stale temp files, and the
-    earlier attempt's data files unless its Ray run resumes with them (module docstring).
+    earlier attempt's data files unless its Ray run resumes with them, or the stage itself resumes
+    from them (``resumable``: recover's per-batch markers; module docstring).
     Returns what it did: ``{"resumes_ray_run": bool, "kept": n, "removed": n, "partials": n}``."""
     partials = 0
     if isinstance(store, LocalStore) and (store.root / key).is_dir():
@@ -532,7 +534,7 @@ def prepare_key(store: "Store", key: str) -> dict:
                 p.unlink(missing_ok=True)
                 partials += 1
     files = sorted(store._list(key))
-    resumes = _ray_state_exists(store, key)
+    resumes = resumable or _ray_state_exists(store, key)
     if files and not resumes:
         _remove(store, key, files)
     return {"resumes_ray_run": resumes, "kept": len(files) if resumes else 0,

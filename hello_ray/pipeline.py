@@ -1,4 +1,4 @@
-"""The recipe: teachers -> select | transfer -> refine -> evaluate -> report, read top to bottom.
+"""The recipe: teachers -> select or recover | transfer -> refine -> evaluate -> report, read top to bottom.
 
 Every stage reads artifacts by key and writes one artifact whose key is derived from its
 config and its inputs' keys. ``run_stage`` skips a stage whose artifact is already finished,
@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 from hello_ray import launcher, lease
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray, setup_logging
-from hello_ray.stages import evaluate, refine, select, teachers, transfer
+from hello_ray.stages import evaluate, recover, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 log = logging.getLogger("hello_ray.pipeline")
 
-STAGES: tuple[ModuleType, ...] = (teachers, select, transfer, refine, evaluate)  # recipe order
+STAGES: tuple[ModuleType, ...] = (teachers, select, recover, transfer, refine, evaluate)  # recipe order
 
 
 # ---------------------------------------------------------------------------- command line
@@ -85,8 +85,12 @@ def check(cfg: Config) -> None:
 
 
 def active_stages(cfg: Config) -> list[ModuleType]:
-    """The stages a full run executes, in order (refine only when enabled)."""
-    return [s for s in STAGES if s is not refine or cfg.refine.enabled]
+    """The stages a full run executes, in order: the image source ``images.source`` names (select
+    for rded, recover for sre2l / lpld), refine only when enabled."""
+    skip = {recover if cfg.images.source == "rded" else select}
+    if not cfg.refine.enabled:
+        skip.add(refine)
+    return [s for s in STAGES if s not in skip]
 
 
 def check_resources(cfg: Config) -> None:
@@ -159,13 +163,13 @@ class Run:
         # store) check the lease first: a writer whose lease was taken over stops.
         self.store.fences = {**self.store.fences, key: held.fence()}
         try:
-            prep = lease.prepare_key(self.store, key)
+            prep = lease.prepare_key(self.store, key, resumable=getattr(stage, "RESUMES_FROM_FILES", False))
         except BaseException:
             self.release(stage)
             raise
         if prep["removed"] or prep["partials"] or prep["kept"]:
             log.info("[%s] unfinished attempt found: %s", stage.STAGE,
-                     f"kept its {prep['kept']} files, its Ray run resumes" if prep["resumes_ray_run"] else
+                     f"kept its {prep['kept']} files to resume from" if prep["resumes_ray_run"] else
                      f"removed its {prep['removed']} files and {prep['partials']} temp files")
         log.info("[%s] running -> %s", stage.STAGE, self.store.uri_for(key))
         self._started[stage.STAGE] = time.perf_counter()
@@ -232,6 +236,24 @@ def run_select(run: Run) -> str:
     return run.keys["select"]
 
 
+def run_recover(run: Run) -> str:
+    """Stage 2 (images.source sre2l | lpld): images synthesised against the observer's BatchNorm
+    statistics (lpld: each class's own, from a pass over the training set)."""
+    if run.cfg.images.source not in recover.SOURCES:  # before the teachers: nothing to synthesise
+        raise ConfigError(f"config key 'images.source': recover makes {' or '.join(recover.SOURCES)} images, "
+                          f"not {run.cfg.images.source!r}; set images.source=lpld (or sre2l)")
+    inputs = {"teachers": run_teachers(run)}
+    with run.writing(recover, inputs) as key:
+        if key:
+            run.done(recover, inputs, recover.run(run.cfg, run.store, key, inputs))
+    return run.keys["recover"]
+
+
+def run_source_images(run: Run) -> str:
+    """The image source ``images.source`` names: RDED's selection, or SRe2L / LPLD recover."""
+    return run_select(run) if run.cfg.images.source == "rded" else run_recover(run)
+
+
 def run_transfer(run: Run) -> str:
     """Stage 3: the LoRA projector fitted to the teacher window (needs no images)."""
     inputs = {"teachers": run_teachers(run)}
@@ -242,8 +264,8 @@ def run_transfer(run: Run) -> str:
 
 
 def run_refine(run: Run) -> str:
-    """Stage 4: the image update of the selected images on the projector."""
-    inputs = {"select": run_select(run), "transfer": run_transfer(run)}
+    """Stage 4: the image update of the source images (selected or recovered) on the projector."""
+    inputs = {"select": run_source_images(run), "transfer": run_transfer(run)}
     with run.writing(refine, inputs) as key:
         if key:
             run.done(refine, inputs, refine.run(run.cfg, run.store, key, inputs))
@@ -251,8 +273,8 @@ def run_refine(run: Run) -> str:
 
 
 def run_images(run: Run) -> str:
-    """The distilled images evaluate trains on: refined when refine is on, else the selection."""
-    run.keys["images"] = run_refine(run) if run.cfg.refine.enabled else run_select(run)
+    """The distilled images evaluate trains on: refined when refine is on, else the source's."""
+    run.keys["images"] = run_refine(run) if run.cfg.refine.enabled else run_source_images(run)
     return run.keys["images"]
 
 
@@ -280,8 +302,8 @@ def distill(cfg: Config) -> RunResult:
     t0 = time.perf_counter()
     run = Run.start(cfg)
     run_teachers(run)
-    # select and transfer each need only the teachers: neither reads the other's artifact.
-    run_select(run)
+    # the image source and transfer each need only the teachers: neither reads the other's artifact.
+    run_source_images(run)  # select (rded) or recover (sre2l, lpld), by images.source
     run_transfer(run)
     run_images(run)        # refine (when enabled) adapts the selected images to the projector
     run_evaluate(run)
@@ -324,7 +346,8 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
                               sweep_rows=sweep_rows, storage=storage, inputs=keys,
                               teacher_window=cfg.transfer.teacher_window,
-                              meta={"preset": cfg.name, "store": store.uri})
+                              meta={"preset": cfg.name, "store": store.uri,
+                                    "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
                      table=format_table(inputs["rows"]))
 

@@ -34,6 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hello_ray.formats.fidelity import read_fidelity
+from hello_ray.formats.jsonfile import read_json
 from hello_ray.formats.results import read_results, results_table, summarise
 from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.tables import as_records, cell, check_rows, format_pct, human_bytes, is_missing, markdown_table
@@ -163,7 +164,7 @@ def _png(fig: Figure) -> bytes:
 def series_label(group: Mapping[str, Any], with_student: bool) -> str:
     """A summary group's legend entry: its strategy, tagged with what sets it apart from the main
     grid (floor images, a continual step) and, when several students were trained, the student."""
-    tags = [] if group["images"] == "distilled" else [f"{group['images']} images"]
+    tags = [] if group["images"] == "distilled" else [f"{group['images']} images"]  # rded, lpld, floor, ...
     if group["continual_steps"]:
         tags.append(f"continual {group['continual_step']}/{group['continual_steps']}")
     if with_student:
@@ -376,9 +377,24 @@ def report_key(name: str) -> str:
     return key
 
 
+def image_source(store: "Store", images_key: str) -> str:
+    """The ``images.source`` an image set came from (rded | sre2l | lpld; its ``imageset.json``).
+    A refined set keeps its parent's; sets written before the key existed are RDED selections."""
+    from hello_ray.data.imageset import META
+
+    return str(read_json(store, images_key, META).get("image_source", "rded"))
+
+
+def label_image_source(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The rows with ``images`` "distilled" renamed to their image source ("lpld", "rded", ...), so a
+    report that sets rows of several sources side by side keeps them apart; "floor" rows stay."""
+    return [{**r, "images": source} if r.get("images") == "distilled" else r for r in rows]
+
+
 def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
     """Read the report's inputs from finished artifacts: ``keys`` maps role -> artifact key
-    (``evaluate``, ``teachers``, ``transfer``; missing roles give None/empty).
+    (``evaluate``, ``teachers``, ``transfer``, ``images``; missing roles give None/empty). With
+    ``images``, the distilled rows are labelled with that set's image source (``label_image_source``).
 
     Returns ``{"rows": results rows, "trajectory": trajectory.json, "fidelity": fidelity.json,
     "class_names": [...]}``, each read through its format module (hello_ray/formats/).
@@ -387,7 +403,10 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
         return reader(store, keys[role]) if keys.get(role) else None
 
     trajectory = read("teachers", load_trajectory)
-    return {"rows": read("evaluate", read_results) or [], "trajectory": trajectory,
+    rows = read("evaluate", read_results) or []
+    if keys.get("images"):  # the distilled rows say which image source they trained on
+        rows = label_image_source(rows, image_source(store, keys["images"]))
+    return {"rows": rows, "trajectory": trajectory,
             "fidelity": read("transfer", read_fidelity),
             "class_names": list((trajectory or {}).get("class_names") or [])}
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from hello_ray.config import Config
 from hello_ray.lease import LeaseHeld
-from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_select, run_teachers,
+from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
                                 run_transfer)
 from hello_ray.runtime import setup_logging
 
@@ -43,8 +43,9 @@ def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
 
 
 def trial_run(cfg: Config, keys: dict[str, str]) -> Run:
-    """A Run of one trial's config that starts from the shared teachers and selection."""
-    return Run(cfg, open_run_store(cfg), {k: keys[k] for k in ("teachers", "select")})
+    """A Run of one trial's config that starts from the shared teachers and source images (the
+    selection, or recover's images)."""
+    return Run(cfg, open_run_store(cfg), dict(keys))
 
 
 def run_trial(params: dict[str, Any]) -> None:
@@ -85,7 +86,8 @@ def sweep(cfg: Config) -> dict[str, Any]:
         trial_config(cfg, cfg.sweep.conv_ranks[0], w)
     shared = Run.start(cfg)
     store = shared.store
-    keys = {"teachers": run_teachers(shared), "select": run_select(shared)}
+    source = run_source_images(shared)  # select or recover, by images.source
+    keys = {"teachers": run_teachers(shared), source.rsplit("-", 1)[0]: source}
 
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
                                reduction_factor=2)
@@ -99,7 +101,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
                      "window": tune.grid_search(list(cfg.sweep.windows))},
         tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
                                     max_concurrent_trials=cfg.sweep.max_concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{keys['select']}", storage_path=storage_path,
+        run_config=tune.RunConfig(name=f"sweep-{source}", storage_path=storage_path,
                                   storage_filesystem=storage_fs, verbose=1),
     )
     results = tuner.fit()

@@ -36,6 +36,9 @@ RULES = [
     (["refine.factor=24"], "refine.factor"),                                   # a one-pixel low-pass
     (["data.class_names=[a, b]", "evaluate.continual_steps=[5]"], "evaluate.continual_steps"),
     (["select.nonsense=1"], "select.nonsense"),
+    (["images.source=dalle"], "images.source"),
+    (["images.source=lpld", "recover.jitter=24"], "recover.jitter"),                # a whole-side shift
+    (["images.source=sre2l", "teachers.model=vgg11"], "teachers.model"),           # no BatchNorm to match
 ]
 
 
@@ -52,7 +55,7 @@ def test_config_rule_fails_before_compute(overrides, key, tmp_path, capsys):
 
 def test_every_stage_is_checked_and_valid_presets_pass():
     """The pipeline runs every stage's check; the shipped presets pass all of them."""
-    assert [s.STAGE for s in pipeline.STAGES] == ["teachers", "select", "transfer", "refine", "evaluate"]
+    assert [s.STAGE for s in pipeline.STAGES] == ["teachers", "select", "recover", "transfer", "refine", "evaluate"]
     for s in pipeline.STAGES:
         assert callable(s.check) and callable(s.resources) and callable(s.run) and callable(s.stage_config)
         assert isinstance(s.INPUTS, tuple)
@@ -61,6 +64,11 @@ def test_every_stage_is_checked_and_valid_presets_pass():
     pipeline.check(load_config("imagenet1k", overrides=["data.source=/data/imagenet"]))
     # refine's rule only applies when refine runs
     pipeline.check(load_config("smoke", overrides=["refine.enabled=false", "refine.factor=24"]))
+    # images.source picks the image stage: select for rded, recover for sre2l / lpld; their rules follow
+    lpld = load_config("smoke", overrides=["images.source=lpld"])
+    assert [s.STAGE for s in pipeline.active_stages(lpld)] == ["teachers", "recover", "transfer", "refine", "evaluate"]
+    pipeline.check(load_config("smoke", overrides=["recover.jitter=24"]))
+    pipeline.check(load_config("smoke", overrides=["images.source=lpld", "data.image_size=30", "select.factor=4"]))
 
 
 def test_stage_inputs_are_the_declared_roles(tmp_path):

@@ -234,8 +234,8 @@ def test_a_waiter_runs_the_stage_when_the_writer_gives_up(store, caplog):
 
 def test_takeover_clears_an_unfinished_attempt_unless_its_ray_run_resumes(store):
     """A dead driver's expired lease and its leftovers: without Ray run state the new writer
-    starts clean (data files and temp files gone); with ``_ray/<key>`` it keeps them for the
-    resume. Finalize then lists exactly the files present, and records who wrote them."""
+    starts clean (data files and temp files gone); with ``_ray/<key>`` (or for a stage that resumes
+    from its own files) it keeps them for the resume. Finalize then lists exactly the files present, and records who wrote them."""
     from hello_ray.stages import select, teachers
 
     inputs = {"teachers": "teachers-000000000000"}
@@ -271,6 +271,17 @@ def test_takeover_clears_an_unfinished_attempt_unless_its_ray_run_resumes(store)
     assert store.list_files(tkey) == ["epochs/epoch_001.pt"]
     run.release(teachers)
     assert read_lease(store, tkey) is None
+
+    # A stage that resumes from its own files (recover's marked batches) keeps them too.
+    from hello_ray.stages import recover
+
+    run = _select_run(store.uri, "images.source=lpld")
+    rkey = store.artifact_key("recover", recover.stage_config(run.cfg), inputs)
+    store.put_bytes(rkey, "images/000.png", b"class 0")
+    store.put_bytes(rkey, "done/unit_00000.json", b"{}")
+    assert run.needs(recover, inputs)
+    assert store.list_files(rkey) == ["done/unit_00000.json", "images/000.png"]
+    run.release(recover)
 
 
 def test_finalize_is_refused_after_the_lease_was_taken_over(store):

@@ -272,3 +272,22 @@ def test_collect_inputs_reads_the_stage_artifacts(file_store_uri):
     md, pngs = report.build_report(got["rows"], got["trajectory"], got["fidelity"])
     assert "## Projector fidelity" in md and len(pngs) == 3
     assert report.collect_inputs(store, {})["rows"] == []
+
+
+def test_rows_are_labelled_with_their_image_source(file_store_uri):
+    """An LPLD image set's rows say "lpld" in the report (RDED's say "rded"), so two sources' rows
+    set side by side stay apart; floor rows keep "floor"."""
+    from hello_ray.data.imageset import write_image_set
+
+    store = open_store(file_store_uri)
+    write_results(store, "evaluate-000000000005", make_rows(), wall_s=1.0)
+    store.finalize("evaluate-000000000005", "evaluate", {}, {})
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    for key, meta in (("recover-000000000006", {"image_source": "lpld"}), ("select-000000000007", {})):
+        write_image_set(store, key, images, [0, 1], ["a", "b"], None, meta)   # select: written before the key
+    lpld = report.collect_inputs(store, {"evaluate": "evaluate-000000000005", "images": "recover-000000000006"})
+    rded = report.collect_inputs(store, {"evaluate": "evaluate-000000000005", "images": "select-000000000007"})
+    assert {r["images"] for r in lpld["rows"]} == {"lpld"} and {r["images"] for r in rded["rows"]} == {"rded"}
+    md, _ = report.build_report(lpld["rows"] + rded["rows"])
+    assert table_row(md, "lpld", "resnet18", "stored/10", "-") and table_row(md, "rded", "resnet18", "stored/10", "-")
+    assert report.label_image_source([{"images": "floor"}], "lpld") == [{"images": "floor"}]

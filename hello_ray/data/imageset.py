@@ -1,4 +1,4 @@
-"""The image-set artifact written by select and refine, read by refine and evaluate.
+"""The image-set artifact written by select, recover and refine, read by refine and evaluate.
 
 Layout under the artifact key:
   ``images/{i:05d}.png``  one lossless PNG per synthetic image (uint8 RGB)
@@ -69,10 +69,21 @@ def write_image_set(store, key: str, images: torch.Tensor | np.ndarray,
     # Many small objects: upload in parallel (PNG encoding and S3 PUTs both release the GIL).
     with cf.ThreadPoolExecutor(16) as pool:
         list(pool.map(put, range(len(imgs))))
+    write_image_set_index(store, key, labs, class_names, int(imgs.shape[1]), index, meta)
+
+
+def write_image_set_index(store, key: str, labels: np.ndarray | list[int], class_names: list[str],
+                          image_size: int, index: pd.DataFrame, meta: dict) -> None:
+    """The set's ``index.parquet`` and ``imageset.json``, for a writer that stored the PNGs
+    (``images/{i:05d}.png``, i < len(labels)) itself, e.g. one image batch at a time."""
+    labs = np.asarray(labels).astype(np.int64)
+    clash = [k for k in _RESERVED if k in meta]
+    if clash:
+        raise ValueError(f"image set {key}: meta keys {clash} are written by write_image_set itself")
     buf = io.BytesIO()
     index.to_parquet(buf, index=False)
     store.put_bytes(key, INDEX, buf.getvalue())
-    info = {"num_images": int(len(imgs)), "image_size": int(imgs.shape[1]),
+    info = {"num_images": int(len(labs)), "image_size": int(image_size),
             "class_names": list(class_names), "labels": labs.tolist(), **meta}
     store.put_bytes(key, META, json.dumps(info, indent=1).encode())
 

@@ -247,7 +247,7 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     index = _index_frame(per_class, sel.ipc, factor, sel.tile_order)
     meta = {"ipc": sel.ipc, "factor": factor, "mipc": sel.mipc, "num_crop": sel.num_crop,
             "show": sel.show, "crop_source": sel.crop_source, "tile_order": sel.tile_order,
-            "mipc_order": sel.mipc_order, "seed": sel.seed, "parent": inputs["teachers"],
+            "mipc_order": sel.mipc_order, "seed": sel.seed, "parent": inputs["teachers"], "image_source": "rded",
             "source": split.source}
     write_image_set(store, key, images.numpy(), labels.numpy(), names, index, meta)
 

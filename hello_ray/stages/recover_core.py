@@ -1,0 +1,433 @@
+"""SRe2L recover and LPLD's class-wise recover, the plain-PyTorch core (no Ray in this file).
+
+References (read, not copied): VILA-Lab/SRe2L @ 8d00cba ``SRe2L/recover/data_synthesis.py``,
+``SRe2L/recover/utils.py``, ``SRe2L/recover/recover.sh``; he-y/soft-label-pruning-for-dataset-distillation
+(LPLD) @ 63eee18 ``recover/data_synthesis_class.py``, ``recover/utils_recover.py``,
+``recover/models/resnet_class.py``, ``recover/scripts/imagenet1k_recover.sh``.
+
+*The images* start as Gaussian noise in the observer's normalised input space and are optimised with
+Adam (betas 0.5/0.9, eps 1e-8) at a per-iteration cosine rate ``0.5 (1 + cos(pi t / T)) lr`` against
+
+    CE(observer(aug(x)), class) + r_bn * sum_l w_l (||mu_l - mu_ref_l||_2 + ||var_l - var_ref_l||_2)
+
+where mu_l, var_l are the batch mean and biased variance over (N, H, W) of the input of the l-th
+BatchNorm2d (in ``modules()`` order) and w = first_bn_multiplier for the first, 1 for the others.
+The references (``ref``) are the observer's global running statistics for SRe2L and the statistics
+of the batch's own class for LPLD, whose batches hold one class each. ``aug`` is one
+RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) + a horizontal flip (p 0.5) drawn once for the
+whole batch, then a circular roll by (randint(0, jitter), randint(0, jitter)). After every step the
+pixels are clipped to the box that maps to [0, 1]; the image kept is the last iterate, as uint8.
+
+Per-class statistics (:class:`ClassStats`): per class and BN layer the count, sum and sum of
+squares in float64 of that layer's input over (images, H, W): exact, mergeable in any order.
+LPLD instead keeps a BN-momentum running average per class during one forward epoch (README,
+Fidelity): the exact class mean and variance are what that average estimates, order-free.
+
+Every random draw of a batch comes from one CPU ``torch.Generator`` seeded from (seed, variant,
+the batch's slots) (:func:`unit_seed`), so a batch gives the same images wherever it runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hello_ray.data.augment import sample_crop_boxes, to_uint8
+
+VARIANTS = ("sre2l", "lpld")
+CROP_SCALE = (0.08, 1.0)    # torchvision RandomResizedCrop defaults, as both references use them
+CROP_RATIO = (3 / 4, 4 / 3)
+ADAM_BETAS = (0.5, 0.9)
+ADAM_EPS = 1e-8
+
+
+class RecoverError(ValueError):
+    """Recover cannot run on this observer or these statistics, or its objective diverged."""
+
+
+# ---------------------------------------------------------------------------- BatchNorm inputs
+
+def bn_layers(model: nn.Module, where: str = "observer") -> list[tuple[str, nn.BatchNorm2d]]:
+    """The model's BatchNorm2d layers in ``modules()`` order (the first gets first_bn_multiplier)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers:
+        raise RecoverError(f"{where} ({type(model).__name__}{' ' + model.name if hasattr(model, 'name') else ''}) "
+                           "has no BatchNorm2d layer: recover matches BatchNorm statistics, so it needs an "
+                           "observer with BatchNorm (e.g. teachers.model=resnet18), or use images.source=rded")
+    return layers
+
+
+class BNInputs:
+    """Forward hooks that keep the input of every BatchNorm2d of ``model`` during a ``with`` block.
+
+    ``inputs[l]`` is layer l's input [N, F_l, H_l, W_l] of the last forward (with its graph unless
+    ``detach``), in ``bn_layers`` order.
+    """
+
+    def __init__(self, model: nn.Module, detach: bool = False, where: str = "observer"):
+        self.layers = bn_layers(model, where)
+        self.detach = detach
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "BNInputs":
+        for i, (_, m) in enumerate(self.layers):
+            self._handles.append(m.register_forward_hook(self._keep(i)))
+        return self
+
+    def _keep(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            self.inputs[i] = x.detach() if self.detach else x
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def captured(self) -> list[torch.Tensor]:
+        missing = [self.layers[i][0] for i, x in enumerate(self.inputs) if x is None]
+        if missing:
+            raise RecoverError(f"BatchNorm layers {missing[:3]} were not run by the forward pass: "
+                               "recover needs every BatchNorm2d of the observer on the forward path")
+        return [x for x in self.inputs if x is not None]
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over (N, H, W) of x [N, F, H, W]: two [F] tensors (what BatchNorm
+    computes in training mode, and what both references' hooks compare)."""
+    return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+
+
+# ---------------------------------------------------------------------------- per-class statistics
+
+@dataclass
+class ClassStats:
+    """Per class and BN layer: count (values per channel), sum and sum of squares, float64.
+
+    ``count[l]`` [C], ``sums[l]`` / ``sumsq[l]`` [C, F_l]. Adding batches or merging partial
+    statistics in any order gives the same sums (up to float64 rounding): mean = sum / n,
+    var = sumsq / n - mean^2 (biased, over every image and pixel of the class).
+    """
+    layer_names: list[str]
+    count: list[torch.Tensor]   # [C] float64 per layer
+    sums: list[torch.Tensor]    # [C, F_l] float64 per layer
+    sumsq: list[torch.Tensor]   # [C, F_l] float64 per layer
+
+    @classmethod
+    def empty(cls, num_classes: int, layers: Sequence[tuple[str, nn.BatchNorm2d]]) -> "ClassStats":
+        names = [n for n, _ in layers]
+        ch = [m.num_features for _, m in layers]
+        z = torch.float64
+        return cls(names, [torch.zeros(num_classes, dtype=z) for _ in ch],
+                   [torch.zeros(num_classes, f, dtype=z) for f in ch],
+                   [torch.zeros(num_classes, f, dtype=z) for f in ch])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.count[0].shape[0])
+
+    @property
+    def channels(self) -> list[int]:
+        return [int(s.shape[1]) for s in self.sums]
+
+    def add(self, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        """Add one batch: ``inputs[l]`` [N, F_l, H, W] (layer l's BN input), ``labels`` int64 [N]."""
+        labels = labels.to("cpu", torch.long)
+        for l, x in enumerate(inputs):
+            # Reduced over (H, W) where x lives (a GPU): only [N, F] per layer travels to the CPU.
+            x = x.detach().double()
+            hw = x.shape[2] * x.shape[3]
+            self.sums[l].index_add_(0, labels, x.sum((2, 3)).cpu())               # [N, F] per image
+            self.sumsq[l].index_add_(0, labels, x.square().sum((2, 3)).cpu())
+            self.count[l].index_add_(0, labels, torch.full((len(labels),), float(hw), dtype=torch.float64))
+
+    def merge(self, other: "ClassStats") -> "ClassStats":
+        """Add ``other``'s counts and sums into these (same classes and layers)."""
+        if other.layer_names != self.layer_names or other.num_classes != self.num_classes:
+            raise ValueError("ClassStats.merge: statistics of different observers or class counts")
+        for l in range(len(self.sums)):
+            self.count[l] += other.count[l]
+            self.sums[l] += other.sums[l]
+            self.sumsq[l] += other.sumsq[l]
+        return self
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The classes present as rows (a Ray Data batch): label [K], count [K, L], sum / sumsq
+        [K, sum F_l] (layers concatenated)."""
+        present = torch.nonzero(self.count[0] > 0).flatten()
+        return {"label": present.numpy().astype(np.int64),
+                "count": torch.stack([c[present] for c in self.count], 1).numpy(),
+                "sum": torch.cat([s[present] for s in self.sums], 1).numpy(),
+                "sumsq": torch.cat([s[present] for s in self.sumsq], 1).numpy()}
+
+    def add_rows(self, rows: dict[str, np.ndarray]) -> None:
+        """Add partial statistics given as :meth:`rows` (from any process, in any order)."""
+        labels = torch.from_numpy(np.array(rows["label"], dtype=np.int64))   # a copy: Ray rows are read-only
+        count = torch.as_tensor(np.asarray(rows["count"], dtype=np.float64))        # [K, L]
+        sums = torch.as_tensor(np.asarray(rows["sum"], dtype=np.float64))           # [K, F]
+        sumsq = torch.as_tensor(np.asarray(rows["sumsq"], dtype=np.float64))
+        offsets = np.cumsum([0, *self.channels])
+        for l in range(len(self.sums)):
+            a, b = int(offsets[l]), int(offsets[l + 1])
+            self.count[l].index_add_(0, labels, count[:, l])
+            self.sums[l].index_add_(0, labels, sums[:, a:b])
+            self.sumsq[l].index_add_(0, labels, sumsq[:, a:b])
+
+    def images_per_class(self) -> torch.Tensor:
+        """Values per channel of the first layer per class [C] (images x H x W; 0 = class unseen)."""
+        return self.count[0]
+
+    def moments(self, label: int, class_name: str = "") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean [F_l], biased var [F_l]) float32 per layer for class ``label``."""
+        if not 0 <= label < self.num_classes:
+            raise RecoverError(f"class index {label} outside the statistics' {self.num_classes} classes")
+        if float(self.count[0][label]) <= 0:
+            name = f" {class_name!r}" if class_name else ""
+            raise RecoverError(f"class{name} (index {label}) has no training images: its BatchNorm "
+                               "statistics, which class-wise recover (lpld) matches, are undefined")
+        out = []
+        for l in range(len(self.sums)):
+            n = self.count[l][label]
+            mean = self.sums[l][label] / n
+            var = (self.sumsq[l][label] / n - mean.square()).clamp_(min=0.0)
+            out.append((mean.float(), var.float()))
+        return out
+
+    def state(self) -> dict[str, torch.Tensor | list[str]]:
+        """A ``torch.save``-able dict (float64 tensors and layer names)."""
+        return {"layer_names": list(self.layer_names), "count": torch.stack(self.count),
+                "sums": list(self.sums), "sumsq": list(self.sumsq)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ClassStats":
+        return cls(list(state["layer_names"]), list(state["count"].unbind(0)), list(state["sums"]),
+                   list(state["sumsq"]))
+
+
+def observe_batch(observer: nn.Module, x: torch.Tensor, labels: torch.Tensor, stats: ClassStats) -> None:
+    """One forward pass of ``x`` [N, 3, H, W] in [0, 1] (the observer's input) in eval mode; the
+    BN inputs go into ``stats`` by ``labels``."""
+    with torch.inference_mode(), BNInputs(observer, detach=True) as hooks:
+        observer(x)
+        stats.add(hooks.captured(), labels)
+
+
+def class_stats(observer: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                batch_size: int = 256, device: torch.device | str = "cpu") -> ClassStats:
+    """Per-class BN statistics of ``images`` uint8 [N, H, W, 3] with ``labels`` [N], in memory."""
+    from hello_ray.data.augment import to_float
+
+    stats = ClassStats.empty(num_classes, bn_layers(observer))
+    for s in range(0, len(images), batch_size):
+        x = to_float(torch.as_tensor(images[s:s + batch_size])).to(device)
+        observe_batch(observer, x, torch.as_tensor(labels[s:s + batch_size]), stats)
+    return stats
+
+
+def running_moments(observer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(running_mean, running_var) of every BN layer: SRe2L's targets (the global statistics)."""
+    return [(m.running_mean.detach().float(), m.running_var.detach().float()) for _, m in bn_layers(observer)]
+
+
+# ---------------------------------------------------------------------------- work units
+
+@dataclass(frozen=True)
+class Unit:
+    """One batch of images optimised together: its ``slots`` (class, k-th image of the class)."""
+    index: int
+    slots: tuple[tuple[int, int], ...]
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted({c for c, _ in self.slots})
+
+    def image_indices(self, ipc: int) -> list[int]:
+        """Global image indices (class * ipc + k): the image set's order, class-major."""
+        return [c * ipc + k for c, k in self.slots]
+
+
+def plan_units(variant: str, num_classes: int, ipc: int, batch_size: int) -> list[Unit]:
+    """The batches of a recover run.
+
+    lpld (LPLD ``data_synthesis_class.py``): each class alone, its ipc images in batches of at most
+    ``batch_size`` (LPLD runs batch = ipc). sre2l (SRe2L ``data_synthesis.py``): for each k < ipc,
+    the classes in batches of ``batch_size``, one image each (SRe2L: 100 classes per batch).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"recover variant {variant!r}: must be one of {', '.join(VARIANTS)}")
+    if min(num_classes, ipc, batch_size) < 1:
+        raise ValueError(f"plan_units: classes {num_classes}, ipc {ipc}, batch {batch_size} must be >= 1")
+    slots: list[tuple[tuple[int, int], ...]] = []
+    if variant == "lpld":
+        for c in range(num_classes):
+            for k0 in range(0, ipc, batch_size):
+                slots.append(tuple((c, k) for k in range(k0, min(k0 + batch_size, ipc))))
+    else:
+        for k in range(ipc):
+            for c0 in range(0, num_classes, batch_size):
+                slots.append(tuple((c, k) for c in range(c0, min(c0 + batch_size, num_classes))))
+    return [Unit(i, s) for i, s in enumerate(slots)]
+
+
+def unit_seed(seed: int, variant: str, unit: Unit) -> int:
+    """A 63-bit generator seed from (seed, variant, the unit's slots); stable across processes."""
+    text = f"{seed}\x00{variant}\x00" + ",".join(f"{c}:{k}" for c, k in unit.slots)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------- the objective
+
+def bn_term(inputs: Sequence[torch.Tensor], targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+            first_bn_multiplier: float) -> torch.Tensor:
+    """sum_l w_l (||mu_l - mu_ref_l||_2 + ||var_l - var_ref_l||_2), w = (first_bn_multiplier, 1, ...):
+    plain (not squared) L2 norms, as both references' hooks."""
+    if len(inputs) != len(targets):
+        raise ValueError(f"bn_term: {len(inputs)} BN inputs but {len(targets)} targets")
+    total = inputs[0].new_zeros(())
+    for l, (x, (mu_ref, var_ref)) in enumerate(zip(inputs, targets)):
+        mu, var = batch_moments(x)
+        w = first_bn_multiplier if l == 0 else 1.0
+        total = total + w * (torch.linalg.vector_norm(mu - mu_ref.to(mu)) +
+                             torch.linalg.vector_norm(var - var_ref.to(var)))
+    return total
+
+
+def input_normalisation(observer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [1, 3, 1, 1] the observer applies to its [0, 1] input: a zoo model's buffers
+    (ImageNet's), else ImageNet's. Recover optimises z = (x - mean) / std, as the references do."""
+    from hello_ray.models.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = getattr(observer, "mean", None), getattr(observer, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == std.numel() == 3:
+        return mean.detach().float().cpu().view(1, 3, 1, 1), std.detach().float().cpu().view(1, 3, 1, 1)
+    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def augment(z: torch.Tensor, generator: torch.Generator, jitter: int) -> torch.Tensor:
+    """One RandomResizedCrop + flip for the whole batch, then a circular roll by
+    (randint(0, jitter), randint(0, jitter)): z [N, 3, H, W] -> same shape, differentiable.
+
+    The crop is resized bilinearly (torchvision's rule; a crop is never larger than the image, so
+    its antialiasing has nothing to do).
+    """
+    n, _, h, w = z.shape
+    x0, y0, x1, y1 = (int(v) for v in sample_crop_boxes(1, h, w, CROP_SCALE, CROP_RATIO, generator)[0])
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
+    dy, dx = (int(v) for v in torch.randint(0, jitter + 1, (2,), generator=generator))
+    out = z[:, :, y0:y1, x0:x1]
+    if (y1 - y0, x1 - x0) != (h, w):
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+    if flip:
+        out = out.flip(-1)
+    return torch.roll(out, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else out
+
+
+@dataclass
+class RecoverSettings:
+    """What decides a unit's images (besides the observer, its targets and the seed)."""
+    iterations: int
+    lr: float
+    r_bn: float
+    first_bn_multiplier: float
+    jitter: int
+
+
+@dataclass
+class RecoverResult:
+    images: torch.Tensor                                  # uint8 [N, H, W, 3], the last iterate
+    objective: list[float] = field(default_factory=list)  # per iteration: CE + r_bn * BN term
+    bn: list[float] = field(default_factory=list)         # per iteration: the BN term (unweighted by r_bn)
+    ce: list[float] = field(default_factory=list)         # per iteration: the cross-entropy
+    seconds: float = 0.0
+
+
+def recover_unit(observer: nn.Module, labels: torch.Tensor, targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 settings: RecoverSettings, seed: int, image_size: int,
+                 device: torch.device | str = "cpu", where: str = "") -> RecoverResult:
+    """Synthesise ``len(labels)`` images of ``labels`` [N] against BN ``targets`` (per layer
+    (mean, var)); ``observer`` is frozen, in eval mode, on ``device``. Every draw comes from one
+    CPU generator seeded with ``seed``. A non-finite objective raises, naming ``where`` and the
+    iteration."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = (t.to(device) for t in input_normalisation(observer))
+    lo, hi = (0 - mean) / std, (1 - mean) / std                                   # [1, 3, 1, 1]
+    z = torch.randn(len(labels), 3, image_size, image_size, generator=gen).to(device).requires_grad_(True)
+    labels = labels.to(device, torch.long)
+    targets = [(m.to(device), v.to(device)) for m, v in targets]
+    opt = torch.optim.Adam([z], lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    result = RecoverResult(images=torch.empty(0, dtype=torch.uint8))
+    with BNInputs(observer) as hooks:
+        for t in range(settings.iterations):
+            for group in opt.param_groups:  # the references' lr_cosine_policy, no warm-up
+                group["lr"] = 0.5 * (1 + math.cos(math.pi * t / settings.iterations)) * settings.lr
+            logits = observer(augment(z, gen, settings.jitter) * std + mean)       # the observer takes [0, 1]
+            ce = F.cross_entropy(logits, labels)
+            bn = bn_term(hooks.captured(), targets, settings.first_bn_multiplier)
+            loss = ce + settings.r_bn * bn
+            if not torch.isfinite(loss.detach()):
+                raise RecoverError(f"recover {where or 'batch'}: the objective is not finite at iteration "
+                                   f"{t} (CE {float(ce.detach()):.4g}, BN term {float(bn.detach()):.4g}); lower recover.lr "
+                                   f"({settings.lr}) or recover.r_bn ({settings.r_bn})")
+            result.objective.append(float(loss.detach()))
+            result.bn.append(float(bn.detach()))
+            result.ce.append(float(ce.detach()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                z.copy_(torch.maximum(torch.minimum(z, hi), lo))   # the pixels stay inside [0, 1]
+    with torch.no_grad():
+        result.images = to_uint8(z * std + mean).cpu()                          # [N, H, W, 3]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def unit_targets(variant: str, unit: Unit, observer: nn.Module, stats: ClassStats | None,
+                 class_names: Sequence[str] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The BN targets of ``unit``: the global running statistics (sre2l), or its class's own (lpld)."""
+    if variant == "sre2l":
+        return running_moments(observer)
+    (label,) = unit.classes  # an lpld unit holds one class
+    if stats is None:
+        raise RecoverError("class-wise recover (lpld) needs the per-class statistics")
+    return stats.moments(label, class_names[label] if label < len(class_names) else "")
+
+
+def describe_unit(unit: Unit, class_names: Sequence[str]) -> str:
+    """'class 'three' (index 3)' or 'classes 0-99, image 2': for logs and errors."""
+    classes = unit.classes
+    if len(classes) == 1:
+        c = classes[0]
+        return f"class {class_names[c]!r} (index {c})" if c < len(class_names) else f"class {c}"
+    ks = sorted({k for _, k in unit.slots})
+    return f"classes {classes[0]}-{classes[-1]}, image {ks[0]}"
+
+
+def recover_images(observer: nn.Module, variant: str, num_classes: int, ipc: int, batch_size: int,
+                   settings: RecoverSettings, seed: int, image_size: int, stats: ClassStats | None = None,
+                   class_names: Sequence[str] = (), device: torch.device | str = "cpu",
+                   ) -> tuple[torch.Tensor, list[RecoverResult]]:
+    """Every unit of a run, one after another, in memory: (images uint8 [C * ipc, H, W, 3] in the
+    image set's class-major order, the units' results). The Ray stage runs the same units on actors."""
+    units = plan_units(variant, num_classes, ipc, batch_size)
+    images = torch.empty(num_classes * ipc, image_size, image_size, 3, dtype=torch.uint8)
+    results = []
+    for unit in units:
+        labels = torch.tensor([c for c, _ in unit.slots])
+        res = recover_unit(observer, labels, unit_targets(variant, unit, observer, stats, class_names),
+                           settings, unit_seed(seed, variant, unit), image_size, device,
+                           describe_unit(unit, class_names))
+        images[unit.image_indices(ipc)] = res.images
+        results.append(res)
+    return images, results
