@@ -73,9 +73,11 @@ class _Layout:
 
 
 def _fs_for(uri: str, store) -> tuple[pafs.FileSystem, str]:
+    """The dataset's filesystem; an S3 store lends its endpoint, timeouts and attempts."""
     from hello_ray.store import resolve_filesystem
 
-    return resolve_filesystem(uri, getattr(store, "endpoint_url", None))
+    net = {k: getattr(store, k) for k in ("timeout", "max_attempts") if hasattr(store, k)}
+    return resolve_filesystem(uri, getattr(store, "endpoint_url", None), **net)
 
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
