@@ -124,6 +124,42 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
                          per_worker_batch=max(1, global_batch // world))
 
 
+def report(metrics: dict[str, Any], store: "Store", checkpoint_dir: str | None = None) -> None:
+    """``ray.train.report`` with the checkpoint in ``checkpoint_dir`` (None: metrics only).
+
+    On an S3 store the checkpoint goes up through the store's boto3 client into the folder Ray
+    Train names (its run storage), not through pyarrow: a pyarrow multipart upload fails when S3
+    throttles its CompleteMultipartUpload, and teachers' checkpoints are multipart-sized.
+    """
+    import ray.train
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+        return
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+    upload = getattr(store, "upload_ray_dir", None)
+    if upload is None or not _takes_upload_fn():
+        ray.train.report(metrics, checkpoint=checkpoint)
+        return
+
+    def upload_fn(ckpt: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+        storage = ray.train.get_context().get_storage()
+        dest = f"{storage.experiment_fs_path}/{dir_name}"
+        upload(ckpt.path, dest)
+        return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
+
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_fn)
+
+
+def _takes_upload_fn() -> bool:
+    """Whether this Ray's ``ray.train.report`` takes ``checkpoint_upload_fn`` (Train V2, 2.50+)."""
+    import inspect
+
+    import ray.train
+
+    return "checkpoint_upload_fn" in inspect.signature(ray.train.report).parameters
+
+
 # ---------------------------------------------------------------------------- fault drill (tests)
 
 @dataclass(frozen=True)

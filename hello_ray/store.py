@@ -437,8 +437,11 @@ def _s3_filesystem(endpoint: str | None, region: str | None, bucket: str,
     """pyarrow S3 filesystem carrying endpoint, region, timeouts and retries explicitly (no
     credentials), so the Ray processes it is shipped to need none of the driver's settings."""
     # request_timeout: on Linux, curl gives up after this long without a byte (a hung server).
+    # allow_delayed_open: a file smaller than one part goes up in one PutObject, not a multipart
+    # upload, whose CompleteMultipartUpload pyarrow cannot retry when S3 throttles it (its check
+    # for errors embedded in a 200 keeps the 503's <Error> after the SDK's successful retry).
     kwargs: dict[str, Any] = {"connect_timeout": min(_TIMEOUTS["connect_timeout"], timeout),
-                              "request_timeout": timeout}
+                              "request_timeout": timeout, "allow_delayed_open": True}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["scheme"] = parsed.scheme or "https"
@@ -637,6 +640,18 @@ class S3Store(Store):
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         fs = _s3_filesystem(self.endpoint_url, self.region, self.bucket, self.timeout, self.max_attempts)
         return f"{self.bucket}/{self._obj(RAY_DIR)}", fs
+
+    def upload_ray_dir(self, local_dir: Path, fs_path: str) -> None:
+        """Upload a Ray Train checkpoint folder to ``fs_path`` (``bucket/prefix/_ray/...``, as
+        Ray names it) through boto3, whose multipart uploads survive throttling (pyarrow's do not,
+        see ``_s3_filesystem``)."""
+        root = f"{self.bucket}/{self._obj(RAY_DIR)}/"
+        if not fs_path.startswith(root) or ".." in fs_path.split("/"):
+            raise StoreError(f"{fs_path!r} is not under this store's Ray folder {root}")
+        base = fs_path[len(self.bucket) + 1:].rstrip("/")
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            key = f"{base}/{path.relative_to(local_dir).as_posix()}"
+            self._call(f"uploading {path} to {key}", self._client.upload_file, str(path), self.bucket, key)
 
     # -- download into the local cache --------------------------------------------------------
     def cache_dir(self, key: str) -> Path:

@@ -169,9 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(d, "state.pt"))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                launcher.report(metrics, store, d)
         else:
-            ray.train.report(metrics)
+            launcher.report(metrics, store)
 
 
 # ---------------------------------------------------------------------------- Ray wrapper

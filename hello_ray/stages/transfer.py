@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if w.rank == 0:
             wlog.info("[transfer] epoch %d/%d loss %.4f (mse %.4f, ce %.4f) %d views %.1f s",
                       epoch, tc.epochs, row["loss"], row["mse"], row["ce"], row["views"], row["seconds"])
-        _report_epoch(projector, optimizer, epoch, history, before, w.rank, row)
+        _report_epoch(projector, optimizer, epoch, history, before, w.rank, row, store)
 
     after, adapter_dir = shipped_fidelity(projector, teachers, val_batches, tc.adapter_dtype, w.device,
                                           launcher.all_reduce_sum)
@@ -184,18 +184,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _report_epoch(projector: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                  history: list[dict], before: dict, rank: int, row: dict) -> None:
+                  history: list[dict], before: dict, rank: int, row: dict, store) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (LoRA + optimizer + epoch)."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
         if rank == 0:
             lora = {n: t.cpu().clone() for n, t in projector.lora_state_dict().items()}
             torch.save({"lora": lora, "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "history": history, "fidelity_before": before}, Path(d) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(dict(row), checkpoint=checkpoint)
+        launcher.report(dict(row), store, d if rank == 0 else None)
 
 
 # ---------------------------------------------------------------------------- driver
