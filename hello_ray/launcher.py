@@ -88,10 +88,9 @@ def _storage_hint(store: "Store", error: BaseException) -> str:
     S3 endpoint did not answer: pyarrow's messages (Ray Train's checkpoints) name neither."""
     from hello_ray.data.io_retry import transient_markers
 
-    endpoint = getattr(store, "endpoint_url", None)
     if not hasattr(store, "bucket"):
         return f" (store {store.uri})"
-    where = f" (store {store.uri} at S3 endpoint {endpoint or 'AWS default'}"
+    where = f" (store {store.uri} at S3 endpoint {store.endpoint_url or 'AWS default'}"
     text = str(error)
     if any(m in text for m in transient_markers()) or "cannot reach the endpoint" in text:
         where += (f": the endpoint did not answer within {store.max_attempts} attempts of "
@@ -166,7 +165,7 @@ def _takes_upload_fn() -> bool:
 class KillDrill:
     """On a run's first attempt, after the first batch of ``epoch``, rank ``rank`` writes its pid
     to ``<store>/_drill-<key>/kill_at_epoch_<epoch>.pid`` and waits for someone to SIGKILL it
-    (tests/faults.py ``kill_on_marker``). The other ranks go on into the next collective, where
+    (tests/faults.py ``KillOnMarker``). The other ranks go on into the next collective, where
     Ray Train's teardown of the failed worker group finds them."""
     epoch: int
     rank: int = 0
