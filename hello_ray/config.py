@@ -388,6 +388,11 @@ class Config:
                        default="./artifacts")
     s3_endpoint: str = _help("S3 endpoint for MinIO/Ceph/R2 ('' = AWS_ENDPOINT_URL_S3 / "
                              "AWS_ENDPOINT_URL / AWS)", default="")
+    s3_timeout: float = _help("seconds an S3 request may wait for the server (boto3 and the pyarrow "
+                              "filesystems handed to Ray alike)", default=60.0)
+    s3_max_attempts: int = _help("attempts per S3 request, retries included (boto3 'standard' mode, "
+                                 "pyarrow's AwsStandardS3RetryStrategy); Ray Data readers retry a "
+                                 "failed read that many times again", default=3)
     data: DataConfig = field(default_factory=DataConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
@@ -400,6 +405,9 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> "Config":
+        _check(math.isfinite(self.s3_timeout) and self.s3_timeout > 0, "s3_timeout",
+               "must be a finite number of seconds > 0")
+        _check(self.s3_max_attempts >= 1, "s3_max_attempts", "must be >= 1")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):

@@ -10,7 +10,9 @@ Every Ray Train stage is a per-worker loop plus data. What they share lives here
 - the worker side, :func:`worker_context`: rank, world size, the device, the seed, and the global
   batch split into per-worker batches;
 - the resource check, :func:`check_resources`: what each stage holds at once, against what a local
-  Ray has, before any stage starts.
+  Ray has, before any stage starts;
+- the fault drill, :class:`KillDrill`: a Train worker that waits, mid-epoch, for the tests to kill
+  its OS process (SIGKILL), so the restart from the last checkpoint is proven on a real death.
 
 Stages stay the owners of their loops: this module knows nothing about teachers or students.
 """
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -34,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("hello_ray.launcher")
 
 CHECKPOINTS_KEPT = 2  # the last finished epoch/row and the one before it (a torn upload leaves one)
+DRILL_PREFIX = "_drill-"  # fault-drill markers live under their own (never finalized) key
+DRILL_WAIT_S = 120.0  # how long a drilled worker waits for its killer before failing the drill
+T = TypeVar("T")
 
 
 class StageFailed(RuntimeError):
@@ -70,10 +76,26 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise StageFailed(f"{stage} {key}: Ray Train gave up after compute.max_failures="
-                          f"{compute.max_failures} restarts: {e}") from e
+                          f"{compute.max_failures} restarts{_storage_hint(store, e)}: {e}") from e
     if result.error is not None:
-        raise StageFailed(f"{stage} {key}: Ray Train run failed: {result.error}") from result.error
+        raise StageFailed(f"{stage} {key}: Ray Train run failed{_storage_hint(store, result.error)}: "
+                          f"{result.error}") from result.error
     return result
+
+
+def _storage_hint(store: "Store", error: BaseException) -> str:
+    """Where the run's storage is, and, for an error that reads as a network failure, that the
+    S3 endpoint did not answer: pyarrow's messages (Ray Train's checkpoints) name neither."""
+    from hello_ray.data.io_retry import transient_markers
+
+    if not hasattr(store, "bucket"):
+        return f" (store {store.uri})"
+    where = f" (store {store.uri} at S3 endpoint {store.endpoint_url or 'AWS default'}"
+    text = str(error)
+    if any(m in text for m in transient_markers()) or "cannot reach the endpoint" in text:
+        where += (f": the endpoint did not answer within {store.max_attempts} attempts of "
+                  f"{store.timeout:g} s; check that it is up, or raise s3_timeout / s3_max_attempts")
+    return where + ")"
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,102 @@ def load_checkpoint(checkpoint: "ray.train.Checkpoint", name: str, key: str,
     with checkpoint.as_directory() as d:
         return load_weights(os.path.join(d, name), f"Ray checkpoint {name} of {key} "
                             f"({checkpoint.path})", map_location)
+
+
+def report(metrics: dict[str, Any], store: "Store", checkpoint_dir: str | None = None) -> None:
+    """``ray.train.report`` with the checkpoint in ``checkpoint_dir`` (None: metrics only).
+
+    On an S3 store the checkpoint goes up through the store's boto3 client into the folder Ray
+    Train names (its run storage), not through pyarrow: a pyarrow multipart upload fails when S3
+    throttles its CompleteMultipartUpload, and teachers' checkpoints are multipart-sized.
+    """
+    import ray.train
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+        return
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+    upload = getattr(store, "upload_ray_dir", None)
+    if upload is None or not _takes_upload_fn():
+        ray.train.report(metrics, checkpoint=checkpoint)
+        return
+
+    def upload_fn(ckpt: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+        storage = ray.train.get_context().get_storage()
+        dest = f"{storage.experiment_fs_path}/{dir_name}"
+        upload(ckpt.path, dest)
+        return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
+
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_fn)
+
+
+def _takes_upload_fn() -> bool:
+    """Whether this Ray's ``ray.train.report`` takes ``checkpoint_upload_fn`` (Train V2, 2.50+)."""
+    import inspect
+
+    import ray.train
+
+    return "checkpoint_upload_fn" in inspect.signature(ray.train.report).parameters
+
+
+# ---------------------------------------------------------------------------- fault drill (tests)
+
+@dataclass(frozen=True)
+class KillDrill:
+    """On a run's first attempt, after the first batch of ``epoch``, rank ``rank`` writes its pid
+    to ``<store>/_drill-<key>/kill_at_epoch_<epoch>.pid`` and waits for someone to SIGKILL it
+    (tests/faults.py ``KillOnMarker``). The other ranks go on into the next collective, where
+    Ray Train's teardown of the failed worker group finds them."""
+    epoch: int
+    rank: int = 0
+
+    def marker(self, key: str) -> tuple[str, str]:
+        """(store key, file name) of the pid marker; its presence means the drill has fired."""
+        return f"{DRILL_PREFIX}{key}", f"kill_at_epoch_{self.epoch:03d}.pid"
+
+
+def drilled(batches: Iterable[T], drill: KillDrill | None, store: "Store", key: str, epoch: int,
+            rank: int) -> Iterable[T]:
+    """``batches``, or, in the drill's epoch, its first batch then the drill's stop."""
+    if drill is None or drill.epoch != epoch:
+        return batches
+    return _kill_after_first_batch(batches, drill, store, key, rank)
+
+
+def _kill_after_first_batch(batches: Iterable[T], drill: KillDrill, store: "Store", key: str,
+                            rank: int) -> Iterator[T]:
+    import torch.distributed as dist
+
+    it = iter(batches)
+    yield next(it)
+    mkey, name = drill.marker(key)
+    fire = name not in store.list_files(mkey)  # [] while the marker folder does not exist
+    # Every rank's last report (the previous epoch's checkpoint) must have reached the controller
+    # first: a report still queued in a killed process is lost, and its checkpoint with it.
+    _reports_taken()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if fire and rank == drill.rank:
+        store.put_bytes(mkey, name, str(os.getpid()).encode())
+        time.sleep(DRILL_WAIT_S)
+        raise RuntimeError(f"fault drill: rank {rank} (pid {os.getpid()}) of {key} was not killed "
+                           f"within {DRILL_WAIT_S:g} s of writing {mkey}/{name}")
+    yield from it
+
+
+def _reports_taken(timeout_s: float = 30.0) -> None:
+    """Wait until Ray Train's controller has taken this worker's reports (Train V2 keeps the
+    last one in a one-slot queue that it polls every few seconds)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        pending = get_train_context().execution_context.result_queue
+    except (ImportError, AttributeError):  # another Ray layout: wait out a few poll intervals
+        time.sleep(6.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not pending.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

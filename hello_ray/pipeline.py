@@ -103,7 +103,8 @@ def check_resources(cfg: Config) -> None:
 def open_run_store(cfg: Config) -> "Store":
     from hello_ray.store import open_store
 
-    return open_store(cfg.store, cfg.s3_endpoint or None)
+    return open_store(cfg.store, cfg.s3_endpoint or None, timeout=cfg.s3_timeout,
+                      max_attempts=cfg.s3_max_attempts)
 
 
 def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, str] | None = None) -> str:

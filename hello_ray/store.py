@@ -7,8 +7,14 @@ exist to ``exists``/``manifest``/``list_artifacts``, and a re-run simply overwri
 S3 goes through boto3 for object IO and through ``pyarrow.fs.S3FileSystem`` for the filesystem
 handed to Ray (Train storage, Data readers). The endpoint comes from the caller, else from the
 standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables (MinIO, Ceph, R2), else AWS.
-Credentials come from the standard AWS chain; they are never logged, never put into an error
-message and never written into an artifact.
+Both clients retry alike: boto3's "standard" mode and pyarrow's ``AwsStandardS3RetryStrategy``,
+with the same attempts and timeouts (``s3_max_attempts`` / ``s3_timeout``).
+
+Credentials come from the standard AWS chain *in every process that talks to S3* (env, config
+files, instance profile, web identity): a store or filesystem shipped to a Ray worker carries
+the endpoint, region, timeouts and attempts, never a key, so refreshable credentials stay
+refreshable. They are never logged, never put into an error message and never written into an
+artifact.
 """
 from __future__ import annotations
 
@@ -47,9 +53,8 @@ _PARTIAL = ".partial"  # suffix of a local temp file; never listed, never part o
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _CHUNK = 1 << 20
 _DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1,000 keys per call
-# Credential sources that are plain key pairs: safe to hand to other processes as they are.
-# Refreshable ones (instance roles, SSO, web identity) are left for each node to resolve itself.
-_STATIC_CRED_METHODS = {"env", "explicit", "shared-credentials-file", "config-file", "boto-config"}
+# Defaults of s3_timeout / s3_max_attempts: per request (connect at most 5 s), and attempts
+# per request, retries included, for boto3 and pyarrow alike.
 _TIMEOUTS = {"connect_timeout": 5, "read_timeout": 60, "max_attempts": 3}
 
 
@@ -746,32 +751,55 @@ def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
             or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
-def _static_credentials() -> dict[str, str] | None:
-    """Key pair (+ token) from the standard chain when it is a plain one, else None."""
-    import boto3
-
-    creds = boto3.session.Session().get_credentials()
-    if creds is None or creds.method not in _STATIC_CRED_METHODS:
-        return None
-    frozen = creds.get_frozen_credentials()
-    out = {"aws_access_key_id": frozen.access_key, "aws_secret_access_key": frozen.secret_key}
-    if frozen.token:
-        out["aws_session_token"] = frozen.token
-    return out
-
-
 def _default_region() -> str | None:
     import boto3
 
     return boto3.session.Session().region_name
 
 
-def _s3_filesystem(endpoint: str | None, region: str | None, creds: dict[str, str] | None,
-                   bucket: str) -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem that carries endpoint (and plain credentials) explicitly, so the
-    Ray processes it is shipped to need neither the driver's env vars nor its config files."""
-    kwargs: dict[str, Any] = {"connect_timeout": _TIMEOUTS["connect_timeout"],
-                              "request_timeout": _TIMEOUTS["read_timeout"]}
+def _check_network(timeout: float, max_attempts: int) -> tuple[float, int]:
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise StoreError(f"S3 timeout must be a positive number of seconds, got {timeout!r} "
+                         "(config key s3_timeout)")
+    if not (isinstance(max_attempts, int) and max_attempts >= 1):
+        raise StoreError(f"S3 max attempts must be an integer >= 1, got {max_attempts!r} "
+                         "(config key s3_max_attempts)")
+    return float(timeout), max_attempts
+
+
+class S3RetryingFileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with boto3's "standard" retry mode and our timeouts, that keeps
+    them across pickling (pyarrow's own pickle drops the retry strategy) and pickles without
+    credentials: the process that unpickles it resolves its own from the standard AWS chain."""
+
+    def __init__(self, *, max_attempts: int, **settings: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+                         **settings)
+        self._settings = dict(settings, max_attempts=max_attempts)
+
+    def __reduce__(self):
+        return _rebuild_filesystem, (self._settings,)
+
+    @property
+    def max_attempts(self) -> int:
+        return self._settings["max_attempts"]
+
+
+def _rebuild_filesystem(settings: dict[str, Any]) -> S3RetryingFileSystem:
+    return S3RetryingFileSystem(**settings)
+
+
+def _s3_filesystem(endpoint: str | None, region: str | None, bucket: str,
+                   timeout: float = _TIMEOUTS["read_timeout"],
+                   max_attempts: int = _TIMEOUTS["max_attempts"]) -> S3RetryingFileSystem:
+    """pyarrow S3 filesystem carrying endpoint, region, timeouts and retries explicitly (no
+    credentials), so the Ray processes it is shipped to need none of the driver's settings."""
+    # request_timeout: on Linux, curl gives up after this long without a byte (a hung server).
+    # allow_delayed_open: a file smaller than one part goes up in one PutObject, not a multipart
+    # upload, whose CompleteMultipartUpload pyarrow cannot retry when S3 throttles it (its check
+    # for errors embedded in a 200 keeps the 503's <Error> after the SDK's successful retry).
+    kwargs: dict[str, Any] = {"connect_timeout": min(_TIMEOUTS["connect_timeout"], timeout),
+                              "request_timeout": timeout, "allow_delayed_open": True}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["scheme"] = parsed.scheme or "https"
@@ -783,10 +811,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None, creds: dict[str, st
         except (OSError, ValueError):
             if region:
                 kwargs["region"] = region
-    if creds:
-        kwargs.update(access_key=creds["aws_access_key_id"], secret_key=creds["aws_secret_access_key"],
-                      session_token=creds.get("aws_session_token"))
-    return pafs.S3FileSystem(**kwargs)
+    return S3RetryingFileSystem(max_attempts=max_attempts, **kwargs)
 
 
 def _parse_s3(uri: str) -> tuple[str, str]:
@@ -800,20 +825,19 @@ def _parse_s3(uri: str) -> tuple[str, str]:
 class S3Store(Store):
     """Artifacts under ``s3://bucket/prefix`` on AWS or any S3-compatible server."""
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str | None):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str | None,
+                 timeout: float = _TIMEOUTS["read_timeout"],
+                 max_attempts: int = _TIMEOUTS["max_attempts"]):
         self.bucket, self.prefix = bucket, prefix
         self.endpoint_url, self.region = endpoint_url, region
+        self.timeout, self.max_attempts = _check_network(timeout, max_attempts)
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        self._creds: dict[str, str] | None = None  # set only on copies shipped to other processes
         self._client_obj = None
 
-    # Pickling: no client (not picklable, per process); plain credentials travel with the copy,
-    # like the pyarrow filesystem Ray gets, so workers started before the env was set still work.
+    # Pickling: no client (not picklable, and it holds resolved credentials); the copy resolves
+    # its own credentials from the standard chain where it lands.
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k != "_client_obj"}
-        if state["_creds"] is None:
-            state["_creds"] = _static_credentials()
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != "_client_obj"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -826,15 +850,16 @@ class S3Store(Store):
             from botocore.config import Config
 
             config = Config(
-                connect_timeout=_TIMEOUTS["connect_timeout"], read_timeout=_TIMEOUTS["read_timeout"],
-                retries={"max_attempts": _TIMEOUTS["max_attempts"], "mode": "standard"},
+                connect_timeout=min(_TIMEOUTS["connect_timeout"], self.timeout),
+                read_timeout=self.timeout,
+                retries={"max_attempts": self.max_attempts, "mode": "standard"},
                 # Path-style and no default CRC checksums: what MinIO/Ceph/R2 accept everywhere.
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 max_pool_connections=32,
             )
-            session = boto3.session.Session(region_name=self.region, **(self._creds or {}))
+            session = boto3.session.Session(region_name=self.region)
             self._client_obj = session.client("s3", endpoint_url=self.endpoint_url, config=config)
         return self._client_obj
 
@@ -854,9 +879,10 @@ class S3Store(Store):
                    "AWS_PROFILE or ~/.aws/credentials (or run where an instance role applies)")
         elif isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError,
                               bx.ReadTimeoutError, bx.ConnectionClosedError)):
-            why = (f"cannot reach the endpoint ({type(exc).__name__}). Check that the server is up "
-                   "and that AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or the s3_endpoint config "
-                   "points at it")
+            why = (f"cannot reach the endpoint ({type(exc).__name__} after {self.max_attempts} "
+                   f"attempts of up to {self.timeout:g} s). Check that the server is up and that "
+                   "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or the s3_endpoint config points at it "
+                   "(s3_timeout / s3_max_attempts set how long to wait)")
         elif isinstance(exc, bx.ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", "?"))
@@ -1026,9 +1052,20 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self._obj(rel)}"
 
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
-        fs = _s3_filesystem(self.endpoint_url, self.region, self._creds or _static_credentials(),
-                            self.bucket)
+        fs = _s3_filesystem(self.endpoint_url, self.region, self.bucket, self.timeout, self.max_attempts)
         return f"{self.bucket}/{self._obj(RAY_DIR)}", fs
+
+    def upload_ray_dir(self, local_dir: Path, fs_path: str) -> None:
+        """Upload a Ray Train checkpoint folder to ``fs_path`` (``bucket/prefix/_ray/...``, as
+        Ray names it) through boto3, whose multipart uploads survive throttling (pyarrow's do not,
+        see ``_s3_filesystem``)."""
+        root = f"{self.bucket}/{self._obj(RAY_DIR)}/"
+        if not fs_path.startswith(root) or ".." in fs_path.split("/"):
+            raise StoreError(f"{fs_path!r} is not under this store's Ray folder {root}")
+        base = fs_path[len(self.bucket) + 1:].rstrip("/")
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            key = f"{base}/{path.relative_to(local_dir).as_posix()}"
+            self._call(f"uploading {path} to {key}", self._client.upload_file, str(path), self.bucket, key)
 
     # -- download into the local cache --------------------------------------------------------
     def download(self, key: str) -> Path:
@@ -1111,19 +1148,24 @@ def _local_path(uri: str) -> Path:
     return Path(uri).expanduser().resolve()
 
 
-def open_store(uri: str, endpoint_url: str | None = None, *, check: bool = True) -> Store:
+def open_store(uri: str, endpoint_url: str | None = None, *, check: bool = True,
+               timeout: float = _TIMEOUTS["read_timeout"],
+               max_attempts: int = _TIMEOUTS["max_attempts"]) -> Store:
     """The store at ``uri``: a local path, ``file:///abs/path`` or ``s3://bucket/prefix``.
 
     ``endpoint_url`` (S3 only) beats AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL. With ``check``
     (default) the store is reached once now, so a wrong endpoint, a missing bucket or missing
     credentials fail here with a StoreError instead of after the first stage computed.
+    ``timeout`` (seconds per request) and ``max_attempts`` (per request, retries included)
+    apply to S3, in boto3 and in the pyarrow filesystems handed to Ray alike.
     """
     if not uri:
         raise StoreError("empty store URI: give a local path, file:///abs/path or s3://bucket/prefix")
     scheme = urlparse(uri).scheme
     if scheme == "s3":
         bucket, prefix = _parse_s3(uri)
-        store: Store = S3Store(bucket, prefix, resolve_endpoint(endpoint_url), _default_region())
+        store: Store = S3Store(bucket, prefix, resolve_endpoint(endpoint_url), _default_region(),
+                               timeout, max_attempts)
     elif scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
         store = LocalStore(_local_path(uri))
     else:
@@ -1134,17 +1176,21 @@ def open_store(uri: str, endpoint_url: str | None = None, *, check: bool = True)
     return store
 
 
-def resolve_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+def resolve_filesystem(uri: str, endpoint_url: str | None = None, *,
+                       timeout: float = _TIMEOUTS["read_timeout"],
+                       max_attempts: int = _TIMEOUTS["max_attempts"]) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path within it) for a dataset or artifact URI, for Ray Data readers.
 
     S3 paths come back as ``bucket/prefix`` with a filesystem carrying the endpoint (argument,
-    else the standard env vars) and plain credentials resolved here, on the driver.
+    else the standard env vars), timeouts and retries; each process that unpickles it resolves
+    credentials from its own standard chain.
     """
     scheme = urlparse(uri).scheme
     if scheme == "s3":
         bucket, prefix = _parse_s3(uri)
-        fs = _s3_filesystem(resolve_endpoint(endpoint_url), _default_region(), _static_credentials(),
-                            bucket)
+        timeout, max_attempts = _check_network(timeout, max_attempts)
+        fs = _s3_filesystem(resolve_endpoint(endpoint_url), _default_region(), bucket, timeout,
+                            max_attempts)
         return fs, f"{bucket}/{prefix}".rstrip("/")
     if scheme in ("", "file") or len(scheme) == 1:
         return pafs.LocalFileSystem(), str(_local_path(uri))

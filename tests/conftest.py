@@ -75,8 +75,11 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """One local Ray for the whole session (2 CPUs, as on CI)."""
+def ray_local(tmp_path_factory, s3_server):
+    """One local Ray for the whole session (2 CPUs, as on CI).
+
+    After ``s3_server``: Ray workers inherit the driver's environment at ``ray.init`` and resolve
+    S3 credentials from it themselves (no store or filesystem carries a key to them)."""
     import ray
 
     if ray.is_initialized():

@@ -206,6 +206,8 @@ BROKEN_CLUSTERS = [
      .update({"nvidia.com/gpu": "one"}), "quantity that is not a quantity", "'one' does not match"),
     (lambda d: _worker(d)["template"]["spec"]["containers"][0]["env"][0].pop("name"),
      "env var without a name", "'name' is a required property"),
+    (lambda d: d["spec"].get("rayClusterSpec", d["spec"])["authOptions"].update(mode="on"),
+     "auth mode that does not exist", "'on' is not one of ['disabled', 'token']"),
 ]
 BROKEN_JOBS = BROKEN_CLUSTERS + [
     (lambda d: d["spec"].update(entrypoint=["python", "jobs/distill.py"]), "list entrypoint",
@@ -250,6 +252,43 @@ def test_kuberay_cpu_head_autoscaled_gpu_workers_with_s3_secret(name):
             ref = env[var]["valueFrom"]["secretKeyRef"]
             assert ref["key"] == var and ref["name"] == "hello-ray-s3", (container["name"], var)
         assert not any("value" in e for e in container["env"]), "no credential in plain text"
+
+
+def _secret_refs(node: Any, container: str = "") -> list[tuple[str, str]]:
+    """(container name, Secret name) of every secretKeyRef / secretRef in a manifest."""
+    out = []
+    if isinstance(node, dict):
+        container = node["name"] if "image" in node and "name" in node else container
+        for k, v in node.items():
+            if k in ("secretKeyRef", "secretRef") and isinstance(v, dict):
+                out.append((container, v["name"]))
+            else:
+                out += _secret_refs(v, container)
+    elif isinstance(node, list):
+        for v in node:
+            out += _secret_refs(v, container)
+    return out
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_token_auth_internal_dashboard_and_s3_secret_only_in_ray_pods(name):
+    doc = load(name)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert spec["authOptions"] == {"mode": "token", "secretName": "hello-ray-auth"}
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["enableIngress"] is False
+    assert "ingressOptions" not in head and "headService" not in head
+    containers = [head["template"]["spec"]["containers"]] + [
+        g["template"]["spec"]["containers"] for g in spec["workerGroupSpecs"]]
+    assert not any("hostPort" in p for cs in containers for c in cs for p in c.get("ports", []))
+    # The S3 Secret reaches the Ray containers (driver, Data tasks, Train ranks) and nothing else
+    # (a RayJob's submitter only talks to the Jobs API); the key pair may be absent (IRSA).
+    refs = _secret_refs(doc)
+    assert {c for c, s in refs if s == "hello-ray-s3"} == {"ray-head", "ray-worker"}, refs
+    assert "submitterPodTemplate" not in doc["spec"]
+    head_env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert head_env[var]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_rayjob_cluster_is_the_raycluster():
@@ -309,7 +348,53 @@ def test_rayjob_runtime_env_is_runtime_env_yaml_with_the_code_in_s3():
     assert job_env["pip"] == base["pip"] and job_env["env_vars"] == base["env_vars"]
 
 
+# ----------------------------------------------------------------------------- AWS worker IAM policy
+
+def _allows(policy: dict, action: str, resource: str) -> bool:
+    """IAM's answer for an Allow-only identity policy without conditions: some statement's
+    Action and Resource patterns (``*`` / ``?`` wildcards) match."""
+    import fnmatch
+
+    def listed(value: str | list[str]) -> list[str]:
+        return [value] if isinstance(value, str) else value
+
+    return any(st["Effect"] == "Allow"
+               and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in listed(st["Action"]))
+               and any(fnmatch.fnmatchcase(resource, r) for r in listed(st["Resource"]))
+               for st in policy["Statement"])
+
+
+def test_aws_workers_run_as_a_role_limited_to_the_buckets():
+    cfg = load("aws.yaml")
+    worker = cfg["available_node_types"]["gpu_worker"]["node_config"]
+    assert worker["IamInstanceProfile"] == {"Name": "hello-ray-worker"}  # not Ray's EC2+S3 default
+    policy = json.loads((CLUSTER / "aws-worker-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    assert all("Condition" not in st and "NotAction" not in st and "NotResource" not in st
+               for st in policy["Statement"]), "the evaluator below handles plain statements only"
+    # The buckets of the usage line at the top of aws.yaml: the dataset read, the store read/write.
+    text = (CLUSTER / "aws.yaml").read_text()
+    data = urlparse(next(w.split("=", 1)[1] for w in text.split() if w.startswith("data.source=")))
+    store = urlparse(next(w.split("=", 1)[1] for w in text.split() if w.startswith("store=")))
+    bucket = f"arn:aws:s3:::{data.netloc}"
+    assert store.netloc == data.netloc
+    data_obj, store_obj = f"{bucket}{data.path}/train/x.JPEG", f"{bucket}{store.path}/teachers-0/a.pt"
+    needed = [("s3:ListBucket", bucket), ("s3:GetObject", data_obj), ("s3:GetObject", store_obj),
+              ("s3:PutObject", store_obj), ("s3:DeleteObject", store_obj),  # Ray Train prunes checkpoints
+              ("s3:AbortMultipartUpload", store_obj)]
+    for action, resource in needed:
+        assert _allows(policy, action, resource), (action, resource)
+    refused = [("s3:PutObject", data_obj), ("s3:DeleteObject", data_obj),  # the dataset is read-only
+               ("s3:GetObject", "arn:aws:s3:::another-bucket/x"), ("s3:ListBucket", "arn:aws:s3:::another-bucket"),
+               ("s3:DeleteBucket", bucket), ("s3:PutBucketPolicy", bucket), ("ec2:RunInstances", "*"),
+               ("iam:PassRole", "*"), ("s3:GetObject", f"{bucket}/elsewhere/x")]
+    for action, resource in refused:
+        assert not _allows(policy, action, resource), (action, resource)
+    assert "cluster/aws-worker-policy.json" in text
+
+
 def test_every_cluster_file_is_checked_here():
     """A new file in cluster/ needs its own checks in this module."""
-    checked = {*AUTOSCALER_YAMLS, "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "runtime_env.yaml", "README.md"}
+    checked = {*AUTOSCALER_YAMLS, "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "runtime_env.yaml", "README.md",
+               "aws-worker-policy.json"}
     assert {p.name for p in CLUSTER.iterdir()} == checked

@@ -18,6 +18,7 @@ import pytest
 
 from hello_ray.store import (
     ArtifactNotFound,
+    S3RetryingFileSystem,
     S3Store,
     StoreError,
     artifact_key,
@@ -391,16 +392,78 @@ def test_store_travels_to_ray_workers(ray_local, store_uri):
     assert copy.get_bytes("w-000000000000", "in.txt") == b"hello"
 
     @ray_local.remote(num_cpus=0.5)
-    def shout(s) -> tuple[str, str]:
+    def shout(s) -> str:
         s.put_bytes("w-000000000000", "out.txt", s.get_bytes("w-000000000000", "in.txt").upper())
-        return s.uri, os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        return s.uri
 
-    # A worker without the driver's AWS env (as when Ray started before it was set): the store
-    # copy brings the endpoint and the plain key pair resolved on the driver.
-    blank = {v: "" for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")}
-    uri, worker_secret = ray_local.get(shout.options(runtime_env={"env_vars": blank}).remote(store))
-    assert uri == store.uri and worker_secret == ""
+    assert ray_local.get(shout.remote(store)) == store.uri
     assert store.get_bytes("w-000000000000", "out.txt") == b"HELLO"
+
+
+def test_pickles_carry_endpoint_and_retries_but_no_credentials(s3_bucket, monkeypatch):
+    """What reaches Ray workers (the store, Train's storage filesystem, a dataset filesystem)
+    holds no key: each process resolves credentials from its own chain."""
+    access, secret, token = "AKIAHELLORAYPICKLE42", "hello-ray-pickled-secret-4242", "hello-ray-token-4242"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    store = open_store(s3_bucket, timeout=7, max_attempts=5)
+    store.put_bytes("p-000000000000", "a.txt", b"a")  # a live client (with resolved keys) exists
+    _, storage_fs = store.ray_storage()
+    data_fs, _ = resolve_filesystem(store.uri_for("p-000000000000"), timeout=7, max_attempts=5)
+    for obj in (store, storage_fs, data_fs):
+        blob = pickle.dumps(obj)
+        assert access.encode() not in blob and secret.encode() not in blob and token.encode() not in blob
+    copy = pickle.loads(pickle.dumps(store))
+    assert (copy.endpoint_url, copy.timeout, copy.max_attempts) == (store.endpoint_url, 7.0, 5)
+    assert copy.get_bytes("p-000000000000", "a.txt") == b"a"  # resolved its own credentials
+    fs = pickle.loads(pickle.dumps(storage_fs))
+    assert isinstance(fs, S3RetryingFileSystem) and fs.max_attempts == 5  # pyarrow's pickle drops it
+    assert fs.__reduce__()[1][0]["request_timeout"] == 7.0
+
+
+_CREDENTIAL_PROCESS = """import datetime, json, sys
+open(sys.argv[1], "a").write("x")
+end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+print(json.dumps({"Version": 1, "AccessKeyId": "AKIAREFRESHED000042", "SecretAccessKey": "refreshed",
+                  "SessionToken": "refreshed-token", "Expiration": end.isoformat()}))
+"""
+
+
+def test_workers_resolve_their_own_refreshable_credentials(ray_local, s3_bucket, tmp_path):
+    """A worker without any key in its environment, whose profile gets short-lived credentials
+    from a credential_process (as SSO, web identity and instance roles give): boto3 and pyarrow
+    in the worker reach the store with them, and boto3 refreshes them as they near expiry."""
+    script, calls = tmp_path / "creds.py", tmp_path / "calls"
+    script.write_text(_CREDENTIAL_PROCESS)
+    config = tmp_path / "config"
+    config.write_text(f"[profile rotating]\ncredential_process = {sys.executable} {script} {calls}\n")
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "",
+           "AWS_PROFILE": "rotating", "AWS_CONFIG_FILE": str(config),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    store = open_store(s3_bucket)
+    store.put_bytes("r-000000000000", "in.txt", b"rotating")
+    _, fs = store.ray_storage()
+
+    @ray_local.remote(num_cpus=0.5)
+    def use(s, f, path: str) -> tuple[bytes, int, bytes, int, str | None]:
+        import boto3
+
+        got = [s.get_bytes("r-000000000000", "in.txt") for _ in range(3)]
+        after_boto3 = len(calls.read_text())
+        with f.open_input_stream(path) as stream:
+            via_pyarrow = stream.read()
+        after_pyarrow = len(calls.read_text())
+        return got[-1], after_boto3, via_pyarrow, after_pyarrow, \
+            boto3.session.Session().get_credentials().method
+
+    path = f"{store.bucket}/{store._obj('r-000000000000/in.txt')}"
+    data, after_boto3, via_pyarrow, after_pyarrow, method = ray_local.get(
+        use.options(runtime_env={"env_vars": env}).remote(store, fs, path))
+    assert data == via_pyarrow == b"rotating"
+    assert method == "custom-process"  # refreshable credentials, resolved in the worker
+    assert after_boto3 >= 2  # one client, credentials fetched again as they neared expiry
+    assert after_pyarrow > after_boto3  # pyarrow resolved its own from the same chain
 
 
 def _train_loop(config: dict) -> None:

@@ -1,8 +1,8 @@
 """The teacher trajectory: plain-PyTorch compute, windows, the ensemble, and real Ray Train runs.
 
-The Ray tests train the smoke preset (3 epochs, 300 digits) with 2 Train workers on CPU:
-once on the moto S3 store through ``pipeline.run_stage`` (files, curve, windows, cache hit)
-and once on a file store with a fault drill that kills every rank mid-epoch 2.
+The Ray tests train the smoke preset (3 epochs, 300 digits) with 2 Train workers on CPU, once,
+on the moto S3 store through the calls of ``pipeline.run_stage`` (files, curve, windows, cache
+hit), with a fault drill: rank 0's OS process is killed (SIGKILL) mid-epoch 2.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from hello_ray.data.augment import train_crop_scale
 from hello_ray.formats.trajectory import epoch_file, load_trajectory
 from hello_ray.models.ensemble import TeacherEnsemble, load_observer, load_state, resolve_window
 from hello_ray.models.zoo import build_model
+from faults import KillOnMarker
 from hello_ray import launcher
 from hello_ray.stages import teachers, teachers_core
 
@@ -168,8 +169,9 @@ def _smoke(store_uri: str, *extra: str):
 @pytest.fixture(scope="module")
 def trained_s3(ray_local, s3_server):
     """The smoke trajectory trained once on the moto S3 store, through the same calls as
-    pipeline.run_stage, with the fault drill: every rank dies after the first batch of epoch 2 on
-    the first attempt, so Ray Train must restart from epoch 1's checkpoint *in S3*."""
+    pipeline.run_stage, with the fault drill: after the first batch of epoch 2 on the first
+    attempt, rank 0's worker process is killed with SIGKILL (a real death, no exception), so Ray
+    Train must restart the worker group from epoch 1's checkpoint *in S3*."""
     import boto3
 
     from hello_ray.pipeline import Run
@@ -184,12 +186,17 @@ def trained_s3(ray_local, s3_server):
     t0 = time.perf_counter()
     assert run.needs(teachers, {})
     key = run.keys["teachers"]
-    run.done(teachers, {}, teachers.run(cfg, store, key, {}, fail_once_at_epoch=2))
-    return cfg, store, key, time.perf_counter() - t0
+    drill = launcher.KillDrill(epoch=2, rank=0)
+    killer = KillOnMarker(store, key, drill)
+    try:
+        run.done(teachers, {}, teachers.run(cfg, store, key, {}, drill=drill))
+    finally:
+        killer.stop()
+    return cfg, store, key, time.perf_counter() - t0, killer
 
 
 def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
-    cfg, store, key, _ = trained_s3
+    cfg, store, key, _, _ = trained_s3
     files = set(store.list_files(key))
     epochs = cfg.teachers.epochs
     for e in range(1, epochs + 1):
@@ -210,17 +217,20 @@ def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
     assert summary["epochs"] == epochs and summary["final_top1"] == traj["epochs"][-1]["top1"]
 
 
-def test_fault_mid_run_resumes_from_the_last_checkpoint_in_s3(trained_s3):
-    """The drill killed every rank in epoch 2: epoch 1 was trained once, by the first attempt;
-    epochs 2.. by the second, which restored epoch 1's Ray checkpoint from the S3 store."""
-    cfg, store, key, _ = trained_s3
+def test_sigkilled_worker_resumes_from_the_last_checkpoint_in_s3(trained_s3):
+    """The drill killed rank 0's process in epoch 2: epoch 1 was trained once, by the first
+    attempt; epochs 2.. by the second, which restored epoch 1's Ray checkpoint from the S3 store.
+    No epoch was trained twice: each finished epoch belongs to exactly one attempt, and the
+    second attempt started right after the last epoch the first one finished."""
+    cfg, store, key, _, killed = trained_s3
+    assert killed.pid and killed.gone and killed.cmdline.startswith("ray::"), vars(killed)
     epochs = cfg.teachers.epochs
     m = {e: json.loads(store.get_bytes(key, f"epochs/epoch_{e:03d}.json")) for e in range(1, epochs + 1)}
     assert m[1]["attempt_start_epoch"] == 1 and m[1]["resumed_from"] is None
     assert all(m[e]["attempt_start_epoch"] == 2 and m[e]["resumed_from"] == 1 for e in range(2, epochs + 1))
     assert m[1]["attempt"] != m[2]["attempt"] == m[epochs]["attempt"]
     assert store.manifest(key)["summary"]["attempt_start_epochs"] == [1, 2]
-    assert "fail_once_at_epoch_002" in store.list_files(f"{teachers.DRILL_PREFIX}{key}")
+    assert store.list_files(f"{launcher.DRILL_PREFIX}{key}") == ["kill_at_epoch_002.pid"]
     # Ray Train's run state lives in the store under _ray/<key>: its checkpoints are S3 objects.
     import boto3
 
@@ -232,7 +242,7 @@ def test_fault_mid_run_resumes_from_the_last_checkpoint_in_s3(trained_s3):
 
 
 def test_window_resolves_to_the_stored_checkpoints(trained_s3):
-    _, store, key, _ = trained_s3
+    _, store, key, _, _ = trained_s3
     ens = TeacherEnsemble.from_trajectory(store, key, "1-3", 3, "cpu")
     assert ens.epochs == [1, 2, 3]
     late = TeacherEnsemble.from_trajectory(store, key, "2-3", 2, "cpu")
@@ -252,7 +262,7 @@ def test_window_resolves_to_the_stored_checkpoints(trained_s3):
 def test_rerun_with_same_config_is_a_no_op(trained_s3):
     from hello_ray.pipeline import run_stage
 
-    cfg, store, key, first_s = trained_s3
+    cfg, store, key, first_s, _ = trained_s3
     before = store.manifest(key)
     weights = store.get_bytes(key, epoch_file(1))
     t0 = time.perf_counter()

@@ -140,8 +140,14 @@ def test_fidelity_of_the_zero_shot_projector_is_in_range(teachers):
 
 def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     """Ray Train DDP (2 workers) over the demo digits: the loss falls, fidelity before/after is
-    written, the adapter has only LoRA tensors, and a longer run under the same name resumes."""
+    written, the adapter has only LoRA tensors, and a longer run under the same name resumes.
+
+    With the fault drill folded in (no extra Train run): rank 1's OS process is killed with
+    SIGKILL after the first batch of epoch 2, so the stage resumes from epoch 1's checkpoint."""
     from safetensors.torch import load_file
+
+    from faults import KillOnMarker
+    from hello_ray.launcher import KillDrill
 
     from hello_ray.config import load_config
     from hello_ray.formats.fidelity import read_fidelity
@@ -156,10 +162,21 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     store = open_store(cfg.store)
     teachers_key = write_tiny_trajectory(store, cfg)
     key = store.artifact_key(transfer.STAGE, transfer.stage_config(cfg), {"teachers": teachers_key})
-    summary = transfer.run(cfg, store, key, {"teachers": teachers_key})
+    assert cfg.compute.max_failures >= 1
+    drill = KillDrill(epoch=2, rank=1)
+    killer = KillOnMarker(store, key, drill)
+    try:
+        summary = transfer.run(cfg, store, key, {"teachers": teachers_key}, drill=drill)
+    finally:
+        killer.stop()
+    assert killer.pid and killer.gone and killer.cmdline.startswith("ray::"), vars(killer)
 
     history = json.loads(store.get_bytes(key, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2]
+    # Epoch 1 by the first attempt, epoch 2 by the second, which started right after epoch 1:
+    # no finished epoch was trained twice.
+    assert [h["attempt_start_epoch"] for h in history] == [1, 2]
+    assert history[0]["attempt"] != history[1]["attempt"]
     assert history[-1]["loss"] < history[0]["loss"], history
     fidelity = read_fidelity(store, key)
     for when in ("before", "after"):
@@ -176,6 +193,7 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     history4 = json.loads(store.get_bytes(key, "history.json"))
     assert [h["epoch"] for h in history4] == [1, 2, 3]
     assert history4[:2] == history  # restored, not retrained
+    assert history4[2]["attempt_start_epoch"] == 3
     assert read_fidelity(store, key)["before"] == fidelity["before"]
 
     store.finalize(key, transfer.STAGE, transfer.stage_config(cfg4), {"teachers": teachers_key})

@@ -2,8 +2,11 @@
 ``{"image": encoded bytes, "label": int64, "id": str}``.
 
 They run in Ray tasks with the pyarrow filesystem the driver resolved (it carries the S3
-endpoint and credentials), stream their input (a tar shard is never loaded whole) and yield
-batches of at most ``ROWS_PER_BATCH`` rows so blocks stay small.
+endpoint, timeouts and retries; credentials are resolved in the task's own process), stream
+their input (a tar shard is never loaded whole) and yield batches of at most ``ROWS_PER_BATCH``
+rows so blocks stay small. A transient I/O error is retried where it happened (a file, a
+parquet row group, a tar stream re-read past what was already emitted: no row twice); a
+permanent one (missing object, access refused) fails at once naming the object (io_retry.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hello_ray.data.errors import DataError
+from hello_ray.data.io_retry import retry_io, retry_iter
 
 ROWS_PER_BATCH = 256
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -25,6 +29,12 @@ WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 def display_path(fs: pafs.FileSystem, path: str) -> str:
     """The path as a user would type it (``s3://bucket/key`` on S3)."""
     return f"s3://{path}" if fs.type_name == "s3" else path
+
+
+def read_attempts(fs: pafs.FileSystem) -> int:
+    """Reads per file / row group / stream: the S3 filesystem's own attempts (config
+    ``s3_max_attempts``), each of which pyarrow already retries per request."""
+    return int(getattr(fs, "max_attempts", 3))
 
 
 def _batch(images: list, labels: list[int], ids: list[str]) -> dict[str, np.ndarray]:
@@ -40,12 +50,16 @@ class ReadFiles:
     def __init__(self, fs: pafs.FileSystem):
         self.fs = fs
 
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ids = [], []
         for path in batch["path"]:
-            with self.fs.open_input_stream(path) as f:
-                images.append(f.read())
-            ids.append(display_path(self.fs, path))
+            where = display_path(self.fs, path)
+            images.append(retry_io(lambda: self._read(path), where, read_attempts(self.fs)))
+            ids.append(where)
         return _batch(images, list(batch["label"]), ids)
 
 
@@ -79,16 +93,38 @@ class ReadParquetShards:
         keep = None if self.keep is None else self.keep.get(shard, np.empty(0, np.int64))
         if keep is not None and len(keep) == 0:
             return
-        with self.fs.open_input_file(shard) as f:
-            pf = pq.ParquetFile(f)
+        attempts = read_attempts(self.fs)
+        opened: list = []  # [file, ParquetFile] while open; emptied by an I/O error (reopen)
+
+        def parquet() -> pq.ParquetFile:
+            if not opened:
+                opened.append(self.fs.open_input_file(shard))
+                try:
+                    opened.append(pq.ParquetFile(opened[0]))  # reads the footer
+                except BaseException:
+                    _close(opened)
+                    raise
+            return opened[1]
+
+        def row_group(g: int) -> pa.Table:
+            try:
+                return parquet().read_row_group(g, columns=[self.image_col, self.label_col])
+            except OSError:
+                _close(opened)
+                raise
+
+        try:
+            meta = retry_io(lambda: parquet().metadata, where, attempts)
             start = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
                 rows = np.arange(start, start + n)
                 if keep is not None:
                     rows = keep[(keep >= start) & (keep < start + n)]
                 if len(rows):
-                    table = pf.read_row_group(g, columns=[self.image_col, self.label_col])
+                    # A failed row group is read again from a reopened file; the rows of earlier
+                    # groups are out already and are not read (or emitted) again.
+                    table = retry_io(lambda: row_group(g), f"{where} (row group {g})", attempts)
                     table = table.take(pa.array(rows - start))
                     images = image_bytes_column(table[self.image_col])
                     labels = table[self.label_col].to_numpy()
@@ -97,6 +133,17 @@ class ReadParquetShards:
                         yield _batch([b or b"" for b in images[sl]], list(labels[sl]),
                                      [f"{where}:{r}" for r in rows[sl]])
                 start += n
+        finally:
+            _close(opened)
+
+
+def _close(opened: list) -> None:
+    if opened:
+        try:
+            opened[0].close()
+        except OSError:
+            pass  # a connection already broken: nothing left to release
+        opened.clear()
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -122,7 +169,11 @@ class ReadTarShards:
             yield from self._read(str(shard))
 
     def _samples(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The shard's samples; a transient error re-reads the stream, skipping those emitted."""
         where = display_path(self.fs, shard)
+        return retry_iter(lambda: self._parse(shard, where), where, read_attempts(self.fs))
+
+    def _parse(self, shard: str, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         key, fields = None, {}
         with self.fs.open_input_stream(shard) as stream:
             try:

@@ -40,8 +40,9 @@ from hello_ray.data.classnames import readable_class_names
 from hello_ray.data.subset import keep_per_class, sample_order
 from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError, data_errors
 from hello_ray.data.images import is_image_file
+from hello_ray.data.io_retry import retry_io
 from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
-                                    display_path)
+                                    display_path, read_attempts)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,11 @@ class _Layout:
 
 
 def _fs_for(uri: str, store) -> tuple[pafs.FileSystem, str]:
+    """The dataset's filesystem; an S3 store lends its endpoint, timeouts and attempts."""
     from hello_ray.store import resolve_filesystem
 
-    return resolve_filesystem(uri, getattr(store, "endpoint_url", None))
+    net = {k: getattr(store, k) for k in ("timeout", "max_attempts") if hasattr(store, k)}
+    return resolve_filesystem(uri, getattr(store, "endpoint_url", None), **net)
 
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -135,11 +138,10 @@ def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], s
             if fs.get_file_info(path).type != pafs.FileType.File:
                 continue
             where = display_path(fs, path)
-            with fs.open_input_stream(path) as f:
-                try:
-                    obj = json.loads(f.read())
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where} is not valid JSON: {e}") from None
+            try:
+                obj = json.loads(retry_io(lambda: _read_all(fs, path), where, read_attempts(fs)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} is not valid JSON: {e}") from None
             if isinstance(obj, dict):
                 obj = next((obj[k] for k in ("class_names", "classes", "names") if k in obj), None)
             if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj) or not obj:
@@ -147,6 +149,11 @@ def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], s
                                 "'class_names'), e.g. [\"cat\", \"dog\"]")
             return [str(x) for x in obj], where
     return None
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def _check_counts(counts: np.ndarray, names: list[str], where: str) -> None:
@@ -198,8 +205,12 @@ def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str, sample: tupl
 def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
     """(image column, label column, Hugging Face ClassLabel names or None) of a shard."""
     where = display_path(fs, shard)
-    with fs.open_input_file(shard) as f:
-        schema = pq.read_schema(f)
+
+    def read_schema() -> pa.Schema:
+        with fs.open_input_file(shard) as f:
+            return pq.read_schema(f)
+
+    schema = retry_io(read_schema, where, read_attempts(fs))
     image_col = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
     label_col = next((c for c in LABEL_COLUMNS if c in schema.names), None)
     if image_col is None or label_col is None:
@@ -232,8 +243,10 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
     image_col, label_col, hf_names = _parquet_columns(fs, shards[0])
 
     def labels_of(shard: str) -> np.ndarray:
-        with fs.open_input_file(shard) as f:
-            return pq.read_table(f, columns=[label_col])[label_col].to_numpy()
+        def read() -> np.ndarray:
+            with fs.open_input_file(shard) as f:
+                return pq.read_table(f, columns=[label_col])[label_col].to_numpy()
+        return retry_io(read, display_path(fs, shard), read_attempts(fs))
 
     with cf.ThreadPoolExecutor(16) as pool:  # label columns only: a few KB per shard
         per_shard = list(pool.map(labels_of, shards))

@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -51,7 +51,6 @@ STAGE = "teachers"
 INPUTS: tuple[str, ...] = ()          # the trajectory is trained from the real data alone
 TORCHVISION_OBSERVER_FILE = "observer_torchvision.pt"
 CHECKPOINT_FILE = "state.pt"  # the Ray checkpoint: model, optimizer, scheduler, epoch
-DRILL_PREFIX = "_drill-"  # fault-drill markers live under their own (never finalized) key
 
 log = logging.getLogger("hello_ray.teachers")
 
@@ -98,41 +97,6 @@ def check_observer(tc: TeacherConfig, num_classes: int) -> None:
             f"{num_classes} classes); use 'last' or 'epoch:N'")
 
 
-# ---------------------------------------------------------------------------- fault drill
-
-def _drill_marker(key: str, epoch: int) -> tuple[str, str]:
-    """(store key, name) of the marker saying the drill at ``epoch`` already failed once."""
-    return f"{DRILL_PREFIX}{key}", f"fail_once_at_epoch_{epoch:03d}"
-
-
-def _drill_fired(store: "Store", key: str, epoch: int) -> bool:
-    mkey, name = _drill_marker(key, epoch)
-    return name in store.list_files(mkey)  # [] while the marker folder does not exist
-
-
-def _fail_after_first_batch(batches: Iterable[Batch], store: "Store", key: str, epoch: int,
-                            rank: int) -> Iterator[Batch]:
-    """Yield one batch, then fail every rank at once (the first attempt only).
-
-    All ranks decide from the marker *before* rank 0 writes it (a barrier in between), so
-    no rank is left waiting in an all-reduce for a peer that died.
-    """
-    import torch.distributed as dist
-
-    it = iter(batches)
-    yield next(it)
-    fire = not _drill_fired(store, key, epoch)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if fire:
-        if rank == 0:
-            store.put_bytes(*_drill_marker(key, epoch), f"{time.time()}".encode())
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        raise RuntimeError(f"fault drill: failing epoch {epoch} of {key} once (rank {rank})")
-    yield from it
-
-
 # ---------------------------------------------------------------------------- Ray Train worker
 
 def _all_reduce(device: torch.device, *values: float) -> list[float]:
@@ -144,8 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP rank: resume from the Ray checkpoint, train the remaining epochs, write each one.
 
     Reads only ``config`` (never argv or the environment): ``teachers`` (TeacherConfig
-    fields), ``num_classes``, ``image_size``, ``use_gpu``, ``store``, ``key`` and
-    ``fail_once_at_epoch`` (a fault drill for the tests; None in normal runs).
+    fields), ``num_classes``, ``image_size``, ``use_gpu``, ``store``, ``key`` and ``drill``
+    (a :class:`~hello_ray.launcher.KillDrill` for the tests; None in normal runs).
     """
     import ray.train
     import ray.train.torch
@@ -183,8 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches: Iterable[Batch] = train_shard.iter_torch_batches(
             batch_size=w.per_worker_batch, drop_last=True,
             local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
-        if config.get("fail_once_at_epoch") == epoch:
-            batches = _fail_after_first_batch(batches, store, key, epoch, w.rank)
+        batches = launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank)
         tr = train_epoch(ddp_model, batches, opt, w.device,
                          augment=lambda im: train_augment(im, image_size, gen))
         sched.step()
@@ -208,9 +171,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(d, CHECKPOINT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                launcher.report(metrics, store, d)
         else:
-            ray.train.report(metrics)
+            launcher.report(metrics, store)
 
 
 # ---------------------------------------------------------------------------- Ray wrapper
@@ -242,12 +205,12 @@ def _write_torchvision_observer(store: "Store", key: str, cfg: Config) -> None:
 
 
 def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
-        *, fail_once_at_epoch: int | None = None) -> dict[str, Any]:
+        *, drill: launcher.KillDrill | None = None) -> dict[str, Any]:
     """Train the trajectory on Ray Train and write ``trajectory.json``; returns the summary.
 
-    ``fail_once_at_epoch=k`` is a fault drill (tests): every rank raises after the first
-    batch of epoch k on the first attempt only, so the run must resume from epoch k-1's
-    checkpoint. Needs ``compute.max_failures >= 1``.
+    ``drill`` is a fault drill (tests): one rank waits to be killed (SIGKILL) after the first
+    batch of the drill's epoch on the first attempt only, so the run must resume from the
+    previous epoch's checkpoint. Needs ``compute.max_failures >= 1``.
     """
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_train_val
@@ -265,7 +228,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"teachers": section_dict(tc), "num_classes": num_classes,
                   "image_size": cfg.data.image_size, "use_gpu": cfg.compute.use_gpu,
-                  "store": store, "key": key, "fail_once_at_epoch": fail_once_at_epoch},
+                  "store": store, "key": key, "drill": drill},
                  {"train": decoded_split(train, cfg.data, columns=columns),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     train_s = time.perf_counter() - t0

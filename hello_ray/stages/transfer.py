@@ -4,7 +4,8 @@ Reads the teacher trajectory (input role ``teachers``) and the real training set
 adapter the distilled set ships with:
 
     adapter.safetensors + adapter.json   the LoRA tensors (cfg.transfer.adapter_dtype) + rebuild recipe
-    history.json                         per-epoch loss parts (total, mse, ce)
+    history.json                         per-epoch loss parts (total, mse, ce) and which attempt
+                                         trained the epoch (attempt id, the epoch it started from)
     fidelity.json                        label fidelity on real validation views, before and after
 
 This module is the Ray wrapper only; the compute (``transfer_loss``, ``transfer_step``, label
@@ -91,7 +92,10 @@ def _batches(shard, batch_size: int, device: torch.device, image_size: int, augm
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Per-worker Ray Train loop. ``config`` holds the Config, the store, the artifact key, the
-    teachers key and the class names; it never reads argv or the environment."""
+    teachers key, the class names and ``drill`` (a :class:`~hello_ray.launcher.KillDrill` for the
+    tests, else None); it never reads argv or the environment."""
+    import uuid
+
     import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
@@ -138,13 +142,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = DistributedDataParallel(projector, device_ids=[w.device.index] if w.device.type == "cuda" else None)
 
     train_shard = ray.train.get_dataset_shard("train")
+    attempt = uuid.uuid4().hex[:8]  # on every history row: a resumed run never retrains a finished epoch
     for epoch in range(start_epoch + 1, tc.epochs + 1):
         t0 = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # loss*n, mse*n, ce*n, n
         seed = launcher.epoch_seed(tc.seed, epoch, w.rank)  # other views per rank and epoch, reproducible
         gen = torch.Generator(device=w.device).manual_seed(seed)
-        for x, y in _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
-                             generator=gen, seed=seed):
+        batches = _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
+                           generator=gen, seed=seed)
+        for x, y in launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank):
             parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight)
             n = len(y)
             sums += torch.tensor([parts["loss"] * n, parts["mse"] * n, parts["ce"] * n, n],
@@ -152,12 +158,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums = launcher.all_reduce_sum(sums)
         n = max(float(sums[3]), 1.0)
         row = {"epoch": epoch, "loss": float(sums[0]) / n, "mse": float(sums[1]) / n,
-               "ce": float(sums[2]) / n, "views": int(sums[3]), "seconds": round(time.perf_counter() - t0, 2)}
+               "ce": float(sums[2]) / n, "views": int(sums[3]), "seconds": round(time.perf_counter() - t0, 2),
+               "attempt": attempt, "attempt_start_epoch": start_epoch + 1}
         history.append(row)
         if w.rank == 0:
             wlog.info("[transfer] epoch %d/%d loss %.4f (mse %.4f, ce %.4f) %d views %.1f s",
                       epoch, tc.epochs, row["loss"], row["mse"], row["ce"], row["views"], row["seconds"])
-        _report_epoch(projector, optimizer, epoch, history, before, w.rank, row)
+        _report_epoch(projector, optimizer, epoch, history, before, w.rank, row, store)
 
     after, adapter_dir = shipped_fidelity(projector, teachers, val_batches, tc.adapter_dtype, w.device,
                                           launcher.all_reduce_sum)
@@ -176,24 +183,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _report_epoch(projector: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                  history: list[dict], before: dict, rank: int, row: dict) -> None:
+                  history: list[dict], before: dict, rank: int, row: dict, store) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (LoRA + optimizer + epoch)."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
         if rank == 0:
             lora = {n: t.cpu().clone() for n, t in projector.lora_state_dict().items()}
             torch.save({"lora": lora, "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "history": history, "fidelity_before": before}, Path(d) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(dict(row), checkpoint=checkpoint)
+        launcher.report(dict(row), store, d if rank == 0 else None)
 
 
 # ---------------------------------------------------------------------------- driver
 
-def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-    """Fit the projector's LoRA to the teacher window on Ray Train; write the transfer artifact."""
+def run(cfg: Config, store, key: str, inputs: dict[str, str],
+        *, drill: launcher.KillDrill | None = None) -> dict[str, Any]:
+    """Fit the projector's LoRA to the teacher window on Ray Train; write the transfer artifact.
+
+    ``drill``: a fault drill for the tests (a rank killed mid-epoch, see launcher.KillDrill)."""
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_train_val
 
@@ -202,7 +208,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"cfg": cfg, "store": store, "key": key, "teachers_key": inputs["teachers"],
-                  "class_names": list(train.class_names)},
+                  "class_names": list(train.class_names), "drill": drill},
                  {"train": decoded_split(train, cfg.data, columns=columns).randomize_block_order(),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     fidelity = read_fidelity(store, key)
