@@ -18,6 +18,8 @@ Sections (each one's failure is recorded in the JSON and the run goes on; ``--st
   images on the CPU as ``evaluate`` keeps them (views drawn there) and resident on the device;
   median of rounds in rotated order; peak memory; the projector/teacher ratio (goal <= 1.3) with a
   breakdown of one step (views, labelling forward, student update) and a torch.profiler summary.
+- ``labeller_prep``: how many BatchNorms ``labels.prepare_labeller`` folds on the device (cuDNN TF32
+  as set, and off while preparing) and each prepared labeller's bf16 forward.
 - ``projector_step``: ``benchmarks/projector_step.py``'s bench_clip (LoRA train step, labelling
   forwards unmerged / merged / prepared, each vs a ResNet-18 forward).
 - ``select_score``: the selection's bare observer forward (``select_core.score_crops``, pad mode,
@@ -319,8 +321,11 @@ def breakdown_section(sh: Shapes, device: torch.device, base: Projector) -> dict
             if v:
                 return float(v)
         return float(e.self_cpu_time_total) if device.type == "cpu" else 0.0
-    total = sum(dev_time(e) for e in events) or 1.0
-    top = sorted(events, key=dev_time, reverse=True)[:8]
+    # aten operators only: the record_function ranges and the kernels under an operator would count
+    # the same device time twice
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total = sum(dev_time(e) for e in ops) or 1.0
+    top = sorted(ops, key=dev_time, reverse=True)[:8]
     out["profile_top_ops"] = [{"op": e.key, "device_ms_per_step": round(dev_time(e) / 3e3, 3),
                                "share": round(dev_time(e) / total, 3), "calls_per_step": e.count / 3}
                               for e in top]
@@ -332,6 +337,40 @@ def breakdown_section(sh: Shapes, device: torch.device, base: Projector) -> dict
                    f"{t_lab:.1f} ms) + student update {out['student_update_ms']:.1f} ms; top device ops: "
                    + ", ".join(f"{d['op']} {100 * d['share']:.0f}%" for d in out["profile_top_ops"][:4]))
     out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    return out
+
+
+def labeller_prep_section(sh: Shapes, device: torch.device, base: Projector) -> dict[str, Any]:
+    """How many BatchNorms ``prepare_labeller`` folds on this device (its probe check refuses a fold
+    that moves the logits by more than 1e-3 of their scale), with cuDNN's TF32 as set and with TF32
+    off during the preparation, and the bf16 labelling forward of each result."""
+    from torch import nn
+
+    from hello_ray.labels import prepare_labeller
+
+    x = torch.rand(sh.student_batch, 3, sh.image_size, sh.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out: dict[str, Any] = {}
+    models = {"teacher": lambda: build_model("resnet18", sh.classes, sh.image_size),
+              "projector": lambda: copy.deepcopy(base)}
+    for lab, make in models.items():
+        for tf32 in (torch.backends.cudnn.allow_tf32, False):
+            saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                model = make().eval()
+                bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+                prepared = prepare_labeller(model, device, sh.image_size)
+            finally:
+                torch.backends.cudnn.allow_tf32 = saved
+            left = sum(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+
+            def label() -> None:
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+                    prepared(x)
+            t = timed(label, device, max(2, sh.steps), sh.warmup)["median_s"]
+            out[f"{lab} prepared with cudnn tf32 {'on' if tf32 else 'off'}"] = {
+                "bn": bns, "bn_left": left, "label_bf16_ms": round(1e3 * t, 3)}
     return out
 
 
@@ -466,7 +505,7 @@ def recover_section(sh: Shapes, device: torch.device) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ driver
 
-SECTIONS = ("student_step", "breakdown", "projector_step", "select_score", "teachers_step", "transfer_step",
+SECTIONS = ("student_step", "breakdown", "labeller_prep", "projector_step", "select_score", "teachers_step", "transfer_step",
             "refine_step", "recover_step")
 
 
@@ -502,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "student_step": lambda: student_section(sh, device, projector_base(), args.strict),
         "breakdown": lambda: breakdown_section(sh, device, projector_base()),
+        "labeller_prep": lambda: labeller_prep_section(sh, device, projector_base()),
         "projector_step": lambda: projector_section(sh, device),
         "select_score": lambda: select_section(sh, device),
         "teachers_step": lambda: teachers_section(sh, device),
