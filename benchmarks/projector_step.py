@@ -67,7 +67,9 @@ def bench_clip(clip: str, image_size: int, batch: int, classes: int, conv_rank: 
     y = torch.randint(0, classes, (batch,), device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     teacher = build_model("resnet18", classes, image_size).to(device, memory_format=fmt).eval()
-    projector = Projector.from_clip(clip, RANDOM_INIT, class_names=[f"class {i}" for i in range(classes)])
+    # the prompts go through the text tower on ``device``: 1000 classes x 7 templates is slow on a CPU
+    projector = Projector.from_clip(clip, RANDOM_INIT, class_names=[f"class {i}" for i in range(classes)],
+                                    device=device)
     projector.add_lora(conv_rank, head_rank)
     with torch.no_grad():  # a trained-looking LoRA (B != 0), so unmerged and merged both do real work
         for p in lora_parameters(projector):

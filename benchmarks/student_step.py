@@ -51,10 +51,15 @@ from hello_ray.runtime import native_bf16, seed_everything  # noqa: E402
 from hello_ray.stages.evaluate_core import PeakMemory, TrainSettings, train_student  # noqa: E402
 
 
-def measure(strategy: LabelStrategy, args, device: torch.device) -> dict:
+def measure(strategy: LabelStrategy, args, device: torch.device,
+            images_device: torch.device | None = None) -> dict:
+    """One student run; its images sit on the CPU as ``evaluate`` keeps them (the views are drawn
+    there), or on ``images_device`` (views drawn where the student trains)."""
     seed_everything(0)
     n = 2 * args.batch                                         # two steps per epoch
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    if images_device is not None:
+        images = images.to(images_device)
     labels = torch.arange(n) % args.classes
     student = build_model("resnet18", args.classes, args.image_size).to(device, memory_format=torch.channels_last)
     s = TrainSettings(epochs=max(1, (args.steps + 1 + 1) // 2), batch_size=args.batch, lr=1e-3, weight_decay=0.01,
