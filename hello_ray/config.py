@@ -13,6 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
 import yaml
@@ -45,8 +46,10 @@ class DataConfig:
     val_split: str = _help("sub-folder / shard prefix of the validation split", default="val")
     on_corrupt: str = _help("what to do with an undecodable image: skip (count and report) | fail",
                             default="skip")
-    class_names: list[str] = _help("readable class names for the CLIP prompts; empty = derive "
-                                   "(ImageNet synsets are mapped automatically)", default_factory=list)
+    class_names: list[str] | dict[str, str] = _help(
+        "readable class names for the CLIP prompts: a mapping class folder (or class key) -> name, "
+        "resolved by folder name, or a list matched by position to the sorted folders (the pairing "
+        "is logged); empty = derive (ImageNet synsets are mapped automatically)", default_factory=list)
     max_per_class: int = _help("use at most this many training images per class (0 = all)", default=0)
     cpus_per_task: float = _help("CPUs each read/decode task asks for; below 1 where fractional "
                                  "reservations (Tune trials, half-CPU workers) leave < 1 CPU free",
@@ -61,6 +64,9 @@ class DataConfig:
         _check(8 <= self.image_size <= 1024, f"{p}.image_size", "must be in [8, 1024]")
         _check(self.max_per_class >= 0, f"{p}.max_per_class", "must be >= 0")
         _check(self.cpus_per_task > 0, f"{p}.cpus_per_task", "must be > 0")
+        items = self.class_names.items() if isinstance(self.class_names, dict) else enumerate(self.class_names)
+        for k, name in items:
+            _check(bool(str(name).strip()), f"{p}.class_names", f"the name of {k!r} is empty")
 
 
 @dataclass
@@ -446,6 +452,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp`` (nanoGPT-style: no silent retyping)."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, UnionType):  # e.g. a list of names or a mapping key -> name
+        options = typing.get_args(tp)
+        for option in options:
+            if isinstance(value, typing.get_origin(option) or option):
+                return _coerce(value, option, key)
+        kinds = " or ".join("a list" if typing.get_origin(o) is list else "a mapping"
+                            if typing.get_origin(o) is dict else getattr(o, "__name__", str(o)) for o in options)
+        raise ConfigError(f"config key '{key}': expected {kinds}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

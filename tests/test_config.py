@@ -41,6 +41,10 @@ def test_published_settings():
     (["name=1.0"], (None, "name", "1.0")),
     (["compute.use_gpu=false"], ("compute", "use_gpu", False)),
     (["evaluate.lr.vgg11=0.002"], ("evaluate", "lr", None)),
+    (["data.class_names=[cat, dog]"], ("data", "class_names", ["cat", "dog"])),
+    (['data.class_names={"n02": "dog", "n01": "cat/kitten"}'],
+     ("data", "class_names", {"n02": "dog", "n01": "cat/kitten"})),   # JSON: a mapping folder -> name
+    (["data.class_names={0: tench, 1: goldfish}"], ("data", "class_names", {"0": "tench", "1": "goldfish"})),
 ])
 def test_overrides_are_typed(overrides, value):
     cfg = load_config("smoke", overrides=overrides)
@@ -68,6 +72,10 @@ def test_overrides_are_typed(overrides, value):
     (["evaluate.students=[resnet50]"], "no learning rate for student 'resnet50'"),
     (["select"], "is not key=value"),
     (["select=3"], "is a section"),
+    (["data.class_names=cat"], "'data.class_names': expected a list or a mapping, got 'cat'"),
+    (["data.class_names=[cat, [dog]]"], "'data.class_names[1]': expected a string"),
+    (["data.class_names={n01: 3}"], "'data.class_names.n01': expected a string"),
+    (["data.class_names={n01: ' '}"], "'data.class_names': the name of 'n01' is empty"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -123,3 +131,13 @@ def test_missing_preset_file_names_the_path_and_the_bundled_presets(tmp_path):
     missing = tmp_path / "jobs" / "configs" / "smoke.yaml"
     with pytest.raises(ConfigError, match=f"preset file {missing} not found.*smoke"):
         load_config(str(missing))
+
+
+def test_class_names_mapping_from_a_yaml_file(tmp_path):
+    """A YAML mapping replaces the whole setting (no per-key merge with a preset's list or mapping)."""
+    f = tmp_path / "names.yaml"
+    f.write_text("data:\n  class_names:\n    n01440764: tench\n    n01443537: goldfish/carp\n")
+    cfg = load_config("smoke", config_file=str(f), overrides=['data.class_names={"b": "B"}'])
+    assert cfg.data.class_names == {"b": "B"}
+    assert load_config("smoke", config_file=str(f)).data.class_names == {"n01440764": "tench",
+                                                                         "n01443537": "goldfish/carp"}

@@ -248,3 +248,47 @@ def test_class_names_from_config_and_hf_metadata(ray_local, tmp_path, samples):
                                       "label": {"names": ["a", "b", "c"], "_type": "ClassLabel"}}}}
         pq.write_table(t.replace_schema_metadata({"huggingface": json.dumps(meta)}), hf / p.name)
     assert load_split(DataConfig(source=str(hf)), "train").class_names == ["a", "b", "c"]
+    # a mapping names the classes the split has (here the HF names), by key, whatever its order
+    mapped = load_split(DataConfig(source=str(hf), class_names={"c": "z/3", "a": "x", "b": "y"}), "train")
+    assert mapped.class_names == ["x", "y", "z/3"] and mapped.class_keys == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"no name for classes \['b'\]"):
+        load_split(DataConfig(source=str(hf), class_names={"c": "z", "a": "x"}), "train")
+
+
+KEYS = ["n01440764", "n01443537", "zebra"]
+
+
+@pytest.mark.parametrize("configured, expected", [
+    (["b", "a", "c"], ["b", "a", "c"]),                                            # list: by position
+    ({"zebra": "Zebra", "n01440764": "fish/tench", "n01443537": "gold"}, ["fish/tench", "gold", "Zebra"]),
+    ({"n01443537": "1", "zebra": "2", "n01440764": "0"}, ["0", "1", "2"]),         # any mapping order
+])
+def test_resolve_class_names(configured, expected):
+    """Without Ray: a mapping resolves by folder name (a '/' in a name is fine), a list by position."""
+    from hello_ray.data.classnames import resolve_class_names
+
+    assert resolve_class_names(KEYS, configured, "split 'train' of /d") == expected
+
+
+@pytest.mark.parametrize("configured, message", [
+    (["a", "b"], "has 2 names but split 'train' of /d has 3 classes"),
+    ({"n01440764": "a", "zebra": "z"}, r"no name for classes \['n01443537'\]"),
+    ({**{k: k for k in KEYS}, "n0999": "x", "tench": "y"},
+     r"names classes the split does not have: \['n0999', 'tench'\]"),
+    ({"zebra": "z"}, r"no name for classes \['n01440764', 'n01443537'\]; the split's classes are"),
+])
+def test_resolve_class_names_errors_name_the_classes(configured, message):
+    from hello_ray.data.classnames import resolve_class_names
+
+    with pytest.raises(DataError, match=message):
+        resolve_class_names(KEYS, configured, "split 'train' of /d")
+
+
+@pytest.mark.parametrize("keys, names, n, line", [
+    (KEYS, ["tench", "goldfish", "zebra"], 5, "0: n01440764 -> tench, 1: n01443537 -> goldfish, 2: zebra [3 classes]"),
+    (KEYS, ["a", "b", "c"], 2, "0: n01440764 -> a, 1: n01443537 -> b, ... (+1 more) [3 classes]"),
+])
+def test_pairing_line(keys, names, n, line):
+    from hello_ray.data.classnames import pairing_line
+
+    assert pairing_line(keys, names, n) == line

@@ -7,7 +7,7 @@ Layouts under the dataset root (local path, ``file://`` or ``s3://``), for split
   folder names (torchvision's ImageFolder order), ids the file paths.
 - **parquet**: ``<root>/train-*.parquet``, ``<root>/train.parquet`` or ``<root>/train/*.parquet``
   with an image column (bytes, or the Hugging Face struct ``{"bytes", "path"}``) and an integer
-  label column; ids are ``<shard>:<row>``. Class names from ``data.class_names``, else a
+  label column; ids are ``<shard>:<row>``. Class names from ``data.class_names`` (a list), else a
   ``classes.json`` / ``class_names.json`` beside the shards (a list, or a mapping with key
   ``class_names``/``classes``/``names``), else the ClassLabel names Hugging Face stores in the
   shard metadata, else ``"0".."K-1"``.
@@ -19,7 +19,8 @@ Checks before any image is read where the layout allows it (ImageFolder listing,
 columns): an empty class -> EmptyClassError, a label outside the class list -> DataError naming
 shard and row. ``data.max_per_class`` keeps the first N images of each class in dataset order
 (sorted paths; shard order then row / tar order). ImageNet synset folders get readable names
-(classnames.py). Reading is lazy: the images stream when the dataset is consumed.
+(classnames.py). ``data.class_names`` as a mapping class key (folder name) -> name is resolved
+against the classes found (``resolve_class_names``); the pairing used is logged either way. Reading is lazy: the images stream when the dataset is consumed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hello_ray.config import DataConfig
-from hello_ray.data.classnames import readable_class_names
+from hello_ray.data.classnames import pairing_line, resolve_class_names
 from hello_ray.data.subset import keep_per_class, sample_order
 from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError, data_errors
 from hello_ray.data.images import is_image_file
@@ -355,7 +356,10 @@ def load_split(data: DataConfig, split: str, store=None, sample: tuple[int, int]
     layout = detect_layout(fs, root, split, "parquet" if data.source == "demo" else data.format)
     if split != data.train_split:  # max_per_class caps training images only
         data = dataclasses.replace(data, max_per_class=0)
-    names: list[str] | None = list(data.class_names) or None
+    # A list of names stands for the classes themselves (parquet / webdataset class keys); a
+    # mapping names the classes the split already has, so those are found first, then resolved.
+    listed = data.class_names if isinstance(data.class_names, list) else []
+    names: list[str] | None = list(listed) or None
     names_from = "config data.class_names" if names else None
     if names is None and layout.format != "imagefolder":
         found = _read_class_file(fs, layout.meta_dirs)
@@ -368,10 +372,16 @@ def load_split(data: DataConfig, split: str, store=None, sample: tuple[int, int]
     else:
         out = _webdataset(fs, layout, data, split, names, sample)
     keys = out["class_keys"]
-    if data.class_names and len(data.class_names) != len(keys):
-        raise DataError(f"config data.class_names has {len(data.class_names)} names but split "
-                        f"{split!r} of {uri} has {len(keys)} classes")
-    readable = list(data.class_names) or readable_class_names(keys)
+    readable = resolve_class_names(keys, data.class_names, f"split {split!r} of {uri}")
+    if isinstance(data.class_names, list) and data.class_names:
+        # By position only: a list in the dataset's own label order would silently misname classes.
+        log.warning("data: config data.class_names is a list, paired by position with the sorted classes "
+                    "of %s split %r: %s; if that is not what you meant, give a mapping class -> name",
+                    uri, split, pairing_line(keys, readable))
+    else:
+        log.info("data: class names of %s split %r (%s): %s", uri, split,
+                 "config data.class_names, by class" if data.class_names else "derived",
+                 pairing_line(keys, readable))
     log.info("data: %s split %r (%s): %s images, %d classes", uri, split, layout.format,
              out["num_rows"] if out["num_rows"] is not None else "?", len(keys))
     return DatasetSplit(ds=out["ds"], class_names=readable, source=uri, split=split,
