@@ -346,7 +346,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     uri = report.write_report(store, name, results_rows=inputs["rows"],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
                               sweep_rows=sweep_rows, storage=storage, inputs=keys,
-                              teacher_window=cfg.transfer.teacher_window,
+                              teacher_window=cfg.transfer.teacher_window, images=inputs["images"],
                               meta={"preset": cfg.name, "store": store.uri,
                                     "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,

@@ -16,6 +16,8 @@ or from a notebook:
 - ``sweep_rows``: one dict per Tune trial with ``conv_rank, head_rank, window, top1``
   (``top1`` None for a trial a scheduler stopped early).
 - ``storage``: storage accounting, a mapping (``hello-ray storage --json``) or a list of dicts.
+- ``images``: an ``ImageGrid`` (hello_ray/plots/image_grid.py ``read_image_grid``): the distilled
+  images evaluate trained on, per class, and for a refined set the same images before refine.
 
 ``build_report`` returns ``(markdown, {png_name: png_bytes})``; ``write_report`` puts the PNGs,
 then ``README.md`` (so a README never points at a missing plot), then the manifest. Plots are
@@ -40,6 +42,7 @@ from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.tables import as_records, cell, check_rows, format_pct, human_bytes, is_missing, markdown_table
 
 if TYPE_CHECKING:
+    from hello_ray.plots.image_grid import ImageGrid
     from hello_ray.store import Store
 
 STAGE = "report"
@@ -49,6 +52,8 @@ FIDELITY_METRICS = (("agreement", None, "top-1 agreement with teachers", "higher
                     ("kl", None, "KL(teachers || projector)", "lower is better"),
                     ("projector_top1", "top1", "projector top-1 (val)", "higher is better"))
 REPORT_FILE = "README.md"
+# The distilled images (hello_ray/plots/image_grid.py), when the report is given the image set.
+GRID_PNGS = {"images": "distilled_images.png", "before_after": "refine_before_after.png"}
 PNG_NAMES = {
     "accuracy": "accuracy_vs_label_bytes.png",
     "teacher": "teacher_curve.png",
@@ -296,6 +301,22 @@ def _fidelity_section(fidelity: Mapping[str, Any]) -> tuple[list[str], bytes]:
     return md, plot_fidelity(fidelity)
 
 
+def images_section(grid: "ImageGrid") -> tuple[list[str], dict[str, bytes]]:
+    """The "Distilled images" section: the grid per class, and before / after refine when the
+    set is a refined one (its ``parent`` read)."""
+    from hello_ray.plots.image_grid import grid_caption, render_before_after, render_grid
+
+    pngs = {GRID_PNGS["images"]: render_grid(grid)}
+    md = ["## Distilled images", "", f"![distilled images per class]({GRID_PNGS['images']})", "",
+          grid_caption(grid), ""]
+    if grid.parent is not None:
+        pngs[GRID_PNGS["before_after"]] = render_before_after(grid)
+        md += ["### Before / after refine", "", f"![before and after refine]({GRID_PNGS['before_after']})", "",
+               f"The same images (same classes, same indices) before refine (left: `{grid.parent.key}`, "
+               f"{grid.parent.source} images) and after refine on the projector (right: `{grid.key}`).", ""]
+    return md, pngs
+
+
 def build_report(
     results_rows: Any,
     trajectory: Mapping[str, Any] | None = None,
@@ -306,6 +327,7 @@ def build_report(
     title: str = "hello_ray run",
     meta: Mapping[str, Any] | None = None,
     teacher_window: str | None = None,
+    images: "ImageGrid | None" = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
     None or empty is left out. Raises ValueError naming the row/key of malformed input."""
@@ -330,6 +352,11 @@ def build_report(
                "are ± one std over seeds.", ""]
     else:
         md += ["No results rows were given.", ""]
+
+    if images is not None and images.rows:
+        section, grid_pngs = images_section(images)
+        md += section
+        pngs.update(grid_pngs)
 
     epochs = list((trajectory or {}).get("epochs") or [])
     if epochs:
@@ -397,8 +424,11 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
     ``images``, the distilled rows are labelled with that set's image source (``label_image_source``).
 
     Returns ``{"rows": results rows, "trajectory": trajectory.json, "fidelity": fidelity.json,
-    "class_names": [...]}``, each read through its format module (hello_ray/formats/).
+    "class_names": [...], "images": ImageGrid or None}``, each read through its format module
+    (hello_ray/formats/; the grid through hello_ray/plots/image_grid.py, only the images shown).
     """
+    from hello_ray.plots.image_grid import read_image_grid
+
     def read(role: str, reader: Any) -> Any:
         return reader(store, keys[role]) if keys.get(role) else None
 
@@ -408,7 +438,8 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
         rows = label_image_source(rows, image_source(store, keys["images"]))
     return {"rows": rows, "trajectory": trajectory,
             "fidelity": read("transfer", read_fidelity),
-            "class_names": list((trajectory or {}).get("class_names") or [])}
+            "class_names": list((trajectory or {}).get("class_names") or []),
+            "images": read("images", read_image_grid)}
 
 
 def write_report(
@@ -423,6 +454,7 @@ def write_report(
     inputs: Mapping[str, str] | None = None,
     meta: Mapping[str, Any] | None = None,
     teacher_window: str | None = None,
+    images: "ImageGrid | None" = None,
 ) -> str:
     """Build the report and store it as artifact ``report_key(name)``: PNGs, then ``README.md``,
     then the manifest (stage "report", ``inputs`` = the artifact keys it summarises). A re-run
@@ -430,7 +462,7 @@ def write_report(
     key = report_key(name)
     markdown, pngs = build_report(results_rows, trajectory, fidelity, sweep_rows, storage,
                                   title=f"hello_ray report: {name}", meta=meta,
-                                  teacher_window=teacher_window)
+                                  teacher_window=teacher_window, images=images)
     for png_name, data in pngs.items():
         store.put_bytes(key, png_name, data)
     store.put_bytes(key, REPORT_FILE, markdown.encode("utf-8"))

@@ -291,3 +291,124 @@ def test_rows_are_labelled_with_their_image_source(file_store_uri):
     md, _ = report.build_report(lpld["rows"] + rded["rows"])
     assert table_row(md, "lpld", "resnet18", "stored/10", "-") and table_row(md, "rded", "resnet18", "stored/10", "-")
     assert report.label_image_source([{"images": "floor"}], "lpld") == [{"images": "floor"}]
+
+
+# ---------------------------------------------------------------- the distilled images' grid
+
+GRID_NAMES = ["zero", "one", "two/deux"]   # a '/' in a class name is only ever text here
+
+
+def grid_sets(store) -> np.ndarray:
+    """A selected set (3 classes x 4 images of 8 px, classes interleaved) and its refined child
+    (other pixels, same labels), written by the stages' own writer. Returns the selected pixels."""
+    from hello_ray.data.imageset import write_image_set
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    labels = [0, 1, 2] * 4
+    # select records the teachers as its parent; only refine's parent is an image set
+    write_image_set(store, "select-000000000011", images, labels, GRID_NAMES, None,
+                    {"image_source": "lpld", "parent": "teachers-000000000010"})
+    write_image_set(store, "refine-000000000012", 255 - images, labels, GRID_NAMES, None,
+                    {"image_source": "lpld", "parent": "select-000000000011", "refine": {"steps": 3}})
+    return images
+
+
+def grid_cells(png: bytes) -> tuple[dict, list[list[list[np.ndarray]]]]:
+    """The layout a grid PNG records, and its cells' pixels [panel][row][col], cut from the PNG."""
+    from hello_ray.plots.image_grid import grid_layout
+
+    lay = grid_layout(png)
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    (x0, y0), (ch, cw), (sy, sx) = lay["origin"], lay["cell"], lay["step"]
+    cells = [[[px[y0 + r * sy:y0 + r * sy + ch, x0 + p * lay["panel_step"] + j * sx:][:, :cw]
+               for j in range(len(row["images"]))] for r, row in enumerate(lay["rows"])]
+             for p in range(len(lay["panels"]))]
+    return lay, cells
+
+
+def upscaled(img: np.ndarray, f: int) -> np.ndarray:
+    return np.repeat(np.repeat(img, f, 0), f, 1)
+
+
+def test_report_shows_the_distilled_images_and_before_after_refine(file_store_uri):
+    """The report of a refined set holds the grid (rows = classes by name, columns = their images,
+    each cell the set's exact pixels) and the before / after figure (parent left, refined right)."""
+    store = open_store(file_store_uri)
+    images = grid_sets(store)
+    grid = report.collect_inputs(store, {"images": "refine-000000000012"})["images"]
+    report.write_report(store, "grid-run", [], images=grid, inputs={"images": "refine-000000000012"})
+    key = report.report_key("grid-run")
+    assert set(store.list_files(key)) == {report.REPORT_FILE, *report.GRID_PNGS.values()}
+    md = store.get_bytes(key, report.REPORT_FILE).decode()
+    assert f"![distilled images per class]({report.GRID_PNGS['images']})" in md
+    assert f"![before and after refine]({report.GRID_PNGS['before_after']})" in md
+    caption = next(line for line in md.splitlines() if line.startswith("Distilled images (source: lpld"))
+    assert "`refine-000000000012`, 12 images of 3 classes" in caption and "0 zero, 1 one, 2 two/deux" in caption
+
+    png = store.get_bytes(key, report.GRID_PNGS["images"])
+    lay, cells = grid_cells(png)
+    assert [r["name"] for r in lay["rows"]] == GRID_NAMES and lay["cols"] == 4
+    assert [r["images"] for r in lay["rows"]] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    f = lay["upscale"]
+    assert f >= 2 and lay["cell"] == [8 * f, 8 * f]
+    w, h = Image.open(io.BytesIO(png)).size
+    assert w >= lay["origin"][0] + 4 * lay["step"][1] - 2 and h >= lay["origin"][1] + 3 * lay["step"][0] - 2
+    for r, row in enumerate(lay["rows"]):
+        for j, i in enumerate(row["images"]):
+            np.testing.assert_array_equal(cells[0][r][j], upscaled(255 - images[i], f))
+
+    lay, cells = grid_cells(store.get_bytes(key, report.GRID_PNGS["before_after"]))
+    assert [p["key"] for p in lay["panels"]] == ["select-000000000011", "refine-000000000012"]
+    assert lay["cols"] == 4 and len(lay["rows"]) == 3
+    for r, row in enumerate(lay["rows"]):
+        for j, i in enumerate(row["images"]):
+            np.testing.assert_array_equal(cells[0][r][j], upscaled(images[i], f))        # before
+            np.testing.assert_array_equal(cells[1][r][j], upscaled(255 - images[i], f))  # after
+
+
+def test_an_unrefined_set_has_no_before_after(file_store_uri):
+    """A selection's "parent" is the teachers, not an image set: the grid alone, nothing else read."""
+    store = open_store(file_store_uri)
+    grid_sets(store)
+    grid = report.collect_inputs(store, {"images": "select-000000000011"})["images"]
+    assert grid.parent is None and grid.source == "lpld"
+    md, pngs = report.build_report([], images=grid)
+    assert set(pngs) == {report.GRID_PNGS["images"]} and "Before / after" not in md
+
+
+@pytest.mark.parametrize("labels, max_classes, per_class, rows", [
+    ([0, 1, 2] * 4, 16, 2, [(0, [0, 3]), (1, [1, 4]), (2, [2, 5])]),
+    ([2, 2, 0, 2], 16, 10, [(0, [2]), (2, [0, 1, 3])]),            # class 1 has no image: no row
+    (list(range(1000)), 4, 10, [(0, [0]), (333, [333]), (666, [666]), (999, [999])]),
+    (list(range(100)) * 2, 16, 10, None),                            # 16 distinct classes, spanning 0..99
+])
+def test_pick_classes_and_images(labels, max_classes, per_class, rows):
+    """Classes picked deterministically, evenly over the label range; a row's first images in set order."""
+    from hello_ray.plots.image_grid import pick_classes, pick_images
+
+    classes = pick_classes(labels, max_classes)
+    got = [(c, pick_images(labels, c, per_class)) for c in classes]
+    if rows is not None:
+        assert got == rows
+    else:
+        assert len(set(classes)) == 16 and classes[0] == 0 and classes[-1] == 99 and classes == sorted(classes)
+        assert all(idx == [c, c + 100] for c, idx in got)
+    assert pick_classes(labels, max_classes) == classes
+
+
+def test_grid_of_many_large_images_shows_16_classes_in_96px_cells(file_store_uri):
+    """224 px images become 96 px cells (a 20-class set shows 16 rows); the PNG size follows."""
+    from hello_ray.data.imageset import write_image_set
+    from hello_ray.plots.image_grid import MAX_CELL, read_image_grid, render_grid
+
+    store = open_store(file_store_uri)
+    names = [f"class number {c} with a rather long readable name" for c in range(20)]
+    write_image_set(store, "select-000000000021", np.full((20, 224, 224, 3), 200, np.uint8), list(range(20)),
+                    names, None, {"image_source": "rded"})
+    grid = read_image_grid(store, "select-000000000021")
+    assert len(grid.rows) == 16 and grid.rows[-1].name == names[19]
+    png = render_grid(grid)
+    lay, cells = grid_cells(png)
+    assert lay["cell"] == [MAX_CELL, MAX_CELL] and lay["upscale"] == 0 and lay["cols"] == 1
+    assert Image.open(io.BytesIO(png)).size[1] == lay["origin"][1] + 16 * lay["step"][0] - 2 + 6
+    assert all(abs(int(c[0][0].astype(int).mean()) - 200) <= 1 for c in cells[0])

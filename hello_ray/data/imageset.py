@@ -88,19 +88,29 @@ def write_image_set_index(store, key: str, labels: np.ndarray | list[int], class
     store.put_bytes(key, META, json.dumps(info, indent=1).encode())
 
 
-def load_image_set(store, key: str) -> ImageSet:
-    """Read an image set (finished or not yet finalized) back: the exact pixels that were written."""
+def read_image_set_info(store, key: str) -> dict:
+    """A set's ``imageset.json`` (num_images, image_size, class_names, labels and the writer's meta)."""
     try:
-        info = json.loads(store.get_bytes(key, META))
+        return json.loads(store.get_bytes(key, META))
     except json.JSONDecodeError as e:
         raise DataError(f"image set {key}: {META} is not valid JSON: {e}") from None
-    n = info["num_images"]
 
+
+def read_images(store, key: str, indices: list[int]) -> list[np.ndarray]:
+    """Images ``indices`` of a set, decoded (uint8 [H, W, 3] each): a few of a large set without
+    reading the rest (the report's image grid)."""
     def get(i: int) -> np.ndarray:
         return decode_image(store.get_bytes(key, image_name(i)), f"{store.uri_for(key, image_name(i))}")
 
     with cf.ThreadPoolExecutor(16) as pool:
-        arrays = list(pool.map(get, range(n)))
+        return list(pool.map(get, indices))
+
+
+def load_image_set(store, key: str) -> ImageSet:
+    """Read an image set (finished or not yet finalized) back: the exact pixels that were written."""
+    info = read_image_set_info(store, key)
+    n = info["num_images"]
+    arrays = read_images(store, key, list(range(n)))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(f"image set {key}: images of different shapes {sorted(shapes)}")
