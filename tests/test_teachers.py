@@ -284,7 +284,7 @@ def test_rm_then_rerun_retrains_from_epoch_1(trained_s3):
     from hello_ray.pipeline import run_stage
     from hello_ray.store import open_store
 
-    cfg, store, key, _ = trained_s3
+    cfg, store, key = trained_s3[:3]
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
     bucket, prefix = cfg.store[len("s3://"):].split("/", 1)
     copy_prefix = f"copy-{uuid.uuid4().hex[:8]}"
