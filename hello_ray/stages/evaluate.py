@@ -375,7 +375,7 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
 
     with PeakMemory(device) as mem:
         stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
-                              rank=rank, world_size=world, score=score)
+                              rank=rank, world_size=world, score=score, row=row["row"])
     peak = torch.tensor([mem.peak_bytes], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)

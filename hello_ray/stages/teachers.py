@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
         batches = launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank)
         tr = train_epoch(ddp_model, batches, opt, w.device,
-                         augment=lambda im: train_augment(im, image_size, gen))
+                         augment=lambda im: train_augment(im, image_size, gen), epoch=epoch)
         sched.step()
         va = evaluate_top1(model, val_shard.iter_torch_batches(batch_size=max(w.per_worker_batch, 256)),
                            w.device)

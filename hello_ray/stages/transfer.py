@@ -150,8 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=w.device).manual_seed(seed)
         batches = _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
                            generator=gen, seed=seed)
-        for x, y in launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank):
-            parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight)
+        for step, (x, y) in enumerate(launcher.drilled(batches, config.get("drill"), store, key, epoch,
+                                                       w.rank), 1):
+            parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight, epoch=epoch, step=step)
             n = len(y)
             sums += torch.tensor([parts["loss"] * n, parts["mse"] * n, parts["ce"] * n, n],
                                  dtype=torch.float64)
