@@ -2,7 +2,7 @@
 named, without spending Ray Train's restarts (hello_ray/failures.py, hello_ray/retry_policy.py).
 
 The loss checks of every training loop are tested on the plain-PyTorch compute (no Ray); the
-no-retry policy on real Ray Train runs whose attempts are counted in a file each attempt appends to.
+no-retry policy on real teachers runs whose attempts are counted in a file each attempt appends to.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from hello_ray.data.errors import CorruptImageError, DataError
+from hello_ray.data.errors import CorruptImageError
 from hello_ray.failures import DiskFull, NonFiniteLoss, fatal_cause, worker_fatal
 
 
@@ -164,36 +164,128 @@ def _attempt_log(store, key: str) -> Path:
     return Path(tempfile.gettempdir()) / "hello_ray_test_attempts" / digest
 
 
-def counting_loop(config: dict) -> None:
-    """A Train loop that records its attempt; the first attempt fails as an ordinary error does,
-    every later one with a non-finite loss."""
-    import ray.train
+# ---------------------------------------------------------------------------- the teachers stage
+
+def _teachers_cfg(store_uri: str, *extra: str):
+    from hello_ray.config import load_config
+
+    # The smallest real teachers run: one Train worker, ShuffleNet (1.5 MB per epoch file), 20
+    # digits per class; compute.max_failures=2 so that a retry would have room to happen.
+    return load_config("smoke", overrides=[f"store={store_uri}", "compute.num_workers=1",
+                                           "compute.cpus_per_worker=0.5", "compute.max_failures=2",
+                                           "teachers.model=shufflenet_v2_x0_5", "data.max_per_class=20",
+                                           *extra])
+
+
+def counting_teachers_loop(config: dict) -> None:
+    """The real teachers loop, after one line in the attempt log (installed with monkeypatch)."""
+    from hello_ray.stages.teachers import train_loop_per_worker  # the real one, in this worker
 
     path = _attempt_log(config["store"], config["key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(f"{ray.train.get_context().get_world_rank()}\n")
-    if len(path.read_text().splitlines()) == 1:
-        raise RuntimeError("a transient failure")
-    raise NonFiniteLoss("teachers", 1, 3, float("nan"), "teachers.lr=1e+12")
+        f.write("attempt\n")
+    train_loop_per_worker(config)
 
 
-def test_a_fatal_worker_error_is_not_retried(ray_local, tmp_path):
-    """Real Ray Train, one worker: the first attempt's ordinary error is retried (so the counter
-    sees restarts), the second attempt's NaN loss ends the run at once although
-    compute.max_failures=2 allows another restart (without the policy: 3 attempts)."""
+def _run_teachers(cfg, store, **drill):
+    from hello_ray.pipeline import Run
+    from hello_ray.stages import teachers
+
+    run = Run(cfg, store)
+    assert run.needs(teachers, {})
+    key = run.keys["teachers"]
+    run.done(teachers, {}, teachers.run(cfg, store, key, {}, **drill))
+    return key
+
+
+def test_teachers_stop_at_the_first_nan_loss_without_a_retry(ray_local, tmp_path, monkeypatch):
+    """A learning rate of 1e12 makes the second step's loss NaN. The fault drill fails the first
+    attempt after its first step with an ordinary error, which is retried (so the attempt log
+    sees restarts); the second attempt's NaN loss ends the stage at once, named, although
+    compute.max_failures=2 leaves a restart (without the policy: 3 attempts). Needs a real Ray
+    Train run: the error has to cross the worker, the controller's policy and launcher.fit."""
     from hello_ray import launcher
-    from hello_ray.config import ComputeConfig
+    from hello_ray.stages import teachers
     from hello_ray.store import open_store
 
-    store = open_store(str(tmp_path / "store"))
-    key = "teachers-nan"
-    log = _attempt_log(store, key)
-    log.unlink(missing_ok=True)
-    compute = ComputeConfig(num_workers=1, use_gpu=False, cpus_per_worker=0.5, max_failures=2)
-    with pytest.raises(launcher.StageFailed, match=r"^teachers teachers-nan: the loss is nan at epoch 1, "
-                       r"step 3; .*\(not retried: ") as info:
-        launcher.fit("teachers", compute, store, key, counting_loop, {"store": store, "key": key}, {})
+    cfg = _teachers_cfg(str(tmp_path / "store"), "teachers.lr=1e12")
+    store = open_store(cfg.store)
+    monkeypatch.setattr(teachers, "train_loop_per_worker", counting_teachers_loop)
+    with pytest.raises(launcher.StageFailed, match=r"^teachers teachers-\w+: the loss is nan at epoch 1, "
+                       r"step 2; training stopped \(teachers.lr=1e\+12\).*\(not retried: ") as info:
+        _run_teachers(cfg, store, fail_once_at_epoch=1)
     assert isinstance(info.value.__cause__, NonFiniteLoss)
-    assert len(log.read_text().splitlines()) == 2
-    log.unlink()
+    key = str(info.value).split()[1].rstrip(":")
+    assert len(_attempt_log(store, key).read_text().splitlines()) == 2
+    assert not store.exists(key)
+    _attempt_log(store, key).unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs mounted for the test (a real full disk); skipped where mount is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A filler file that leaves ``leave`` bytes free on ``disk``."""
+    import os
+
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def test_a_full_store_fails_named_without_retries_and_resumes_clean(ray_local, small_disk, monkeypatch):
+    """The store on a small tmpfs with 1 MB left: the first 1.5 MB epoch file cannot be written.
+    The stage fails with DiskFull naming that file after one attempt; with the space back, the
+    re-run trains and finalizes, and every file of the artifact is whole (sha256 as listed,
+    loadable), with no temp files left behind. Needs a real Ray Train run and a real full disk."""
+    from hello_ray import launcher
+    from hello_ray.data.demo import ensure_demo_dataset
+    from hello_ray.formats.trajectory import load_trajectory
+    from hello_ray.stages import teachers
+    from hello_ray.store import open_store
+
+    cfg = _teachers_cfg(str(small_disk / "store"), "teachers.epochs=2", "transfer.teacher_window=1-2",
+                        "transfer.n_teachers=2", "sweep.windows=[1-2]", "sweep.n_teachers=2")
+    store = open_store(cfg.store)
+    ensure_demo_dataset(store)  # the dataset lives in the store too: written before the disk fills
+    filler = _fill(small_disk, leave=1 << 20)
+    monkeypatch.setattr(teachers, "train_loop_per_worker", counting_teachers_loop)
+    with pytest.raises(launcher.StageFailed, match=r"no space left on the device holding "
+                       rf"{small_disk}/store/teachers-\w+/epochs/epoch_001.pt.*\(not retried") as info:
+        _run_teachers(cfg, store)
+    assert isinstance(info.value.__cause__, DiskFull)
+    key = str(info.value).split()[1].rstrip(":")
+    assert len(_attempt_log(store, key).read_text().splitlines()) == 1
+
+    filler.unlink()  # the space comes back
+    assert _run_teachers(cfg, store) == key
+    manifest = store.manifest(key)
+    names = {f["name"] for f in manifest["files"]}
+    assert {"epochs/epoch_001.pt", "epochs/epoch_002.pt", "trajectory.json"} <= names
+    on_disk = {p.relative_to(small_disk / "store" / key).as_posix()
+               for p in (small_disk / "store" / key).rglob("*") if p.is_file()}
+    assert on_disk == names | {"manifest.json"}  # no .partial file survived the failure
+    for f in manifest["files"]:
+        assert hashlib.sha256(store.get_bytes(key, f["name"])).hexdigest() == f["sha256"]
+    for e in load_trajectory(store, key)["epochs"]:
+        torch.load(small_disk / "store" / key / e["file"], weights_only=True)
+    assert len(_attempt_log(store, key).read_text().splitlines()) == 2  # the failed one + the re-run
+    _attempt_log(store, key).unlink()
