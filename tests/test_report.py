@@ -291,3 +291,23 @@ def test_rows_are_labelled_with_their_image_source(file_store_uri):
     md, _ = report.build_report(lpld["rows"] + rded["rows"])
     assert table_row(md, "lpld", "resnet18", "stored/10", "-") and table_row(md, "rded", "resnet18", "stored/10", "-")
     assert report.label_image_source([{"images": "floor"}], "lpld") == [{"images": "floor"}]
+
+
+def test_data_section_shows_fingerprints_and_undecodable_images_per_class(file_store_uri):
+    """The stages' manifest summaries (corrupt counts, split fingerprints) -> one Data table."""
+    store = open_store(file_store_uri)
+    fp = {"train": {"format": "imagefolder", "files": 9, "bytes": 2048, "sha256": "0123456789abcdef"}}
+    corrupt = {"train": {"split": "train", "images": 9, "corrupt": 2, "per_class": {"dog": 1, "emu": 1},
+                         "examples": ["/d/train/dog/1.png (truncated)"]}}
+    for key, summary in {"teachers-000000000001": {"corrupt": corrupt, "dataset": fp},
+                         "select-000000000002": {"corrupt": corrupt, "dataset": fp}}.items():
+        write_trajectory(store, key, TRAJECTORY)  # what the report reads of a teachers artifact
+        store.finalize(key, key.split("-")[0], {}, {}, summary)
+    data = report.collect_inputs(store, {"teachers": "teachers-000000000001", "select": "select-000000000002"})["data"]
+    assert set(data) == {"teachers", "select"} and data["teachers"]["corrupt"] == corrupt
+    md, _ = report.build_report(make_rows(), data=data)
+    section = md[md.index("## Data"):]
+    assert "train: 9 imagefolder file(s), 2.00 KiB, `0123456789abcdef`" in section
+    assert "| teachers | train (train) | 9 | 2 | dog: 1, emu: 1 |" in section
+    assert "| select | train (train) | 9 | 2 | dog: 1, emu: 1 |" in section
+    assert "## Data" not in report.build_report(make_rows())[0]

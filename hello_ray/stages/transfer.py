@@ -47,6 +47,7 @@ log = logging.getLogger("hello_ray.transfer")
 
 STAGE = "transfer"
 INPUTS = ("teachers",)  # the teacher window; the real data comes from cfg.data
+DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 CHECKPOINT_FILE = "transfer_state.pt"
 
 
@@ -201,10 +202,12 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
     """Fit the projector's LoRA to the teacher window on Ray Train; write the transfer artifact.
 
     ``drill``: a fault drill for the tests (a rank killed mid-epoch, see launcher.KillDrill)."""
+    from hello_ray.data.corrupt import corrupt_summary
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_train_val
 
     train, val = load_train_val(cfg.data, store)
+    corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
@@ -219,4 +222,4 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
              fidelity["before"]["kl"], fidelity["after"]["kl"])
     return {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
             "fidelity_before": fidelity["before"], "fidelity_after": fidelity["after"],
-            "train_s": round(time.perf_counter() - t0, 2)}
+            "corrupt": corrupt, "train_s": round(time.perf_counter() - t0, 2)}
