@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ray.train import TrainingFailedError
 
 _ENOSPC_TEXT = "No space left on device"
+NO_PATH = "(path not given by the error)"
 
 
 class FatalError(RuntimeError):
@@ -95,13 +96,13 @@ def fatal_cause(exc: BaseException) -> Exception | None:
         if isinstance(cur, (FatalError, DataError)):
             return cur
         if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
-            return DiskFull(cur.filename or "(path not given by the error)", str(cur))
+            return DiskFull(cur.filename or NO_PATH, str(cur))
     for cur in _chain(exc):  # errors that crossed a Ray task boundary as text
         found = find_data_error(cur)
         if found is not None:
             return found
         if _ENOSPC_TEXT in str(cur):
-            return DiskFull("(path not given by the error)", _last_line(str(cur), _ENOSPC_TEXT))
+            return DiskFull(NO_PATH, _last_line(str(cur), _ENOSPC_TEXT))
     return None
 
 

@@ -79,7 +79,7 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from hello_ray.failures import worker_fatal
+    from hello_ray.failures import NO_PATH, DiskFull, worker_fatal
 
     storage_path, filesystem = store.ray_storage()
     trainer = _trainer_class()(
@@ -98,6 +98,9 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         fatal = worker_fatal(e)
+        if isinstance(fatal, DiskFull) and fatal.path == NO_PATH:
+            # Our own writes name their file; a bare ENOSPC comes from Ray persisting a checkpoint.
+            fatal = DiskFull(f"{storage_path}/{key} (Ray Train's checkpoints of this run)", fatal.detail)
         if fatal is not None:
             what = str(fatal).removeprefix(f"{stage}: ")  # NonFiniteLoss names the stage itself
             raise StageFailed(f"{stage} {key}: {what} (not retried: a restart from the last "

@@ -252,10 +252,12 @@ def _fill(disk: Path, leave: int) -> Path:
 
 
 def test_a_full_store_fails_named_without_retries_and_resumes_clean(ray_local, small_disk, monkeypatch):
-    """The store on a small tmpfs with 1 MB left: the first 1.5 MB epoch file cannot be written.
-    The stage fails with DiskFull naming that file after one attempt; with the space back, the
-    re-run trains and finalizes, and every file of the artifact is whole (sha256 as listed,
-    loadable), with no temp files left behind. Needs a real Ray Train run and a real full disk."""
+    """The store on a small tmpfs. With 1 MB left the first 1.5 MB epoch file cannot be written;
+    with 2.3 MB left it can, but Ray Train's 3 MB checkpoint of that epoch cannot (a half-copied
+    checkpoint stays behind). Each time the stage fails with DiskFull naming where, after one
+    attempt. With the space back, the re-run trains and finalizes: every file of the artifact is
+    whole (sha256 as listed, loadable), no temp file is left, and the half-written checkpoint was
+    not resumed from (the re-run starts at epoch 1). Needs real Ray Train runs and a real full disk."""
     from hello_ray import launcher
     from hello_ray.data.demo import ensure_demo_dataset
     from hello_ray.formats.trajectory import load_trajectory
@@ -266,26 +268,32 @@ def test_a_full_store_fails_named_without_retries_and_resumes_clean(ray_local, s
                         "transfer.n_teachers=2", "sweep.windows=[1-2]", "sweep.n_teachers=2")
     store = open_store(cfg.store)
     ensure_demo_dataset(store)  # the dataset lives in the store too: written before the disk fills
-    filler = _fill(small_disk, leave=1 << 20)
     monkeypatch.setattr(teachers, "train_loop_per_worker", counting_teachers_loop)
-    with pytest.raises(launcher.StageFailed, match=r"no space left on the device holding "
-                       rf"{small_disk}/store/teachers-\w+/epochs/epoch_001.pt.*\(not retried") as info:
-        _run_teachers(cfg, store)
-    assert isinstance(info.value.__cause__, DiskFull)
+    root = small_disk / "store"
+    for leave, where in ((1 << 20, rf"{root}/teachers-\w+/epochs/epoch_001.pt"),
+                         (2_300_000, rf"{root}/_ray/teachers-\w+ \(Ray Train's checkpoints of this run\)")):
+        filler = _fill(small_disk, leave)
+        with pytest.raises(launcher.StageFailed, match=f"no space left on the device holding {where}.*"
+                           r"\(not retried") as info:
+            _run_teachers(cfg, store)
+        assert isinstance(info.value.__cause__, DiskFull)
+        filler.unlink()  # the space comes back
     key = str(info.value).split()[1].rstrip(":")
-    assert len(_attempt_log(store, key).read_text().splitlines()) == 1
+    assert len(_attempt_log(store, key).read_text().splitlines()) == 2  # one per failed run: no retries
+    (half,) = (root / "_ray" / key).rglob("state.pt")  # Ray's torn copy of the epoch-1 checkpoint
+    with pytest.raises(Exception):
+        torch.load(half, weights_only=True)
 
-    filler.unlink()  # the space comes back
     assert _run_teachers(cfg, store) == key
     manifest = store.manifest(key)
     names = {f["name"] for f in manifest["files"]}
     assert {"epochs/epoch_001.pt", "epochs/epoch_002.pt", "trajectory.json"} <= names
-    on_disk = {p.relative_to(small_disk / "store" / key).as_posix()
-               for p in (small_disk / "store" / key).rglob("*") if p.is_file()}
-    assert on_disk == names | {"manifest.json"}  # no .partial file survived the failure
+    on_disk = {p.relative_to(root / key).as_posix() for p in (root / key).rglob("*") if p.is_file()}
+    assert on_disk == names | {"manifest.json"}  # no .partial file survived the failures
     for f in manifest["files"]:
         assert hashlib.sha256(store.get_bytes(key, f["name"])).hexdigest() == f["sha256"]
     for e in load_trajectory(store, key)["epochs"]:
-        torch.load(small_disk / "store" / key / e["file"], weights_only=True)
-    assert len(_attempt_log(store, key).read_text().splitlines()) == 2  # the failed one + the re-run
+        torch.load(root / key / e["file"], weights_only=True)
+    assert store.manifest(key)["summary"]["attempt_start_epochs"] == [1]
+    assert len(_attempt_log(store, key).read_text().splitlines()) == 3
     _attempt_log(store, key).unlink()
