@@ -200,6 +200,7 @@ class RecoverConfig:
             _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
         _check(self.jitter >= 0, f"{p}.jitter", "must be >= 0")
         _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+        _check_seed(self.seed, f"{p}.seed")
 
 
 @dataclass

@@ -440,7 +440,7 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
         return reader(store, keys[role]) if keys.get(role) else None
 
     data = {}
-    for stage in ("teachers", "select", "transfer", "evaluate"):
+    for stage in ("teachers", "select", "recover", "transfer", "evaluate"):
         if keys.get(stage) and store.exists(keys[stage]):
             summary = store.manifest(keys[stage]).get("summary") or {}
             if "corrupt" in summary or "dataset" in summary:

@@ -154,6 +154,11 @@ OUT_OF_RANGE = {
     "evaluate.continual_steps": ("[1]", ">= 2"),
     "sweep.conv_ranks": ("[0]", ">= 1"), "sweep.head_rank_per_conv_rank": ("0", ">= 1"),
     "sweep.n_teachers": ("-1", ">= 0"), "sweep.max_concurrent": ("0", ">= 1"),
+    "compute.lease_ttl_s": ("0.5", ">= 1"), "s3_timeout": ("0", "> 0"), "s3_max_attempts": ("0", ">= 1"),
+    "recover.iterations": ("0", ">= 1"), "recover.lr": ("0", "> 0"), "recover.r_bn": ("-1", ">= 0"),
+    "recover.first_bn_multiplier": ("-1", ">= 0"), "recover.jitter": ("-1", ">= 0"),
+    "recover.batch_size": ("0", ">= 1"), "recover.seed": ("-1", "2**32"), "recover.num_actors": ("0", ">= 1"),
+    "recover.actor_cpus": ("0", "> 0"), "recover.stats_batch_size": ("0", ">= 1"),
 }
 
 

@@ -74,9 +74,8 @@ def test_a_class_with_no_decodable_training_image_fails_before_training(ray_loca
     cfg = _cfg(tmp_path)
     store = open_store(cfg.store)
     run = Run(cfg, store)
-    assert run.needs(teachers, {})
-    key = run.keys["teachers"]
-    with pytest.raises(EmptyClassError, match=rf"class 'emu' has no images in split 'train' of {tmp_path}/data "
-                       r"that decode: its 3 image\(s\) are all undecodable"):
-        teachers.run(cfg, store, key, {})
+    with run.writing(teachers, {}) as key:
+        with pytest.raises(EmptyClassError, match=rf"class 'emu' has no images in split 'train' of "
+                           rf"{tmp_path}/data that decode: its 3 image\(s\) are all undecodable"):
+            teachers.run(cfg, store, key, {})
     assert not (tmp_path / "store" / "_ray" / key).exists()

@@ -201,38 +201,50 @@ def _events(store, key: str) -> list[str]:
     return _attempt_log(store, key).read_text().splitlines()
 
 
-def _run_teachers(cfg, store, **drill):
+def _run_teachers(cfg, store) -> str:
+    """The teachers stage as pipeline.run_stage runs it (under the key's lease, released however
+    it ends); returns the key."""
     from hello_ray.pipeline import Run
     from hello_ray.stages import teachers
 
     run = Run(cfg, store)
-    assert run.needs(teachers, {})
-    key = run.keys["teachers"]
-    run.done(teachers, {}, teachers.run(cfg, store, key, {}, **drill))
-    return key
+    with run.writing(teachers, {}) as key:
+        assert key, "the artifact is already finished"
+        run.done(teachers, {}, teachers.run(cfg, store, key, {}))
+    return run.keys["teachers"]
 
 
 def test_teachers_stop_at_the_first_nan_loss_without_a_retry(ray_local, tmp_path, monkeypatch):
-    """A learning rate of 1e12 makes the second step's loss NaN. The fault drill fails the first
-    attempt after its first step with an ordinary error, which is retried (so the attempt log
-    sees restarts); the second attempt's NaN loss ends the stage at once, named, although
+    """A learning rate of 1e12 makes the second step's loss NaN. The kill drill SIGKILLs the
+    first attempt's worker after its first step, which Ray Train retries (so the attempt log sees
+    restarts); the second attempt's NaN loss ends the stage at once, named, although
     compute.max_failures=2 leaves a restart (without the policy a third attempt meets the NaN
     again). Needs a real Ray Train run: the error has to cross the worker, the controller's
     policy and launcher.fit."""
+    from faults import KillOnMarker
+
     from hello_ray import launcher
+    from hello_ray.pipeline import Run
     from hello_ray.stages import teachers
     from hello_ray.store import open_store
 
     cfg = _teachers_cfg(str(tmp_path / "store"), "teachers.lr=1e12")
     store = open_store(cfg.store)
     monkeypatch.setattr(teachers, "train_loop_per_worker", counting_teachers_loop)
-    with pytest.raises(launcher.StageFailed, match=r"^teachers teachers-\w+: the loss is nan at epoch 1, "
-                       r"step 2; training stopped \(teachers.lr=1e\+12\).*\(not retried: ") as info:
-        _run_teachers(cfg, store, fail_once_at_epoch=1)
+    drill = launcher.KillDrill(epoch=1, rank=0)
+    run = Run(cfg, store)
+    with run.writing(teachers, {}) as key:
+        killer = KillOnMarker(store, key, drill)
+        try:
+            with pytest.raises(launcher.StageFailed, match=rf"^teachers {key}: the loss is nan at epoch 1, "
+                               r"step 2; training stopped \(teachers.lr=1e\+12\).*\(not retried: ") as info:
+                teachers.run(cfg, store, key, {}, drill=drill)
+        finally:
+            killer.stop()
     assert isinstance(info.value.__cause__, NonFiniteLoss)
-    key = str(info.value).split()[1].rstrip(":")
+    assert killer.pid is not None  # the first attempt's worker was killed ...
     events = _events(store, key)
-    assert events.count("attempt") >= 2  # the drill's failure was retried
+    assert events.count("attempt") >= 2  # ... and retried
     assert events.count("fatal NonFiniteLoss") == 1 and events[-1] == "fatal NonFiniteLoss"
     assert not store.exists(key)
     _attempt_log(store, key).unlink()

@@ -15,10 +15,11 @@ from PIL import Image
 from hello_ray.config import load_config
 from hello_ray.data.fingerprint import split_fingerprint
 from hello_ray.pipeline import Run
-from hello_ray.stages import evaluate, select, teachers, transfer
+from hello_ray.stages import evaluate, recover, select, teachers, transfer
 from hello_ray.store import open_store
 
 STAGES = {"teachers": (teachers, {}), "select": (select, {"teachers": "teachers-0"}),
+          "recover": (recover, {"teachers": "teachers-0"}),
           "transfer": (transfer, {"teachers": "teachers-0"}),
           "evaluate": (evaluate, {"images": "select-0", "teachers": "teachers-0", "transfer": "transfer-0"})}
 
@@ -39,12 +40,12 @@ def _write_folder(root: Path, classes: list[str], per_class: int = 2) -> None:
 
 
 def _keys(store, source: Path, *overrides: str) -> dict[str, str]:
-    """The key of every data-reading stage, as pipeline.Run derives it (a fresh Run: no memory)."""
+    """The key of every data-reading stage, as pipeline.Run.needs derives it (a fresh Run: no
+    memory; without needs' lease, which only a writer takes)."""
     cfg = load_config("smoke", overrides=[f"store={store.uri}", f"data.source={source}", *overrides])
     run = Run(cfg, store)
-    for stage, inputs in STAGES.values():
-        run.needs(stage, inputs)
-    return {name: run.keys[name] for name in STAGES}
+    return {name: store.artifact_key(stage.STAGE, run.stage_config(stage), inputs)
+            for name, (stage, inputs) in STAGES.items()}
 
 
 def _changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
@@ -82,9 +83,9 @@ def test_class_names_and_observer_do_not_retrain_the_teachers(tmp_path):
     _write_folder(data, ["cat", "dog"])
     base = _keys(store, data)
     renamed = _keys(store, data, "data.class_names=[kitten, puppy]")
-    assert _changed(base, renamed) == {"select", "transfer", "evaluate"}  # names: prompts, image sets
+    assert _changed(base, renamed) == {"select", "recover", "transfer", "evaluate"}  # prompts, image sets
     observer = _keys(store, data, "teachers.observer=epoch:2")
-    assert _changed(base, observer) == {"select", "evaluate"}  # the observer scores crops, labels students
+    assert _changed(base, observer) == {"select", "recover", "evaluate"}  # scores, synthesises, labels
     no_teacher_labels = ["evaluate.strategies=[hard, projector]", "evaluate.floor=false"]
     assert _keys(store, data, *no_teacher_labels)["evaluate"] == \
         _keys(store, data, *no_teacher_labels, "teachers.observer=epoch:2")["evaluate"]
@@ -92,7 +93,8 @@ def test_class_names_and_observer_do_not_retrain_the_teachers(tmp_path):
 
 def test_parquet_class_file_keys_the_stages_that_use_names(tmp_path):
     """A parquet dataset's classes.json: renaming there changes select/transfer/evaluate, not the
-    teachers; a rewritten shard changes all."""
+    teachers (nor recover, whose names come from the trajectory or data.class_names); a rewritten
+    shard changes all."""
     from test_data_sources import make_samples, write_parquet
 
     store = open_store(str(tmp_path / "store"))
