@@ -9,7 +9,9 @@ are *fatal* here:
   the restart resumes from the checkpoint before it and diverges the same way.
 - :class:`DiskFull`: no space left where a file is written (``ENOSPC``); nothing frees it.
 - :class:`hello_ray.data.errors.DataError`: the dataset is wrong (a corrupt image with
-  ``data.on_corrupt=fail``, a bad shard, a null label); it is the same dataset next time.
+  ``data.on_corrupt=fail``, a bad shard, a null label); it is the same dataset next time. Not one
+  that only says the storage stopped answering (the readers' retries gave up on a transient
+  error): a restart may find it back.
 
 Ray Train V2 wraps a worker's exception (``WorkerGroupError.worker_failures[rank]``, a
 ``UserExceptionWithTraceback`` around the original); :func:`fatal_cause` looks through that and
@@ -90,16 +92,25 @@ def _chain(exc: BaseException):
                  getattr(cur, "cause", None)]
 
 
+def _unreachable(err: DataError) -> bool:
+    """A DataError that says the storage did not answer (hello_ray.data.io_retry gave up on a
+    transient I/O error): the data may be fine, and a restart later may find the storage back."""
+    from hello_ray.data.io_retry import transient_markers
+
+    text = str(err)
+    return any(m in text for m in transient_markers())
+
+
 def fatal_cause(exc: BaseException) -> Exception | None:
     """The fatal error ``exc`` is or carries (see the module docstring), else None."""
     for cur in _chain(exc):
-        if isinstance(cur, (FatalError, DataError)):
+        if isinstance(cur, FatalError) or (isinstance(cur, DataError) and not _unreachable(cur)):
             return cur
         if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
             return DiskFull(cur.filename or NO_PATH, str(cur))
     for cur in _chain(exc):  # errors that crossed a Ray task boundary as text
         found = find_data_error(cur)
-        if found is not None:
+        if found is not None and not _unreachable(found):
             return found
         if _ENOSPC_TEXT in str(cur):
             return DiskFull(NO_PATH, _last_line(str(cur), _ENOSPC_TEXT))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from hello_ray.data.errors import CorruptImageError
+from hello_ray.data.errors import CorruptImageError, DataError
 from hello_ray.failures import DiskFull, NonFiniteLoss, fatal_cause, worker_fatal
 
 
@@ -125,6 +125,9 @@ def test_fatal_cause_finds_fatal_errors_through_wrappers_and_text():
     except RuntimeError as e:
         assert isinstance(fatal_cause(e), DiskFull)
     assert fatal_cause(RuntimeError("fault drill: failing epoch 2")) is None
+    # The readers gave up on a storage that stopped answering: a restart may find it back.
+    assert fatal_cause(DataError("s3://b/train-0.parquet: the storage did not answer after 4 attempts "
+                                 "(...): AWS Error NETWORK_CONNECTION during GetObject")) is None
     assert fatal_cause(ConnectionResetError("peer went away")) is None
     group = WorkerGroupError("2 workers failed", {1: UserExceptionWithTraceback(nan, "tb"),
                                                   0: UserExceptionWithTraceback(RuntimeError("gloo"), "tb")})

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hello_ray.data.errors import DataError
-from hello_ray.data.io_retry import retry_io, retry_iter
+from hello_ray.data.io_retry import is_transient, retry_io, retry_iter
 
 ROWS_PER_BATCH = 256
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -64,22 +64,24 @@ class ReadFiles:
         return _batch(images, list(batch["label"]), ids)
 
 
-# Words of a transport failure (pyarrow's S3 client, curl): left to the caller's retries, not
-# blamed on the file.
-_TRANSPORT_WORDS = ("AWS Error", "curl", "onnection", "imeout", "timed out")
+# Words of a storage failure (pyarrow's S3 client, curl), not of a damaged file: left to
+# io_retry, which retries the transient ones and names the others (access denied, no such key).
+_STORAGE_WORDS = ("AWS Error", "curl", "onnection", "imeout", "timed out")
 
 
 def _bad_file(e: BaseException) -> bool:
     """Whether a pyarrow error while reading parquet means the file itself is unreadable."""
     if isinstance(e, OSError):  # parquet decoding errors are OSErrors without an errno too
-        return e.errno is None and not any(w in str(e) for w in _TRANSPORT_WORDS)
+        return (e.errno is None and not is_transient(e)
+                and not any(w in str(e) for w in _STORAGE_WORDS))
     return isinstance(e, pa.ArrowException)
 
 
 @contextlib.contextmanager
 def parquet_errors(where: str, rows: str = "") -> Iterator[None]:
     """Re-raise pyarrow's errors about a bad parquet file (its text names no file, e.g. "Could not
-    open Parquet input source '<Buffer>'") as a DataError naming the shard and ``rows``."""
+    open Parquet input source '<Buffer>'") as a DataError naming the shard and ``rows``. Used
+    inside io_retry's retried call, so that storage errors still reach its retries."""
     try:
         yield
     except DataError:
@@ -140,22 +142,23 @@ class ReadParquetShards:
             if not opened:
                 opened.append(self.fs.open_input_file(shard))
                 try:
-                    opened.append(pq.ParquetFile(opened[0]))  # reads the footer
+                    with parquet_errors(where):
+                        opened.append(pq.ParquetFile(opened[0]))  # reads the footer
                 except BaseException:
                     _close(opened)
                     raise
             return opened[1]
 
-        def row_group(g: int) -> pa.Table:
+        def row_group(g: int, rows: str) -> pa.Table:
             try:
-                return parquet().read_row_group(g, columns=[self.image_col, self.label_col])
+                with parquet_errors(where, rows):
+                    return parquet().read_row_group(g, columns=[self.image_col, self.label_col])
             except OSError:
                 _close(opened)
                 raise
 
         try:
-            with parquet_errors(where):
-                meta = retry_io(lambda: parquet().metadata, where, attempts)
+            meta = retry_io(lambda: parquet().metadata, where, attempts)
             start = 0
             for g in range(meta.num_row_groups):
                 n = meta.row_group(g).num_rows
@@ -165,10 +168,10 @@ class ReadParquetShards:
                 if len(rows):
                     # A failed row group is read again from a reopened file; the rows of earlier
                     # groups are out already and are not read (or emitted) again.
-                    with parquet_errors(where, f"rows {start}-{start + n - 1} (row group {g})"):
-                        table = retry_io(lambda: row_group(g), f"{where} (row group {g})", attempts)
-                        table = table.take(pa.array(rows - start))
-                        images = image_bytes_column(table[self.image_col])
+                    span = f"rows {start}-{start + n - 1} (row group {g})"
+                    table = retry_io(lambda: row_group(g, span), f"{where} {span}", attempts)
+                    table = table.take(pa.array(rows - start))
+                    images = image_bytes_column(table[self.image_col])
                     null = null_label_error(where, table[self.label_col], self.label_col, rows)
                     if null is not None:  # the driver checked the labels it listed; the shard changed
                         raise null

@@ -207,11 +207,10 @@ def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
     where = display_path(fs, shard)
 
     def read_schema() -> pa.Schema:
-        with fs.open_input_file(shard) as f:
+        with fs.open_input_file(shard) as f, parquet_errors(where):
             return pq.read_schema(f)
 
-    with parquet_errors(where):
-        schema = retry_io(read_schema, where, read_attempts(fs))
+    schema = retry_io(read_schema, where, read_attempts(fs))
     image_col = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
     label_col = next((c for c in LABEL_COLUMNS if c in schema.names), None)
     if image_col is None or label_col is None:
@@ -247,15 +246,14 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
         where = display_path(fs, shard)
 
         def read() -> pa.ChunkedArray:
-            with fs.open_input_file(shard) as f:
+            with fs.open_input_file(shard) as f, parquet_errors(where):
                 schema = pq.read_schema(f)
                 if label_col not in schema.names:  # the first shard's columns name the others'
                     raise DataError(f"parquet shard {where}: has no label column {label_col!r} (the "
                                     f"first shard's); has {schema.names}")
                 return pq.read_table(f, columns=[label_col])[label_col]
 
-        with parquet_errors(where):
-            column = retry_io(read, where, read_attempts(fs))
+        column = retry_io(read, where, read_attempts(fs))
         null = null_label_error(where, column, label_col)
         if null is not None:
             raise null
