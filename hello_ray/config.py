@@ -2,8 +2,9 @@
 
 Defaults are the published settings of METHOD.md (ImageNet-1K); presets in
 ``hello_ray/presets/*.yaml`` (package data: an installed wheel carries them) override them.
-Every value is checked before any compute starts: an unknown key or a value of the wrong type
-fails with the dotted key in the message.
+Every value is checked before any compute starts: an unknown key, a value of the wrong type, a
+non-finite number (YAML's ``.inf``/``.nan``) or a number outside its range fails with the dotted
+key in the message (tests/test_config.py holds the range of every numeric key).
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def _help(text: str, **kw: Any) -> Any:
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; torch and random take these too
+
+
+def _check_seed(seed: int, key: str) -> None:
+    _check(0 <= seed < SEED_LIMIT, key, f"must be in [0, 2**32), got {seed}")
 
 
 @dataclass
@@ -109,8 +117,10 @@ class TeacherConfig:
         for k in ("epochs", "batch_size", "lr_step"):
             _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
         _check(self.lr > 0, f"{p}.lr", "must be > 0")
-        for k in ("momentum", "weight_decay", "lr_gamma"):
-            _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
+        _check(0 <= self.momentum < 1, f"{p}.momentum", "must be in [0, 1) (1 or more never forgets a step)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(0 < self.lr_gamma <= 1, f"{p}.lr_gamma", "must be in (0, 1] (the factor StepLR decays by)")
+        _check_seed(self.seed, f"{p}.seed")
         _check(self.observer in ("last", "torchvision") or self.observer.startswith("epoch:"),
                f"{p}.observer", "must be 'last', 'epoch:N' or 'torchvision'")
 
@@ -148,8 +158,8 @@ class SelectConfig:
         _check(self.tile_order in ("rded", "rowmajor"), f"{p}.tile_order", "must be 'rded' or 'rowmajor'")
         _check(self.mipc_order in ("random", "first"), f"{p}.mipc_order", "must be 'random' or 'first'")
         _check(self.max_side >= 8, f"{p}.max_side", "must be >= 8")
-        _check(self.mipc * 1 >= 1, f"{p}.mipc", "must be >= 1")
         _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+        _check_seed(self.seed, f"{p}.seed")
 
 
 IMAGE_SOURCES = ("rded", "sre2l", "lpld")
@@ -196,6 +206,7 @@ class RecoverConfig:
             _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
         _check(self.jitter >= 0, f"{p}.jitter", "must be >= 0")
         _check(self.actor_cpus > 0, f"{p}.actor_cpus", "must be > 0")
+        _check_seed(self.seed, f"{p}.seed")
 
 
 @dataclass
@@ -230,6 +241,7 @@ class TransferConfig:
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.ce_weight >= 0, f"{p}.ce_weight", "must be >= 0")
         _check(self.lora_alpha_ratio > 0, f"{p}.lora_alpha_ratio", "must be > 0")
+        _check_seed(self.seed, f"{p}.seed")
         parse_window(self.teacher_window, f"{p}.teacher_window")
 
 
@@ -353,8 +365,11 @@ class EvalConfig:
         _check(self.cutmix_alpha >= 0, f"{p}.cutmix_alpha", "must be >= 0 (0 disables CutMix)")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.ce_weight >= 0, f"{p}.ce_weight", "must be >= 0")
-        _check(self.epochs >= 1 and self.batch_size >= 1, f"{p}.epochs", "epochs and batch_size >= 1")
+        _check(self.epochs >= 1, f"{p}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
         _check(len(self.seeds) >= 1, f"{p}.seeds", "name at least one seed")
+        for i, seed in enumerate(self.seeds):
+            _check_seed(seed, f"{p}.seeds[{i}]")
         _check(all(n >= 2 for n in self.continual_steps), f"{p}.continual_steps", "each must be >= 2")
         for s in self.continual_strategies:
             _check(s in ("hard", "teacher", "projector"), f"{p}.continual_strategies",
@@ -385,6 +400,9 @@ class SweepConfig:
         for w in self.windows:
             parse_window(w, f"{p}.windows")
         _check(all(r >= 1 for r in self.conv_ranks), f"{p}.conv_ranks", "ranks must be >= 1")
+        _check(self.head_rank_per_conv_rank >= 1, f"{p}.head_rank_per_conv_rank", "must be >= 1")
+        _check(self.n_teachers >= 0, f"{p}.n_teachers", "must be >= 0 (0 = transfer.n_teachers)")
+        _check(self.max_concurrent >= 1, f"{p}.max_concurrent", "must be >= 1")
 
 
 @dataclass

@@ -6,7 +6,8 @@ Every Ray Train stage is a per-worker loop plus data. What they share lives here
   one GPU each with ``compute.use_gpu``), the DDP backend (nccl on GPU, gloo on CPU), the run name
   (= the stage's artifact key, so a re-launched driver resumes the same run), the storage
   (``<store>/_ray/<key>``), failure and checkpoint retention, and a failed result turned into an
-  error that names the stage and the key;
+  error that names the stage and the key; a fatal error (:mod:`hello_ray.failures`: a non-finite
+  loss, a full disk, a data error) is not retried (:mod:`hello_ray.retry_policy`);
 - the worker side, :func:`worker_context`: rank, world size, the device, the seed, and the global
   batch split into per-worker batches;
 - the resource check, :func:`check_resources`: what each stage holds at once, against what a local
@@ -43,7 +44,26 @@ T = TypeVar("T")
 
 
 class StageFailed(RuntimeError):
-    """A Ray Train stage gave up (after ``compute.max_failures`` restarts)."""
+    """A Ray Train stage gave up (after ``compute.max_failures`` restarts, or at once on a fatal
+    error, which is then its ``__cause__``)."""
+
+
+def _trainer_class() -> type:
+    """TorchTrainer whose controller uses :class:`hello_ray.retry_policy.NoRetryOnFatal`.
+
+    Ray Train V2 builds its failure policy inside ``fit`` from ``FailureConfig`` alone; the one
+    seam is the keyword arguments it hands the controller it starts.
+    """
+    from ray.train.torch import TorchTrainer
+
+    from hello_ray.retry_policy import NoRetryOnFatal
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = NoRetryOnFatal(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return Trainer
 
 
 def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
@@ -57,10 +77,12 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from hello_ray.failures import NO_PATH, DiskFull, worker_fatal
 
     storage_path, filesystem = store.ray_storage()
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
@@ -75,6 +97,14 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        fatal = worker_fatal(e)
+        if isinstance(fatal, DiskFull) and fatal.path == NO_PATH:
+            # Our own writes name their file; a bare ENOSPC comes from Ray persisting a checkpoint.
+            fatal = DiskFull(f"{storage_path}/{key} (Ray Train's checkpoints of this run)", fatal.detail)
+        if fatal is not None:
+            what = str(fatal).removeprefix(f"{stage}: ")  # NonFiniteLoss names the stage itself
+            raise StageFailed(f"{stage} {key}: {what} (not retried: a restart from the last "
+                              "checkpoint would fail the same way)") from fatal
         raise StageFailed(f"{stage} {key}: Ray Train gave up after compute.max_failures="
                           f"{compute.max_failures} restarts{_storage_hint(store, e)}: {e}") from e
     if result.error is not None:

@@ -10,7 +10,10 @@ driver on the same key waits and reuses the artifact (or, ``--no-wait``, refuses
 Every stage module has one shape (``hello_ray/stages/<name>.py``, the Ray wrapper; its compute in
 ``<name>_core.py`` beside it): ``STAGE``, ``INPUTS`` (its input roles), ``stage_config(cfg)``
 (what keys its artifact), ``check(cfg)`` (pure rules, run for every stage before any starts),
-``resources(cfg)`` (what it holds at once) and ``run(cfg, store, key, inputs)``.
+``resources(cfg)`` (what it holds at once) and ``run(cfg, store, key, inputs)``. A stage that
+reads the real data also names the splits it reads (``DATA_SPLITS``: "train", "val"): their
+fingerprints (hello_ray/data/fingerprint.py) join its key, so an edited dataset is never
+mistaken for the one an artifact was made from.
 """
 from __future__ import annotations
 
@@ -127,6 +130,7 @@ class Run:
     keys: dict[str, str] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
     _leases: dict[str, lease.Lease] = field(default_factory=dict)
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # by split name, once per run
 
     @classmethod
     def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
@@ -145,7 +149,7 @@ class Run:
         raise :class:`hello_ray.lease.LeaseHeld`."""
         if set(inputs) != set(stage.INPUTS):
             raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
-        key = self.store.artifact_key(stage.STAGE, stage.stage_config(self.cfg), inputs)
+        key = self.store.artifact_key(stage.STAGE, self.stage_config(stage), inputs)
         known = self.keys.get(stage.STAGE) == key
         self.keys[stage.STAGE] = key
         if self.store.exists(key):
@@ -176,6 +180,28 @@ class Run:
         self._started[stage.STAGE] = time.perf_counter()
         return True
 
+    def stage_config(self, stage: ModuleType) -> dict[str, Any]:
+        """What keys ``stage``'s artifact: its ``stage_config``, plus under "dataset" the fingerprint
+        of every split it reads. The class-name file enters only for stages that key on names
+        (``CLASS_NAMES_IN_KEY``, default True): the teachers learn label indices, not names."""
+        from hello_ray.data.fingerprint import split_fingerprint
+
+        config = stage.stage_config(self.cfg)
+        roles = getattr(stage, "DATA_SPLITS", ())
+        if roles:
+            data = self.cfg.data
+            dataset = {}
+            for role in roles:
+                name = {"train": data.train_split, "val": data.val_split}[role]
+                if name not in self.fingerprints:
+                    self.fingerprints[name] = split_fingerprint(data, name, self.store)
+                fp = dict(self.fingerprints[name])
+                if not getattr(stage, "CLASS_NAMES_IN_KEY", True):
+                    fp.pop("class_file")
+                dataset[role] = fp
+            config["dataset"] = dataset
+        return config
+
     def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:
         """Finalize the stage's artifact: the manifest is written last, here, so a stage that dies
         half-way leaves nothing that readers would take for a finished artifact. Only while this
@@ -188,8 +214,11 @@ class Run:
                                       "(Run.needs takes it)")
             held.check()
             wall = time.perf_counter() - self._started.pop(stage.STAGE)
+            config = self.stage_config(stage)
             summary = {**(summary or {}), "wall_s": round(wall, 2), "writer": held.record()}
-            self.store.finalize(key, stage.STAGE, stage.stage_config(self.cfg), inputs, summary)
+            if "dataset" in config:
+                summary["dataset"] = config["dataset"]
+            self.store.finalize(key, stage.STAGE, config, inputs, summary)
         finally:
             self.release(stage)
         log.info("[%s] done in %.1f s: %s", stage.STAGE, wall, self.store.uri_for(key))
@@ -347,6 +376,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
                               sweep_rows=sweep_rows, storage=storage, inputs=keys,
                               teacher_window=cfg.transfer.teacher_window, images=inputs["images"],
+                              data=inputs["data"],
                               meta={"preset": cfg.name, "store": store.uri,
                                     "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,

@@ -18,6 +18,9 @@ or from a notebook:
 - ``storage``: storage accounting, a mapping (``hello-ray storage --json``) or a list of dicts.
 - ``images``: an ``ImageGrid`` (hello_ray/plots/image_grid.py ``read_image_grid``): the distilled
   images evaluate trained on, per class, and for a refined set the same images before refine.
+- ``data``: per stage that read the real data, its manifest summary's ``corrupt`` (undecodable
+  images per split and class, hello_ray/data/corrupt.py) and ``dataset`` (the split fingerprints):
+  ``{stage: {"corrupt": {split role: {...}}, "dataset": {split role: {...}}}}``.
 
 ``build_report`` returns ``(markdown, {png_name: png_bytes})``; ``write_report`` puts the PNGs,
 then ``README.md`` (so a README never points at a missing plot), then the manifest. Plots are
@@ -315,6 +318,34 @@ def images_section(grid: "ImageGrid") -> tuple[list[str], dict[str, bytes]]:
                f"The same images (same classes, same indices) before refine (left: `{grid.parent.key}`, "
                f"{grid.parent.source} images) and after refine on the projector (right: `{grid.key}`).", ""]
     return md, pngs
+def data_section(data: Mapping[str, Any]) -> list[str]:
+    """Markdown: what each stage read (split fingerprints) and the undecodable images it skipped."""
+    body, prints = [], {}
+    for stage, info in data.items():
+        for role, fp in sorted((info.get("dataset") or {}).items()):
+            prints.setdefault(role, fp)
+        corrupt = info.get("corrupt")
+        if corrupt is None:
+            continue
+        if not corrupt:
+            body.append([stage, "-", "-", "-", "none scanned (data.on_corrupt=fail: one stops the stage)"])
+        for role, c in sorted(corrupt.items()):
+            by_class = ", ".join(f"{k}: {v}" for k, v in sorted(c.get("per_class", {}).items()))
+            body.append([stage, f"{role} ({c.get('split', role)})", f"{int(c['images']):,}",
+                         f"{int(c['corrupt']):,}", by_class or "-"])
+    if not body and not prints:
+        return []
+    md = ["## Data", ""]
+    if prints:
+        md += ["Fingerprints of the splits read (in every key of the stages that read them): "
+               + "; ".join(f"{role}: {fp.get('files')} {fp.get('format')} file(s), "
+                           f"{human_bytes(fp.get('bytes'))}, `{fp.get('sha256')}`" for role, fp in sorted(prints.items()))
+               + ".", ""]
+    if body:
+        md += [markdown_table(["stage", "split", "images", "undecodable (skipped)", "by class"], body), "",
+               "Undecodable images are skipped with data.on_corrupt=skip; each stage's manifest lists "
+               "the first of them by name.", ""]
+    return md
 
 
 def build_report(
@@ -328,6 +359,7 @@ def build_report(
     meta: Mapping[str, Any] | None = None,
     teacher_window: str | None = None,
     images: "ImageGrid | None" = None,
+    data: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
     None or empty is left out. Raises ValueError naming the row/key of malformed input."""
@@ -390,6 +422,8 @@ def build_report(
         md += ["## Sweep", "", best, "", f"![sweep heat map]({PNG_NAMES['sweep']})", "",
                markdown_table(["conv rank", "head rank", "window", "top-1 %"], body), ""]
 
+    if data:
+        md += data_section(data)
     if storage:
         md += ["## Storage accounting", "", markdown_table(*storage_table(storage)), ""]
     return "\n".join(md).rstrip() + "\n", pngs
@@ -426,12 +460,20 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
     Returns ``{"rows": results rows, "trajectory": trajectory.json, "fidelity": fidelity.json,
     "class_names": [...], "images": ImageGrid or None}``, each read through its format module
     (hello_ray/formats/; the grid through hello_ray/plots/image_grid.py, only the images shown).
+    "class_names": [...], "data": {stage: {"corrupt", "dataset"}}}``, each read through its format
+    module (hello_ray/formats/); ``data`` from the manifests of the stages that read the real data.
     """
     from hello_ray.plots.image_grid import read_image_grid
 
     def read(role: str, reader: Any) -> Any:
         return reader(store, keys[role]) if keys.get(role) else None
 
+    data = {}
+    for stage in ("teachers", "select", "recover", "transfer", "evaluate"):
+        if keys.get(stage) and store.exists(keys[stage]):
+            summary = store.manifest(keys[stage]).get("summary") or {}
+            if "corrupt" in summary or "dataset" in summary:
+                data[stage] = {k: summary[k] for k in ("corrupt", "dataset") if k in summary}
     trajectory = read("teachers", load_trajectory)
     rows = read("evaluate", read_results) or []
     if keys.get("images"):  # the distilled rows say which image source they trained on
@@ -439,7 +481,7 @@ def collect_inputs(store: "Store", keys: Mapping[str, str]) -> dict[str, Any]:
     return {"rows": rows, "trajectory": trajectory,
             "fidelity": read("transfer", read_fidelity),
             "class_names": list((trajectory or {}).get("class_names") or []),
-            "images": read("images", read_image_grid)}
+            "images": read("images", read_image_grid), "data": data}
 
 
 def write_report(
@@ -455,6 +497,7 @@ def write_report(
     meta: Mapping[str, Any] | None = None,
     teacher_window: str | None = None,
     images: "ImageGrid | None" = None,
+    data: Mapping[str, Any] | None = None,
 ) -> str:
     """Build the report and store it as artifact ``report_key(name)``: PNGs, then ``README.md``,
     then the manifest (stage "report", ``inputs`` = the artifact keys it summarises). A re-run
@@ -462,9 +505,9 @@ def write_report(
     key = report_key(name)
     markdown, pngs = build_report(results_rows, trajectory, fidelity, sweep_rows, storage,
                                   title=f"hello_ray report: {name}", meta=meta,
-                                  teacher_window=teacher_window, images=images)
-    for png_name, data in pngs.items():
-        store.put_bytes(key, png_name, data)
+                                  teacher_window=teacher_window, images=images, data=data)
+    for png_name, png in pngs.items():
+        store.put_bytes(key, png_name, png)
     store.put_bytes(key, REPORT_FILE, markdown.encode("utf-8"))
     store.finalize(key, STAGE, {"name": name, "files": sorted([REPORT_FILE, *pngs])}, dict(inputs or {}),
                    {"sections": [line[3:] for line in markdown.splitlines() if line.startswith("## ")]})

@@ -42,6 +42,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from hello_ray.failures import disk_full_error
+
 MANIFEST = "manifest.json"
 # Bump when the key derivation or the manifest layout changes: old artifacts then stop matching.
 FORMAT_VERSION = 1
@@ -193,8 +195,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], fsync: bool = Fa
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, str(path))  # a bare ENOSPC names no file: say which one
+        if full is not None:
+            raise full from e
         raise
 
 

@@ -1,6 +1,8 @@
 """Config: presets load, overrides are typed, bad keys and values fail naming the key."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from hello_ray.config import PRESET_DIR, ConfigError, describe, load_config, parse_window
@@ -141,3 +143,83 @@ def test_class_names_mapping_from_a_yaml_file(tmp_path):
     assert cfg.data.class_names == {"b": "B"}
     assert load_config("smoke", config_file=str(f)).data.class_names == {"n01440764": "tench",
                                                                          "n01443537": "goldfish/carp"}
+
+# Every numeric key: a value just outside its range, and the words the message must hold. A new
+# numeric key without a row fails test_every_numeric_key_has_a_range_rule.
+OUT_OF_RANGE = {
+    "data.image_size": ("7", "[8, 1024]"), "data.max_per_class": ("-1", ">= 0"),
+    "data.cpus_per_task": ("0", "> 0"),
+    "compute.num_workers": ("0", ">= 1"), "compute.cpus_per_worker": ("0", "> 0"),
+    "compute.max_failures": ("-1", ">= 0"),
+    "teachers.epochs": ("0", ">= 1"), "teachers.batch_size": ("0", ">= 1"), "teachers.lr": ("0", "> 0"),
+    "teachers.momentum": ("1.0", "[0, 1)"), "teachers.weight_decay": ("-0.1", ">= 0"),
+    "teachers.lr_step": ("0", ">= 1"), "teachers.lr_gamma": ("1.5", "(0, 1]"),
+    "teachers.seed": ("-1", "[0, 2**32)"),
+    "select.ipc": ("0", ">= 1"), "select.factor": ("0", ">= 1"), "select.mipc": ("0", ">= 1"),
+    "select.num_crop": ("0", ">= 1"), "select.max_side": ("7", ">= 8"), "select.batch_size": ("0", ">= 1"),
+    "select.num_actors": ("0", ">= 1"), "select.actor_cpus": ("0", "> 0"), "select.seed": ("4294967296", "2**32"),
+    "transfer.conv_rank": ("0", ">= 1"), "transfer.head_rank": ("0", ">= 1"),
+    "transfer.lora_alpha_ratio": ("0", "> 0"), "transfer.n_teachers": ("0", ">= 1"),
+    "transfer.epochs": ("0", ">= 1"), "transfer.batch_size": ("0", ">= 1"), "transfer.lr": ("-1", "> 0"),
+    "transfer.weight_decay": ("-1", ">= 0"), "transfer.ce_weight": ("-1", ">= 0"), "transfer.seed": ("-5", "2**32"),
+    "refine.steps": ("0", ">= 1"), "refine.lr": ("0", "> 0"), "refine.factor": ("0", ">= 1"),
+    "refine.batch_size": ("0", ">= 1"), "refine.num_actors": ("0", ">= 1"), "refine.actor_cpus": ("0", "> 0"),
+    "evaluate.epochs": ("0", ">= 1"), "evaluate.batch_size": ("0", ">= 1"),
+    "evaluate.lr": ("{resnet18: -1}", "> 0"), "evaluate.weight_decay": ("-1", ">= 0"),
+    "evaluate.cutmix_alpha": ("-1", ">= 0"), "evaluate.ce_weight": ("-1", ">= 0"),
+    "evaluate.temperature": ("0", "> 0"), "evaluate.seeds": ("[0, -1]", "2**32"),
+    "evaluate.continual_steps": ("[1]", ">= 2"),
+    "sweep.conv_ranks": ("[0]", ">= 1"), "sweep.head_rank_per_conv_rank": ("0", ">= 1"),
+    "sweep.n_teachers": ("-1", ">= 0"), "sweep.max_concurrent": ("0", ">= 1"),
+    "compute.lease_ttl_s": ("0.5", ">= 1"), "s3_timeout": ("0", "> 0"), "s3_max_attempts": ("0", ">= 1"),
+    "recover.iterations": ("0", ">= 1"), "recover.lr": ("0", "> 0"), "recover.r_bn": ("-1", ">= 0"),
+    "recover.first_bn_multiplier": ("-1", ">= 0"), "recover.jitter": ("-1", ">= 0"),
+    "recover.batch_size": ("0", ">= 1"), "recover.seed": ("-1", "2**32"), "recover.num_actors": ("0", ">= 1"),
+    "recover.actor_cpus": ("0", "> 0"), "recover.stats_batch_size": ("0", ">= 1"),
+}
+
+
+def _numeric_keys() -> dict[str, str]:
+    """dotted key -> 'int' | 'float' for every key whose values are numbers (also in lists/tables)."""
+    import dataclasses
+    import typing
+
+    from hello_ray.config import Config
+
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+                continue
+            inner = typing.get_args(tp)[-1] if typing.get_origin(tp) in (list, dict) else tp
+            if inner in (int, float):
+                out[f"{prefix}{name}"] = inner.__name__
+    walk(Config, "")
+    return out
+
+
+def test_every_numeric_key_has_a_range_rule():
+    assert set(OUT_OF_RANGE) == set(_numeric_keys())
+
+
+# The defaults without a preset: no YAML to parse, so the ~200 loads below take a fraction of a second.
+@pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
+def test_numeric_keys_refuse_values_out_of_range(key):
+    value, words = OUT_OF_RANGE[key]
+    with pytest.raises(ConfigError, match=f"config key '{key}[.\\[\\w\\]]*': .*{re.escape(words)}"):
+        load_config(None, overrides=[f"{key}={value}", "data.source=/data"])
+
+
+_LISTS = {"evaluate.seeds", "evaluate.continual_steps", "sweep.conv_ranks"}
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_keys()))
+def test_numeric_keys_refuse_inf_and_nan(key):
+    kind = _numeric_keys()[key]
+    for bad in (".inf", "-.inf", ".nan"):
+        value = {"evaluate.lr": f"{{resnet18: {bad}}}"}.get(key, f"[{bad}]" if key in _LISTS else bad)
+        with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}[^']*': expected "
+                           + ("an integer" if kind == "int" else "a finite number")):
+            load_config(None, overrides=[f"{key}={value}"])

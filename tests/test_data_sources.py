@@ -292,3 +292,36 @@ def test_pairing_line(keys, names, n, line):
     from hello_ray.data.classnames import pairing_line
 
     assert pairing_line(keys, names, n) == line
+
+
+
+def test_bad_parquet_shards_are_named_with_the_rows(ray_local, tmp_path, samples):
+    """A truncated shard fails on the driver naming the shard (pyarrow alone says '<Buffer>'); a
+    shard whose image pages are damaged fails where the rows are read, naming shard and rows."""
+    paths = write_parquet(tmp_path / "cut", "train", samples)
+    paths[1].write_bytes(paths[1].read_bytes()[:200])
+    with pytest.raises(DataError, match=rf"parquet shard {paths[1]}: not readable as parquet"):
+        load_split(DataConfig(source=str(tmp_path / "cut")), "train")
+
+    paths = write_parquet(tmp_path / "pages", "train", samples)  # 6 rows per shard, row groups of 3
+    meta = pq.ParquetFile(paths[0]).metadata
+    chunk = meta.row_group(1).column(0)  # the image column of rows 3-5
+    data = bytearray(paths[0].read_bytes())
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start:start + 16] = b"\xff" * 16  # the page header: unreadable, the footer still fine
+    paths[0].write_bytes(bytes(data))
+    split = load_split(DataConfig(source=str(tmp_path / "pages")), "train")  # labels read fine
+    with pytest.raises(DataError, match=rf"parquet shard {paths[0]} rows 3-5 \(row group 1\): not readable"):
+        with data_errors():
+            split.ds.take_all()
+
+
+def test_a_null_label_is_named_not_cast(ray_local, tmp_path, samples):
+    write_parquet(tmp_path, "train", samples)
+    shard = sorted(tmp_path.glob("train-*.parquet"))[1]
+    table = pq.read_table(shard)
+    labels = table["label"].to_pylist()
+    labels[4] = None
+    pq.write_table(table.set_column(1, "label", pa.array(labels, pa.int64())), shard)
+    with pytest.raises(DataError, match=rf"parquet shard {shard} row 4: label column 'label' is null \(1 null"):
+        load_split(DataConfig(source=str(tmp_path)), "train")

@@ -44,6 +44,13 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store):
     _check_run(first, store, cfg)
     report = Path(first.report_uri.replace("file://", ""))
     assert report.exists() and "accuracy" in report.read_text().lower()
+    # Every stage that read the digits records what it read and the undecodable images it skipped.
+    reads = {"teachers": {"train", "val"}, "select": {"train"}, "transfer": {"train", "val"}, "evaluate": {"val"}}
+    for stage, splits in reads.items():
+        summary = store.manifest(first.keys[stage])["summary"]
+        assert set(summary["corrupt"]) == splits and all(c["corrupt"] == 0 for c in summary["corrupt"].values())
+        assert summary["dataset"]["train"]["format"] == "parquet"
+    assert "## Data" in report.read_text() and "| teachers | train (train) | 300 | 0 | - |" in report.read_text()
 
     # Same config: every stage is found in the store and skipped.
     t0 = time.perf_counter()

@@ -412,3 +412,22 @@ def test_grid_of_many_large_images_shows_16_classes_in_96px_cells(file_store_uri
     assert lay["cell"] == [MAX_CELL, MAX_CELL] and lay["upscale"] == 0 and lay["cols"] == 1
     assert Image.open(io.BytesIO(png)).size[1] == lay["origin"][1] + 16 * lay["step"][0] - 2 + 6
     assert all(abs(int(c[0][0].astype(int).mean()) - 200) <= 1 for c in cells[0])
+
+def test_data_section_shows_fingerprints_and_undecodable_images_per_class(file_store_uri):
+    """The stages' manifest summaries (corrupt counts, split fingerprints) -> one Data table."""
+    store = open_store(file_store_uri)
+    fp = {"train": {"format": "imagefolder", "files": 9, "bytes": 2048, "sha256": "0123456789abcdef"}}
+    corrupt = {"train": {"split": "train", "images": 9, "corrupt": 2, "per_class": {"dog": 1, "emu": 1},
+                         "examples": ["/d/train/dog/1.png (truncated)"]}}
+    for key, summary in {"teachers-000000000001": {"corrupt": corrupt, "dataset": fp},
+                         "select-000000000002": {"corrupt": corrupt, "dataset": fp}}.items():
+        write_trajectory(store, key, TRAJECTORY)  # what the report reads of a teachers artifact
+        store.finalize(key, key.split("-")[0], {}, {}, summary)
+    data = report.collect_inputs(store, {"teachers": "teachers-000000000001", "select": "select-000000000002"})["data"]
+    assert set(data) == {"teachers", "select"} and data["teachers"]["corrupt"] == corrupt
+    md, _ = report.build_report(make_rows(), data=data)
+    section = md[md.index("## Data"):]
+    assert "train: 9 imagefolder file(s), 2.00 KiB, `0123456789abcdef`" in section
+    assert "| teachers | train (train) | 9 | 2 | dog: 1, emu: 1 |" in section
+    assert "| select | train (train) | 9 | 2 | dog: 1, emu: 1 |" in section
+    assert "## Data" not in report.build_report(make_rows())[0]

@@ -10,6 +10,7 @@ permanent one (missing object, access refused) fails at once naming the object (
 """
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import tarfile
 from typing import Iterator
@@ -20,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hello_ray.data.errors import DataError
-from hello_ray.data.io_retry import retry_io, retry_iter
+from hello_ray.data.io_retry import is_transient, retry_io, retry_iter
 
 ROWS_PER_BATCH = 256
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -63,6 +64,47 @@ class ReadFiles:
         return _batch(images, list(batch["label"]), ids)
 
 
+# Words of a storage failure (pyarrow's S3 client, curl), not of a damaged file: left to
+# io_retry, which retries the transient ones and names the others (access denied, no such key).
+_STORAGE_WORDS = ("AWS Error", "curl", "onnection", "imeout", "timed out")
+
+
+def _bad_file(e: BaseException) -> bool:
+    """Whether a pyarrow error while reading parquet means the file itself is unreadable."""
+    if isinstance(e, OSError):  # parquet decoding errors are OSErrors without an errno too
+        return (e.errno is None and not is_transient(e)
+                and not any(w in str(e) for w in _STORAGE_WORDS))
+    return isinstance(e, pa.ArrowException)
+
+
+@contextlib.contextmanager
+def parquet_errors(where: str, rows: str = "") -> Iterator[None]:
+    """Re-raise pyarrow's errors about a bad parquet file (its text names no file, e.g. "Could not
+    open Parquet input source '<Buffer>'") as a DataError naming the shard and ``rows``. Used
+    inside io_retry's retried call, so that storage errors still reach its retries."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        if not _bad_file(e):
+            raise
+        raise DataError(f"parquet shard {where}{' ' + rows if rows else ''}: not readable as parquet "
+                        f"({type(e).__name__}: {e}); rewrite or remove the shard") from None
+
+
+def null_label_error(where: str, column: pa.ChunkedArray | pa.Array, label_col: str,
+                     rows: np.ndarray | None = None) -> DataError | None:
+    """DataError naming the first row whose label is null, or None when every row has one.
+    ``rows``: the shard's row number of each value (default: the value's position)."""
+    if column.null_count == 0:
+        return None
+    nulls = np.flatnonzero(np.asarray(column.is_null()))
+    first = int(nulls[0] if rows is None else rows[nulls[0]])
+    return DataError(f"parquet shard {where} row {first}: label column {label_col!r} is null "
+                     f"({len(nulls)} null labels here); every row needs an integer class")
+
+
 def image_bytes_column(col: pa.ChunkedArray | pa.Array) -> list[bytes | None]:
     """A parquet image column as Python bytes: plain binary, or the Hugging Face struct
     ``{"bytes": binary, "path": string}``."""
@@ -100,15 +142,17 @@ class ReadParquetShards:
             if not opened:
                 opened.append(self.fs.open_input_file(shard))
                 try:
-                    opened.append(pq.ParquetFile(opened[0]))  # reads the footer
+                    with parquet_errors(where):
+                        opened.append(pq.ParquetFile(opened[0]))  # reads the footer
                 except BaseException:
                     _close(opened)
                     raise
             return opened[1]
 
-        def row_group(g: int) -> pa.Table:
+        def row_group(g: int, rows: str) -> pa.Table:
             try:
-                return parquet().read_row_group(g, columns=[self.image_col, self.label_col])
+                with parquet_errors(where, rows):
+                    return parquet().read_row_group(g, columns=[self.image_col, self.label_col])
             except OSError:
                 _close(opened)
                 raise
@@ -124,9 +168,13 @@ class ReadParquetShards:
                 if len(rows):
                     # A failed row group is read again from a reopened file; the rows of earlier
                     # groups are out already and are not read (or emitted) again.
-                    table = retry_io(lambda: row_group(g), f"{where} (row group {g})", attempts)
+                    span = f"rows {start}-{start + n - 1} (row group {g})"
+                    table = retry_io(lambda: row_group(g, span), f"{where} {span}", attempts)
                     table = table.take(pa.array(rows - start))
                     images = image_bytes_column(table[self.image_col])
+                    null = null_label_error(where, table[self.label_col], self.label_col, rows)
+                    if null is not None:  # the driver checked the labels it listed; the shard changed
+                        raise null
                     labels = table[self.label_col].to_numpy()
                     for lo in range(0, len(rows), ROWS_PER_BATCH):
                         sl = slice(lo, lo + ROWS_PER_BATCH)

@@ -43,7 +43,7 @@ from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError
 from hello_ray.data.images import is_image_file
 from hello_ray.data.io_retry import retry_io
 from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
-                                    display_path, read_attempts)
+                                    display_path, null_label_error, parquet_errors, read_attempts)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
     where = display_path(fs, shard)
 
     def read_schema() -> pa.Schema:
-        with fs.open_input_file(shard) as f:
+        with fs.open_input_file(shard) as f, parquet_errors(where):
             return pq.read_schema(f)
 
     schema = retry_io(read_schema, where, read_attempts(fs))
@@ -244,10 +244,24 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
     image_col, label_col, hf_names = _parquet_columns(fs, shards[0])
 
     def labels_of(shard: str) -> np.ndarray:
-        def read() -> np.ndarray:
-            with fs.open_input_file(shard) as f:
-                return pq.read_table(f, columns=[label_col])[label_col].to_numpy()
-        return retry_io(read, display_path(fs, shard), read_attempts(fs))
+        where = display_path(fs, shard)
+
+        def read() -> pa.ChunkedArray:
+            with fs.open_input_file(shard) as f, parquet_errors(where):
+                schema = pq.read_schema(f)
+                if label_col not in schema.names:  # the first shard's columns name the others'
+                    raise DataError(f"parquet shard {where}: has no label column {label_col!r} (the "
+                                    f"first shard's); has {schema.names}")
+                return pq.read_table(f, columns=[label_col])[label_col]
+
+        column = retry_io(read, where, read_attempts(fs))
+        null = null_label_error(where, column, label_col)
+        if null is not None:
+            raise null
+        if not pa.types.is_integer(column.type):
+            raise DataError(f"parquet shard {where}: label column {label_col!r} has type {column.type}; "
+                            "expected integers")
+        return column.to_numpy()
 
     with cf.ThreadPoolExecutor(16) as pool:  # label columns only: a few KB per shard
         per_shard = list(pool.map(labels_of, shards))

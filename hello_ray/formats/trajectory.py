@@ -2,10 +2,13 @@
 
     trajectory.json            {"model", "num_classes", "image_size", "class_names",
                                 "epochs": [{"epoch": e, "top1": acc, "loss", "train_acc",
-                                            "file": "epochs/epoch_{e:03d}.pt"}],
-                                "observer": file}
+                                            "file": "epochs/epoch_{e:03d}.pt"}]}
     epochs/epoch_{e:03d}.pt    the zoo model's state_dict after epoch e (CPU, fp32); epochs are 1-based
     epochs/epoch_{e:03d}.json  that epoch's metrics (top1, loss, train_acc, lr, seconds, ...)
+
+``class_names`` are the readable names when the trajectory was trained: names are not in the
+teachers' key (the weights depend on the label indices only), so they may since have changed;
+the stages that show names (select, transfer) key on them and read them from the data.
 
 Written by the teachers stage; read by the models (``hello_ray.models.ensemble``), the stages that
 need a class count, and the report.
@@ -21,7 +24,9 @@ if TYPE_CHECKING:
 
 TRAJECTORY_FILE = "trajectory.json"
 # What every reader of a trajectory may rely on.
-TRAJECTORY_FIELDS = ("model", "num_classes", "image_size", "class_names", "epochs", "observer")
+# (No observer: which epoch observes is the choice of the stages that use one, teachers.observer
+# in their keys, so another observer reuses the same trajectory.)
+TRAJECTORY_FIELDS = ("model", "num_classes", "image_size", "class_names", "epochs")
 
 
 def epoch_file(epoch: int) -> str:

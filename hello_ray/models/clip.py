@@ -125,9 +125,17 @@ def _calibrate_batchnorm(model: nn.Module, seed: int = RANDOM_INIT_SEED) -> None
 
 
 def pretrained_identity(pretrained: str) -> str:
-    """What ``pretrained`` stands for in artifact keys: the stand-in's version is part of it,
-    so a new stand-in recipe does not reuse adapters trained on the old one."""
-    return f"{RANDOM_INIT}-v{RANDOM_INIT_VERSION}" if pretrained == RANDOM_INIT else pretrained
+    """What ``pretrained`` stands for in artifact keys: the stand-in's version is part of it, so a
+    new stand-in recipe does not reuse adapters trained on the old one; a local weights file is
+    its content (sha256, hashed once per size and mtime), so replacing the file retrains and moving
+    it does not."""
+    if pretrained == RANDOM_INIT:
+        return f"{RANDOM_INIT}-v{RANDOM_INIT_VERSION}"
+    if os.path.isfile(pretrained):
+        from hello_ray.filehash import cached_sha256
+
+        return f"file-sha256:{cached_sha256(pretrained)}"
+    return pretrained
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
-from hello_ray.config import parse_window
+from hello_ray.config import ConfigError, parse_window
 from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.formats.weights import load_weights
 from hello_ray.models.zoo import build_model
@@ -90,10 +90,45 @@ def _model_from(traj: dict[str, Any], state: dict[str, torch.Tensor], where: str
     return model
 
 
-def load_observer(store: "Store", key: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The observer of teachers artifact ``key`` (frozen, eval mode, on ``device``)."""
+def observer_file(traj: dict[str, Any], key: str, observer: str) -> str | None:
+    """The trajectory file of the observer named by ``teachers.observer`` ('last', 'epoch:N'), or
+    None for 'torchvision' (torchvision's weights); ConfigError when the trajectory cannot
+    provide it (an untrained epoch; torchvision's ResNet-18 for another model or class count)."""
+    if observer == "torchvision":
+        if traj["model"] != "resnet18" or int(traj["num_classes"]) != 1000:
+            raise ConfigError(
+                "config key 'teachers.observer': 'torchvision' loads torchvision's ImageNet-1K ResNet-18, "
+                f"which only fits teachers.model=resnet18 with 1000 classes (teachers artifact {key} is "
+                f"{traj['model']!r} with {traj['num_classes']} classes); use 'last' or 'epoch:N'")
+        return None
+    trained = {int(e["epoch"]): e["file"] for e in traj["epochs"]}
+    n = str(max(trained)) if observer == "last" and trained else observer.partition(":")[2]
+    if not n.isdigit() or int(n) not in trained:
+        raise ConfigError(f"config key 'teachers.observer': {observer!r} names no epoch of teachers artifact "
+                          f"{key} (trained epochs: {_span(trained)}); use 'last' or epoch:N")
+    return trained[int(n)]
+
+
+def check_observer(store: "Store", key: str, observer: str) -> None:
+    """On the driver, before actors load it: the trajectory can provide ``observer``."""
+    observer_file(load_trajectory(store, key), key, observer)
+
+
+def load_observer(store: "Store", key: str, device: torch.device | str = "cpu", *,
+                  observer: str = "last") -> nn.Module:
+    """The observer (``teachers.observer``) of teachers artifact ``key``, frozen, in eval mode, on
+    ``device``: an epoch of the trajectory ('last', 'epoch:N'), or torchvision's ImageNet-1K
+    weights of the trajectory's architecture ('torchvision'; downloaded, cached per node)."""
     traj = load_trajectory(store, key)
-    name = traj["observer"]
+    name = observer_file(traj, key, observer)
+    if name is None:
+        try:
+            model = build_model(traj["model"], 1000, int(traj["image_size"]), pretrained=True)
+        except Exception as e:
+            raise RuntimeError(f"teachers.observer=torchvision: could not load torchvision's ImageNet "
+                               f"weights for {traj['model']} ({e}); this needs internet access on the "
+                               "workers, or use teachers.observer=last") from e
+        return _frozen(model).to(device)
     model = _model_from(traj, load_state(store, key, name), store.uri_for(key, name))
     return _frozen(model).to(device)
 

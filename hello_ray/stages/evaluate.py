@@ -39,16 +39,28 @@ from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_n
 
 STAGE = "evaluate"
 INPUTS = ("images", "teachers", "transfer")  # the distilled set; the labellers' sources
+DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 log = logging.getLogger("hello_ray.evaluate")
 ROWS_FILE = "rows.json"
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
-    """Data + evaluate sections (and the teacher window when the teacher labels come from it)."""
+    """Data + evaluate sections, and where the teacher labels come from when a strategy uses them:
+    the teacher window, or the observer (``teachers.observer``)."""
     out = {"data": data_identity(cfg.data), "evaluate": section_dict(cfg.evaluate)}
-    if cfg.evaluate.teacher_labels == "window":
-        out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
+    if _uses_teacher(cfg):
+        if cfg.evaluate.teacher_labels == "window":
+            out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
+        else:
+            out["observer"] = cfg.teachers.observer
     return out
+
+
+def _uses_teacher(cfg: Config) -> bool:
+    """Whether a strategy of the grid labels with the teachers (teacher, stored)."""
+    ev = cfg.evaluate
+    specs = ev.strategies + ev.continual_strategies + (ev.floor_strategies if ev.floor else [])
+    return bool({parse_strategy(s)[0] for s in specs} & {"teacher", "stored"})
 
 
 def check(cfg: Config) -> None:
@@ -158,9 +170,13 @@ def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: i
     """Every class count must match the dataset's before any training starts."""
     check_classes(image_classes, dataset_classes, f"image set {inputs['images']}")
     bases = {parse_strategy(s)[0] for s in cfg.evaluate.strategies + cfg.evaluate.continual_strategies}
-    if bases & {"teacher", "stored"}:
+    if _uses_teacher(cfg):
         check_classes(_teacher_classes(store, inputs["teachers"]), dataset_classes,
                       f"teachers artifact {inputs['teachers']}")
+        if cfg.evaluate.teacher_labels == "observer":
+            from hello_ray.models.ensemble import check_observer
+
+            check_observer(store, inputs["teachers"], cfg.teachers.observer)
     if "projector" in bases:
         check_classes(_adapter_classes(store, inputs["transfer"]), dataset_classes,
                       f"adapter of transfer artifact {inputs['transfer']}")
@@ -172,6 +188,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary."""
     import ray
 
+    from hello_ray.data.corrupt import corrupt_summary
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.imageset import load_image_set
     from hello_ray.data.sources import load_train_val
@@ -179,6 +196,9 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     imageset = load_image_set(store, inputs["images"])
     train, val = load_train_val(cfg.data, store)
+    # The training images are read only for the floor's random real images.
+    corrupt = corrupt_summary({"train": train, "val": val} if cfg.evaluate.floor else {"val": val},
+                              cfg.data, store)
     num_classes = len(train.class_names)
     validate_inputs(cfg, store, inputs, len(imageset.class_names), num_classes)
     images = nhwc_to_nchw(imageset.images)                       # uint8 [N, 3, S, S]
@@ -205,7 +225,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         split_datasets=cfg.evaluate.parallel != "rows")
     with result.checkpoint.as_directory() as d:
         done = json.loads((Path(d) / ROWS_FILE).read_text())
-    return write_results(store, key, done, wall_s=time.perf_counter() - t0)
+    return {**write_results(store, key, done, wall_s=time.perf_counter() - t0), "corrupt": corrupt}
 
 
 # ------------------------------------------------------------------------ worker side
@@ -255,7 +275,7 @@ def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, 
         model = TeacherEnsemble.from_trajectory(store, inputs["teachers"], cfg.transfer.teacher_window,
                                                 cfg.transfer.n_teachers)
     else:
-        model = load_observer(store, inputs["teachers"])
+        model = load_observer(store, inputs["teachers"], observer=cfg.teachers.observer)
     return TeacherLabels(model, num_classes, cfg.data.image_size,
                          where=f"teachers artifact {inputs['teachers']}").to(device).with_precision(
         cfg.evaluate.label_precision)
@@ -375,7 +395,7 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
 
     with PeakMemory(device) as mem:
         stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
-                              rank=rank, world_size=world, score=score)
+                              rank=rank, world_size=world, score=score, row=row["row"])
     peak = torch.tensor([mem.peak_bytes], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)

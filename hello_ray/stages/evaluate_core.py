@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hello_ray.failures import check_finite
 from hello_ray.labels import LabelContext, LabelStrategy, View, draw_view, epoch_order
 
 
@@ -147,14 +148,16 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                   s: TrainSettings, seed: int, device: torch.device, classes: torch.Tensor | None = None,
                   rank: int = 0, world_size: int = 1,
                   log: Callable[[str], None] | None = None,
-                  score: Callable[[], float] | None = None) -> dict[str, Any]:
+                  score: Callable[[], float] | None = None, row: str = "") -> dict[str, Any]:
     """Train ``model`` (already on ``device``, possibly DDP-wrapped) on the distilled set.
 
     images uint8 [M, 3, H, W] on CPU; labels int64 [M]. ``classes`` (continual learning) restricts
     the loss to the seen classes (GDumb masking). ``score`` (val top-1 of the model now) is called
     after each epoch of :func:`scored_epochs`. Returns {steps, step_s (mean), final_loss, scores:
-    {epoch (1-based): top-1}}.
+    {epoch (1-based): top-1}}. A non-finite loss raises :class:`hello_ray.failures.NonFiniteLoss`
+    naming the epoch, the step (1-based, counted over the run) and ``row``.
     """
+    where = f"row {row}, " if row else ""
     num_classes = output_classes(model, images, s)
     g = torch.Generator().manual_seed(seed)                   # identical on every rank
     steps_per_epoch = math.ceil(len(images) / s.batch_size)
@@ -207,6 +210,7 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             last = float(loss.detach())
+            check_finite(last, "evaluate", epoch + 1, len(step_times), f"{where}lr={s.lr:g}")
         lr_now = sched.get_last_lr()[0]
         if not per_step:
             sched.step()                                      # per epoch, after it, as RDED and FKD do

@@ -42,6 +42,11 @@ log = logging.getLogger("hello_ray.recover")
 
 STAGE = "recover"
 INPUTS = ("teachers",)  # the observer; for lpld the real training images come from cfg.data
+# The training split's fingerprint joins the key (pipeline.Run.stage_config): lpld reads the split;
+# sre2l's images change with it anyway, through the teachers they are recovered from. The names
+# come from the trajectory or data.class_names, not from a class-name file.
+DATA_SPLITS = ("train",)
+CLASS_NAMES_IN_KEY = False
 # A re-run keeps what an earlier attempt wrote: each finished batch left its PNGs and then a marker
 # (done/unit_NNNNN.json), and only unmarked batches are redone (pipeline.Run.needs, lease.prepare_key).
 RESUMES_FROM_FILES = True
@@ -61,7 +66,8 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     statistics also depend on the training data."""
     rec = {k: v for k, v in section_dict(cfg.recover).items() if k not in _RUNTIME_FIELDS}
     out: dict[str, Any] = {"source": cfg.images.source, "ipc": cfg.select.ipc,
-                           "image_size": cfg.data.image_size, "recover": rec}
+                           "image_size": cfg.data.image_size, "recover": rec,
+                           "observer": cfg.teachers.observer, "class_names": list(cfg.data.class_names)}
     if cfg.images.source == "lpld":
         out["data"] = {k: v for k, v in data_identity(cfg.data).items() if k != "val_split"}
     return out
@@ -106,13 +112,13 @@ class ClassStatsActor:
     """Ray Data actor: loads the observer once; a batch of decoded images {"image" uint8 [N,S,S,3],
     "label" [N]} -> one row per class present: label, count [L], sum / sumsq [sum F_l] (float64)."""
 
-    def __init__(self, store: Any, teachers_key: str, num_classes: int, use_gpu: bool):
+    def __init__(self, store: Any, teachers_key: str, num_classes: int, use_gpu: bool, observer: str = "last"):
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
         self.device = torch_device(use_gpu)
-        self.observer = load_observer(store, teachers_key, self.device)
+        self.observer = load_observer(store, teachers_key, self.device, observer=observer)
         self.layers = core.bn_layers(self.observer)
         self.num_classes = num_classes
 
@@ -130,13 +136,14 @@ class RecoverActor:
     of the plan, which it synthesises, stores (PNGs, then the marker) and reports."""
 
     def __init__(self, store: Any, key: str, teachers_key: str, variant: str, settings: dict[str, Any],
-                 seed: int, ipc: int, batch_size: int, class_names: list[str], image_size: int, use_gpu: bool):
+                 seed: int, ipc: int, batch_size: int, class_names: list[str], image_size: int, use_gpu: bool,
+                 observer: str = "last"):
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
         self.device = torch_device(use_gpu)
-        self.observer = load_observer(store, teachers_key, self.device)
+        self.observer = load_observer(store, teachers_key, self.device, observer=observer)
         self.stats = _load_stats(store, key) if variant == "lpld" else None
         self.units = core.plan_units(variant, len(class_names), ipc, batch_size)
         self.store, self.key, self.variant, self.seed, self.ipc = store, key, variant, seed, ipc
@@ -200,12 +207,18 @@ def run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, 
 def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     from hello_ray.data.imageset import write_image_set_index
     from hello_ray.formats.trajectory import load_trajectory
+    from hello_ray.models.ensemble import check_observer
 
     variant, rc, ipc, size = cfg.images.source, cfg.recover, cfg.select.ipc, cfg.data.image_size
     if variant not in SOURCES:
         raise ConfigError(f"config key 'images.source': {variant!r} is not a recover source ({', '.join(SOURCES)})")
     traj = load_trajectory(store, inputs["teachers"])
-    names = list(traj["class_names"])
+    check_observer(store, inputs["teachers"], cfg.teachers.observer)  # here, not in every actor
+    # data.class_names renames without retraining (names are not in the teachers key)
+    names = list(cfg.data.class_names) or list(traj["class_names"])
+    if len(names) != int(traj["num_classes"]):
+        raise ConfigError(f"config key 'data.class_names': {len(names)} names for the {traj['num_classes']} "
+                          f"classes of teachers artifact {inputs['teachers']}")
     if int(traj["image_size"]) != size:
         raise ValueError(f"recover {key}: the observer of {inputs['teachers']} takes {traj['image_size']} px "
                          f"images but data.image_size is {size}")
@@ -213,11 +226,16 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     t0 = time.perf_counter()
     phase: dict[str, float] = {}
     files = set(store.list_files(key))
-    stats_state = "none"
+    stats_state, corrupt = "none", None
     if variant == "lpld":
+        from hello_ray.data.corrupt import corrupt_summary
+        from hello_ray.data.sources import load_split
+
+        split = load_split(cfg.data, cfg.data.train_split, store)
+        corrupt = corrupt_summary({"train": split}, cfg.data, store)  # before the statistics pass
         stats_state = "reused" if STATS_FILE in files else "computed"
         if STATS_FILE not in files:
-            _class_stats_pass(cfg, store, key, inputs["teachers"], names)
+            _class_stats_pass(cfg, store, key, inputs["teachers"], names, split)
         phase["class_stats"] = time.perf_counter() - t0
     finished = {u.index for u in units if marker_name(u.index) in files}
     pending = [u.index for u in units if u.index not in finished]
@@ -235,6 +253,8 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     summary = _summary(variant, markers, units, names, ipc)
     summary.update(units_resumed=len(finished), units_recovered=len(pending), class_stats=stats_state,
                    seconds=round(time.perf_counter() - t0, 2), phase_s={p: round(v, 2) for p, v in phase.items()})
+    if corrupt is not None:
+        summary["corrupt"] = corrupt
     meta = {"image_source": variant, "ipc": ipc, "parent": inputs["teachers"], "seed": rc.seed,
             "recover": {**settings, "objective_first": summary["objective_first"],
                         "objective_last": summary["objective_last"]}}
@@ -246,28 +266,27 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     return summary
 
 
-def _class_stats_pass(cfg: Config, store: Any, key: str, teachers_key: str, names: list[str]) -> None:
+def _class_stats_pass(cfg: Config, store: Any, key: str, teachers_key: str, names: list[str], split: Any) -> None:
     """lpld: per-class BN statistics of the training split, a Ray Data pass reduced on the driver."""
     import ray.data
 
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.errors import EmptyClassError
-    from hello_ray.data.sources import load_split
     from hello_ray.models.ensemble import load_observer
 
     rc, data = cfg.recover, cfg.data
-    split = load_split(data, data.train_split, store)
     if len(split.class_names) != len(names):
         raise ValueError(f"recover {key}: the training split of {split.source} has {len(split.class_names)} "
                          f"classes but the observer {teachers_key} was trained on {len(names)}")
     t0 = time.perf_counter()
-    stats = core.ClassStats.empty(len(names), core.bn_layers(load_observer(store, teachers_key)))
+    stats = core.ClassStats.empty(len(names), core.bn_layers(load_observer(store, teachers_key,
+                                                                            observer=cfg.teachers.observer)))
     parts = decoded_split(split, data, batch_size=rc.stats_batch_size, columns=["image", "label"]).map_batches(
         ClassStatsActor, batch_format="numpy", batch_size=rc.stats_batch_size,
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
         num_cpus=rc.actor_cpus, num_gpus=1 if cfg.compute.use_gpu else 0,
         fn_constructor_kwargs=dict(store=store, teachers_key=teachers_key, num_classes=len(names),
-                                   use_gpu=cfg.compute.use_gpu))
+                                   use_gpu=cfg.compute.use_gpu, observer=cfg.teachers.observer))
     for part in parts.iter_batches(batch_size=None, batch_format="numpy"):
         stats.add_rows(part)
     seen = stats.images_per_class()
@@ -297,7 +316,7 @@ def _recover_pass(cfg: Config, store: Any, key: str, teachers_key: str, names: l
         fn_constructor_kwargs=dict(store=store, key=key, teachers_key=teachers_key, variant=cfg.images.source,
                                    settings=settings, seed=rc.seed, ipc=cfg.select.ipc, batch_size=rc.batch_size,
                                    class_names=names, image_size=cfg.data.image_size,
-                                   use_gpu=cfg.compute.use_gpu))
+                                   use_gpu=cfg.compute.use_gpu, observer=cfg.teachers.observer))
     units = core.plan_units(cfg.images.source, len(names), cfg.select.ipc, rc.batch_size)
     done = 0
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hello_ray.failures import check_finite
+
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # images [N,3,H,W] in [0,1] -> features [N, D]
 
 
@@ -37,7 +39,8 @@ def refine_images(encoder: Encoder, images: torch.Tensor, steps: int, lr: float,
                   target: str = "joint") -> tuple[torch.Tensor, list[float]]:
     """Adam on the pixels of images [N,3,H,W] in [0,1]; returns (refined images, objective history).
 
-    history[0] is the objective of the input, history[i] after i steps (length steps + 1).
+    history[0] is the objective of the input, history[i] after i steps (length steps + 1); a
+    non-finite objective raises :class:`hello_ray.failures.NonFiniteLoss` naming the step.
     The encoder is used as given: freeze its parameters (requires_grad off) beforehand so no
     gradient is spent on them.
     """
@@ -51,6 +54,7 @@ def refine_images(encoder: Encoder, images: torch.Tensor, steps: int, lr: float,
         opt.zero_grad(set_to_none=True)
         loss = refine_objective(encoder, x, factor, target).mean()
         history.append(float(loss.detach()))
+        check_finite(history[-1], "refine", None, len(history), f"refine.lr={lr:g}")
         # Adam's eps (1e-8) swamps gradients when the objective is tiny (a random-init CLIP
         # gives ~1e-9): dividing by the first value keeps the minimiser and makes the steps
         # independent of the encoder's feature scale.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,15 +37,17 @@ log = logging.getLogger("hello_ray.select")
 
 STAGE = "select"
 INPUTS = ("teachers",)  # the observer; the real images come from cfg.data
+DATA_SPLITS = ("train",)  # its fingerprint joins the key (pipeline.Run.stage_config)
 # Fields that change how fast the stage runs, not what it selects: left out of the artifact key.
 _RUNTIME_FIELDS = ("batch_size", "num_actors", "actor_cpus")
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
-    """The part of the config that determines the selected image set (the teacher comes via inputs)."""
+    """The part of the config that determines the selected image set: the trajectory comes via
+    inputs, which of its epochs observes (``teachers.observer``) is keyed here."""
     sel = {k: v for k, v in section_dict(cfg.select).items() if k not in _RUNTIME_FIELDS}
     data = {k: v for k, v in data_identity(cfg.data).items() if k != "val_split"}
-    return {"data": data, "select": sel}
+    return {"data": data, "select": sel, "observer": cfg.teachers.observer}
 
 
 def check(cfg: Config) -> None:
@@ -116,14 +119,14 @@ class ObserverScorer:
     """
 
     def __init__(self, store: Any, teachers_key: str, image_size: int, show: str, use_gpu: bool,
-                 batch_size: int):
+                 batch_size: int, observer: str = "last"):
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
 
         self.device = torch_device(use_gpu)
-        self.observer = load_observer(store, teachers_key, self.device)
+        self.observer = load_observer(store, teachers_key, self.device, observer=observer)
         self.image_size = image_size
         self.show = show
         self.batch_size = batch_size
@@ -181,6 +184,9 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
 
     from hello_ray.data.imageset import write_image_set
     from hello_ray.data.sources import load_split
+    from hello_ray.models.ensemble import check_observer
+
+    check_observer(store, inputs["teachers"], cfg.teachers.observer)  # here, not in every actor
 
     sel, data = cfg.select, cfg.data
     size, factor = data.image_size, sel.factor
@@ -214,23 +220,24 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
         compute=ray.data.ActorPoolStrategy(size=sel.num_actors),
         num_cpus=sel.actor_cpus, num_gpus=1 if cfg.compute.use_gpu else 0,
         fn_constructor_kwargs=dict(store=store, teachers_key=inputs["teachers"], image_size=size,
-                                   show=sel.show, use_gpu=cfg.compute.use_gpu, batch_size=sel.batch_size),
+                                   show=sel.show, use_gpu=cfg.compute.use_gpu, batch_size=sel.batch_size,
+                                   observer=cfg.teachers.observer),
     )
 
     keeper = core.ClassTopK(len(names), k)
     per_class_read = np.zeros(len(names), dtype=np.int64)
-    corrupt: list[tuple[str, str]] = []
+    corrupt: list[tuple[str, str, int]] = []
     for b in scored.iter_batches(batch_size=4096, batch_format="numpy"):
         rank = b["rank"]
         for i in np.flatnonzero(rank < 0):
-            corrupt.append((str(b["id"][i]), str(b["reason"][i])))
+            corrupt.append((str(b["id"][i]), str(b["reason"][i]), int(b["label"][i])))
         np.add.at(per_class_read, b["label"][rank == 0], 1)
         good = rank >= 0
         keeper.offer_rows({col: b[col][good] for col in b})
 
     phase["score"] = time.time() - t0 - sum(phase.values())
-    skipped = sorted(i for i, _ in corrupt)
-    for where, reason in sorted(corrupt):
+    skipped = sorted(i for i, _, _ in corrupt)
+    for where, reason, _ in sorted(corrupt):
         log.warning("select: undecodable image skipped: %s (%s)", where, reason)
     for label, n in enumerate(per_class_read):
         if n == 0:
@@ -261,6 +268,11 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
         "num_images": int(len(images)), "seconds": round(seconds, 2),
         "phase_s": {p: round(v, 2) for p, v in phase.items()},
         "crops_per_s": round(crops_scored / max(seconds, 1e-9), 1),
+        # The common form of every reading stage (hello_ray/data/corrupt.py), for the report.
+        "corrupt": {"train": {"split": data.train_split, "images": images_read + len(corrupt),
+                              "corrupt": len(corrupt),
+                              "per_class": {names[c]: n for c, n in sorted(Counter(lab for _, _, lab in corrupt).items())},
+                              "examples": [f"{i} ({r})" for i, r, _ in sorted(corrupt)[:20]]}},
     }
     counts = list(summary["per_class"].values())
     shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")

@@ -8,8 +8,7 @@ top-1 on the real validation set is recorded. The artifact (format: hello_ray/mo
     epochs/epoch_{e:03d}.pt    state_dict after epoch e (CPU, fp32), epochs 1-based
     epochs/epoch_{e:03d}.json  that epoch's numbers: top1, loss, train_acc, seconds, and which
                                attempt trained it (attempt id, the epoch it started from)
-    trajectory.json            model, classes, the accuracy curve, the observer's file
-    observer_torchvision.pt    only with ``teachers.observer=torchvision``
+    trajectory.json            model, classes, the accuracy curve
 
 This module is the Ray wrapper only; the compute is :mod:`hello_ray.stages.teachers_core`
 (plain PyTorch over any iterable of ``{"image": uint8 [N,S,S,3], "label": int64 [N]}`` batches).
@@ -18,10 +17,13 @@ Ray Data shards) with a Ray checkpoint (model, optimizer, scheduler, epoch) per 
 store's ``_ray/<key>``, so a failed attempt resumes at the next epoch and so does a re-launched
 driver (the run name is the artifact key).
 
-The artifact key covers ``data`` and ``teachers`` but not ``compute``: the number of
-workers, GPUs and CPUs change how fast the same recipe runs (the global batch, learning
-rate, schedule and seed are in ``teachers``), and leaving them out lets a crashed run resume
-on a different number of workers.
+The artifact key covers ``data``, the fingerprints of the train and val splits and ``teachers``,
+but not what does not change the weights: ``compute`` (the number of workers, GPUs and CPUs
+change how fast the same recipe runs; the global batch, learning rate, schedule and seed are in
+``teachers``, and leaving compute out lets a crashed run resume on a different number of
+workers), ``teachers.observer`` (which epoch observes is read by select and evaluate, and is in
+their keys) and the readable class names (``data.class_names``, a classes.json: the weights
+learn label indices; transfer, select and evaluate key on the names).
 """
 from __future__ import annotations
 
@@ -49,21 +51,30 @@ if TYPE_CHECKING:
 
 STAGE = "teachers"
 INPUTS: tuple[str, ...] = ()          # the trajectory is trained from the real data alone
-TORCHVISION_OBSERVER_FILE = "observer_torchvision.pt"
 CHECKPOINT_FILE = "state.pt"  # the Ray checkpoint: model, optimizer, scheduler, epoch
+DATA_SPLITS = ("train", "val")        # their fingerprints join the key (pipeline.Run.stage_config)
+CLASS_NAMES_IN_KEY = False            # names do not change the weights
+# Settings that do not change the trajectory, left out of its key (see the module docstring).
+_NOT_IN_KEY = {"data": ("class_names",), "teachers": ("observer",)}
 
 log = logging.getLogger("hello_ray.teachers")
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
-    """The part of the config that determines the trajectory: data and teachers (not compute)."""
-    return {"data": data_identity(cfg.data), "teachers": section_dict(cfg.teachers)}
+    """The part of the config that determines the trajectory: data and teachers (not compute, the
+    observer or the readable class names)."""
+    out = {"data": data_identity(cfg.data), "teachers": section_dict(cfg.teachers)}
+    for section, keys in _NOT_IN_KEY.items():
+        for k in keys:
+            out[section].pop(k)
+    return out
 
 
 def check(cfg: Config) -> None:
-    """Rules decidable from the config alone (no I/O): the observer names a trained epoch, and
-    the global batch gives every Train worker at least one image."""
-    observer_file(cfg.teachers.observer, cfg.teachers.epochs)
+    """Rules decidable from the config alone (no I/O): the observer names a trained epoch (the
+    stages that use it read it from this trajectory), and the global batch gives every Train
+    worker at least one image."""
+    check_observer(cfg.teachers, len(cfg.data.class_names) or None)
     launcher.check_batch_split("teachers.batch_size", cfg.teachers.batch_size, cfg.compute)
 
 
@@ -74,12 +85,13 @@ def resources(cfg: Config) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- config rules
 
-def observer_file(observer: str, epochs: int) -> str:
-    """The artifact file holding the observer named by ``teachers.observer``."""
+def observer_file(observer: str, epochs: int) -> str | None:
+    """The trajectory file holding the observer named by ``teachers.observer`` (None for
+    'torchvision', whose weights come from torchvision: hello_ray.models.ensemble.load_observer)."""
     if observer == "last":
         return epoch_file(epochs)
     if observer == "torchvision":
-        return TORCHVISION_OBSERVER_FILE
+        return None
     n = observer.split(":", 1)[1]
     if not n.isdigit() or not 1 <= int(n) <= epochs:
         raise ConfigError(f"config key 'teachers.observer': {observer!r} names no trained epoch; "
@@ -87,10 +99,11 @@ def observer_file(observer: str, epochs: int) -> str:
     return epoch_file(int(n))
 
 
-def check_observer(tc: TeacherConfig, num_classes: int) -> None:
-    """Reject an observer choice the trajectory cannot provide, before any training."""
+def check_observer(tc: TeacherConfig, num_classes: int | None) -> None:
+    """Reject an observer choice the trajectory cannot provide, before any training (the class
+    count is checked when known: from data.class_names, or once the data is listed)."""
     observer_file(tc.observer, tc.epochs)
-    if tc.observer == "torchvision" and (tc.model != "resnet18" or num_classes != 1000):
+    if tc.observer == "torchvision" and (tc.model != "resnet18" or num_classes not in (None, 1000)):
         raise ConfigError(
             "config key 'teachers.observer': 'torchvision' loads torchvision's ImageNet-1K ResNet-18, "
             f"which only fits teachers.model=resnet18 with 1000 classes (got {tc.model!r} with "
@@ -149,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
         batches = launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank)
         tr = train_epoch(ddp_model, batches, opt, w.device,
-                         augment=lambda im: train_augment(im, image_size, gen))
+                         augment=lambda im: train_augment(im, image_size, gen), epoch=epoch)
         sched.step()
         va = evaluate_top1(model, val_shard.iter_torch_batches(batch_size=max(w.per_worker_batch, 256)),
                            w.device)
@@ -193,17 +206,6 @@ def read_epoch_metrics(store: "Store", key: str, epochs: int) -> list[dict[str, 
     return out
 
 
-def _write_torchvision_observer(store: "Store", key: str, cfg: Config) -> None:
-    """torchvision's ImageNet-1K ResNet-18 weights as the observer (downloads them: cluster only)."""
-    try:
-        model = build_model(cfg.teachers.model, 1000, cfg.data.image_size, pretrained=True)
-    except Exception as e:
-        raise RuntimeError(f"teachers.observer=torchvision: could not load torchvision's ImageNet "
-                           f"weights for {cfg.teachers.model} ({e}); this needs internet access "
-                           "on the driver, or use teachers.observer=last") from e
-    store.put_bytes(key, TORCHVISION_OBSERVER_FILE, state_bytes(model))
-
-
 def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
         *, drill: launcher.KillDrill | None = None) -> dict[str, Any]:
     """Train the trajectory on Ray Train and write ``trajectory.json``; returns the summary.
@@ -212,6 +214,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     batch of the drill's epoch on the first attempt only, so the run must resume from the
     previous epoch's checkpoint. Needs ``compute.max_failures >= 1``.
     """
+    from hello_ray.data.corrupt import corrupt_summary
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_train_val
 
@@ -219,6 +222,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     train, val = load_train_val(cfg.data, store)
     num_classes = len(train.class_names)
     check_observer(tc, num_classes)
+    corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
     # A global shuffle of the (small, still encoded) training rows, redrawn every epoch:
     # sources list ImageFolder images class by class, and a local shuffle buffer alone would
@@ -234,20 +238,16 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     train_s = time.perf_counter() - t0
 
     epochs = read_epoch_metrics(store, key, tc.epochs)
-    if tc.observer == "torchvision":
-        _write_torchvision_observer(store, key, cfg)
-    observer = observer_file(tc.observer, tc.epochs)
     trajectory = {
         "model": tc.model, "num_classes": num_classes, "image_size": cfg.data.image_size,
         "class_names": list(train.class_names),
         "epochs": [{"epoch": m["epoch"], "top1": m["top1"], "loss": m["loss"],
                     "train_acc": m["train_acc"], "file": epoch_file(m["epoch"])} for m in epochs],
-        "observer": observer,
     }
     write_trajectory(store, key, trajectory)
     attempts = sorted({m["attempt_start_epoch"] for m in epochs})
     return {"epochs": tc.epochs, "final_top1": epochs[-1]["top1"],
-            "best_top1": max(m["top1"] for m in epochs), "observer": observer,
+            "best_top1": max(m["top1"] for m in epochs),
             "num_classes": num_classes, "val_images": epochs[-1]["val_images"],
-            "attempt_start_epochs": attempts,
+            "attempt_start_epochs": attempts, "corrupt": corrupt,
             "train_s": round(train_s, 2)}

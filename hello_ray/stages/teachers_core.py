@@ -17,6 +17,7 @@ from torch import nn
 
 from hello_ray.config import TeacherConfig
 from hello_ray.data.augment import random_resized_crop_flip, to_float, train_crop_scale
+from hello_ray.failures import check_finite
 
 Batch = dict[str, torch.Tensor]
 
@@ -45,16 +46,17 @@ class EpochStats:
 
 
 def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
-                ) -> EpochStats:
+                device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                epoch: int | None = None) -> EpochStats:
     """One pass of cross-entropy SGD over ``batches``; returns this worker's loss/accuracy sums.
 
     ``augment`` maps a uint8 [N,S,S,3] batch to float [N,3,S,S] in [0,1]; without it the
-    images are only converted.
+    images are only converted. A non-finite loss raises :class:`hello_ray.failures.NonFiniteLoss`
+    naming ``epoch`` and the step (1-based), after the step that produced it.
     """
     model.train()
     stats = EpochStats()
-    for batch in batches:
+    for step, batch in enumerate(batches, 1):
         images = batch["image"].to(device, non_blocking=True)              # uint8 [N,S,S,3]
         labels = batch["label"].to(device, non_blocking=True).long()       # [N]
         x = augment(images) if augment is not None else to_float(images)   # [N,3,S,S]
@@ -64,7 +66,9 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         loss.backward()
         optimizer.step()
         n = labels.numel()
-        stats.loss_sum += float(loss.detach()) * n
+        value = float(loss.detach())  # the one host sync of the step
+        check_finite(value, "teachers", epoch, step, f"teachers.lr={optimizer.defaults['lr']:g}")
+        stats.loss_sum += value * n
         stats.correct += int((logits.detach().argmax(1) == labels).sum())
         stats.total += n
     return stats

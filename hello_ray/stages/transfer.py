@@ -47,6 +47,7 @@ log = logging.getLogger("hello_ray.transfer")
 
 STAGE = "transfer"
 INPUTS = ("teachers",)  # the teacher window; the real data comes from cfg.data
+DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 CHECKPOINT_FILE = "transfer_state.pt"
 
 
@@ -150,8 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=w.device).manual_seed(seed)
         batches = _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
                            generator=gen, seed=seed)
-        for x, y in launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank):
-            parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight)
+        for step, (x, y) in enumerate(launcher.drilled(batches, config.get("drill"), store, key, epoch,
+                                                       w.rank), 1):
+            parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight, epoch=epoch, step=step)
             n = len(y)
             sums += torch.tensor([parts["loss"] * n, parts["mse"] * n, parts["ce"] * n, n],
                                  dtype=torch.float64)
@@ -200,10 +202,12 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
     """Fit the projector's LoRA to the teacher window on Ray Train; write the transfer artifact.
 
     ``drill``: a fault drill for the tests (a rank killed mid-epoch, see launcher.KillDrill)."""
+    from hello_ray.data.corrupt import corrupt_summary
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_train_val
 
     train, val = load_train_val(cfg.data, store)
+    corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
@@ -218,4 +222,4 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
              fidelity["before"]["kl"], fidelity["after"]["kl"])
     return {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
             "fidelity_before": fidelity["before"], "fidelity_after": fidelity["after"],
-            "train_s": round(time.perf_counter() - t0, 2)}
+            "corrupt": corrupt, "train_s": round(time.perf_counter() - t0, 2)}

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hello_ray.failures import check_finite
 from hello_ray.runtime import auto_bf16
+
 
 def transfer_loss(proj_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                   ce_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -53,12 +55,14 @@ def lora_parameters(projector: nn.Module) -> list[nn.Parameter]:
 
 
 def transfer_step(projector: nn.Module, teachers: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  optimizer: torch.optim.Optimizer, ce_weight: float) -> dict[str, float]:
+                  optimizer: torch.optim.Optimizer, ce_weight: float, *, epoch: int | None = None,
+                  step: int = 0) -> dict[str, float]:
     """One optimisation step of the LoRA on a batch: images [N, 3, H, W] in [0, 1], labels [N].
 
     The teachers run in eval mode under inference_mode (they only make targets); the projector
     runs in eval mode too (frozen BN statistics, see the module docstring) with gradients on.
-    Returns the loss parts of the batch as floats.
+    Returns the loss parts of the batch as floats; a non-finite loss raises
+    :class:`hello_ray.failures.NonFiniteLoss` naming ``epoch`` and ``step``.
     """
     targets = teacher_targets(teachers, images)  # [T, N, C]
     projector.eval()
@@ -68,6 +72,7 @@ def transfer_step(projector: nn.Module, teachers: nn.Module, images: torch.Tenso
     loss, parts = transfer_loss(logits.float(), targets, labels, ce_weight)
     loss.backward()
     optimizer.step()
+    check_finite(parts["loss"], "transfer", epoch, step, f"transfer.lr={optimizer.defaults['lr']:g}")
     return parts
 
 
