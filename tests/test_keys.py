@@ -84,6 +84,10 @@ def test_class_names_and_observer_do_not_retrain_the_teachers(tmp_path):
     base = _keys(store, data)
     renamed = _keys(store, data, "data.class_names=[kitten, puppy]")
     assert _changed(base, renamed) == {"select", "recover", "transfer", "evaluate"}  # prompts, image sets
+    mapped = _keys(store, data, "data.class_names={cat: kitten, dog: puppy}")
+    assert _changed(base, mapped) == {"select", "recover", "transfer", "evaluate"}
+    assert _changed(mapped, _keys(store, data, "data.class_names={cat: kitty, dog: puppy}")) == \
+        {"select", "recover", "transfer", "evaluate"}  # the names, not only the classes they name
     observer = _keys(store, data, "teachers.observer=epoch:2")
     assert _changed(base, observer) == {"select", "recover", "evaluate"}  # scores, synthesises, labels
     no_teacher_labels = ["evaluate.strategies=[hard, projector]", "evaluate.floor=false"]

@@ -67,7 +67,8 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     rec = {k: v for k, v in section_dict(cfg.recover).items() if k not in _RUNTIME_FIELDS}
     out: dict[str, Any] = {"source": cfg.images.source, "ipc": cfg.select.ipc,
                            "image_size": cfg.data.image_size, "recover": rec,
-                           "observer": cfg.teachers.observer, "class_names": list(cfg.data.class_names)}
+                           "observer": cfg.teachers.observer,
+                           "class_names": json.loads(json.dumps(cfg.data.class_names))}  # list or mapping
     if cfg.images.source == "lpld":
         out["data"] = {k: v for k, v in data_identity(cfg.data).items() if k != "val_split"}
     return out
@@ -214,8 +215,14 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
         raise ConfigError(f"config key 'images.source': {variant!r} is not a recover source ({', '.join(SOURCES)})")
     traj = load_trajectory(store, inputs["teachers"])
     check_observer(store, inputs["teachers"], cfg.teachers.observer)  # here, not in every actor
-    # data.class_names renames without retraining (names are not in the teachers key)
-    names = list(cfg.data.class_names) or list(traj["class_names"])
+    # data.class_names renames without retraining (names are not in the teachers key); a mapping
+    # resolves by the split's class keys, which only a listing of the split knows.
+    split = None
+    if variant == "lpld" or cfg.data.class_names:
+        from hello_ray.data.sources import load_split
+
+        split = load_split(cfg.data, cfg.data.train_split, store)
+    names = list(split.class_names) if cfg.data.class_names else list(traj["class_names"])
     if len(names) != int(traj["num_classes"]):
         raise ConfigError(f"config key 'data.class_names': {len(names)} names for the {traj['num_classes']} "
                           f"classes of teachers artifact {inputs['teachers']}")
@@ -229,9 +236,7 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     stats_state, corrupt = "none", None
     if variant == "lpld":
         from hello_ray.data.corrupt import corrupt_summary
-        from hello_ray.data.sources import load_split
 
-        split = load_split(cfg.data, cfg.data.train_split, store)
         corrupt = corrupt_summary({"train": split}, cfg.data, store)  # before the statistics pass
         stats_state = "reused" if STATS_FILE in files else "computed"
         if STATS_FILE not in files:
