@@ -266,12 +266,17 @@ def run_select(run: Run) -> str:
     return run.keys["select"]
 
 
+def check_recover_source(cfg: Config) -> None:
+    """``images.source`` must name a recover variant for the recover step to run."""
+    if cfg.images.source not in recover.SOURCES:
+        raise ConfigError(f"config key 'images.source': recover makes {' or '.join(recover.SOURCES)} images, "
+                          f"not {cfg.images.source!r}; set images.source=lpld (or sre2l)")
+
+
 def run_recover(run: Run) -> str:
     """Stage 2 (images.source sre2l | lpld): images synthesised against the observer's BatchNorm
     statistics (lpld: each class's own, from a pass over the training set)."""
-    if run.cfg.images.source not in recover.SOURCES:  # before the teachers: nothing to synthesise
-        raise ConfigError(f"config key 'images.source': recover makes {' or '.join(recover.SOURCES)} images, "
-                          f"not {run.cfg.images.source!r}; set images.source=lpld (or sre2l)")
+    check_recover_source(run.cfg)  # before the teachers: nothing to synthesise
     inputs = {"teachers": run_teachers(run)}
     with run.writing(recover, inputs) as key:
         if key:
@@ -342,14 +347,23 @@ def distill(cfg: Config) -> RunResult:
     return result
 
 
-def stage_job(argv: list[str], step: "Any", description: str) -> tuple[Config, "Store", str]:
+def stage_job(argv: list[str], step: "Any", description: str,
+              check_job: "Any" = None) -> tuple[Config, "Store", str]:
     """What every ``jobs/<stage>.py`` does: parse flags, run ``step`` (e.g. :func:`run_select`)
-    after exactly the steps it needs. Returns the config, the store and the stage's key."""
+    after exactly the steps it needs. ``check_job(cfg)`` is a rule of that job alone (recover needs
+    a recover ``images.source``): its ConfigError exits 2 before Ray starts, like every check.
+    Returns the config, the store and the stage's key."""
     import os
 
     setup_logging()
     prog = os.path.splitext(os.path.basename(sys.argv[0]))[0] or step.__name__
     cfg = parse_args(argv, prog=prog, description=description)
+    if check_job is not None:
+        try:
+            check_job(cfg)
+        except ConfigError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     run = Run.start(cfg)
     try:
         return cfg, run.store, step(run)

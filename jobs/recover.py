@@ -9,11 +9,12 @@ A crashed run resumes: classes (batches) already finished are kept, the rest are
 """
 import sys
 
-from hello_ray.pipeline import run_recover, stage_job
+from hello_ray.pipeline import check_recover_source, run_recover, stage_job
 
 
 def main(argv: list[str]) -> int:
-    cfg, store, key = stage_job(argv, run_recover, __doc__.splitlines()[0])
+    cfg, store, key = stage_job(argv, run_recover, __doc__.splitlines()[0],
+                                check_job=check_recover_source)
     s = store.manifest(key).get("summary", {})
     print(f"\nrecover ({cfg.images.source}): {store.uri_for(key)}")
     print(f"images: {s.get('num_images')} ({cfg.select.ipc} per class)   objective {s.get('objective_first')} -> "
