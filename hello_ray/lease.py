@@ -504,24 +504,6 @@ def _ray_state_exists(store: "Store", key: str) -> bool:
     raise StoreError(f"{store!r}: unknown store type")
 
 
-def _remove(store: "Store", key: str, names: list[str]) -> None:
-    if isinstance(store, LocalStore):
-        for n in names:
-            (store.root / key / n).unlink(missing_ok=True)
-        return
-    if isinstance(store, S3Store):
-        for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": store._obj(f"{key}/{n}")} for n in names[i:i + 1000]]
-            out = store._call(f"deleting files of {key}", store._client.delete_objects, Bucket=store.bucket,
-                              Delete={"Objects": batch, "Quiet": True})
-            if out.get("Errors"):
-                err = out["Errors"][0]
-                raise StoreError(f"S3 store {store.uri}: deleting the unfinished files of {key} failed for "
-                                 f"{len(out['Errors'])} object(s), e.g. {err.get('Key')}: {err.get('Code')}")
-        return
-    raise StoreError(f"{store!r}: unknown store type")
-
-
 def prepare_key(store: "Store", key: str, resumable: bool = False) -> dict:
     """Before a lease holder runs the stage of an unfinished ``key``: drop stale temp files, and the
     earlier attempt's data files unless its Ray run resumes with them, or the stage itself resumes
@@ -536,6 +518,6 @@ def prepare_key(store: "Store", key: str, resumable: bool = False) -> dict:
     files = sorted(store._list(key))
     resumes = resumable or _ray_state_exists(store, key)
     if files and not resumes:
-        _remove(store, key, files)
+        store._delete_tree(key)  # unfinished: no manifest; the folder's files and nothing else
     return {"resumes_ray_run": resumes, "kept": len(files) if resumes else 0,
             "removed": 0 if resumes else len(files), "partials": partials}
