@@ -24,6 +24,8 @@ COMMANDS: dict[str, Command] = {
                   "remove an artifact with its Ray run state and local cache (re-runs start fresh)"),
     "gc": Command("hello_ray.housekeeping:gc_main",
                   "collect unfinished leftovers, orphan Ray run state and stale download caches"),
+    "export": Command("hello_ray.distilled.export:main",
+                      "a run's distilled set as a self-contained package (images, adapter, card, manifest)"),
 }
 
 
