@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hello_ray.data.imageset import load_image_set, write_image_set
+from hello_ray.data.imageset import write_image_set
 from hello_ray.distilled import open as open_package
 from hello_ray.distilled.export import ExportError, export, main as export_main, parse_labels
 from hello_ray.formats import package as fmt

@@ -124,3 +124,90 @@ def test_ray_job_submit_to_local_head_with_s3_store(s3_bucket, s3_server, tmp_pa
     manifests = [n for n in names if n.endswith("/manifest.json")]
     stages = {json.loads(s3.get_object(Bucket=bucket, Key=n)["Body"].read())["stage"] for n in manifests}
     assert set(STAGES) <= stages, stages
+
+
+# A receiver's process: opens the package from S3, labels a fixed batch of views, then runs the
+# README's training loop (examples/train_on_package.py) for one epoch. Ray must never be imported.
+RECEIVER = r"""
+import json, runpy, sys, torch, torchvision
+import hello_ray.distilled
+from hello_ray.labels import draw_view
+uri, out_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(threads)
+pkg = hello_ray.distilled.open(uri)
+_, views = draw_view(pkg.images, torch.arange(len(pkg)), pkg.labels, pkg.image_size, 1.0,
+                     torch.Generator().manual_seed(7))
+torch.save({"views": views, "logits": pkg.labeller("projector")(views)}, out_path)
+ray_after_labeller = "ray" in sys.modules
+student = torchvision.models.resnet18(num_classes=len(pkg.class_names))
+before = [p.detach().clone() for p in student.parameters()]
+train = runpy.run_path("examples/train_on_package.py")["train"]
+student, loss = train(uri, epochs=1, batch_size=10, student=student)
+changed = sum(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+print(json.dumps({"ray": ray_after_labeller or "ray" in sys.modules, "loss": loss, "changed": changed,
+                  "params": len(before)}))
+"""
+
+
+def test_export_round_trip_and_readme_loop(ray_local, smoke_store, s3_server, s3_bucket, tmp_path):
+    """The smoke run (cached by the end-to-end test) exported to the S3 server with its stored labels.
+    A fresh process with the run's store moved away opens the package: its projector labeller's
+    logits on a fixed batch of views equal evaluate's (ProjectorLabels on the run's transfer
+    artifact, the run's label precision) bit for bit, Ray is never imported, and the README's
+    training loop trains a student for one epoch (finite loss, weights moved). Then a flipped byte
+    in an image and in the adapter on S3 is reported by name."""
+    import boto3
+    import torch
+
+    from hello_ray.data.imageset import load_image_set
+    from hello_ray.distilled import open as open_package
+    from hello_ray.distilled.export import export
+    from hello_ray.labels import ProjectorLabels, draw_view
+    from hello_ray.store import IntegrityError
+
+    cfg = load_config("smoke", overrides=[f"store={smoke_store}"])
+    keys = distill(cfg).keys      # cached: every stage is found in the store
+    store = open_run_store(cfg)
+    inputs = store.manifest(keys["evaluate"])["inputs"]
+    to = s3_bucket.rsplit("/", 1)[0] + "/packages/smoke-ipc2"
+    out = export(keys["evaluate"], store.uri, to, ["projector", "stored"])
+    assert out["bytes"]["images"] > 0 and out["bytes"]["stored"] > 0 and out["bytes"]["grid"] > 0
+
+    # evaluate's own labelling path, on the run's store
+    image_set = load_image_set(store, inputs["images"])
+    ref = ProjectorLabels.from_store(store, inputs["transfer"], len(image_set.class_names),
+                                     cfg.data.image_size).to(torch.device("cpu")).with_precision(
+        cfg.evaluate.label_precision)
+    images = image_set.images.permute(0, 3, 1, 2)
+    _, views = draw_view(images, torch.arange(len(images)), image_set.labels, cfg.data.image_size, 1.0,
+                         torch.Generator().manual_seed(7))
+    expected = ref.logits(views)
+
+    run_dir = Path(smoke_store.replace("file://", ""))
+    moved = run_dir.with_name(run_dir.name + ".away")
+    run_dir.rename(moved)            # the run's store is unreachable for the receiver
+    try:
+        got_path = tmp_path / "receiver.pt"
+        res = subprocess.run([sys.executable, "-c", RECEIVER, to, str(got_path), str(torch.get_num_threads())],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
+    finally:
+        moved.rename(run_dir)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    got = torch.load(got_path, weights_only=True)
+    assert torch.equal(got["views"], views)                  # same pixels, same views
+    assert got["logits"].shape == expected.shape and torch.equal(got["logits"], expected)
+    assert report["ray"] is False
+    assert torch.isfinite(torch.tensor(report["loss"])) and report["changed"] == report["params"]
+
+    bucket, prefix = to[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    image = next(f["name"] for f in json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")[
+        "Body"].read())["files"] if f["name"].startswith("images/"))
+    for name in ("adapter/adapter.safetensors", image):
+        obj = f"{prefix}/{name}"
+        data = bytearray(s3.get_object(Bucket=bucket, Key=obj)["Body"].read())
+        data[len(data) // 2] ^= 0x01
+        s3.put_object(Bucket=bucket, Key=obj, Body=bytes(data))
+        with pytest.raises(IntegrityError, match=f"file {name} does not match"):
+            open_package(to).labeller()

@@ -72,7 +72,9 @@ class Labeller(nn.Module):
     It wraps the very strategy object evaluate labels with (``hello_ray.labels.ProjectorLabels``:
     the adapter merged into CLIP, ``prepare_labeller``, the label precision's autocast,
     ``inference_mode``), so its logits are evaluate's, bit for bit, at the same precision.
-    Inputs are moved to the labeller's device; the logits stay there.
+    Inputs are moved to the labeller's device; the logits stay there. Choose the device when asking
+    for the labeller (``pkg.labeller(device=...)``): that is where it is prepared and its precision
+    decided, as in evaluate.
     """
 
     def __init__(self, strategy: Any):
@@ -84,7 +86,9 @@ class Labeller(nn.Module):
         self.shipped_bytes = strategy.shipped_bytes()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.strategy.logits(images.to(self.device))
+        # the network's own device: right after a later ``.to()`` too
+        device = next(self.model.parameters(), torch.empty(0, device=self.device)).device
+        return self.strategy.logits(images.to(device))
 
     def train(self, mode: bool = True) -> "Labeller":
         return super().train(False)           # frozen: its BatchNorms never leave eval mode
