@@ -108,14 +108,25 @@ def test_labeller_equals_evaluate_path(run, package):
     ours, theirs = labeller(views), ref.logits(views)
     assert ours.shape == (6, 3) and torch.equal(ours, theirs)
     assert not any(p.requires_grad for p in labeller.parameters())
+    # the adapter matters: CLIP zero-shot (the text-initialised head alone) labels differently
+    from hello_ray.models.projector import Projector
+
+    zero_shot = ProjectorLabels(Projector.from_clip("hello-tiny-rn", "random-init", NAMES), 3, IMAGE_SIZE, 0)
+    assert not torch.allclose(zero_shot.logits(views), ours, atol=1e-3)
     assert labeller.precision == "fp32" == pkg.info["projector"]["label_precision"]   # the run's precision
 
 
-@pytest.mark.parametrize("name", ["images/0002-two/00005.png", "classes.json", "package.json",
-                                  "adapter/adapter.safetensors", "adapter/adapter.json",
-                                  "labels/stored/epoch_0001.npz", "README.md"])
-def test_flipped_byte_is_named(package, tmp_path, name):
-    """Each kind of packaged file: one flipped byte -> IntegrityError naming that file."""
+# Each kind of packaged file, and the reader that must catch its damage (the card and its figure are
+# read by no loader: ``verify`` checks them).
+DAMAGE = [("images/0002-two/00005.png", "open"), ("classes.json", "open"), ("package.json", "open"),
+          ("adapter/adapter.safetensors", "labeller"), ("adapter/adapter.json", "labeller"),
+          ("labels/stored/epoch_0001.npz", "stored"), ("labels/stored/meta.json", "stored"),
+          ("README.md", "verify"), ("distilled_images.png", "verify")]
+
+
+@pytest.mark.parametrize("name,reader", DAMAGE)
+def test_flipped_byte_is_named(package, tmp_path, name, reader):
+    """One flipped byte in a packaged file -> IntegrityError naming that file, from its own reader."""
     import shutil
 
     to = tmp_path / "copy"
@@ -124,15 +135,10 @@ def test_flipped_byte_is_named(package, tmp_path, name):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-
-    def use() -> None:
-        pkg = open_package(str(to))
-        pkg.labeller()
-        pkg.stored().epoch_views(1, 0)
-        pkg.store.get_bytes(pkg.key, "README.md")   # the card is read like any other file
-
+    use = {"open": lambda p: None, "labeller": lambda p: p.labeller(),
+           "stored": lambda p: p.stored().epoch_views(1, 0), "verify": lambda p: p.verify()}[reader]
     with pytest.raises(IntegrityError, match=re.escape(f"file {name} does not match")):
-        use()
+        use(open_package(str(to)))
 
 
 def test_destination_rules(run, package, tmp_path, capsys):

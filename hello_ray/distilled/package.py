@@ -116,6 +116,11 @@ class DistilledSet:
         return (f"DistilledSet({self.uri!r}: {len(self)} images of {len(self.class_names)} classes, "
                 f"{self.image_size} px, labels {self.info['labels']})")
 
+    def verify(self) -> None:
+        """Check every file of the package against its manifest, the card and figures included
+        (``open`` checks the files it reads; this checks the rest too). IntegrityError names the file."""
+        self.store.verify(self.key)
+
     def torch_dataset(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Dataset:
         """A ``torch.utils.data.Dataset`` of (image float [3, H, W] in [0, 1], label int)."""
         return _ImageDataset(self.images, self.labels, transform)
