@@ -23,7 +23,7 @@ from hello_ray.distilled.export import ExportError, export, main as export_main,
 from hello_ray.formats import package as fmt
 from hello_ray.formats.results import write_results
 from hello_ray.labels import ProjectorLabels, RelabelPlan, draw_view, relabel, write_stored_meta
-from hello_ray.store import ArtifactNotFound, IntegrityError, open_store
+from hello_ray.store import ArtifactNotFound, IntegrityError, StoreError, open_store
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["zero", "one/1", "two"]          # a '/' in a name: the folder must not use it raw
@@ -157,6 +157,8 @@ def test_destination_rules(run, package, tmp_path, capsys):
         export("select-aaaaaaaaaaaa", run["store"].uri, str(tmp_path / "x"))
     with pytest.raises(ExportError, match="subset of projector, stored"):
         parse_labels("projector,teacher")
+    with pytest.raises(StoreError, match="folder name 'my pkg'"):
+        export(run["key"], run["store"].uri, str(tmp_path / "my pkg"))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "package.json").write_text("{}")
     with pytest.raises(ArtifactNotFound, match="no manifest.json"):

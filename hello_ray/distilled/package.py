@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from hello_ray.data.images import decode_image
 from hello_ray.formats import package as fmt
-from hello_ray.store import ArtifactNotFound, Store, StoreError, open_store
+from hello_ray.store import ArtifactNotFound, Store, StoreError, is_artifact_key, open_store
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -48,6 +48,9 @@ def open_package_store(uri: str, endpoint_url: str | None = None) -> tuple[Store
     """(the store holding the package, its key); the store is reached once (a wrong endpoint or a
     missing bucket fails here, naming it)."""
     parent, key = split_uri(uri)
+    if not is_artifact_key(key):
+        raise StoreError(f"{uri!r}: a package's folder name {key!r} must be letters, digits, '_', '.', '-' "
+                         "(not starting with '_', '.' or '-'): it is the package's key in the store above it")
     return open_store(parent, endpoint_url), key
 
 
