@@ -157,6 +157,14 @@ def test_destination_rules(run, package, tmp_path, capsys):
         export("select-aaaaaaaaaaaa", run["store"].uri, str(tmp_path / "x"))
     with pytest.raises(ExportError, match="subset of projector, stored"):
         parse_labels("projector,teacher")
+    # stored labels asked of a run without them: refused before the destination is touched
+    bare = "evaluate-eeeeeeeeeeee"
+    write_results(run["store"], bare, [{"student": "resnet18", "strategy": "hard", "seed": 0, "images": "distilled",
+                                        "continual_steps": 0, "continual_step": 0, "top1": 0.4, "label_bytes": 56}], 1.0)
+    run["store"].finalize(bare, "evaluate", {}, {"images": "select-aaaaaaaaaaaa", "transfer": "transfer-bbbbbbbbbbbb"})
+    with pytest.raises(ExportError, match="no stored labels"):
+        export(bare, run["store"].uri, str(again), ["projector", "stored"], overwrite=True)
+    assert open_package(str(again)).info["labels"] == ["hard", "projector"]
     with pytest.raises(StoreError, match="folder name 'my pkg'"):
         export(run["key"], run["store"].uri, str(tmp_path / "my pkg"))
     (tmp_path / "half").mkdir()

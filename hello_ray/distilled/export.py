@@ -78,12 +78,15 @@ def export(evaluate_key: str, store_uri: str, to: str, labels: list[str] | None 
     t0 = time.perf_counter()
     src = open_store(store_uri, endpoint_url)
     manifest, inputs = _source_keys(src, evaluate_key)
+    images_key, transfer_key = inputs["images"], inputs["transfer"]
+    # What --labels asks for must exist before anything is written (or an old package removed).
+    adapter_files = _adapter_files(src, transfer_key) if "projector" in labels else []
+    stored_files = _stored_files(src, evaluate_key) if "stored" in labels else []
     dst, key = open_package_store(to, endpoint_url)
     if dst.uri == src.uri and key in (evaluate_key, *inputs.values()):
         raise ExportError(f"--to {to}: that is an artifact of the run itself; export to a new folder")
     _prepare_destination(dst, key, overwrite)
 
-    images_key, transfer_key = inputs["images"], inputs["transfer"]
     info = read_image_set_info(src, images_key)
     class_names, set_labels = list(info["class_names"]), [int(x) for x in info["labels"]]
     classes = fmt.classes_doc(class_names)
@@ -108,9 +111,9 @@ def export(evaluate_key: str, store_uri: str, to: str, labels: list[str] | None 
         "versions": library_versions(),
     }
     if "projector" in labels:
-        doc["projector"] = _copy_adapter(src, transfer_key, dst, key, manifest)
+        doc["projector"] = _copy_adapter(src, transfer_key, adapter_files, dst, key, manifest)
     if "stored" in labels:
-        doc["stored"] = _copy_stored(src, evaluate_key, dst, key)
+        doc["stored"] = _copy_stored(src, evaluate_key, stored_files, dst, key)
     dst.put_bytes(key, fmt.PACKAGE_JSON, _json_bytes(doc))
 
     card, pngs = render_card(src, evaluate_key, manifest, doc, class_names, package_uri=dst.uri_for(key))
@@ -130,15 +133,30 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=False).encode()
 
 
-def _copy_adapter(src: Store, transfer_key: str, dst: Store, key: str, evaluate_manifest: dict) -> dict[str, Any]:
-    """The transfer artifact's adapter files, and what the receiver needs to rebuild the labeller
-    exactly as evaluate did (image size, label precision, the CLIP weights' identity)."""
-    from hello_ray.models.clip import pretrained_identity
-
+def _adapter_files(src: Store, transfer_key: str) -> list[str]:
     names = [f for f in src.list_files(transfer_key) if f.startswith("adapter.")]
     if "adapter.json" not in names or "adapter.safetensors" not in names:
         raise ExportError(f"transfer artifact {transfer_key}: no adapter.json + adapter.safetensors to ship "
                           f"(found {names})")
+    return names
+
+
+def _stored_files(src: Store, evaluate_key: str) -> list[str]:
+    """Every ``labels/stored[-N]/`` file of the evaluate artifact (not the floor's controls)."""
+    names = [f for f in src.list_files(evaluate_key)
+             if f.startswith(f"{fmt.LABELS_DIR}/stored/") or f.startswith(f"{fmt.LABELS_DIR}/stored-")]
+    if not names:
+        raise ExportError(f"evaluate artifact {evaluate_key}: no stored labels (labels/stored*/) to ship; "
+                          "its run had no stored strategy: export without 'stored' in --labels")
+    return names
+
+
+def _copy_adapter(src: Store, transfer_key: str, names: list[str], dst: Store, key: str,
+                  evaluate_manifest: dict) -> dict[str, Any]:
+    """The transfer artifact's adapter files, and what the receiver needs to rebuild the labeller
+    exactly as evaluate did (image size, label precision, the CLIP weights' identity)."""
+    from hello_ray.models.clip import pretrained_identity
+
     nbytes = 0
     for n in names:
         data = src.get_bytes(transfer_key, n)
@@ -154,13 +172,7 @@ def _copy_adapter(src: Store, transfer_key: str, dst: Store, key: str, evaluate_
             "label_precision": ev.get("label_precision", "auto"), "transfer": transfer_key}
 
 
-def _copy_stored(src: Store, evaluate_key: str, dst: Store, key: str) -> dict[str, Any]:
-    """Every ``labels/stored[-N]/`` folder of the evaluate artifact (not the floor's controls)."""
-    names = [f for f in src.list_files(evaluate_key)
-             if f.startswith(f"{fmt.LABELS_DIR}/stored/") or f.startswith(f"{fmt.LABELS_DIR}/stored-")]
-    if not names:
-        raise ExportError(f"evaluate artifact {evaluate_key}: no stored labels (labels/stored*/) to ship; "
-                          "its run had no stored strategy: export without 'stored' in --labels")
+def _copy_stored(src: Store, evaluate_key: str, names: list[str], dst: Store, key: str) -> dict[str, Any]:
     sets: dict[str, int] = {}
     for n in names:
         data = src.get_bytes(evaluate_key, n)
