@@ -11,12 +11,16 @@ corrupt ids (for a report), use ``keep_corrupt=True`` (the row stays, with an al
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hello_ray.config import DataConfig
 from hello_ray.data.errors import CorruptImageError, data_errors
 from hello_ray.data.images import decode_resized
+
+if TYPE_CHECKING:  # annotations only: importing ray here would slow every import of the module
+    import ray
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class DecodeBatch:
 
 
 def decoded_split(split, data: DataConfig, batch_size: int = 64, image_size: int | None = None,
-                  columns: list[str] | None = None) -> "ray.data.Dataset":  # noqa: F821
+                  columns: list[str] | None = None) -> "ray.data.Dataset":
     """A DatasetSplit's rows decoded to uint8 [S, S, 3] images (S = data.image_size),
     skipping or failing on corrupt images as ``data.on_corrupt`` says; ``columns`` keeps only those.
 

@@ -30,6 +30,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,9 @@ from hello_ray.data.io_retry import retry_io
 from hello_ray.data.readers import (ROWS_PER_BATCH, ReadFiles, ReadParquetShards, ReadTarShards,
                                     display_path, null_label_error, parquet_errors, read_attempts)
 
+if TYPE_CHECKING:  # annotations only: importing ray here would slow every import of the module
+    import ray
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("imagefolder", "parquet", "webdataset")
@@ -57,7 +61,7 @@ CLASS_FILES = ("classes.json", "class_names.json")
 class DatasetSplit:
     """One split of a dataset: lazy rows + the ordered class names (label i = class_names[i])."""
 
-    ds: "ray.data.Dataset"  # noqa: F821 - rows {"image": bytes, "label": int64, "id": str}
+    ds: "ray.data.Dataset"  # rows {"image": bytes, "label": int64, "id": str}
     class_names: list[str]
     source: str  # the URI it was read from (dataset root)
     split: str = ""
