@@ -24,6 +24,10 @@ COMMANDS: dict[str, Command] = {
                   "remove an artifact with its Ray run state and local cache (re-runs start fresh)"),
     "gc": Command("hello_ray.housekeeping:gc_main",
                   "collect unfinished leftovers, orphan Ray run state and stale download caches"),
+    "labels-import": Command("hello_ray.labels_fkd:import_main",
+                             "SRe2L/LPLD relabel records (epoch_<e>/batch_<b>.tar) -> stored labels of an image set"),
+    "labels-export": Command("hello_ray.labels_fkd:export_main",
+                             "an artifact's stored labels -> SRe2L/LPLD relabel records"),
 }
 
 
