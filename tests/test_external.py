@@ -107,7 +107,7 @@ def test_reference_layouts_evaluate_with_every_label_strategy(world, layout):
     assert Run.start(cfg).stage_config(external)["external"] != run.stage_config(external)["external"]
 
 
-def test_names_mapping_and_order_mismatch_fail_before_compute(world):
+def test_names_mapping_and_order_mismatch_fail_before_compute(world, capsys):
     """Folders named like the demo classes sort alphabetically (eight, five, four, ...), not in the
     training label order (zero, one, ...): by index that would shift every class, so the run is
     refused at Run.start, before the teachers train, naming both orders; class_order=names maps by
@@ -122,6 +122,10 @@ def test_names_mapping_and_order_mismatch_fail_before_compute(world):
                        r"training classes \(label order\): \[0: zero, 1: one"):
         Run.start(_cfg(store_uri, src))
     assert set(store.list_artifacts()) == before                                 # nothing ran
+    from hello_ray.pipeline import main
+
+    assert main(["--preset", "smoke", f"store={store_uri}", "images.source=external", f"images.path={src}"]) == 2
+    assert "sort into another order" in capsys.readouterr().err and set(store.list_artifacts()) == before
     run = Run.start(_cfg(store_uri, src, "images.class_order=names"))
     s = load_image_set(run.store, run_external(run))
     assert dict(zip(s.index.folder, s.labels.tolist())) == {k: i for i, k in enumerate(DEMO_KEYS)}
@@ -200,3 +204,22 @@ def test_detect_layout():
     assert detect_layout(["new000", "cat"], "auto", "s") == "folders"
     with pytest.raises(ExternalClassError, match=r"expects folders named new000.*\['cat'\]"):
         detect_layout(["new000", "cat"], "sre2l", "s")
+
+
+def test_an_external_set_on_s3_reads_like_a_local_one(world, s3_bucket):
+    """images.path=s3://...: listed, fingerprinted (ETags) and read through the store's S3 layer."""
+    import boto3
+
+    from hello_ray.pipeline import Run, run_external
+
+    root, store_uri, _ = world
+    src = _write_set(root / "set-s3", "sre2l", ipc=1)
+    bucket = s3_bucket.split("/")[2]
+    client = boto3.client("s3")
+    for f in sorted(src.rglob("*.jpg")):
+        client.put_object(Bucket=bucket, Key=f"syn/{f.relative_to(src).as_posix()}", Body=f.read_bytes())
+    remote = Run.start(_cfg(store_uri, f"s3://{bucket}/syn"))
+    local = Run.start(_cfg(store_uri, src))
+    a, b = load_image_set(remote.store, run_external(remote)), load_image_set(local.store, run_external(local))
+    assert np.array_equal(a.images.numpy(), b.images.numpy()) and a.labels.tolist() == b.labels.tolist()
+    assert a.meta["external"]["path"] == f"s3://{bucket}/syn" and remote.keys["external"] != local.keys["external"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hello_ray.config import ConfigError
 from hello_ray.data.errors import DataError, EmptyClassError
 from hello_ray.data.images import decode_image, decode_resized, is_image_file
 
@@ -43,8 +44,10 @@ PATTERNS: dict[str, tuple[re.Pattern, re.Pattern]] = {
 }
 
 
-class ExternalClassError(DataError):
-    """The external set's class folders do not map one to one onto the training set's classes."""
+class ExternalClassError(DataError, ConfigError):
+    """The external set's class folders do not map one to one onto the training set's classes: a
+    data error that a config key fixes (images.class_order / class_map), so ``distill`` exits 2 on
+    it like on any config error, before compute."""
 
 
 @dataclass
