@@ -406,8 +406,11 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     from hello_ray.formats.results import format_table
 
     inputs = report.collect_inputs(store, keys)
+    ipc = cfg.select.ipc
+    if cfg.images.source == "external" and inputs["images"] is not None:  # the set's own size, not select's
+        ipc = max(1, round(inputs["images"].num_images / max(1, inputs["images"].num_classes)))
     storage = storage_report(
-        classes=len(inputs["class_names"]), ipc=cfg.select.ipc, epochs=cfg.evaluate.epochs,
+        classes=len(inputs["class_names"]), ipc=ipc, epochs=cfg.evaluate.epochs,
         conv_rank=cfg.transfer.conv_rank, head_rank=cfg.transfer.head_rank,
         clip_model=cfg.transfer.clip_model, lora_style=cfg.transfer.lora_style,
         teacher=cfg.teachers.model, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size)
