@@ -51,6 +51,7 @@ import json
 import math
 import pickle
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,7 @@ import torch
 SAMPLER_INDICES = "sampler_indices_epoch.json"  # LPLD's per-epoch image order
 _RECORD_RE = re.compile(r"^epoch_(\d+)/batch_(\d+)\.tar$")
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_LOAD_LOCK = threading.Lock()
 
 
 class FkdFormatError(ValueError):
@@ -174,7 +176,9 @@ def load_record(data: bytes, where: str) -> FkdRecord:
     """A record file's bytes -> FkdRecord. ``weights_only`` loading: anything but tensors, lists,
     numbers and numpy scalars is refused before it runs (FkdFormatError naming ``where``)."""
     try:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
+        # torch's allow-list is one process-wide set that the context adds to and removes from on exit:
+        # two threads loading at once would pull it from under each other, so loads take turns.
+        with _LOAD_LOCK, torch.serialization.safe_globals(_safe_numpy_globals()):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = _GLOBAL_RE.search(str(e))
