@@ -145,7 +145,8 @@ class Run:
         run = cls(cfg, store if store is not None else open_run_store(cfg))
         # An external distilled set is listed and its folders mapped to the training classes now: a
         # class-order mismatch fails before the teachers train (listing only, no image read).
-        external.check_sources(cfg, run.store)
+        plan = external.check_sources(cfg, run.store)
+        evaluate.check_stored_labels(cfg, run.store, plan.listing.num_images if plan else None)
         return run
 
     def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:

@@ -133,6 +133,10 @@ def test_names_mapping_and_order_mismatch_fail_before_compute(world, capsys):
     with pytest.raises(ExternalClassError, match="no training class named.*'eight -> huit'"):
         Run.start(_cfg(store_uri, src, "images.class_map={" + ", ".join(
             f"{k}: {'huit' if k == 'eight' else k}" for k in DEMO_KEYS) + "}"))
+    from hello_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'evaluate.stored_labels': artifact labels-nope: no stored labels"):
+        Run.start(_cfg(store_uri, src, "images.class_order=names", "evaluate.stored_labels=labels-nope"))
     (src / "eleven").mkdir()
     Image.fromarray(_pixels(11, 0, SIZE)).save(src / "eleven" / "a.png")
     with pytest.raises(ExternalClassError, match="has 11 class folders but the training set has 10"):

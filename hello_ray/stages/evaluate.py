@@ -169,6 +169,25 @@ def _teacher_classes(store, key: str) -> int:
     return int(load_trajectory(store, key)["num_classes"])
 
 
+def check_stored_labels(cfg: Config, store, n_images: int | None = None) -> None:
+    """Before any stage runs (``pipeline.Run.start``): ``evaluate.stored_labels`` names a finished
+    labels artifact, and, where the image count is already known (an external set's listing), one
+    made for that many images."""
+    key = cfg.evaluate.stored_labels
+    if not key:
+        return
+    from hello_ray.labels import LabelError
+
+    try:
+        meta = StoredLabels(store, key).meta
+    except LabelError as e:
+        raise ConfigError(f"config key 'evaluate.stored_labels': {e}; import records with "
+                          "hello-ray labels-import") from None
+    if n_images is not None and meta["n_images"] != n_images:
+        raise ConfigError(f"config key 'evaluate.stored_labels': {key} labels {meta['n_images']} images, the "
+                          f"distilled set has {n_images}")
+
+
 def check_imported_labels(store, key: str, n_images: int, num_classes: int, images_key: str) -> None:
     """``evaluate.stored_labels``: the imported labels must index this image set's images and classes."""
     meta = StoredLabels(store, key).meta
