@@ -155,11 +155,18 @@ def record_to_view(rec: fkd.FkdRecord, index: list[int], image_size: int, num_cl
     box = (0, 0, 0, 0) if rec.mix_bbox is None else fkd.bbox_to_box(rec.mix_bbox)
     if not (0 <= box[0] <= box[2] <= image_size and 0 <= box[1] <= box[3] <= image_size):
         raise fkd.FkdFormatError(f"{where}: CutMix box {rec.mix_bbox} outside a {image_size} px image")
+    boxes = fkd.coords_to_boxes(rec.coords, image_size, image_size)
+    bad = ((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > image_size) | (boxes[:, 3] > image_size)
+           | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+    if bad.any():
+        k = int(bad.nonzero()[0, 0])
+        raise fkd.FkdFormatError(f"{where}: crop {k} (coords {rec.coords[k].tolist()}) is not a box inside a "
+                                 f"{image_size} px image: {boxes[k].tolist()}")
     perm = rec.mix_index if rec.mix_index is not None else torch.arange(n)
     if sorted(perm.tolist()) != list(range(n)):
         raise fkd.FkdFormatError(f"{where}: mix_index is not a permutation of the batch")
     return View(index=torch.tensor(index, dtype=torch.int64),
-                boxes=fkd.coords_to_boxes(rec.coords, image_size, image_size),
+                boxes=boxes,
                 flips=rec.flips.bool(), perm=perm.long(), lam=fkd.area_lam(box, image_size, image_size),
                 box=torch.tensor(box, dtype=torch.int64), logits=rec.logits.to(torch.float16))
 

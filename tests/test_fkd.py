@@ -186,6 +186,17 @@ def test_malformed_records_are_named(record, words):
         fkd.load_record(b"garbage", "x/batch_0.tar")
 
 
+def test_a_crop_outside_the_image_is_named(store, tmp_path):
+    src = tmp_path / "bad"
+    (src / "epoch_0").mkdir(parents=True)
+    coords = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * N)
+    coords[3] = torch.tensor([0.5, 0.5, 0.75, 0.25])                         # rows 8..20 of 16
+    torch.save([coords, torch.zeros(N, dtype=torch.bool), None, None, None, torch.zeros(N, C).half()],
+               src / "epoch_0" / "batch_0.tar")
+    with pytest.raises(fkd.FkdFormatError, match=r"bad/epoch_0/batch_0.tar: crop 3 .* not a box inside a 16 px"):
+        import_fkd(str(src), store, "external-x", threads=2)
+
+
 def test_sampler_indices_and_gaps(store, tmp_path):
     _relabelled(store)
     out = tmp_path / "fkd"
