@@ -381,8 +381,9 @@ class EvalConfig:
                           "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
                           "when rows outnumber workers and students are small)", default="ddp")
     stored_labels: str = _help("a labels-* artifact key (hello-ray labels-import: SRe2L/LPLD relabel records) "
-                               "whose views and logits the stored strategy replays instead of relabelling the "
-                               "distilled images with our teacher ('' = relabel)", default="")
+                               "whose views and logits the stored strategies replay instead of relabelling the "
+                               "distilled images with our teacher (stored/N: evaluate.prune_pool of its batches; "
+                               "'' = relabel)", default="")
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
@@ -419,10 +420,6 @@ class EvalConfig:
         _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")
         _check(self.label_precision in ("auto", "fp32", "bf16"), f"{p}.label_precision",
                "must be 'auto', 'fp32' or 'bf16'")
-        if self.stored_labels:
-            pruned = [s for s in self.strategies if s.startswith("stored/")]
-            _check(not pruned, f"{p}.stored_labels", f"imported labels replay whole epochs ('stored'); "
-                   f"{pruned} would prune them, which is not supported: drop them or stored_labels")
 
 
 @dataclass

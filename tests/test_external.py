@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from hello_ray.config import load_config
@@ -88,16 +89,21 @@ def test_reference_layouts_evaluate_with_every_label_strategy(world, layout):
 
         _sre2l_folder(root / "sre2l-records", 20, 10, 1, 10, size=SIZE)
         labels = import_fkd(str(root / "sre2l-records"), run.store, key)
-        cfg = _cfg(store_uri, src, f"evaluate.stored_labels={labels}")
+        cfg = _cfg(store_uri, src, f"evaluate.stored_labels={labels}",
+                   "evaluate.strategies=[hard, teacher, stored, stored/2, projector]")
     ev = run_stage(evaluate, cfg, run.store, {"images": key, "teachers": "teachers-test",
                                                "transfer": "transfer-test"})
     df = pd.read_parquet(io.BytesIO(run.store.get_bytes(ev, "results.parquet")))
-    assert sorted(df.strategy) == ["hard", "projector", "stored", "teacher"]
+    assert sorted(df.strategy) == ["hard", "projector", "stored"] + (["stored/2"] if labels else []) + ["teacher"]
     assert (df.train_images == 20).all() and df.top1.between(0, 1).all() and (df.steps == 2).all()
     relabelled = [f for f in run.store.list_files(ev) if f.startswith("labels/stored/")]
-    if labels:  # nothing relabelled: the imported views and their bytes
+    if labels:  # nothing relabelled: the imported views and their bytes; stored/2 = LPLD's pool of them
         assert not relabelled
-        assert dict(zip(df.strategy, df.label_bytes))["stored"] == StoredLabels(run.store, labels).shipped_bytes()
+        by = dict(zip(df.strategy, df.label_bytes))
+        assert by["stored"] == StoredLabels(run.store, labels).shipped_bytes()
+        pool = StoredLabels(run.store, ev, 2)
+        assert pool.meta["kept"] == [[0, 0]] and by["stored/2"] == pool.shipped_bytes() < by["stored"]
+        assert torch.equal(pool.pool()[0].logits, StoredLabels(run.store, labels).epoch_views(0, 0)[0].logits)
     else:
         assert relabelled
 

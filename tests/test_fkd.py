@@ -186,6 +186,23 @@ def test_malformed_records_are_named(record, words):
         fkd.load_record(b"garbage", "x/batch_0.tar")
 
 
+@pytest.mark.parametrize("pool", ["lpld", "random"])
+def test_imported_labels_pruned_replay_the_kept_batches(store, tmp_path, pool):
+    """stored/N on imported labels: the kept batches (RelabelPlan.kept) copied as real files."""
+    from hello_ray.labels import prune_stored
+
+    _sre2l_folder(tmp_path / "rec", N, 2, 3, C)                    # 3 epochs x 4 batches: T = 12
+    key = import_fkd(str(tmp_path / "rec"), store, "external-x")
+    nbytes = prune_stored(store, key, "evaluate-p", 4, pool)
+    pruned, full = StoredLabels(store, "evaluate-p", 4), StoredLabels(store, key)
+    kept = RelabelPlan(3, 2, SIZE, 1.0, 42, prune=4, pool=pool).kept(N)
+    assert pruned.meta["kept"] == [list(k) for k in kept] and len(kept) == 3 and pruned.shipped_bytes() == nbytes
+    assert (kept == [(0, 0), (0, 1), (0, 2)]) == (pool == "lpld")
+    for (e, b), v in zip(kept, pruned.pool()):
+        assert torch.equal(v.logits, full.epoch_views(e, 0)[b].logits) and torch.equal(v.index, full.epoch_views(e, 0)[b].index)
+    assert nbytes < full.shipped_bytes()
+
+
 def test_a_crop_outside_the_image_is_named(store, tmp_path):
     src = tmp_path / "bad"
     (src / "epoch_0").mkdir(parents=True)

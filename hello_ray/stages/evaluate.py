@@ -33,7 +33,8 @@ from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.formats.results import write_results  # the results format: writer, reader, summary
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
-                              check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
+                              check_classes, parse_strategy, prune_stored, relabel, stored_name,
+                              write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 
@@ -286,7 +287,16 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
         return teacher
     ev = cfg.evaluate
     if ev.stored_labels and image_set == "distilled":  # imported records (labels_fkd): replayed as they are
-        return StoredLabels(store, ev.stored_labels, prune, image_set)
+        if prune <= 1:
+            return StoredLabels(store, ev.stored_labels, prune, image_set)
+        # Rank 0 alone looks and copies (LPLD's pool of the imported batches, so its bytes are real
+        # files); every rank then meets at the barrier: a rank that looked after rank 0 had written
+        # would otherwise skip it and leave the others waiting.
+        if rank == 0 and f"labels/{stored_name(prune, image_set)}/meta.json" not in store.list_files(key):
+            prune_stored(store, ev.stored_labels, key, prune, ev.prune_pool, image_set)
+        if world > 1:
+            dist.barrier()
+        return StoredLabels(store, key, prune, image_set)
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
                        cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune, pool=ev.prune_pool)
     meta = f"labels/{stored_name(prune, image_set)}/meta.json"
