@@ -26,6 +26,10 @@ COMMANDS: dict[str, Command] = {
                   "collect unfinished leftovers, orphan Ray run state and stale download caches"),
     "export": Command("hello_ray.distilled.export:main",
                       "a run's distilled set as a self-contained package (images, adapter, card, manifest)"),
+    "labels-import": Command("hello_ray.labels_fkd:import_main",
+                             "SRe2L/LPLD relabel records (epoch_<e>/batch_<b>.tar) -> stored labels of an image set"),
+    "labels-export": Command("hello_ray.labels_fkd:export_main",
+                             "an artifact's stored labels -> SRe2L/LPLD relabel records"),
 }
 
 

@@ -162,19 +162,55 @@ class SelectConfig:
         _check_seed(self.seed, f"{p}.seed")
 
 
-IMAGE_SOURCES = ("rded", "sre2l", "lpld")
+IMAGE_SOURCES = ("rded", "sre2l", "lpld", "external")
+EXTERNAL_LAYOUTS = ("auto", "rded", "sre2l", "folders")
+EXTERNAL_CLASS_ORDERS = ("index", "names")
 
 
 @dataclass
 class ImagesConfig:
     source: str = _help("where the distilled images come from: rded (select: RDED's patches of real images) | "
                         "sre2l (recover: synthesised against the observer's BatchNorm statistics, SRe2L) | "
-                        "lpld (recover: one class per batch against that class's own statistics, LPLD)",
+                        "lpld (recover: one class per batch against that class's own statistics, LPLD) | "
+                        "external (a distilled set made elsewhere, read from images.path)",
                         default="rded")
+    path: str = _help("external: the distilled set's root (local path, file:// or s3://), one folder per "
+                      "class with the images below it", default="")
+    layout: str = _help("external: auto | rded (<class:05d>/class<c:05d>_id<i:05d>.jpg, RDED's output) | "
+                        "sre2l (new<class:03d>/class<c:03d>_id<i:03d>.jpg, SRe2L's and LPLD's) | folders (any "
+                        "class folders); auto picks rded or sre2l when every folder is named so, else folders",
+                        default="auto")
+    class_order: str = _help("external: how folders map to the training set's classes: index (rded/sre2l: the "
+                             "number in the folder name is the training class index; folders: the i-th sorted "
+                             "folder is class i) | names (each folder is named by a training class key or name)",
+                             default="index")
+    class_map: dict[str, str] = _help("external: explicit mapping folder -> training class (its key, e.g. a "
+                                      "folder name or synset, or its readable name); overrides class_order; "
+                                      "every folder must be mapped", default_factory=dict)
+    resize: bool = _help("external: images whose size is not data.image_size x data.image_size are resized by "
+                         "the package's rule (shorter side, centre crop); false: such an image is an error",
+                         default=True)
+    read_threads: int = _help("external: images read and decoded at once (I/O-bound; not in the key)",
+                              default=16)
 
     def validate(self, p: str = "images") -> None:
         _check(self.source in IMAGE_SOURCES, f"{p}.source",
                f"unknown image source {self.source!r}; use one of {', '.join(IMAGE_SOURCES)}")
+        _check(self.layout in EXTERNAL_LAYOUTS, f"{p}.layout",
+               f"unknown layout {self.layout!r}; use one of {', '.join(EXTERNAL_LAYOUTS)}")
+        _check(self.class_order in EXTERNAL_CLASS_ORDERS, f"{p}.class_order",
+               f"unknown class order {self.class_order!r}; use one of {', '.join(EXTERNAL_CLASS_ORDERS)}")
+        _check(self.read_threads >= 1, f"{p}.read_threads", "must be >= 1")
+        if self.source == "external":
+            _check(bool(self.path), f"{p}.path", "images.source=external reads the distilled set from "
+                   "images.path; set it, e.g. images.path=s3://bucket/rded_imagenet_ipc10")
+            _check(not (self.layout in ("rded", "sre2l") and self.class_order == "names" and not self.class_map),
+                   f"{p}.class_order", f"layout {self.layout} names its folders by class index; use "
+                   "class_order=index, or images.class_map for a mapping folder -> class")
+        _check(len(set(self.class_map.values())) == len(self.class_map), f"{p}.class_map",
+               "two folders map to the same class: "
+               + ", ".join(sorted(f"{k} -> {v}" for k, v in self.class_map.items()
+                                  if list(self.class_map.values()).count(v) > 1)))
 
 
 # Defaults: the references' published ImageNet-1K runs (VILA-Lab/SRe2L @ 8d00cba SRe2L/recover/recover.sh
@@ -344,6 +380,10 @@ class EvalConfig:
     parallel: str = _help("how the Train workers share the grid: ddp (every row's batch split over all "
                           "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
                           "when rows outnumber workers and students are small)", default="ddp")
+    stored_labels: str = _help("a labels-* artifact key (hello-ray labels-import: SRe2L/LPLD relabel records) "
+                               "whose views and logits the stored strategies replay instead of relabelling the "
+                               "distilled images with our teacher (stored/N: evaluate.prune_pool of its batches; "
+                               "'' = relabel)", default="")
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")

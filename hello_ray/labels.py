@@ -564,3 +564,31 @@ def check_classes(found: int, expected: int, what: str) -> None:
     if found != expected:
         raise ClassCountMismatch(f"{what} has {found} classes but the dataset has {expected}; "
                                  "use artifacts built from the same dataset")
+
+
+def prune_stored(store, src_key: str, dst_key: str, prune: int, pool: str = "lpld",
+                 image_set: str = "distilled") -> int:
+    """``stored/N`` from labels made elsewhere (an imported ``labels-*`` artifact): the kept batches
+    of ``src_key``'s unpruned stored labels (``RelabelPlan.kept`` with ``prune``/``pool``) copied into
+    ``labels/<stored-N>/`` of ``dst_key``, so their bytes are real files and ``StoredLabels(dst_key,
+    prune)`` replays them as it replays our own pruned labels. Returns the shipped bytes."""
+    import dataclasses
+
+    full = StoredLabels(store, src_key)
+    plan = dataclasses.replace(full.plan, prune=prune, pool=pool)
+    n_images = int(full.meta["n_images"])
+    by_epoch: dict[int, list[int]] = {}
+    for e, b in plan.kept(n_images):
+        by_epoch.setdefault(e, []).append(b)
+    name = stored_name(prune, image_set)
+    files: dict[str, int] = {}
+    for e, batches in sorted(by_epoch.items()):
+        views = full._epoch(e)
+        missing = [b for b in batches if b not in views]
+        if missing:
+            raise LabelError(f"artifact {src_key}: epoch {e} has no stored batch {missing[0]}")
+        data = _pack([(b, views[b]) for b in batches])
+        fname = f"{LABELS_DIR}/{name}/epoch_{e:04d}.npz"
+        store.put_bytes(dst_key, fname, data)
+        files[fname] = len(data)
+    return write_stored_meta(store, dst_key, plan, n_images, full.num_classes, files, image_set)

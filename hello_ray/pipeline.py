@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 from hello_ray import launcher, lease
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray, setup_logging
-from hello_ray.stages import evaluate, recover, refine, select, teachers, transfer
+from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 log = logging.getLogger("hello_ray.pipeline")
 
-STAGES: tuple[ModuleType, ...] = (teachers, select, recover, transfer, refine, evaluate)  # recipe order
+STAGES: tuple[ModuleType, ...] = (teachers, select, recover, external, transfer, refine, evaluate)  # recipe order
 
 
 # ---------------------------------------------------------------------------- command line
@@ -89,8 +89,12 @@ def check(cfg: Config) -> None:
 
 def active_stages(cfg: Config) -> list[ModuleType]:
     """The stages a full run executes, in order: the image source ``images.source`` names (select
-    for rded, recover for sre2l / lpld), refine only when enabled."""
+    for rded, recover for sre2l / lpld, external for external), refine only when enabled."""
     skip = {recover if cfg.images.source == "rded" else select}
+    if cfg.images.source == "external":
+        skip.add(recover)
+    else:
+        skip.add(external)
     if not cfg.refine.enabled:
         skip.add(refine)
     return [s for s in STAGES if s not in skip]
@@ -138,7 +142,12 @@ class Run:
         check(cfg)
         ensure_ray(cfg.compute)
         check_resources(cfg)
-        return cls(cfg, store if store is not None else open_run_store(cfg))
+        run = cls(cfg, store if store is not None else open_run_store(cfg))
+        # An external distilled set is listed and its folders mapped to the training classes now: a
+        # class-order mismatch fails before the teachers train (listing only, no image read).
+        plan = external.check_sources(cfg, run.store)
+        evaluate.check_stored_labels(cfg, run.store, plan.listing.num_images if plan else None)
+        return run
 
     def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:
         """Derive the stage's key (into ``keys``); True when its artifact is not finished yet, and
@@ -200,6 +209,11 @@ class Run:
                     fp.pop("class_file")
                 dataset[role] = fp
             config["dataset"] = dataset
+        if getattr(stage, "source_fingerprint", None):  # external: the listing of images.path
+            name = f"source:{stage.STAGE}"
+            if name not in self.fingerprints:
+                self.fingerprints[name] = stage.source_fingerprint(self.cfg, self.store)
+            config["external"] = self.fingerprints[name]
         return config
 
     def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:
@@ -284,8 +298,21 @@ def run_recover(run: Run) -> str:
     return run.keys["recover"]
 
 
+def run_external(run: Run) -> str:
+    """Stage 2 (images.source external): a distilled set made elsewhere (RDED / SRe2L / LPLD layouts,
+    any class folders), its folders mapped explicitly onto the training classes."""
+    inputs: dict[str, str] = {}
+    with run.writing(external, inputs) as key:
+        if key:
+            run.done(external, inputs, external.run(run.cfg, run.store, key, inputs))
+    return run.keys["external"]
+
+
 def run_source_images(run: Run) -> str:
-    """The image source ``images.source`` names: RDED's selection, or SRe2L / LPLD recover."""
+    """The image source ``images.source`` names: RDED's selection, SRe2L / LPLD recover, or an
+    external set."""
+    if run.cfg.images.source == "external":
+        return run_external(run)
     return run_select(run) if run.cfg.images.source == "rded" else run_recover(run)
 
 
@@ -380,8 +407,11 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     from hello_ray.formats.results import format_table
 
     inputs = report.collect_inputs(store, keys)
+    ipc = cfg.select.ipc
+    if cfg.images.source == "external" and inputs["images"] is not None:  # the set's own size, not select's
+        ipc = max(1, round(inputs["images"].num_images / max(1, inputs["images"].num_classes)))
     storage = storage_report(
-        classes=len(inputs["class_names"]), ipc=cfg.select.ipc, epochs=cfg.evaluate.epochs,
+        classes=len(inputs["class_names"]), ipc=ipc, epochs=cfg.evaluate.epochs,
         conv_rank=cfg.transfer.conv_rank, head_rank=cfg.transfer.head_rank,
         clip_model=cfg.transfer.clip_model, lora_style=cfg.transfer.lora_style,
         teacher=cfg.teachers.model, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size)

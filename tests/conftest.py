@@ -30,7 +30,7 @@ for _var, _value in {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 # with the longest files balances them (longest-processing-time-first scheduling).
 HEAVY_FILES = ("test_pipeline.py", "test_teachers.py", "test_s3_faults.py", "test_evaluate.py",
                "test_transfer.py", "test_store.py", "test_lease.py", "test_select.py", "test_failures.py",
-               "test_recover.py", "test_integrity.py", "test_refine.py")
+               "test_recover.py", "test_integrity.py", "test_refine.py", "test_external.py")
 
 
 def _free_port() -> int:

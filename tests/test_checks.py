@@ -55,7 +55,8 @@ def test_config_rule_fails_before_compute(overrides, key, tmp_path, capsys):
 
 def test_every_stage_is_checked_and_valid_presets_pass():
     """The pipeline runs every stage's check; the shipped presets pass all of them."""
-    assert [s.STAGE for s in pipeline.STAGES] == ["teachers", "select", "recover", "transfer", "refine", "evaluate"]
+    assert [s.STAGE for s in pipeline.STAGES] == ["teachers", "select", "recover", "external", "transfer", "refine",
+                                                  "evaluate"]
     for s in pipeline.STAGES:
         assert callable(s.check) and callable(s.resources) and callable(s.run) and callable(s.stage_config)
         assert isinstance(s.INPUTS, tuple)
@@ -67,6 +68,10 @@ def test_every_stage_is_checked_and_valid_presets_pass():
     # images.source picks the image stage: select for rded, recover for sre2l / lpld; their rules follow
     lpld = load_config("smoke", overrides=["images.source=lpld"])
     assert [s.STAGE for s in pipeline.active_stages(lpld)] == ["teachers", "recover", "transfer", "refine", "evaluate"]
+    ext = load_config("smoke", overrides=["images.source=external", "images.path=/syn"])
+    assert [s.STAGE for s in pipeline.active_stages(ext)] == ["teachers", "external", "transfer", "refine", "evaluate"]
+    with pytest.raises(ConfigError, match="'images.path'"):
+        load_config("smoke", overrides=["images.source=external"])
     pipeline.check(load_config("smoke", overrides=["recover.jitter=24"]))
     pipeline.check(load_config("smoke", overrides=["images.source=lpld", "data.image_size=30", "select.factor=4"]))
 

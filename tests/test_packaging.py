@@ -95,7 +95,8 @@ def test_help_lists_every_command_with_its_line(capsys):
     out = capsys.readouterr().out.splitlines()
     for name, cmd in cli.COMMANDS.items():
         assert any(line.split()[:1] == [name] and line.strip().endswith(cmd.help) for line in out), name
-    assert set(cli.COMMANDS) == {"distill", "sweep", "storage", "ls", "rm", "gc", "export"}
+    assert set(cli.COMMANDS) == {"distill", "sweep", "storage", "ls", "rm", "gc", "export",
+                                 "labels-import", "labels-export"}
 
 
 @pytest.mark.parametrize("argv, problem", [([], "no command given"), (["distil"], "unknown command 'distil'")])

@@ -94,3 +94,14 @@ def split_fingerprint(data: DataConfig, split: str, store: Any = None) -> dict[s
     log.info("data: fingerprint of %s split %r: %d files, %d bytes in %.2f s", uri, split, out["files"],
              out["bytes"], time.perf_counter() - t0)
     return out
+
+
+def folder_fingerprint(uri: str, store: Any = None) -> dict[str, Any]:
+    """``{"files", "bytes", "sha256"}`` of every file below ``uri`` (local path, file:// or s3://):
+    the same listing digest as a split's (path below ``uri``, size, mtime or ETag), for a folder
+    that is not a dataset split (an external distilled set). ``store`` lends its S3 endpoint."""
+    fs, root = _fs_for(uri, store)
+    root = root.rstrip("/")
+    listing = (_s3_listing(store, root, recursive=True) if fs.type_name == "s3"
+               else _local_listing(fs, [], recursive_dir=root))
+    return {"files": len(listing), "bytes": sum(s for s, _ in listing.values()), "sha256": _digest(listing, root)}

@@ -33,7 +33,8 @@ from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.formats.results import write_results  # the results format: writer, reader, summary
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
-                              check_classes, parse_strategy, relabel, stored_name, write_stored_meta)
+                              check_classes, parse_strategy, prune_stored, relabel, stored_name,
+                              write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 
@@ -47,7 +48,10 @@ ROWS_FILE = "rows.json"
 def stage_config(cfg: Config) -> dict[str, Any]:
     """Data + evaluate sections, and where the teacher labels come from when a strategy uses them:
     the teacher window, or the observer (``teachers.observer``)."""
-    out = {"data": data_identity(cfg.data), "evaluate": section_dict(cfg.evaluate)}
+    ev = section_dict(cfg.evaluate)
+    if not ev["stored_labels"]:  # the default keeps the keys evaluate artifacts had before the option
+        ev.pop("stored_labels")
+    out = {"data": data_identity(cfg.data), "evaluate": ev}
     if _uses_teacher(cfg):
         if cfg.evaluate.teacher_labels == "window":
             out["teacher_window"] = {"window": cfg.transfer.teacher_window, "n": cfg.transfer.n_teachers}
@@ -166,6 +170,38 @@ def _teacher_classes(store, key: str) -> int:
     return int(load_trajectory(store, key)["num_classes"])
 
 
+def check_stored_labels(cfg: Config, store, n_images: int | None = None) -> None:
+    """Before any stage runs (``pipeline.Run.start``): ``evaluate.stored_labels`` names a finished
+    labels artifact, and, where the image count is already known (an external set's listing), one
+    made for that many images."""
+    key = cfg.evaluate.stored_labels
+    if not key:
+        return
+    from hello_ray.labels import LabelError
+
+    try:
+        meta = StoredLabels(store, key).meta
+    except LabelError as e:
+        raise ConfigError(f"config key 'evaluate.stored_labels': {e}; import records with "
+                          "hello-ray labels-import") from None
+    if n_images is not None and meta["n_images"] != n_images:
+        raise ConfigError(f"config key 'evaluate.stored_labels': {key} labels {meta['n_images']} images, the "
+                          f"distilled set has {n_images}")
+
+
+def check_imported_labels(store, key: str, n_images: int, num_classes: int, images_key: str) -> None:
+    """``evaluate.stored_labels``: the imported labels must index this image set's images and classes."""
+    meta = StoredLabels(store, key).meta
+    if meta["n_images"] != n_images:
+        raise ConfigError(f"config key 'evaluate.stored_labels': {key} labels {meta['n_images']} images, the "
+                          f"image set {images_key} has {n_images}; import the records for this image set")
+    check_classes(int(meta["num_classes"]), num_classes, f"stored labels {key}")
+    made_for = store.manifest(key).get("inputs", {}).get("images")
+    if made_for != images_key:
+        log.warning("[evaluate] stored labels %s were imported for image set %s; replaying them on %s (same "
+                    "image count)", key, made_for, images_key)
+
+
 def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: int, dataset_classes: int) -> None:
     """Every class count must match the dataset's before any training starts."""
     check_classes(image_classes, dataset_classes, f"image set {inputs['images']}")
@@ -201,6 +237,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
                               cfg.data, store)
     num_classes = len(train.class_names)
     validate_inputs(cfg, store, inputs, len(imageset.class_names), num_classes)
+    if cfg.evaluate.stored_labels:
+        check_imported_labels(store, cfg.evaluate.stored_labels, len(imageset), num_classes, inputs["images"])
     images = nhwc_to_nchw(imageset.images)                       # uint8 [N, 3, S, S]
     if images.shape[-1] != cfg.data.image_size:
         raise ValueError(f"image set {inputs['images']}: images are {images.shape[-1]} px but "
@@ -248,6 +286,17 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
     if base == "teacher":
         return teacher
     ev = cfg.evaluate
+    if ev.stored_labels and image_set == "distilled":  # imported records (labels_fkd): replayed as they are
+        if prune <= 1:
+            return StoredLabels(store, ev.stored_labels, prune, image_set)
+        # Rank 0 alone looks and copies (LPLD's pool of the imported batches, so its bytes are real
+        # files); every rank then meets at the barrier: a rank that looked after rank 0 had written
+        # would otherwise skip it and leave the others waiting.
+        if rank == 0 and f"labels/{stored_name(prune, image_set)}/meta.json" not in store.list_files(key):
+            prune_stored(store, ev.stored_labels, key, prune, ev.prune_pool, image_set)
+        if world > 1:
+            dist.barrier()
+        return StoredLabels(store, key, prune, image_set)
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
                        cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune, pool=ev.prune_pool)
     meta = f"labels/{stored_name(prune, image_set)}/meta.json"
