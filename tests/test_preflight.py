@@ -221,7 +221,8 @@ def test_rehearsal_at_smoke_shapes(ray_local, synth_root, tmp_path):
     report, store = checks.run_checks(cfg, probe_network=False)
     assert report.ok, report.failures()
     stages = [s.STAGE for s in pipeline.active_stages(cfg)]
-    reh = Rehearsal(cfg, store, report.facts["classes"], report.facts["class_names"], "random-init", steps=1)
+    reh = Rehearsal(cfg, store, report.facts["classes"], report.facts["class_names"], "random-init", steps=1,
+                    flop_budget=2e9)  # a few images per step: cheap, still every stage's code
     results = reh.run(stages)
     assert [r.stage for r in results] == stages
     for r in results:
@@ -237,3 +238,19 @@ def test_rehearsal_at_smoke_shapes(ray_local, synth_root, tmp_path):
     teachers = next(s for s in table["stages"] if s["stage"] == "teachers")
     assert teachers["items"] == report.facts["train_images"] * cfg.teachers.epochs
     assert "teachers" in format_cost(table) and "| evaluate |" in format_cost(table, markdown=True)
+
+
+def test_report_shows_the_preflight_table():
+    """A preflight JSON in the run's store becomes the report's "Preflight" section."""
+    from hello_ray.report import build_report
+
+    stage = {"stage": "teachers", "steps": 2, "batch": 4, "step_s": 0.5, "peak_mem_bytes": 2 ** 30,
+             "flops_per_item": 1.1e9, "work": "10 train x 2 epochs", "flops": 2.2e10, "bytes": 2048,
+             "bytes_what": "2 checkpoints", "seconds_here": 2.5, "seconds_on": {"H200": 0.01}, "units": 2}
+    cost = {"stages": [stage], "devices": {"H200": {}},
+            "total": {"seconds_here": 2.5, "flops": 2.2e10, "bytes": 2048, "seconds_on": {"H200": 0.01}}}
+    rows = [{"student": "resnet18", "strategy": "hard", "seed": 0, "images": "distilled", "continual_steps": 0,
+             "continual_step": 0, "top1": 0.5, "label_bytes": 10}]
+    md, _ = build_report(rows, preflight={"wall_s": 12.0, "cost": cost})
+    assert "## Preflight" in md and "| teachers | 2 x 4 |" in md and "2 checkpoints" in md
+    assert "## Preflight" not in build_report(rows)[0]

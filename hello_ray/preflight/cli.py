@@ -97,11 +97,11 @@ def rehearse(cfg: Config, store: Any, report: CheckReport, steps: int, flop_budg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hello_ray.runtime import setup_logging
+    from hello_ray.runtime import LOG_DATEFMT, LOG_FORMAT, setup_logging
 
     args = build_parser().parse_args(argv)
-    if args.json:  # stdout carries the JSON alone
-        logging.basicConfig(stream=sys.stderr)
+    if args.json:  # stdout carries the JSON alone; setup_logging keeps this handler
+        logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
     setup_logging()
     overrides = list(args.overrides) + ([f"store={args.store}"] if args.store else [])
     try:

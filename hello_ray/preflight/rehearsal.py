@@ -216,8 +216,9 @@ class Rehearsal:
         flops = count_flops(lambda: score_crops(observer, probe, torch.zeros(1, dtype=torch.long), self.S,
                                                 sel.show, device=self.device))
         n = max(1, self.batch(sel.batch_size, flops) // sel.num_crop)  # images whose crops fill a batch
-        imgs = [cap_side(decode_image(sample.raw[i % len(sample.raw)], sample.ids[i % len(sample.raw)]), sel.max_side)
-                for i in range(n)]
+        k = len(sample.raw)
+        imgs = [cap_side(np.array(decode_image(sample.raw[i % k], sample.ids[i % k])), sel.max_side)
+                for i in range(n)]  # a writable copy: make_crops turns it into a tensor
         ids = [f"{sample.ids[i % len(sample.ids)]}#{i}" for i in range(n)]
         _, crops = make_crops(imgs, ids, sel.num_crop, crop, sel.seed)             # [n, K, c, c, 3]
         crops = crops.flatten(0, 1)                                                # [n*K, c, c, 3]
