@@ -254,3 +254,19 @@ def test_report_shows_the_preflight_table():
     md, _ = build_report(rows, preflight={"wall_s": 12.0, "cost": cost})
     assert "## Preflight" in md and "| teachers | 2 x 4 |" in md and "2 checkpoints" in md
     assert "## Preflight" not in build_report(rows)[0]
+
+
+def test_rehearsal_of_lpld_recover(ray_local, synth_root, tmp_path):
+    """images.source=lpld makes recover an active stage: it takes its iterations at smoke shapes."""
+    from hello_ray import pipeline
+    from hello_ray.preflight.rehearsal import Rehearsal
+    from hello_ray.store import open_store
+
+    cfg = _cfg(synth_root, str(tmp_path / "store"), "images.source=lpld")
+    assert "recover" in [s.STAGE for s in pipeline.active_stages(cfg)]
+    store = open_store(cfg.store)
+    reh = Rehearsal(cfg, store, 3, [], "random-init", steps=1, flop_budget=1e9)
+    teachers, recover = reh.run(["teachers", "recover"])
+    assert recover.stage == "recover" and recover.step_s > 0 and recover.flops_per_item > teachers.extra[
+        "forward_flops_per_item"]  # an iteration is a forward and a backward to the pixels
+    assert recover.batch <= cfg.select.ipc
