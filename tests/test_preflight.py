@@ -252,7 +252,7 @@ def test_report_shows_the_preflight_table():
     rows = [{"student": "resnet18", "strategy": "hard", "seed": 0, "images": "distilled", "continual_steps": 0,
              "continual_step": 0, "top1": 0.5, "label_bytes": 10}]
     md, _ = build_report(rows, preflight={"wall_s": 12.0, "cost": cost})
-    assert "## Preflight" in md and "| teachers | 2 x 4 |" in md and "2 checkpoints" in md
+    assert "## Preflight" in md and "| teachers | 2 x 4 | 0.500 |" in md and "2 checkpoints" in md
     assert "## Preflight" not in build_report(rows)[0]
 
 

@@ -60,13 +60,19 @@ class StageRehearsal:
     peak_mem_kind: str
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_step_s: float = 0.0     # process CPU seconds per step (all threads): what a shared machine
+                                # cannot inflate; on CPU the cost model divides it by the cores the run uses
 
     @property
     def item_s(self) -> float:
         return self.step_s / max(self.batch, 1)
 
+    @property
+    def cpu_item_s(self) -> float:
+        return self.cpu_step_s / max(self.batch, 1)
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "item_s": self.item_s}
+        return {**asdict(self), "item_s": self.item_s, "cpu_item_s": self.cpu_item_s}
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -76,18 +82,30 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def timed_steps(step: Callable[[int], Any], steps: int, device: torch.device) -> float:
-    """Run one warm-up step and ``steps`` timed ones; the mean seconds of the timed ones."""
+class Clock:
+    """Wall and process-CPU seconds of a block (``with Clock() as c: ...; c.wall, c.cpu``)."""
+
+    def __enter__(self) -> "Clock":
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def timed_steps(step: Callable[[int], Any], steps: int, device: torch.device) -> tuple[float, float]:
+    """Run one warm-up step and ``steps`` timed ones; mean (wall, process CPU) seconds of the timed ones."""
     times = []
     for i in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.mean(times[1:]))
+        with Clock() as c:
+            step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        times.append((c.wall, c.cpu))
+    wall, cpu = np.mean(times[1:], axis=0)
+    return float(wall), float(cpu)
 
 
 @dataclass
@@ -147,6 +165,7 @@ class Rehearsal:
         self.teacher: torch.nn.Module | None = None
         self.projector: torch.nn.Module | None = None
         self.results: list[StageRehearsal] = []
+        self._cpu = 0.0
 
     def _measure(self, stage: str, body: Callable[[], StageRehearsal]) -> StageRehearsal:
         from hello_ray.stages.evaluate_core import PeakMemory
@@ -155,6 +174,7 @@ class Rehearsal:
         with PeakMemory(self.device) as mem:
             r = body()
         r.peak_mem_bytes, r.peak_mem_kind = mem.peak_bytes, mem.kind
+        r.cpu_step_s = self._cpu  # set by the stage's method next to its step_s
         self.results.append(r)
         log.info("preflight: %s: %d steps of %d, %.3f s/step, %.3g FLOP/item, peak %.0f MiB", stage, r.steps,
                  r.batch, r.step_s, r.flops_per_item, r.peak_mem_bytes / 2 ** 20)
@@ -181,14 +201,14 @@ class Rehearsal:
             train_epoch(model, [{"image": x, "label": y}], opt, self.device,
                         augment=lambda im: train_augment(im, self.S))
 
-        step_s = timed_steps(step, self.steps, self.device)
+        step_s, cpu_s = timed_steps(step, self.steps, self.device)
         model.eval()
         with torch.inference_mode():
             fwd_flops = count_flops(lambda: model(x1.permute(0, 3, 1, 2).float().div(255).to(self.device)))
-            t0 = time.perf_counter()
-            for _ in range(self.steps):
-                model(x.permute(0, 3, 1, 2).float().div(255).to(self.device))
-            fwd_item_s = (time.perf_counter() - t0) / (self.steps * B)
+            with Clock() as c:
+                for _ in range(self.steps):
+                    model(x.permute(0, 3, 1, 2).float().div(255).to(self.device))
+            fwd_item_s, fwd_cpu_item_s = c.wall / (self.steps * B), c.cpu / (self.steps * B)
         # The epoch file through the store, as the run writes and later reads it.
         blob = state_bytes(model)
         t0 = time.perf_counter()
@@ -197,12 +217,13 @@ class Rehearsal:
         store_s = time.perf_counter() - t0
         if back != blob:
             raise RuntimeError(f"preflight: the teacher checkpoint read back from {self.store.uri} differs")
-        self.teacher = model
+        self.teacher, self._cpu = model, cpu_s
         return StageRehearsal("teachers", "stages/teachers_core.train_epoch in the driver; checkpoint put/get "
                               "through the store", "train image x epoch", B, self.steps, step_s,
                               train_flops, 0, "",
                               extra={"checkpoint_bytes": len(blob), "checkpoint_store_s": store_s,
                                      "forward_flops_per_item": fwd_flops, "forward_item_s": fwd_item_s,
+                                     "forward_cpu_item_s": fwd_cpu_item_s,
                                      "params": sum(p.numel() for p in model.parameters())})
 
     def select(self, sample: Sample) -> StageRehearsal:
@@ -223,10 +244,11 @@ class Rehearsal:
         _, crops = make_crops(imgs, ids, sel.num_crop, crop, sel.seed)             # [n, K, c, c, 3]
         crops = crops.flatten(0, 1)                                                # [n*K, c, c, 3]
         labels = torch.zeros(len(crops), dtype=torch.long)
-        step_s = timed_steps(lambda _: score_crops(observer, crops, labels, self.S, sel.show,
+        step_s, cpu_s = timed_steps(lambda _: score_crops(observer, crops, labels, self.S, sel.show,
                                                    batch_size=len(crops), device=self.device),
                              self.steps, self.device)
         patches = crops[:1].expand(sel.factor ** 2, -1, -1, -1).contiguous()      # one image's tiles
+        self._cpu = cpu_s
         png = encode_png(stitch(patches, sel.factor, sel.tile_order)[0].numpy())
         return StageRehearsal("select", "stages/select_core.make_crops + score_crops in the driver",
                               "crop scored", len(crops), self.steps, step_s, flops, 0, "",
@@ -249,8 +271,10 @@ class Rehearsal:
         flops = count_flops(lambda: run(1, 1))
         b = self.batch(min(rc.batch_size, self.cfg.select.ipc) if self.cfg.images.source == "lpld"
                        else rc.batch_size, flops)
-        res = run(self.steps + 1, b)
-        step_s = res.seconds / (self.steps + 1)
+        with Clock() as c:
+            run(self.steps + 1, b)
+        step_s, cpu_s = c.wall / (self.steps + 1), c.cpu / (self.steps + 1)
+        self._cpu = cpu_s
         return StageRehearsal("recover", "stages/recover_core.recover_unit in the driver (sre2l targets)",
                               "image x iteration", b, self.steps + 1, step_s, flops, 0, "",
                               notes=["step time includes the warm-up iteration"])
@@ -270,9 +294,9 @@ class Rehearsal:
         model, tokenizer = create_clip(tc.clip_model, tag)
         model = model.to(self.device)
         k = min(TEXT_CLASSES, self.C)
-        t0 = time.perf_counter()
-        rows = text_head_weight(model, tokenizer, self.names[:k], list(DEFAULT_TEMPLATES))   # [k, D]
-        text_s = (time.perf_counter() - t0) / k
+        with Clock() as c:
+            rows = text_head_weight(model, tokenizer, self.names[:k], list(DEFAULT_TEMPLATES))   # [k, D]
+        text_s = (c.cpu if self.device.type == "cpu" else c.wall) / k
         if k < self.C:
             notes.append(f"head: {k} of {self.C} rows text-encoded ({text_s:.2f} s/class, extrapolated), "
                          "the rest random unit rows")
@@ -302,7 +326,7 @@ class Rehearsal:
         B = self.batch(tc.batch_size // self.cfg.compute.num_workers, flops)
         x, y = _batch(sample, B)
         xf, y = to_float(x).to(self.device), y.to(self.device)
-        step_s = timed_steps(lambda i: transfer_step(proj, ensemble, xf, y, opt, tc.ce_weight, epoch=1, step=i + 1),
+        step_s, cpu_s = timed_steps(lambda i: transfer_step(proj, ensemble, xf, y, opt, tc.ce_weight, epoch=1, step=i + 1),
                              self.steps, self.device)
         with tempfile.TemporaryDirectory() as tmp:
             meta = proj.save_adapter(tmp, dtype=tc.adapter_dtype)
@@ -310,7 +334,7 @@ class Rehearsal:
             t0 = time.perf_counter()
             self.store.put_dir(self.scratch, tmp, prefix="adapter/")
             store_s = time.perf_counter() - t0
-        self.projector = proj
+        self.projector, self._cpu = proj, cpu_s
         return StageRehearsal("transfer", "stages/transfer_core.transfer_step in the driver; adapter put "
                               "through the store", "train image x epoch", B, self.steps, step_s, flops, 0, "",
                               notes=notes, extra={"lora_params": lora_params, "lora_tensors": len(lora),
@@ -332,9 +356,10 @@ class Rehearsal:
         flops = count_flops(one)
         b = self.batch(rf.batch_size, flops)
         x = to_float(_batch(sample, b)[0]).to(self.device)
-        t0 = time.perf_counter()
-        _, history = refine_images(proj.encode, x, self.steps + 1, rf.lr, rf.factor, rf.target)
-        step_s = (time.perf_counter() - t0) / (self.steps + 1)
+        with Clock() as c:
+            _, history = refine_images(proj.encode, x, self.steps + 1, rf.lr, rf.factor, rf.target)
+        step_s, cpu_s = c.wall / (self.steps + 1), c.cpu / (self.steps + 1)
+        self._cpu = cpu_s
         return StageRehearsal("refine", "stages/refine_core.refine_images on the merged projector in the driver",
                               "image x step", b, self.steps + 1, step_s, flops, 0, "",
                               notes=["step time includes the warm-up step"],
@@ -364,30 +389,40 @@ class Rehearsal:
             merged = copy.deepcopy(self.projector).merge_lora(unload=True).eval()
             labellers["projector"] = ProjectorLabels(merged, self.C, self.S, 0)
         per_student: dict[str, dict[str, float]] = {}
+        cpu_steps: dict[str, dict[str, float]] = {}
         flops: dict[str, dict[str, float]] = {}
         for student in ev.students:
             s = _one_step(settings_for(self.cfg, student), B)
             per_student[student], flops[student] = {}, {}
             for name, strategy in labellers.items():
                 model = build_model(student, self.C, self.S).to(self.device)
-                out = train_student(model, images, y, strategy, s, 0, self.device)
+                with Clock() as c:
+                    out = train_student(model, images, y, strategy, s, 0, self.device)
                 per_student[student][name] = out["step_s"]
+                cpu_steps.setdefault(student, {})[name] = c.cpu / out["steps"]
                 flops[student][name] = count_flops(
                     lambda: train_student(model, images[:1], y[:1], strategy, _one_step(s, 1), 0, self.device))
         first = ev.students[0]
+        self._cpu = cpu_steps[first]["hard"]
         return StageRehearsal("evaluate", "stages/evaluate_core.train_student in the driver (hard, teacher, "
                               "projector labels)", "student view (image x epoch x row)", B, self.steps + 1,
                               per_student[first]["hard"], flops[first]["hard"], 0, "",
                               notes=["step time of hard labels; per labeller in extra"],
-                              extra={"step_s": per_student, "flops_per_item": flops})
+                              extra={"step_s": per_student, "cpu_step_s": cpu_steps, "flops_per_item": flops})
 
     # ------------------------------------------------------------------ all
     def run(self, stages: list[str]) -> list[StageRehearsal]:
         sample = read_sample(self.cfg, self.store, SAMPLE_IMAGES)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            # One thread, as Ray gives a worker of under 2 CPUs: CPU seconds per item then do not
+            # count OpenMP threads spinning for a core that other processes hold.
+            torch.set_num_threads(1)
         try:
             for name in stages:
                 self._measure(name, lambda: getattr(self, name)(sample))
         finally:
+            torch.set_num_threads(threads)
             try:
                 self.store.remove_folder(self.scratch)
             except Exception as e:  # noqa: BLE001 - say where the scratch was left, keep the results
