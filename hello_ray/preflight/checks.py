@@ -394,7 +394,9 @@ def node_types_from_ray() -> list[NodeType]:
 
 
 def _fmt(res: Mapping[str, float]) -> str:
-    return "{" + ", ".join(f"{k} {v:g}" for k, v in res.items() if k in ("CPU", "GPU") and v) + "}"
+    shown = ", ".join(f"{k} {v:g}" for k, v in res.items() if k in ("CPU", "GPU") and v)
+    # An autoscaler YAML may leave resources out (inferred from the instance type): say so, not "{}".
+    return "{" + (shown or "no CPU/GPU declared") + "}"
 
 
 def fit_stage(name: str, bundles: list[dict[str, float]], nodes: list[NodeType], where: str) -> str:
