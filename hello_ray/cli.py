@@ -14,6 +14,10 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "distill": Command("hello_ray.pipeline:main",
                        "the whole pipeline, teachers to report (same as jobs/distill.py)"),
+    "preflight": Command("hello_ray.preflight.cli:main",
+                         "checks, a rehearsal at the real shapes and the cost model, before paying for a run"),
+    "synth-data": Command("hello_ray.data.synthetic:main",
+                          "write ImageNet-shaped synthetic data (a shape fixture for rehearsals and tests)"),
     "sweep": Command("hello_ray.sweep:main",
                      "Ray Tune over LoRA ranks and teacher windows (same as jobs/sweep.py)"),
     "storage": Command("hello_ray.accounting:main",

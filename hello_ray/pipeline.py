@@ -420,18 +420,41 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               trajectory=inputs["trajectory"], fidelity=inputs["fidelity"],
                               sweep_rows=sweep_rows, storage=storage, inputs=keys,
                               teacher_window=cfg.transfer.teacher_window, images=inputs["images"],
-                              data=inputs["data"],
+                              data=inputs["data"], preflight=read_preflight(store, cfg),
                               meta={"preset": cfg.name, "store": store.uri,
                                     "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
                      table=format_table(inputs["rows"]))
 
 
+def read_preflight(store: "Store", cfg: Config) -> dict[str, Any] | None:
+    """The JSON of the last passing ``hello-ray preflight`` of this run name, if the store has one."""
+    import json
+
+    from hello_ray.preflight.cli import PREFLIGHT_KEY, preflight_file
+    from hello_ray.store import StoreError
+
+    try:
+        return json.loads(store.get_bytes(PREFLIGHT_KEY, preflight_file(cfg)))
+    except (StoreError, OSError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python jobs/distill.py`` / ``hello-ray distill``: the recipe, then the results table and
-    the report's location as the last lines of the output."""
+    the report's location as the last lines of the output. The preflight's checks (not its
+    rehearsal) run first; ``--skip-preflight`` skips them."""
     setup_logging()
-    cfg = parse_args(argv, prog="distill", description="HeLlO dataset distillation, end to end")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    skip_preflight = "--skip-preflight" in argv
+    cfg = parse_args([a for a in argv if a != "--skip-preflight"], prog="distill",
+                     description="HeLlO dataset distillation, end to end (--skip-preflight: start without "
+                                 "the preflight checks of store, data, weights and resources)")
+    if not skip_preflight:
+        from hello_ray.preflight.cli import refuse_failing_run
+
+        if refuse_failing_run(cfg):  # a failing check named on stderr; nothing run, nothing written
+            return 2
     try:
         result = distill(cfg)
     except ConfigError as e:  # a stage that could never be scheduled here: refused before compute

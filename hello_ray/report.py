@@ -360,6 +360,7 @@ def build_report(
     teacher_window: str | None = None,
     images: "ImageGrid | None" = None,
     data: Mapping[str, Any] | None = None,
+    preflight: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
     None or empty is left out. Raises ValueError naming the row/key of malformed input."""
@@ -426,7 +427,18 @@ def build_report(
         md += data_section(data)
     if storage:
         md += ["## Storage accounting", "", markdown_table(*storage_table(storage)), ""]
+    if preflight and preflight.get("cost"):
+        md += preflight_section(preflight)
     return "\n".join(md).rstrip() + "\n", pngs
+
+
+def preflight_section(preflight: Mapping[str, Any]) -> list[str]:
+    """The preflight's cost table (``hello-ray preflight`` kept its JSON in the run's store)."""
+    from hello_ray.preflight.cost import format_cost
+
+    return ["## Preflight", "", f"`hello-ray preflight` before this run ({preflight.get('wall_s', '?')} s): "
+            "rehearsal step times, peak memory, FLOPs per item and the full run's predicted work, bytes "
+            "and time.", "", format_cost(preflight["cost"], markdown=True), ""]
 
 
 def report_key(name: str) -> str:
@@ -498,6 +510,7 @@ def write_report(
     teacher_window: str | None = None,
     images: "ImageGrid | None" = None,
     data: Mapping[str, Any] | None = None,
+    preflight: Mapping[str, Any] | None = None,
 ) -> str:
     """Build the report and store it as artifact ``report_key(name)``: PNGs, then ``README.md``,
     then the manifest (stage "report", ``inputs`` = the artifact keys it summarises). A re-run
@@ -505,7 +518,8 @@ def write_report(
     key = report_key(name)
     markdown, pngs = build_report(results_rows, trajectory, fidelity, sweep_rows, storage,
                                   title=f"hello_ray report: {name}", meta=meta,
-                                  teacher_window=teacher_window, images=images, data=data)
+                                  teacher_window=teacher_window, images=images, data=data,
+                                  preflight=preflight)
     for png_name, png in pngs.items():
         store.put_bytes(key, png_name, png)
     store.put_bytes(key, REPORT_FILE, markdown.encode("utf-8"))

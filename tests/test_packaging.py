@@ -48,6 +48,7 @@ def test_wheel_carries_every_preset_and_the_console_script(wheel):
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     presets = {f"hello_ray/presets/{p.name}" for p in PRESET_DIR.glob("*.yaml")}
     assert presets and presets <= names, presets - names
+    assert "hello_ray/preflight/devices.yaml" in names  # the cost model's accelerator table
     assert "hello-ray = hello_ray.cli:main" in entry_points
     assert not any(n.startswith(("jobs/", "tests/")) for n in names)
 
@@ -96,7 +97,7 @@ def test_help_lists_every_command_with_its_line(capsys):
     for name, cmd in cli.COMMANDS.items():
         assert any(line.split()[:1] == [name] and line.strip().endswith(cmd.help) for line in out), name
     assert set(cli.COMMANDS) == {"distill", "sweep", "storage", "ls", "rm", "gc", "export",
-                                 "labels-import", "labels-export"}
+                                 "labels-import", "labels-export", "preflight", "synth-data"}
 
 
 @pytest.mark.parametrize("argv, problem", [([], "no command given"), (["distil"], "unknown command 'distil'")])

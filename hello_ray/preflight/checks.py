@@ -1,0 +1,466 @@
+"""Preflight checks, no compute: would the run start, and could every stage be scheduled?
+
+Each check returns a :class:`Check` (name, status ``ok`` | ``warn`` | ``fail``, a line of detail);
+:func:`run_checks` runs them in order and collects the facts later parts need (class count, split
+sizes). A failure names what is wrong and where; the run's store keeps nothing of a preflight:
+the store probe is written under a ``_preflight-probe-<id>`` helper key and removed, and a local
+store folder that the probe had to create is removed again when a check fails.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from hello_ray.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_IMAGES = 16          # images decoded per split
+LABEL_PASS_MAX_BYTES = 1 << 30  # webdataset without counts: a label pass over at most this many bytes
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+@dataclass
+class CheckReport:
+    checks: list[Check] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # classes, class_names, split sizes, ...
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    def add(self, name: str, status: str, detail: str) -> Check:
+        check = Check(name, status, detail)
+        self.checks.append(check)
+        (log.error if check.failed else log.warning if status == "warn" else log.info)(
+            "preflight check %s: %s: %s", name, status, detail)
+        return check
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.failed]
+
+    def to_json(self) -> dict[str, Any]:
+        facts = {k: v for k, v in self.facts.items() if k != "class_names"}
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks], "facts": facts}
+
+
+# ---------------------------------------------------------------------------- config
+
+def check_config(cfg: Config, report: CheckReport) -> None:
+    """Every active stage's pure ``check`` (pipeline.check)."""
+    from hello_ray import pipeline
+
+    try:
+        pipeline.check(cfg)
+    except ConfigError as e:
+        report.add("config", "fail", str(e))
+        return
+    names = ", ".join(s.STAGE for s in pipeline.active_stages(cfg))
+    report.add("config", "ok", f"every stage's check passed ({names})")
+
+
+# ---------------------------------------------------------------------------- store
+
+def _local_root(uri: str) -> Path | None:
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return None
+    return Path(urlparse(uri).path if scheme == "file" else uri).expanduser()
+
+
+def check_store(cfg: Config, report: CheckReport) -> Any:
+    """Reach the store and write, read back and delete a probe object; returns the store or None."""
+    from hello_ray.store import StoreError, open_store
+
+    local = _local_root(cfg.store)
+    report.facts["store_created"] = local is not None and not local.exists()
+    try:
+        store = open_store(cfg.store, cfg.s3_endpoint or None, timeout=cfg.s3_timeout,
+                           max_attempts=cfg.s3_max_attempts)
+    except StoreError as e:
+        report.add("store", "fail", str(e))
+        return None
+    key = f"_preflight-probe-{uuid.uuid4().hex[:10]}"
+    payload = os.urandom(64)
+    try:
+        store.put_bytes(key, "probe.bin", payload)
+        back = store.get_bytes(key, "probe.bin")
+        if back != payload:
+            raise StoreError(f"{store.uri_for(key, 'probe.bin')}: read back {len(back)} bytes that differ from "
+                             "the 64 written")
+    except (StoreError, OSError) as e:
+        report.add("store", "fail", f"{cfg.store}: cannot write and read back a probe object: {e}")
+        return None
+    finally:
+        try:
+            store.remove_folder(key)
+        except (StoreError, OSError) as e:  # the probe is tiny; say where it was left
+            log.warning("preflight: could not remove the store probe %s: %s", store.uri_for(key), e)
+    endpoint = getattr(store, "endpoint_url", None)
+    report.add("store", "ok", f"{store.uri}{f' (endpoint {endpoint})' if endpoint else ''}: probe object "
+               "written, read back and deleted")
+    return store
+
+
+def tidy_store(cfg: Config, report: CheckReport) -> None:
+    """After a failed preflight: remove a local store folder the probe created (if still empty)."""
+    local = _local_root(cfg.store)
+    if local is None or not report.facts.get("store_created"):
+        return
+    for folder in sorted((p for p in local.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if local.is_dir() and not any(local.iterdir()):
+        local.rmdir()
+
+
+# ---------------------------------------------------------------------------- data
+
+def _webdataset_counts(split: Any, store: Any) -> tuple[int, bool]:
+    """(images, exact) of a webdataset split whose counts the listing does not give: a label pass
+    over its tars when they are small, else the first shard's count times the shard count."""
+    from hello_ray.data.readers import ReadTarShards
+    from hello_ray.data.sources import _fs_for, detect_layout
+
+    fs, root = _fs_for(split.source, store)
+    shards = detect_layout(fs, root, split.split, "webdataset").files
+    sizes = [fs.get_file_info(s).size or 0 for s in shards]
+    reader = ReadTarShards(fs, len(split.class_keys), labels_only=True)
+    if sum(sizes) <= LABEL_PASS_MAX_BYTES:
+        return sum(len(b["label"]) for s in shards for b in reader._read(s)), True
+    first = sum(len(b["label"]) for b in reader._read(shards[0]))
+    return int(round(first * sum(sizes) / max(sizes[0], 1))), False
+
+
+def _sample_decode(split: Any, n: int) -> tuple[int, list[tuple[str, str]]]:
+    """Decode the first ``n`` images of a split through its Ray Data reader: (decoded, corrupt)."""
+    from hello_ray.data.errors import CorruptImageError, data_errors
+    from hello_ray.data.images import decode_image
+
+    with data_errors():
+        batch = split.ds.take_batch(n, batch_format="numpy")
+    corrupt = []
+    for data, rid in zip(batch["image"], batch["id"]):
+        try:
+            decode_image(bytes(data), str(rid))
+        except CorruptImageError as e:
+            corrupt.append((str(rid), e.reason or str(e)))
+    return len(batch["id"]), corrupt
+
+
+def check_data(cfg: Config, store: Any, report: CheckReport, sample_images: int = SAMPLE_IMAGES) -> None:
+    """Layout, classes and sizes of the train and val splits, train/val agreement, a decoded sample."""
+    from hello_ray.data.errors import DataError
+    from hello_ray.data.sources import load_split
+    from hello_ray.store import StoreError
+
+    data = cfg.data
+    if not data.source:
+        report.add("data", "fail", "config key 'data.source' is empty: set it to the dataset root "
+                   "(a local path, file:// or s3:// URI) or 'demo'")
+        return
+    splits = {}
+    for role, name in (("train", data.train_split), ("val", data.val_split)):
+        try:
+            split = load_split(data, name, store)
+        except (DataError, StoreError, OSError) as e:
+            report.add(f"data.{role}", "fail", str(e))
+            continue
+        exact = True
+        n = split.num_rows
+        if n is None:
+            try:
+                n, exact = _webdataset_counts(split, store)
+            except (DataError, OSError) as e:
+                report.add(f"data.{role}", "fail", str(e))
+                continue
+        try:
+            decoded, corrupt = _sample_decode(split, sample_images)
+        except (DataError, OSError) as e:
+            report.add(f"data.{role}", "fail", f"reading a sample of split {name!r}: {e}")
+            continue
+        splits[role] = split
+        report.facts[f"{role}_images"] = int(n)
+        report.facts[f"{role}_images_exact"] = exact
+        size = f"{n:,} images{'' if exact else ' (estimated from the first shard)'}"
+        if corrupt:
+            # Named and refused even with data.on_corrupt=skip: corrupt files in a handful of samples
+            # say the data needs a look before a cluster is paid for.
+            named = "; ".join(f"{rid} ({why})" for rid, why in corrupt[:5])
+            report.add(f"data.{role}", "fail", f"{split.source} split {name!r} ({split.format}): {size}, "
+                       f"{len(split.class_keys)} classes; {len(corrupt)} of {decoded} sampled images do not "
+                       f"decode: {named}")
+        else:
+            report.add(f"data.{role}", "ok", f"{split.source} split {name!r} ({split.format}): {size}, "
+                       f"{len(split.class_keys)} classes, {decoded} sampled images decode")
+    if len(splits) == 2:
+        train, val = splits["train"], splits["val"]
+        if train.class_keys != val.class_keys:
+            only_t = sorted(set(train.class_keys) - set(val.class_keys))
+            only_v = sorted(set(val.class_keys) - set(train.class_keys))
+            report.add("data.classes", "fail", f"{train.source}: train has {len(train.class_keys)} classes, "
+                       f"val {len(val.class_keys)}; only in train: {only_t[:5]}, only in val: {only_v[:5]}"
+                       + ("" if only_t or only_v else " (same classes, different order)"))
+        else:
+            report.facts["classes"] = len(train.class_keys)
+            report.facts["class_names"] = list(train.class_names)
+            check_class_names(train, report)
+    if "train" in splits and "classes" not in report.facts:
+        report.facts.setdefault("classes", len(splits["train"].class_keys))
+
+
+def check_class_names(split: Any, report: CheckReport) -> None:
+    """Readable names for the CLIP prompts: ImageNet synsets mapped, the rest said."""
+    from hello_ray.data.classnames import is_wnid
+
+    keys, names = split.class_keys, split.class_names
+    wnids = sum(is_wnid(k) for k in keys)
+    raw = [k for k, n in zip(keys, names) if is_wnid(n)]
+    if raw:
+        report.add("class_names", "fail", f"{len(raw)} class ids are not ImageNet-1K synsets torchvision names "
+                   f"and have no readable name, e.g. {raw[:3]}; give data.class_names as a mapping id -> name")
+        return
+    pairs = ", ".join(f"{k} -> {n}" for k, n in list(zip(keys, names))[:3])
+    report.add("class_names", "ok", f"{len(keys)} classes named ({wnids} ImageNet synsets mapped): {pairs}, ...")
+
+
+# ---------------------------------------------------------------------------- weights
+
+def _cached_clip_weights(model: str, tag: str) -> tuple[str | None, str]:
+    """(local cache path or None, where it would be downloaded from) for an open_clip tag."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(model, tag)
+    hub, url = pcfg.get("hf_hub", ""), pcfg.get("url", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            for name in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+                hit = try_to_load_from_cache(repo, name)
+                if isinstance(hit, str):
+                    return hit, f"https://huggingface.co/{repo}"
+        except ImportError:
+            pass
+    if url:
+        path = Path("~/.cache/clip").expanduser() / posixpath.basename(url)
+        if path.is_file():
+            return str(path), url
+    return None, f"https://huggingface.co/{hub.rstrip('/')}" if hub else url
+
+
+def _reachable(url: str, timeout: float = 3.0) -> str:
+    """'' when a HEAD request to ``url`` answers (any HTTP status), else the reason (nothing is downloaded)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return ""
+    except urllib.error.HTTPError:
+        return ""  # the host answered
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+def check_weights(cfg: Config, report: CheckReport, probe_network: bool = True) -> None:
+    """The CLIP model name, and whether its pretrained weights are here or downloadable from here."""
+    import open_clip
+
+    from hello_ray.models.clip import META, RANDOM_INIT, register_tiny_clip
+
+    tc = cfg.transfer
+    register_tiny_clip()
+    if tc.clip_model not in open_clip.list_models():
+        near = [m for m in open_clip.list_models() if tc.clip_model.lower()[:3] in m.lower()][:6]
+        report.add("weights.clip", "fail", f"config key 'transfer.clip_model': unknown CLIP model {tc.clip_model!r}; "
+                   f"open_clip knows e.g. {near or ['RN50', 'ViT-B-32']} (open_clip.list_models())")
+        return
+    report.facts["clip_weights"] = "random-init"
+    if tc.pretrained == RANDOM_INIT:
+        report.add("weights.clip", "ok", f"{tc.clip_model}: random-init stand-in (nothing to download)")
+        return
+    if tc.pretrained == META:
+        report.add("weights.clip", "fail", "config key 'transfer.pretrained': 'meta' has no weights to train")
+        return
+    if os.path.isfile(tc.pretrained):
+        report.facts["clip_weights"] = tc.pretrained
+        report.add("weights.clip", "ok", f"{tc.clip_model}: local weights file {tc.pretrained}")
+        return
+    tags = [t.lower() for t in open_clip.list_pretrained_tags_by_model(tc.clip_model)]
+    if tc.pretrained.lower() not in tags:
+        report.add("weights.clip", "fail", f"config key 'transfer.pretrained': {tc.pretrained!r} is neither a local "
+                   f"file nor a pretrained tag of {tc.clip_model} (tags: {tags})")
+        return
+    cached, source = _cached_clip_weights(tc.clip_model, tc.pretrained)
+    if cached:
+        report.facts["clip_weights"] = cached
+        report.add("weights.clip", "ok", f"{tc.clip_model}/{tc.pretrained}: cached here at {cached}")
+        return
+    why = _reachable(source) if probe_network and source else "not probed"
+    if not why:
+        report.add("weights.clip", "ok", f"{tc.clip_model}/{tc.pretrained}: not cached; downloadable from {source} "
+                   "(reachable from this machine; each node downloads it once)")
+    else:
+        report.add("weights.clip", "warn", f"{tc.clip_model}/{tc.pretrained}: not cached here and {source} is not "
+                   f"reachable from this machine ({why}); the run's nodes must reach it or set "
+                   "transfer.pretrained to a local file; the rehearsal uses random-init weights")
+
+
+def _check_observer_weights(cfg: Config, report: CheckReport) -> None:
+    if cfg.teachers.observer != "torchvision":
+        return
+    import torch.hub
+    from torchvision.models import ResNet18_Weights
+
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / posixpath.basename(url)
+    report.add("weights.observer", "ok" if path.is_file() else "warn",
+               f"torchvision ResNet-18 observer: {'cached at ' + str(path) if path.is_file() else 'downloaded from ' + url}")
+
+
+# ---------------------------------------------------------------------------- resources
+
+def stage_bundles(stage: Any, cfg: Config) -> list[dict[str, float]]:
+    """What ``stage`` asks Ray for, one dict per worker / actor / data task (their sum is the
+    stage's ``resources(cfg)``, checked here so the two never drift)."""
+    c = cfg.compute
+    gpu = 1.0 if c.use_gpu else 0.0
+    read = {"CPU": cfg.data.cpus_per_task, "GPU": 0.0}
+    name = stage.STAGE
+    if name in ("teachers", "transfer", "evaluate"):
+        out = [{"CPU": c.cpus_per_worker, "GPU": gpu}] * c.num_workers + [read]
+    else:
+        sec = getattr(cfg, name)
+        out = [{"CPU": sec.actor_cpus, "GPU": gpu}] * sec.num_actors
+        if name == "select" or (name == "recover" and cfg.images.source == "lpld"):
+            out = out + [read]
+    total = stage.resources(cfg)
+    for kind in ("CPU", "GPU"):
+        if abs(sum(b[kind] for b in out) - float(total.get(kind, 0.0))) > 1e-6:
+            raise AssertionError(f"preflight: stage {name} bundles {out} do not add up to its resources {total}")
+    return out
+
+
+@dataclass
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_count: int
+
+
+def node_types_from_yaml(path: str) -> list[NodeType]:
+    """The node types of a Ray autoscaler YAML (``available_node_types``; the head counts once)."""
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    types = doc.get("available_node_types")
+    if not isinstance(types, dict) or not types:
+        raise ConfigError(f"{path}: no 'available_node_types' (the Ray autoscaler's node types) to check against")
+    head, cap = doc.get("head_node_type"), int(doc.get("max_workers", 2 ** 31))
+    out = []
+    for name, spec in types.items():
+        res = {k: float(v) for k, v in ((spec or {}).get("resources") or {}).items()}
+        count = 1 if name == head else min(int((spec or {}).get("max_workers", cap)), cap)
+        out.append(NodeType(name, res, count))
+    return out
+
+
+def node_types_from_ray() -> list[NodeType]:
+    """The live cluster's alive nodes, one 'type' each."""
+    import ray
+
+    return [NodeType(n.get("NodeManagerAddress", n["NodeID"][:8]) + f" ({n['NodeID'][:8]})",
+                     {k: float(v) for k, v in n["Resources"].items()}, 1)
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _fmt(res: Mapping[str, float]) -> str:
+    shown = ", ".join(f"{k} {v:g}" for k, v in res.items() if k in ("CPU", "GPU") and v)
+    # An autoscaler YAML may leave resources out (inferred from the instance type): say so, not "{}".
+    return "{" + (shown or "no CPU/GPU declared") + "}"
+
+
+def fit_stage(name: str, bundles: list[dict[str, float]], nodes: list[NodeType], where: str) -> str:
+    """'' when every bundle fits some node type and the total fits the cluster's most; else why not."""
+    if not nodes:
+        return f"stage '{name}' asks for {len(bundles)} bundles but {where} has no nodes"
+    for b in bundles:
+        if not any(all(n.resources.get(k, 0.0) + 1e-9 >= v for k, v in b.items()) for n in nodes):
+            kinds = " and ".join(k for k, v in b.items() if v)
+            return (f"stage '{name}' asks for {_fmt(b)} per worker/actor/task, which no node type of {where} "
+                    f"can hold (types: {'; '.join(f'{n.name} {_fmt(n.resources)}' for n in nodes)}); "
+                    f"it would wait forever: add a node type with that {kinds}"
+                    + (" or set compute.use_gpu=false" if b.get("GPU") else " or lower the stage's CPUs"))
+    for kind in ("CPU", "GPU"):
+        need = sum(b.get(kind, 0.0) for b in bundles)
+        most = sum(n.resources.get(kind, 0.0) * n.max_count for n in nodes)
+        if need > most + 1e-9:
+            return (f"stage '{name}' asks for {need:g} {kind} at once but {where} has at most {most:g}; it would "
+                    "wait forever: lower compute.num_workers / the stage's num_actors, or raise max_workers")
+    return ""
+
+
+def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None = None) -> None:
+    """Each active stage's ask against the node types of ``cluster_yaml`` or the live Ray's nodes."""
+    from hello_ray import pipeline
+
+    try:
+        nodes = node_types_from_yaml(cluster_yaml) if cluster_yaml else node_types_from_ray()
+    except (ConfigError, OSError) as e:
+        report.add("resources", "fail", str(e))
+        return
+    where = cluster_yaml or "this Ray cluster"
+    problems = [p for p in (fit_stage(s.STAGE, stage_bundles(s, cfg), nodes, where)
+                            for s in pipeline.active_stages(cfg)) if p]
+    if problems and not cluster_yaml and (cfg.compute.address or os.environ.get("RAY_ADDRESS")):
+        # A running cluster may autoscale into an ask its nodes cannot hold now (launcher.check_resources
+        # leaves such clusters alone for that reason): said, not refused.
+        report.add("resources", "warn", "; ".join(problems) + " (the nodes up now; an autoscaler may add "
+                   "more: pass --cluster <autoscaler yaml> to check its node types)")
+        return
+    if problems:
+        report.add("resources", "fail", "; ".join(problems))
+        return
+    asks = ", ".join(f"{s.STAGE} {_fmt(s.resources(cfg))}" for s in pipeline.active_stages(cfg))
+    report.add("resources", "ok", f"{where} can hold every stage's ask: {asks}")
+
+
+# ---------------------------------------------------------------------------- all
+
+def run_checks(cfg: Config, cluster_yaml: str | None = None, sample_images: int = SAMPLE_IMAGES,
+               probe_network: bool = True) -> tuple[CheckReport, Any]:
+    """Every check, in order; returns the report and the opened store (None if it failed)."""
+    from hello_ray.runtime import ensure_ray
+
+    report = CheckReport()
+    check_config(cfg, report)
+    if report.failures():
+        return report, None
+    store = check_store(cfg, report)
+    ensure_ray(cfg.compute)  # the data checks read through Ray Data, as the run does
+    check_data(cfg, store, report, sample_images)
+    check_weights(cfg, report, probe_network)
+    _check_observer_weights(cfg, report)
+    check_resources(cfg, report, cluster_yaml)
+    if not report.ok:
+        tidy_store(cfg, report)
+    return report, store

@@ -1,0 +1,150 @@
+"""``hello-ray preflight`` (and ``jobs/preflight.py``): checks, rehearsal, cost model.
+
+    hello-ray preflight --preset imagenet1k data.source=s3://bucket/imagenet store=s3://bucket/run
+    hello-ray preflight --preset imagenet1k --cluster cluster/aws.yaml --no-rehearsal ...
+
+Exit status: 0 when every check passed and every stage took its rehearsal steps; 1 when a check or
+a stage's rehearsal failed (each named); 2 on a bad flag or config value. A passing preflight keeps
+its JSON in the store (``_preflight/<run name>.json``) for the run's report; a failing one leaves
+nothing there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from hello_ray.config import Config, ConfigError, load_config
+from hello_ray.preflight.checks import CheckReport, run_checks
+
+log = logging.getLogger(__name__)
+
+PREFLIGHT_KEY = "_preflight"  # helper folder (never finalized) holding the last passing preflight per run name
+
+
+def preflight_file(cfg: Config) -> str:
+    return f"{cfg.name}.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hello-ray preflight", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo", help="preset name or YAML path (as for distill)")
+    p.add_argument("--config", default=None, help="a YAML file applied over the preset")
+    p.add_argument("--store", default=None, help="artifact store URI (as for distill)")
+    p.add_argument("--cluster", default=None, help="a Ray autoscaler YAML (e.g. cluster/aws.yaml): check each "
+                   "stage's ask against its available_node_types instead of the live Ray's nodes")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    p.add_argument("--no-rehearsal", action="store_true", help="the checks only (no compute)")
+    p.add_argument("--flop-budget", type=float, default=None, help="most FLOPs of one rehearsal step (default "
+                   "3e10 on CPU, 1e14 on GPU): a stage runs its own per-worker batch, or fewer images to fit")
+    p.add_argument("--steps", type=int, default=2, help="rehearsal steps per stage after a warm-up (default 2)")
+    p.add_argument("--devices", default=None, help="accelerator table YAML (default: the shipped devices.yaml)")
+    p.add_argument("--sample-images", type=int, default=16, help="images decoded per split by the data check")
+    p.add_argument("--no-network", action="store_true", help="do not probe the weights' download URL")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def format_checks(report: CheckReport) -> str:
+    mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    return "\n".join(f"  [{mark[c.status]}] {c.name:16s} {c.detail}" for c in report.checks)
+
+
+def refuse_failing_run(cfg: Config, prog: str = "distill") -> int:
+    """The check part (no rehearsal) before a run: 0 to go on, 2 with the failing checks named."""
+    report, _ = run_checks(cfg, probe_network=False)
+    if report.ok:
+        return 0
+    names = ", ".join(c.name for c in report.failures())
+    print(f"{prog}: refused by the preflight checks ({names}); nothing was run:\n{format_checks(report)}\n"
+          f"(--skip-preflight runs anyway; hello-ray preflight rehearses the stages)", file=sys.stderr)
+    return 2
+
+
+def _stages(cfg: Config) -> list[str]:
+    from hello_ray import pipeline
+
+    return [s.STAGE for s in pipeline.active_stages(cfg)]
+
+
+def rehearse(cfg: Config, store: Any, report: CheckReport, steps: int, flop_budget: float | None,
+             devices_path: str | None) -> dict[str, Any] | None:
+    """Run the rehearsal and the cost model; a stage that fails becomes a failed check (named)."""
+    from hello_ray.preflight.cost import cost_table, load_devices
+    from hello_ray.preflight.rehearsal import Rehearsal
+
+    reh = Rehearsal(cfg, store, report.facts["classes"], report.facts.get("class_names", []),
+                    report.facts.get("clip_weights", "random-init"), steps=steps, flop_budget=flop_budget)
+    try:
+        reh.run(_stages(cfg))
+    except Exception as e:  # noqa: BLE001 - a shape error, an OOM: the point of rehearsing
+        stage = _stages(cfg)[len(reh.results)] if len(reh.results) < len(_stages(cfg)) else "?"
+        report.add(f"rehearsal.{stage}", "fail", f"{type(e).__name__}: {e}")
+        return None
+    for r in reh.results:
+        report.add(f"rehearsal.{r.stage}", "ok", f"{r.steps} steps of {r.batch} ({r.item}), "
+                   f"{r.step_s:.3f} s/step; {r.path}" + (f"; {'; '.join(r.notes)}" if r.notes else ""))
+    table = cost_table(cfg, report.facts, reh.results, load_devices(devices_path))
+    transfer = next((s for s in table["stages"] if s["stage"] == "transfer"), None)
+    evaluate = next((s for s in table["stages"] if s["stage"] == "evaluate"), None)
+    if transfer and evaluate and transfer["lora_params"] != evaluate["projector_lora_params"]:
+        report.add("rehearsal.lora", "fail", f"the rehearsed projector has {transfer['lora_params']:,} LoRA "
+                   f"parameters but hello-ray storage counts {evaluate['projector_lora_params']:,}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hello_ray.runtime import LOG_DATEFMT, LOG_FORMAT, setup_logging
+
+    args = build_parser().parse_args(argv)
+    if args.json:  # stdout carries the JSON alone; setup_logging keeps this handler
+        logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
+    setup_logging()
+    overrides = list(args.overrides) + ([f"store={args.store}"] if args.store else [])
+    try:
+        cfg = load_config(args.preset, args.config, overrides)
+    except ConfigError as e:
+        print(f"hello-ray preflight: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    report, store = run_checks(cfg, args.cluster, args.sample_images, probe_network=not args.no_network)
+    table = None
+    # The rehearsal runs here whatever the cluster check says (it needs data, store and weights only):
+    # a run meant for a GPU cluster is still rehearsed on a laptop, its resource failure still named.
+    if not args.no_rehearsal and all(c.name == "resources" for c in report.failures()):
+        table = rehearse(cfg, store, report, args.steps, args.flop_budget, args.devices)
+    wall = time.perf_counter() - t0
+    out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table}
+    if report.ok and store is not None:
+        store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg), json.dumps(out, default=str).encode())
+    elif not report.ok:
+        from hello_ray.preflight.checks import tidy_store
+
+        tidy_store(cfg, report)
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(f"\npreflight of {cfg.name} ({'passed' if report.ok else 'FAILED'}, {wall:.1f} s):")
+        print(format_checks(report))
+        if table is not None:
+            from hello_ray.preflight.cost import format_cost
+
+            print("\n" + format_cost(table))
+            for s in table["stages"]:
+                for note in s["notes"]:
+                    print(f"  note ({s['stage']}): {note}")
+            if "transfer" in {s["stage"] for s in table["stages"]}:
+                t = next(s for s in table["stages"] if s["stage"] == "transfer")
+                print(f"  LoRA parameters: {t['lora_params']:,}")
+            ev = next((s for s in table["stages"] if s["stage"] == "evaluate"), None)
+            if ev:
+                print(f"  stored soft labels (IPC {cfg.select.ipc}, {cfg.evaluate.epochs} epochs): "
+                      f"{ev['stored_soft_labels_bytes']:,} B (hello-ray storage)")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
