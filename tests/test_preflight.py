@@ -232,7 +232,12 @@ def test_rehearsal_at_smoke_shapes(ray_local, synth_root, tmp_path):
     assert transfer.extra["lora_params"] == projector_lora_counts(3, tc.conv_rank, tc.head_rank, tc.clip_model,
                                                                  tc.lora_style)["params"]
     assert not [f for f in open_store(cfg.store).folders() if f.startswith("_preflight")]  # scratch removed
+    # start-up measured on the live Ray: a no-op Train run (its run state removed), a no-op actor pool
+    assert all(r.extra["startup_s"] > 0 for r in results), [(r.stage, r.extra.get("startup_s")) for r in results]
+    assert not [f for f in open_store(cfg.store).folders("_ray") if f.startswith("_preflight")]
     table = cost_table(cfg, report.facts, results, load_devices())
+    for s in table["stages"]:
+        assert s["startup_s"] > 0 and s["seconds_here"] > s["startup_s"], s["stage"]
     ev = next(s for s in table["stages"] if s["stage"] == "evaluate")
     assert ev["stored_soft_labels_bytes"] == stored_soft_label_bytes(3, cfg.select.ipc, cfg.evaluate.epochs)
     teachers = next(s for s in table["stages"] if s["stage"] == "teachers")
@@ -266,7 +271,7 @@ def test_rehearsal_of_lpld_recover(ray_local, synth_root, tmp_path):
     assert "recover" in [s.STAGE for s in pipeline.active_stages(cfg)]
     store = open_store(cfg.store)
     reh = Rehearsal(cfg, store, 3, [], "random-init", steps=1, flop_budget=1e9)
-    teachers, recover = reh.run(["teachers", "recover"])
+    teachers, recover = reh.run(["teachers", "recover"], startup=False)  # start-up: the smoke test
     assert recover.stage == "recover" and recover.step_s > 0 and recover.flops_per_item > teachers.extra[
         "forward_flops_per_item"]  # an iteration is a forward and a backward to the pixels
     assert recover.batch <= cfg.select.ipc

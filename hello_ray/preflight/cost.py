@@ -18,6 +18,11 @@ accelerator from ``FLOPs / (peak x efficiency)`` of ``devices.yaml`` (editable),
 stage's workers or actors (one accelerator each). Bytes: teacher checkpoints (epochs x the measured
 state_dict size), images (classes x ipc x the measured PNG size), the adapter (its measured files),
 stored labels (hello_ray.accounting.storage_report, the numbers ``hello-ray storage`` prints).
+
+Fixed costs on this machine, added to the per-item time: each stage's measured start-up
+(``Rehearsal.startup``: a no-op Ray Train run with the run's workers, or a no-op actor pool of the
+stage's size; ``startup_s``), and for the teachers one checkpoint put/get through the store per epoch.
+The accelerator columns count FLOPs only.
 """
 from __future__ import annotations
 
@@ -87,7 +92,8 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
         out["teachers"] = {
             "work": f"{train:,} train x {ep} epochs + {val:,} val x {ep}", "items": train * ep,
             "flops": train * ep * t.flops_per_item + val * ep * fwd_flops,
-            "seconds_here": train * ep * item_s(t, "teachers") + val * ep * fwd_s,
+            "seconds_here": train * ep * item_s(t, "teachers") + val * ep * fwd_s
+            + ep * t.extra.get("checkpoint_store_s", 0.0),
             "bytes": ep * t.extra["checkpoint_bytes"], "bytes_what": f"{ep} checkpoints", "units": workers}
     if "select" in r:
         s, sel = r["select"], cfg.select
@@ -147,6 +153,9 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
                            "bytes_what": "stored labels", "units": workers,
                            "stored_soft_labels_bytes": storage["stored_soft_labels_bytes"],
                            "projector_lora_params": storage["projector_lora_params"]}
+    for name, w in out.items():  # the measured start-up (workers, actors) before the first step
+        w["startup_s"] = r[name].extra.get("startup_s", 0.0)
+        w["seconds_here"] += w["startup_s"]
     return out
 
 

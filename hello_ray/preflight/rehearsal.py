@@ -18,6 +18,12 @@ RN50's text tower is ~15 min of CPU that shape checking does not need.
 Per stage: steps, mean step time (the first step, which pays allocations, is a warm-up), peak memory
 of this process during the stage (``evaluate_core.PeakMemory``: peak RSS on CPU, max allocated on
 GPU), and FLOPs per item counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real modules.
+
+Start-up (``Rehearsal.startup``): what a stage pays before its first step, which no per-item time
+covers and which dominates small runs: one Ray Train launch that does nothing, with the run's own
+workers (``launcher.fit``: placement group, worker processes, process group, the run's storage),
+and one Ray Data actor pool that does nothing, with each actor stage's own pool size and CPUs.
+Measured once per preflight on the live cluster; the cost model adds it to every stage of that kind.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ SAMPLE_IMAGES = 16  # training images read for the rehearsal (batches cycle thro
 # A rehearsal step runs the stage's own per-worker batch unless that exceeds this many FLOPs (then
 # fewer images): ~1-2 s of a 2-core CPU, a few ms of a GPU. Per-item times come from these steps.
 CPU_STEP_FLOPS = 3e10
+TRAIN_STAGES = ("teachers", "transfer", "evaluate")  # one Ray Train run each (launcher.fit)
+ACTOR_STAGES = ("select", "recover", "refine")       # one Ray Data actor pool each
 GPU_STEP_FLOPS = 1e14
 
 
@@ -165,6 +173,7 @@ class Rehearsal:
         self.teacher: torch.nn.Module | None = None
         self.projector: torch.nn.Module | None = None
         self.results: list[StageRehearsal] = []
+        self.startup_s: dict[str, float] = {}
         self._cpu = 0.0
 
     def _measure(self, stage: str, body: Callable[[], StageRehearsal]) -> StageRehearsal:
@@ -410,8 +419,43 @@ class Rehearsal:
                               notes=["step time of hard labels; per labeller in extra"],
                               extra={"step_s": per_student, "cpu_step_s": cpu_steps, "flops_per_item": flops})
 
+    # ------------------------------------------------------------------ start-up
+    def startup(self, stages: list[str]) -> dict[str, float]:
+        """Seconds each stage spends starting its Ray machinery (see the module docstring): a no-op
+        Ray Train run with ``compute``'s workers for the Train stages, a no-op actor pool of the
+        stage's size for the actor stages. {} without a running Ray (the compute-only rehearsal)."""
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        from hello_ray import launcher
+        from hello_ray.store import RAY_DIR
+
+        out: dict[str, float] = {}
+        train = [s for s in stages if s in TRAIN_STAGES]
+        if train:
+            name = f"{self.scratch}-train"
+            t0 = time.perf_counter()
+            try:
+                launcher.fit("preflight", self.cfg.compute, self.store, name, _noop_loop, {}, {})
+            finally:
+                self.store.remove_folder(f"{RAY_DIR}/{name}")
+            out.update({s: time.perf_counter() - t0 for s in train})
+        pools: dict[tuple[int, float], float] = {}  # stages with the same pool share one measurement
+        for stage in (s for s in stages if s in ACTOR_STAGES):
+            sec = getattr(self.cfg, stage)
+            shape = (sec.num_actors, sec.actor_cpus)
+            if shape not in pools:
+                t0 = time.perf_counter()
+                _noop_pool(*shape)
+                pools[shape] = time.perf_counter() - t0
+            out[stage] = pools[shape]
+        for name, secs in out.items():
+            log.info("preflight: %s start-up %.1f s", name, secs)
+        return out
+
     # ------------------------------------------------------------------ all
-    def run(self, stages: list[str]) -> list[StageRehearsal]:
+    def run(self, stages: list[str], startup: bool = True) -> list[StageRehearsal]:
         sample = read_sample(self.cfg, self.store, SAMPLE_IMAGES)
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
@@ -421,6 +465,12 @@ class Rehearsal:
         try:
             for name in stages:
                 self._measure(name, lambda: getattr(self, name)(sample))
+            if startup:
+                torch.set_num_threads(threads)  # the workers and actors run their own processes
+                self.startup_s = self.startup(stages)
+            if startup:
+                for r in self.results:
+                    r.extra["startup_s"] = self.startup_s.get(r.stage, 0.0)
         finally:
             torch.set_num_threads(threads)
             try:
@@ -428,3 +478,22 @@ class Rehearsal:
             except Exception as e:  # noqa: BLE001 - say where the scratch was left, keep the results
                 log.warning("preflight: could not remove the scratch %s: %s", self.store.uri_for(self.scratch), e)
         return self.results
+
+
+def _noop_loop(config: dict[str, Any]) -> None:
+    """The Train loop of the start-up measurement: every worker starts and returns."""
+
+
+class _NoopActor:
+    """The actor of the start-up measurement: a process that has imported this module (torch)."""
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+
+def _noop_pool(size: int, cpus: float) -> None:
+    """One Ray Data pass through a fresh pool of ``size`` actors of ``cpus`` CPUs, as a stage starts."""
+    import ray.data
+
+    ray.data.range(size).map_batches(_NoopActor, batch_size=1, num_cpus=cpus,
+                                     compute=ray.data.ActorPoolStrategy(size=size)).materialize()
