@@ -34,6 +34,7 @@ TASKS = "tasks"
 
 _reported: set[tuple[str, str]] = set()   # (key, role) this process has reported
 _actor: Any = None                        # this process's handle on the log actor (False: none)
+_owned: tuple[str, Any] | None = None     # driver: (job id, the handle that created the actor)
 
 
 class PlacementLog:
@@ -58,13 +59,18 @@ def node_id() -> str:
 
 def _log_actor(create: bool = False) -> Any:
     """The driver's log actor (created by the driver with ``create``), or None when there is none."""
-    global _actor
+    global _actor, _owned
     import ray
 
     if create:
-        # Zero CPUs: bookkeeping may sit on a head that has no room for stage work.
-        _actor = ray.remote(PlacementLog).options(name=LOG_ACTOR, get_if_exists=True, num_cpus=0,
-                                                  max_concurrency=1).remote()
+        # Created once per job and its first handle kept: the actor lives as long as its creator's
+        # handle does (a second `get_if_exists` handle replacing it lets the actor die).
+        job = ray.get_runtime_context().get_job_id()
+        if _owned is None or _owned[0] != job:
+            # Zero CPUs: bookkeeping may sit on a head that has no room for stage work.
+            _owned = (job, ray.remote(PlacementLog).options(name=LOG_ACTOR, get_if_exists=True,
+                                                            num_cpus=0).remote())
+        _actor = _owned[1]
     elif _actor is None:
         try:
             _actor = ray.get_actor(LOG_ACTOR)
@@ -106,7 +112,7 @@ def record(role: str, key: str | None = None) -> None:
         if actor is not None:
             actor.add.remote(key, role, node_id())
     except Exception as e:  # noqa: BLE001 - see the docstring
-        log.debug("placement not recorded for %s/%s: %s", key, role, e)
+        log.warning("[placement] not recorded for %s/%s: %r", key, role, e)
 
 
 def collect(key: str) -> dict[str, list[str]]:

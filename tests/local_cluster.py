@@ -57,15 +57,41 @@ class LocalRayCluster:
         self.address = f"{node_ip()}:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
+        self.workers = 0
 
-    def _start(self, args: list[str], name: str, env: dict[str, str]) -> None:
-        log = self.temp_dir / f"{name}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
-            # Own session = own process group: stop() signals the node's whole tree and nothing else.
-            self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
-                                               env=env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+    def _start(self, args: list[str], name: str, env: dict[str, str], attempts: int = 3,
+               timeout_s: float = 240.0) -> None:
+        """Start one node and wait until ``ray start`` says it is up (it then blocks).
+
+        On a loaded machine a node can miss Ray's fixed 30 s for its raylet to register ("timed
+        out during startup"); that attempt's processes are stopped and the node started again.
+        """
+        for attempt in range(1, attempts + 1):
+            log = self.temp_dir / f"{name}-{attempt}.log"
+            self.logs.append(log)
+            with open(log, "wb") as out:
+                # Own session = own process group: stop() signals the node's tree and nothing else.
+                proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                                        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.append(proc)
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                if b"will now block forever" in log.read_bytes():
+                    return
+                time.sleep(0.5)
+            self._signal([proc], signal.SIGKILL)
+        raise RuntimeError(f"Ray node {name} did not start in {attempts} attempts:\n{self.tail()}")
+
+    @staticmethod
+    def _signal(procs: list[subprocess.Popen], sig: int) -> None:
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def _node_ports(self) -> list[str]:
         return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -98,7 +124,8 @@ class LocalRayCluster:
         args = [f"--address={self.address}", f"--num-cpus={num_cpus:g}", *self._node_ports()]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        self._start(args, f"worker{len(self.procs)}", self.env)
+        self.workers += 1
+        self._start(args, f"worker{self.workers}", self.env)
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of every node's log (for a failed start)."""
@@ -112,14 +139,7 @@ class LocalRayCluster:
         """SIGTERM to each node's process group, then SIGKILL to what is left of them, then to any
         process still naming this cluster's temp dir (workers that left the group)."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in self.procs:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            self._signal(self.procs, sig)
         for pid in self.stray_pids():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -71,25 +71,28 @@ class Probe:
 
 
 def test_workers_report_their_node_under_the_stage_key(ray_local, file_store_uri):
-    """A Ray Data task and actor report under the key ``begin`` set; nothing is left for a second
-    collect; a Train-style explicit key lands under its own key. On one local Ray every id is
-    this node's, and a local store passes the shared-store check there."""
+    """Ray Data tasks and actors report under the key ``begin`` set, stage after stage (the second
+    stage is where a log actor replaced by a second handle had died); nothing is left for a second
+    collect; a Train-style explicit key lands under its own key. On one local Ray every id is this
+    node's, and a local store passes the shared-store check there."""
     import ray
 
-    key = "select-placementtest"
-    placement.begin(key)
-    ds = ray.data.range(8, override_num_blocks=2).map_batches(tag_batch, num_cpus=0.25)
-    ds = ds.map_batches(Probe, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
-    assert ds.count() == 8
+    here = ray.get_runtime_context().get_node_id()
+    for key in ("teachers-placementtest", "select-placementtest"):
+        placement.begin(key)
+        ds = ray.data.range(8, override_num_blocks=2).map_batches(tag_batch, num_cpus=0.25)
+        if key.startswith("select"):
+            ds = ds.map_batches(Probe, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        assert ds.count() == 8
+        expected = {"Probe": [here], "tasks": [here]} if key.startswith("select") else {"tasks": [here]}
+        assert placement.collect(key) == expected, key
+        assert placement.collect(key) == {}
 
     @ray.remote(num_cpus=0.25)
     def train_worker() -> None:
-        placement.record(placement.TRAIN_WORKERS, key="teachers-placementtest")
+        placement.record(placement.TRAIN_WORKERS, key="transfer-placementtest")
 
     ray.get(train_worker.remote())
-    here = ray.get_runtime_context().get_node_id()
-    assert placement.collect(key) == {"Probe": [here], "tasks": [here]}
-    assert placement.collect(key) == {}
-    assert placement.collect("teachers-placementtest") == {"train_workers": [here]}
+    assert placement.collect("transfer-placementtest") == {"train_workers": [here]}
     assert placement.multinode_reason(ray.nodes(), placement.autoscaler_running()) == ""
     placement.check_cluster_store(file_store_uri, False)
