@@ -17,6 +17,7 @@ time: ``HELLO_RAY_MULTINODE=1 python -m pytest -n 0 -s tests/test_multinode.py -
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -73,6 +74,7 @@ def cluster(s3_env):
     ray.shutdown()
     c.stop()
     assert c.stray_pids() == []
+    shutil.rmtree(c.temp_dir, ignore_errors=True)  # a failure's node logs are in its message already
 
 
 def connect(c: LocalRayCluster, cfg: Any, workers: int) -> dict[str, Any]:
