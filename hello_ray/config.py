@@ -457,6 +457,10 @@ class Config:
     s3_max_attempts: int = _help("attempts per S3 request, retries included (boto3 'standard' mode, "
                                  "pyarrow's AwsStandardS3RetryStrategy); Ray Data readers retry a "
                                  "failed read that many times again", default=3)
+    store_shared: bool = _help("a local / file:// store is one file system that every Ray node mounts "
+                               "(NFS, EFS, Lustre); without it a run on a multi-node cluster refuses a "
+                               "local store, since each node's workers would write to their own disk",
+                               default=False)
     data: DataConfig = field(default_factory=DataConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
@@ -472,6 +476,9 @@ class Config:
         _check(math.isfinite(self.s3_timeout) and self.s3_timeout > 0, "s3_timeout",
                "must be a finite number of seconds > 0")
         _check(self.s3_max_attempts >= 1, "s3_max_attempts", "must be >= 1")
+        _check(not (self.store_shared and self.store.startswith("s3://")), "store_shared",
+               f"declares a local store shared between nodes, but store={self.store} is S3, which every "
+               "node reaches already; remove store_shared")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):

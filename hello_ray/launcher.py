@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Ty
 
 import torch
 
+from hello_ray import placement
 from hello_ray.config import ComputeConfig, ConfigError
 from hello_ray.runtime import quiet_library_logs, seed_everything, torch_device
 
@@ -148,6 +149,7 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
     quiet_library_logs(worker=True)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    placement.record(placement.TRAIN_WORKERS, key=ctx.get_experiment_name())  # run name = artifact key
     seed_everything(seed)
     return WorkerContext(rank=rank, world=world, device=torch_device(use_gpu),
                          per_worker_batch=max(1, global_batch // world))

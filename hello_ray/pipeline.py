@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
-from hello_ray import launcher, lease
+from hello_ray import launcher, lease, placement
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.runtime import ensure_ray, setup_logging
 from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer
@@ -103,6 +103,7 @@ def active_stages(cfg: Config) -> list[ModuleType]:
 def check_resources(cfg: Config) -> None:
     """Each stage's ask against what the (local) Ray has, before the first stage starts."""
     launcher.check_resources({s.STAGE: s.resources(cfg) for s in active_stages(cfg)}, cfg.compute)
+    placement.check_cluster_store(cfg.store, cfg.store_shared)  # a local store on many nodes: refused
 
 
 # ---------------------------------------------------------------------------- stage runner
@@ -186,6 +187,7 @@ class Run:
                      f"kept its {prep['kept']} files to resume from" if prep["resumes_ray_run"] else
                      f"removed its {prep['removed']} files and {prep['partials']} temp files")
         log.info("[%s] running -> %s", stage.STAGE, self.store.uri_for(key))
+        placement.begin(key)  # the stage's workers report their nodes under its key
         self._started[stage.STAGE] = time.perf_counter()
         return True
 
@@ -230,6 +232,9 @@ class Run:
             wall = time.perf_counter() - self._started.pop(stage.STAGE)
             config = self.stage_config(stage)
             summary = {**(summary or {}), "wall_s": round(wall, 2), "writer": held.record()}
+            nodes = placement.collect(key)  # {role: Ray node ids} of its workers, actors and tasks
+            if nodes:
+                summary["nodes"] = nodes
             if "dataset" in config:
                 summary["dataset"] = config["dataset"]
             self.store.finalize(key, stage.STAGE, config, inputs, summary)

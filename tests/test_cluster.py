@@ -93,6 +93,19 @@ def test_autoscaler_yaml_installs_this_package(name):
     assert {"artifacts", ".venv", ".git"} <= set(cfg["rsync_exclude"])
 
 
+def test_fake_multinode_yaml_matches_ray_schema(ray_schema_validator):
+    """The local autoscaling rehearsal (tests/test_multinode.py): Ray's schema, a head with no
+    CPUs (stage work must go to workers), workers from zero. Not through ``prepare_config``: it
+    merges the fake provider's defaults from an example.yaml that the Ray wheel does not ship."""
+    cfg = load("fake-multinode.yaml")
+    assert errors(ray_schema_validator, cfg) == []
+    assert cfg["provider"]["type"] == "fake_multinode"
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0
+    workers = [t for k, t in types.items() if k != cfg["head_node_type"]]
+    assert workers and all(t["min_workers"] == 0 and t["resources"]["CPU"] >= 1 for t in workers)
+
+
 BROKEN_AUTOSCALER = [
     (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU="1"), "string resource",
      "is not of type 'integer'"),
@@ -395,6 +408,6 @@ def test_aws_workers_run_as_a_role_limited_to_the_buckets():
 
 def test_every_cluster_file_is_checked_here():
     """A new file in cluster/ needs its own checks in this module."""
-    checked = {*AUTOSCALER_YAMLS, "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "runtime_env.yaml", "README.md",
+    checked = {*AUTOSCALER_YAMLS, "fake-multinode.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "runtime_env.yaml", "README.md",
                "aws-worker-policy.json"}
     assert {p.name for p in CLUSTER.iterdir()} == checked

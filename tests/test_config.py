@@ -42,6 +42,7 @@ def test_published_settings():
     (["evaluate.seeds=[0, 1]"], ("evaluate", "seeds", [0, 1])),
     (["name=1.0"], (None, "name", "1.0")),
     (["compute.use_gpu=false"], ("compute", "use_gpu", False)),
+    (["store=/mnt/nfs/run", "store_shared=true"], (None, "store_shared", True)),
     (["evaluate.lr.vgg11=0.002"], ("evaluate", "lr", None)),
     (["data.class_names=[cat, dog]"], ("data", "class_names", ["cat", "dog"])),
     (['data.class_names={"n02": "dog", "n01": "cat/kitten"}'],
@@ -78,6 +79,8 @@ def test_overrides_are_typed(overrides, value):
     (["data.class_names=[cat, [dog]]"], "'data.class_names[1]': expected a string"),
     (["data.class_names={n01: 3}"], "'data.class_names.n01': expected a string"),
     (["data.class_names={n01: ' '}"], "'data.class_names': the name of 'n01' is empty"),
+    (["store_shared=sometimes"], "'store_shared': expected true/false"),
+    (["store=s3://b/run", "store_shared=true"], "'store_shared': declares a local store shared"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hello_ray import placement
 from hello_ray.config import DataConfig
 from hello_ray.data.errors import CorruptImageError, data_errors
 from hello_ray.data.images import decode_resized
@@ -37,6 +38,7 @@ class DecodeBatch:
         self.size, self.on_corrupt, self.keep_corrupt = image_size, on_corrupt, keep_corrupt
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        placement.record(placement.TASKS)  # once per process and stage
         n, s = len(batch["id"]), self.size
         out = np.zeros((n, s, s, 3), dtype=np.uint8)  # [N, S, S, 3]
         ok = np.ones(n, dtype=bool)

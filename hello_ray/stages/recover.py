@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hello_ray import placement
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.stages import recover_core as core
 
@@ -118,6 +119,7 @@ class ClassStatsActor:
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
+        placement.record("ClassStatsActor")  # the node it runs on: the manifest's summary["nodes"]
         self.device = torch_device(use_gpu)
         self.observer = load_observer(store, teachers_key, self.device, observer=observer)
         self.layers = core.bn_layers(self.observer)
@@ -143,6 +145,7 @@ class RecoverActor:
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
+        placement.record("RecoverActor")  # the node it runs on: the manifest's summary["nodes"]
         self.device = torch_device(use_gpu)
         self.observer = load_observer(store, teachers_key, self.device, observer=observer)
         self.stats = _load_stats(store, key) if variant == "lpld" else None

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hello_ray import placement
 from hello_ray.config import Config, ConfigError, section_dict
 from hello_ray.stages.refine_core import refine_images, refine_objective
 
@@ -75,6 +76,7 @@ class RefineBatch:
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
+        placement.record("RefineBatch")  # the node it runs on: the manifest's summary["nodes"]
 
         self.device = torch_device(use_gpu)
         self.projector = load_adapter(store.download(transfer_key), merge=True).to(self.device).eval()

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hello_ray import placement
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.stages import select_core as core
 
@@ -80,6 +81,7 @@ def crop_batch(batch: dict[str, np.ndarray], *, ranks: dict[int, int], image_siz
     from hello_ray.data.errors import CorruptImageError
     from hello_ray.data.images import decode_image, decode_resized
 
+    placement.record(placement.TASKS)
     n = len(batch["id"])
     if n == 0:
         return
@@ -124,6 +126,7 @@ class ObserverScorer:
         from hello_ray.runtime import quiet_library_logs, torch_device
 
         quiet_library_logs(worker=True)
+        placement.record("ObserverScorer")  # the node it runs on: the manifest's summary["nodes"]
 
         self.device = torch_device(use_gpu)
         self.observer = load_observer(store, teachers_key, self.device, observer=observer)

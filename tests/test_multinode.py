@@ -1,0 +1,247 @@
+"""Opt-in (HELLO_RAY_MULTINODE=1): the smoke preset on a real multi-node Ray cluster on this machine.
+
+- ``test_smoke_runs_on_worker_nodes``: a head with no CPUs and two 1-CPU worker nodes, each its
+  own ``ray start`` process tree (tests/local_cluster.py); this process is the driver, connected
+  with ``compute.address``. Every stage's Train workers, Ray Data actors and tasks must run on the
+  worker nodes: each manifest's ``summary["nodes"]`` names them, and never the head. The same
+  cluster refuses a local store (two alive nodes) unless ``store_shared=true``.
+- ``test_autoscaler_grows_from_zero_and_shrinks_back``: a head with no CPUs and Ray's fake
+  multi-node autoscaler (cluster/fake-multinode.yaml): zero workers at the start, nodes launched for
+  the stages' asks, removed when idle after the run. The alive worker count is sampled every 2 s
+  and printed.
+
+Both start a moto S3 server in its own process (tests/faults.py): the store is S3, which every node
+reaches. Minutes each on 2 cores (a smoke run plus node start-up), hence opt-in; run them one at a
+time: ``HELLO_RAY_MULTINODE=1 python -m pytest -n 0 -s tests/test_multinode.py -k autoscaler``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from faults import MotoProcess
+from local_cluster import LocalRayCluster
+
+from hello_ray.config import ConfigError, load_config
+
+pytestmark = pytest.mark.skipif(not os.environ.get("HELLO_RAY_MULTINODE"),
+                                reason="multi-node rehearsal: opt-in with HELLO_RAY_MULTINODE=1")
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_START_S = 240     # a node's raylet, agents and dashboard on a loaded 2-core machine
+SHRINK_S = 180         # idle_timeout_minutes (6 s) + the autoscaler's termination on a loaded machine
+TRAIN_STAGES = ("teachers", "transfer", "evaluate")
+ACTORS = {"select": "ObserverScorer", "refine": "RefineBatch"}
+
+
+@pytest.fixture
+def s3_env(monkeypatch) -> dict[str, str]:
+    """A moto server in its own process and a fresh bucket; the AWS variables for the driver (set
+    here) and for the nodes (returned: their Ray workers inherit them from the raylet)."""
+    import boto3
+
+    moto = MotoProcess()
+    env = {"AWS_ENDPOINT_URL_S3": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"hr-mn-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto.endpoint).create_bucket(Bucket=bucket)
+    yield {**env, "HR_BUCKET": bucket}
+    moto.stop()
+
+
+@pytest.fixture
+def cluster(s3_env):
+    """A stopped-at-the-end cluster whose nodes import this checkout and reach the S3 server."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray connection; run this file on its own")
+    env = {k: v for k, v in s3_env.items() if k != "HR_BUCKET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    for var in ("RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        env[var] = os.environ.setdefault(var, {"RAY_TRAIN_V2_ENABLED": "1"}.get(var, os.environ.get(var, "")))
+    c = LocalRayCluster(env=env)
+    yield c
+    ray.shutdown()
+    c.stop()
+    assert c.stray_pids() == []
+    shutil.rmtree(c.temp_dir, ignore_errors=True)  # a failure's node logs are in its message already
+
+
+def connect(c: LocalRayCluster, cfg: Any, workers: int) -> dict[str, Any]:
+    """Driver connection through the pipeline's own ``ensure_ray(compute)``; waits for the head and
+    ``workers`` worker nodes. Returns the alive nodes by id."""
+    import ray
+
+    from hello_ray.runtime import ensure_ray
+
+    deadline = time.monotonic() + NODE_START_S
+    while True:
+        try:
+            ensure_ray(cfg.compute)
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no Ray head at {c.address}:\n{c.tail()}") from None
+            time.sleep(2)
+    while True:
+        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        if len(alive) == workers + 1:
+            return alive
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(alive)} of {workers + 1} nodes up:\n{c.tail()}")
+        time.sleep(2)
+
+
+def head_id() -> str:
+    import ray
+
+    (head,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+    return head
+
+
+def stage_nodes(cfg: Any, keys: dict[str, str]) -> dict[str, dict[str, list[str]]]:
+    """Each stage's ``summary["nodes"]`` from its manifest in the store."""
+    from hello_ray.pipeline import open_run_store
+
+    store = open_run_store(cfg)
+    return {stage: store.manifest(key)["summary"].get("nodes", {})
+            for stage, key in keys.items() if stage != "images"}
+
+
+def assert_on_workers(nodes: dict[str, dict[str, list[str]]], head: str) -> None:
+    """Every stage recorded where it ran, with its own kind of worker, and never the head."""
+    print("\nnode ids per stage (role: nodes):")
+    for stage, roles in nodes.items():
+        print(f"  {stage:9s} " + "; ".join(f"{r}: {', '.join(n[-8:] for n in ids)}" for r, ids in roles.items()))
+    assert set(nodes) >= {*TRAIN_STAGES, *ACTORS}
+    for stage, roles in nodes.items():
+        assert roles, f"{stage} recorded no nodes"
+        for role, ids in roles.items():
+            assert ids and head not in ids, f"{stage} {role} ran on the head {head[-8:]}: {ids}"
+    for stage in TRAIN_STAGES:
+        assert nodes[stage].get("train_workers"), nodes[stage]
+        assert nodes[stage].get("tasks"), nodes[stage]   # the decode tasks feeding the workers
+    for stage, actor in ACTORS.items():
+        assert nodes[stage].get(actor), nodes[stage]
+
+
+def busy(address: str) -> str:
+    """What keeps worker nodes up: alive actors by node, and each node's resource usage as the
+    autoscaler sees it (its object store included)."""
+    import json
+
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+    from ray.util.state import list_actors
+
+    lines = [f"actor {a.class_name} on {a.node_id[-8:]}" for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])]
+    status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+    usage = (status.get("load_metrics_report") or {}).get("usage_by_node") or {}
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    lines += [f"node {n[-8:]} usage {u}" for n, u in usage.items() if n in alive]
+    return "\n".join(lines)
+
+
+def smoke(bucket: str, address: str, *extra: str) -> Any:
+    return load_config("smoke", overrides=[f"store=s3://{bucket}/run", f"compute.address={address}", *extra])
+
+
+def test_smoke_runs_on_worker_nodes(cluster, s3_env, tmp_path):
+    from hello_ray import pipeline
+
+    t0 = time.perf_counter()
+    cluster.start_head(num_cpus=0)
+    cluster.add_worker(num_cpus=1)
+    cluster.add_worker(num_cpus=1)
+    cfg = smoke(s3_env["HR_BUCKET"], cluster.address)
+    alive = connect(cluster, cfg, workers=2)
+    head = head_id()
+    up = time.perf_counter() - t0
+
+    # The shared-store rule, on this real 2-worker cluster, before any stage could run.
+    local = load_config("smoke", overrides=[f"store={tmp_path / 'store'}", f"compute.address={cluster.address}"])
+    with pytest.raises(ConfigError, match="3 alive nodes"):
+        pipeline.check_resources(local)
+    pipeline.check_resources(load_config("smoke", overrides=[
+        f"store={tmp_path / 'store'}", "store_shared=true", f"compute.address={cluster.address}"]))
+
+    t1 = time.perf_counter()
+    result = pipeline.distill(cfg)
+    run_s = time.perf_counter() - t1
+    nodes = stage_nodes(cfg, result.keys)
+    print(f"\ncluster up in {up:.1f} s; smoke run {run_s:.1f} s; head {head[-8:]}, workers "
+          f"{', '.join(n[-8:] for n in alive if n != head)}")
+    assert_on_workers(nodes, head)
+    used = {n for roles in nodes.values() for ids in roles.values() for n in ids}
+    assert used <= set(alive) - {head}
+    assert result.rows  # the run finished with results
+
+
+def test_autoscaler_grows_from_zero_and_shrinks_back(cluster, s3_env):
+    import ray
+
+    from hello_ray import pipeline, placement
+
+    t0 = time.perf_counter()
+    cluster.start_head(autoscaling_config=yaml.safe_load((ROOT / "cluster" / "fake-multinode.yaml").read_text()))
+    cfg = smoke(s3_env["HR_BUCKET"], cluster.address)
+    connect(cluster, cfg, workers=0)
+    head = head_id()
+    deadline = time.monotonic() + 60  # the monitor's first report follows the head's first load report
+    while not placement.autoscaler_running() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert placement.autoscaler_running()  # what makes a local store "multi-node" at one node
+
+    series: list[tuple[float, int]] = []   # (seconds since the head was asked for, alive workers)
+
+    def sample(stop: threading.Event) -> None:
+        while not stop.is_set():
+            series.append((round(time.perf_counter() - t0, 1), sum(n["Alive"] for n in ray.nodes()) - 1))
+            stop.wait(2.0)
+
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(stop,), daemon=True)
+    sampler.start()
+    try:
+        while not series:
+            time.sleep(0.1)
+        t1 = time.perf_counter()
+        result = pipeline.distill(cfg)
+        run_s, ran_until = time.perf_counter() - t1, time.perf_counter() - t0
+    finally:
+        stop.set()
+        sampler.join()
+    nodes = stage_nodes(cfg, result.keys)
+    # The run ends as a submitted job does: its driver disconnects, and the job's actors and objects
+    # go with it. While connected, one worker stayed busy for good (seen: TrainController and
+    # DatasetManager actors still alive, 0.6 MB held in that worker's object store). A fresh
+    # connection (another job, holding nothing) watches the workers go.
+    ray.shutdown()
+    ray.init(address=cluster.address)
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(stop,), daemon=True)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + SHRINK_S
+        while time.monotonic() < deadline and (series[-1][0] < ran_until or series[-1][1] > 0):
+            time.sleep(2)
+    finally:
+        stop.set()
+        sampler.join()
+    print(f"\nsmoke run {run_s:.1f} s (ended at {ran_until:.1f} s); alive worker nodes over time (s, n):")
+    print(" ".join(f"{t:g}:{n}" for t, n in series))
+    assert series[0][1] == 0, "the cluster did not start from zero workers"
+    assert max(n for _, n in series) >= 1, "the autoscaler never added a node"
+    assert series[-1][1] == 0, f"idle workers were not removed within {SHRINK_S} s of the run:\n{busy(cluster.address)}"
+    assert_on_workers(nodes, head)
