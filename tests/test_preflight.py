@@ -156,19 +156,28 @@ def test_ask_beyond_every_node_type_names_the_stage(tmp_path):
                          "  head: {resources: {CPU: 4}, node_config: {}}\n"
                          "  cpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 8}, node_config: {}}\n")
     report = CheckReport()
-    checks.check_resources(_cfg("unused", "unused", "compute.use_gpu=true"), report, str(yaml_path))
+    checks.check_resources(_cfg("unused", "s3://b/run", "compute.use_gpu=true"), report, str(yaml_path))
     (failure,) = report.failures()
     assert failure.name == "resources" and "stage 'teachers'" in failure.detail
     assert "GPU" in failure.detail and "wait forever" in failure.detail
     report = CheckReport()  # the same run without GPUs fits
-    checks.check_resources(_cfg("unused", "unused"), report, str(yaml_path))
+    checks.check_resources(_cfg("unused", "s3://b/run"), report, str(yaml_path))
+    assert report.ok, report.checks
+    # A local store on those several machines: refused unless declared shared (placement's rule).
+    report = CheckReport()
+    checks.check_resources(_cfg("unused", str(tmp_path / "store")), report, str(yaml_path))
+    (failure,) = report.failures()
+    assert failure.name == "store.shared" and "worker node types" in failure.detail and "store_shared" in failure.detail
+    report = CheckReport()
+    checks.check_resources(_cfg("unused", str(tmp_path / "store"), "store_shared=true"), report, str(yaml_path))
     assert report.ok, report.checks
 
 
 def test_shipped_aws_cluster_holds_imagenet1k():
-    """cluster/aws.yaml's node types hold every stage of the imagenet1k preset (8 GPU workers)."""
+    """cluster/aws.yaml's node types hold every stage of the imagenet1k preset (8 GPU workers), with
+    the S3 store the preset's header names (its default ./artifacts is refused on several machines)."""
     report = CheckReport()
-    cfg = load_config("imagenet1k", None, ["data.source=unused"])
+    cfg = load_config("imagenet1k", None, ["data.source=unused", "store=s3://my-bucket/hello_ray"])
     checks.check_resources(cfg, report, str(Path(__file__).resolve().parent.parent / "cluster" / "aws.yaml"))
     assert report.ok, report.checks
 

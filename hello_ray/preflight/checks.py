@@ -429,6 +429,7 @@ def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None =
         report.add("resources", "fail", str(e))
         return
     where = cluster_yaml or "this Ray cluster"
+    _check_store_shared(cfg, report, nodes, cluster_yaml)
     problems = [p for p in (fit_stage(s.STAGE, stage_bundles(s, cfg), nodes, where)
                             for s in pipeline.active_stages(cfg)) if p]
     if problems and not cluster_yaml and (cfg.compute.address or os.environ.get("RAY_ADDRESS")):
@@ -442,6 +443,24 @@ def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None =
         return
     asks = ", ".join(f"{s.STAGE} {_fmt(s.resources(cfg))}" for s in pipeline.active_stages(cfg))
     report.add("resources", "ok", f"{where} can hold every stage's ask: {asks}")
+
+
+def _check_store_shared(cfg: Config, report: CheckReport, nodes: list[NodeType], cluster_yaml: str | None) -> None:
+    """The run's rule (``placement.check_store_shared``) on the cluster checked here: a local store
+    on a cluster of several machines (alive now, or the YAML's worker types) needs store_shared."""
+    from hello_ray import placement
+
+    if cluster_yaml:
+        several = len(nodes) > 1 or any(n.max_count > 1 for n in nodes)  # the head type counts once
+        reason = f"the autoscaler config {cluster_yaml} has worker node types" if several else ""
+    else:
+        import ray
+
+        reason = placement.multinode_reason(ray.nodes(), placement.autoscaler_running())
+    try:
+        placement.check_store_shared(cfg.store, cfg.store_shared, reason)
+    except ConfigError as e:
+        report.add("store.shared", "fail", str(e))
 
 
 # ---------------------------------------------------------------------------- all
