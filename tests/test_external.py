@@ -233,3 +233,28 @@ def test_an_external_set_on_s3_reads_like_a_local_one(world, s3_bucket):
     a, b = load_image_set(remote.store, run_external(remote)), load_image_set(local.store, run_external(local))
     assert np.array_equal(a.images.numpy(), b.images.numpy()) and a.labels.tolist() == b.labels.tolist()
     assert a.meta["external"]["path"] == f"s3://{bucket}/syn" and remote.keys["external"] != local.keys["external"]
+
+
+def test_preflight_checks_and_rehearses_an_external_set(world):
+    """hello-ray preflight on images.source=external: the folders are mapped as Run.start maps them
+    (a mismatch is the failed check 'images.external', naming both orders), the stage's resources
+    are a driver-side ask, and the rehearsal reads a few of the set's own images into the cost table."""
+    from hello_ray.preflight import checks
+    from hello_ray.preflight.cost import cost_table, load_devices
+    from hello_ray.preflight.rehearsal import Rehearsal
+
+    root, store_uri, names = world
+    src = _write_set(root / "set-preflight", "rded", ipc=2)
+    report, store = checks.run_checks(_cfg(store_uri, src), probe_network=False)
+    assert report.ok, report.failures()
+    assert report.facts["external_images"] == 20 and "images.external" in {c.name for c in report.checks}
+    reh = Rehearsal(_cfg(store_uri, src), store, len(names), names, "random-init", steps=2)
+    (r,) = reh.run(["external"], startup=False)
+    assert r.stage == "external" and r.steps == 2 and r.step_s > 0
+    (row,) = cost_table(_cfg(store_uri, src), report.facts, [r], load_devices())["stages"]
+    assert row["items"] == 20 and row["bytes"] > 0 and row["seconds_here"] > 0
+
+    named = _write_set(root / "set-preflight-names", "folders", ipc=1)  # alphabetical != label order
+    report, _ = checks.run_checks(_cfg(store_uri, named), probe_network=False)
+    (failure,) = report.failures()
+    assert failure.name == "images.external" and "training classes (label order)" in failure.detail

@@ -280,6 +280,24 @@ def _reachable(url: str, timeout: float = 3.0) -> str:
         return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
+def check_external(cfg: Config, store: Any, report: CheckReport) -> None:
+    """images.source=external: the set's folders listed and mapped onto the training classes, as
+    ``Run.start`` does (``stages/external.check_sources``: no image read; a mismatch names both orders)."""
+    if cfg.images.source != "external" or store is None:
+        return
+    from hello_ray.data.errors import DataError
+    from hello_ray.stages import external
+
+    try:
+        plan = external.check_sources(cfg, store)
+    except (ConfigError, DataError, OSError) as e:
+        report.add("images.external", "fail", str(e))
+        return
+    report.facts["external_images"] = plan.listing.num_images
+    report.add("images.external", "ok", f"{plan.layout} layout, {len(plan.listing.folders)} folders, "
+               f"{plan.listing.num_images} images, each folder mapped to a training class")
+
+
 def check_weights(cfg: Config, report: CheckReport, probe_network: bool = True) -> None:
     """The CLIP model name, and whether its pretrained weights are here or downloadable from here."""
     import open_clip
@@ -347,6 +365,8 @@ def stage_bundles(stage: Any, cfg: Config) -> list[dict[str, float]]:
     name = stage.STAGE
     if name in ("teachers", "transfer", "evaluate"):
         out = [{"CPU": c.cpus_per_worker, "GPU": gpu}] * c.num_workers + [read]
+    elif not hasattr(cfg, name):  # a stage without a section of actors (external: the driver's read threads)
+        out = [{"CPU": 0.0, "GPU": 0.0, **stage.resources(cfg)}]
     else:
         sec = getattr(cfg, name)
         out = [{"CPU": sec.actor_cpus, "GPU": gpu}] * sec.num_actors
@@ -477,6 +497,7 @@ def run_checks(cfg: Config, cluster_yaml: str | None = None, sample_images: int 
     store = check_store(cfg, report)
     ensure_ray(cfg.compute)  # the data checks read through Ray Data, as the run does
     check_data(cfg, store, report, sample_images)
+    check_external(cfg, store, report)
     check_weights(cfg, report, probe_network)
     _check_observer_weights(cfg, report)
     check_resources(cfg, report, cluster_yaml)

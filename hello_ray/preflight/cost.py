@@ -56,6 +56,8 @@ def parallel_here(cfg: Config, stage: str, cores: int) -> int:
     (OMP_NUM_THREADS = its whole CPUs, at least 1), at most the machine's cores."""
     if stage in ("teachers", "transfer", "evaluate"):
         units, cpus = cfg.compute.num_workers, cfg.compute.cpus_per_worker
+    elif not hasattr(cfg, stage):  # external: read threads in the driver, timed on the wall clock
+        return 1
     else:
         sec = getattr(cfg, stage)
         units, cpus = sec.num_actors, sec.actor_cpus
@@ -108,6 +110,12 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
         out["recover"] = {"work": f"{images:,} images x {rc.iterations} iterations", "items": n,
                           "flops": n * s.flops_per_item, "seconds_here": n * item_s(s, "recover"),
                           "bytes": images * png, "bytes_what": f"{images:,} PNGs", "units": rc.num_actors}
+    if "external" in r:
+        s = r["external"]
+        n = int(s.extra["images"])
+        out["external"] = {"work": f"{n:,} external images read, decoded, written", "items": n, "flops": 0.0,
+                           "seconds_here": n * s.item_s, "bytes": int(n * s.extra["png_bytes_per_image"]),
+                           "bytes_what": f"{n:,} PNGs", "units": 1}
     if "transfer" in r:
         s, tc = r["transfer"], cfg.transfer
         n = train * tc.epochs

@@ -235,6 +235,29 @@ class Rehearsal:
                                      "forward_cpu_item_s": fwd_cpu_item_s,
                                      "params": sum(p.numel() for p in model.parameters())})
 
+    def external(self, sample: Sample) -> StageRehearsal:
+        """A few of the external set's own images read, decoded and PNG-encoded as its stage does."""
+        from hello_ray.data.images import encode_png
+        from hello_ray.data.sources import _fs_for, _read_all
+        from hello_ray.stages import external
+        from hello_ray.stages.external_core import decode_external
+
+        plan = external.check_sources(self.cfg, self.store)
+        fs, _ = _fs_for(self.cfg.images.path, self.store)
+        files = [(p, f"{plan.listing.root}/{r}") for ps, rs in zip(plan.listing.files, plan.listing.rel)
+                 for p, r in zip(ps, rs)][:max(1, self.steps)]
+        png = 0
+        with Clock() as c:
+            for path, where in files:
+                img, _ = decode_external(_read_all(fs, path), where, self.S, self.cfg.images.resize)
+                png += len(encode_png(img))
+        n = len(files)
+        self._cpu = c.cpu / n
+        return StageRehearsal("external", "stages/external_core.decode_external in the driver (read, decode, "
+                              "PNG), as the stage's read threads do", "external image", 1, n, c.wall / n,
+                              0.0, 0, "", extra={"images": plan.listing.num_images,
+                                                 "png_bytes_per_image": png / n})
+
     def select(self, sample: Sample) -> StageRehearsal:
         from hello_ray.data.images import decode_image, encode_png
         from hello_ray.stages.select_core import cap_side, make_crops, score_crops, stitch
