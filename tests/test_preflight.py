@@ -284,3 +284,23 @@ def test_rehearsal_of_lpld_recover(ray_local, synth_root, tmp_path):
     assert recover.stage == "recover" and recover.step_s > 0 and recover.flops_per_item > teachers.extra[
         "forward_flops_per_item"]  # an iteration is a forward and a backward to the pixels
     assert recover.batch <= cfg.select.ipc
+
+
+def test_startup_skips_an_ask_this_ray_cannot_hold(ray_local, tmp_path):
+    """A run rehearsed on a machine that cannot hold its workers (a GPU cluster's preset checked with
+    --cluster on a laptop; here 64 Train workers on a 2-CPU Ray) gets no start-up measurement: a
+    Ray Train launch would wait forever for them. The actor stage that fits is still measured."""
+    import threading
+
+    from hello_ray.preflight.rehearsal import Rehearsal
+    from hello_ray.store import open_store
+
+    cfg = _cfg("unused", str(tmp_path / "store"), "compute.num_workers=64")
+    reh = Rehearsal(cfg, open_store(cfg.store), 3, [], "random-init")
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(reh.startup(["teachers", "select", "evaluate"])),
+                              daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the start-up measurement waited for workers this Ray cannot hold"
+    assert set(out) == {"select"} and out["select"] > 0
