@@ -104,12 +104,15 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
         out["select"] = {"work": f"{C:,} classes x {per_class} images x {sel.num_crop} crops", "items": crops,
                          "flops": crops * s.flops_per_item, "seconds_here": crops * item_s(s, "select"),
                          "bytes": images * png, "bytes_what": f"{images:,} PNGs", "units": sel.num_actors}
+    def per_image_steps(stage: str, steps: int, what: str) -> dict[str, Any]:
+        """recover and refine: every distilled image takes ``steps`` optimisation steps, then a PNG."""
+        s, n = r[stage], images * steps
+        return {"work": f"{images:,} images x {steps} {what}", "items": n, "flops": n * s.flops_per_item,
+                "seconds_here": n * item_s(s, stage), "bytes": images * png, "bytes_what": f"{images:,} PNGs",
+                "units": getattr(cfg, stage).num_actors}
+
     if "recover" in r:
-        s, rc = r["recover"], cfg.recover
-        n = images * rc.iterations
-        out["recover"] = {"work": f"{images:,} images x {rc.iterations} iterations", "items": n,
-                          "flops": n * s.flops_per_item, "seconds_here": n * item_s(s, "recover"),
-                          "bytes": images * png, "bytes_what": f"{images:,} PNGs", "units": rc.num_actors}
+        out["recover"] = per_image_steps("recover", cfg.recover.iterations, "iterations")
     if "external" in r:
         s = r["external"]
         n = int(s.extra["images"])
@@ -126,11 +129,7 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
                            "bytes": s.extra["adapter_bytes"], "bytes_what": "adapter", "units": workers,
                            "lora_params": s.extra["lora_params"]}
     if "refine" in r:
-        s, rf = r["refine"], cfg.refine
-        n = images * rf.steps
-        out["refine"] = {"work": f"{images:,} images x {rf.steps} steps", "items": n,
-                         "flops": n * s.flops_per_item, "seconds_here": n * item_s(s, "refine"),
-                         "bytes": images * png, "bytes_what": f"{images:,} PNGs", "units": rf.num_actors}
+        out["refine"] = per_image_steps("refine", cfg.refine.steps, "steps")
     if "evaluate" in r:
         from hello_ray.stages.evaluate import plan_rows
 
