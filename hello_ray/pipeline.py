@@ -90,11 +90,8 @@ def check(cfg: Config) -> None:
 def active_stages(cfg: Config) -> list[ModuleType]:
     """The stages a full run executes, in order: the image source ``images.source`` names (select
     for rded, recover for sre2l / lpld, external for external), refine only when enabled."""
-    skip = {recover if cfg.images.source == "rded" else select}
-    if cfg.images.source == "external":
-        skip.add(recover)
-    else:
-        skip.add(external)
+    image_stage = {"rded": select, "external": external}.get(cfg.images.source, recover)
+    skip = {select, recover, external} - {image_stage}
     if not cfg.refine.enabled:
         skip.add(refine)
     return [s for s in STAGES if s not in skip]
