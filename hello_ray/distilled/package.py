@@ -9,7 +9,6 @@ changed or truncated file raises ``IntegrityError`` naming it before its bytes a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import tempfile
@@ -178,6 +177,7 @@ def _resolve_pretrained(pretrained: str, proj: dict[str, Any], override: str | N
     An open_clip tag (``openai``) is public and downloaded by open_clip; ``random-init`` (tests and
     the demo) is regenerated from its seed, so its recipe version must match; a local file must be
     the same file (sha256), given as ``pretrained=`` when the exporter's path does not exist here."""
+    from hello_ray.filehash import cached_sha256
     from hello_ray.models.clip import pretrained_identity
 
     want = proj.get("pretrained_identity")
@@ -186,7 +186,7 @@ def _resolve_pretrained(pretrained: str, proj: dict[str, Any], override: str | N
         if not os.path.isfile(candidate):
             raise FileNotFoundError(f"{uri}: the adapter was trained on the local CLIP weights file "
                                     f"{pretrained!r} ({want}); pass labeller(pretrained=<a copy of that file>)")
-        got = "file-sha256:" + _sha256(candidate)
+        got = "file-sha256:" + cached_sha256(candidate)
         if got != want:
             raise ValueError(f"{uri}: CLIP weights {candidate!r} are not the ones the adapter was trained on "
                              f"({got[:24]}... != {want[:24]}...)")
@@ -196,14 +196,6 @@ def _resolve_pretrained(pretrained: str, proj: dict[str, Any], override: str | N
                          f"here is {pretrained_identity(candidate)!r} (another hello_ray's random-init "
                          "recipe?); use the hello_ray version recorded in the card")
     return candidate
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_package(uri: str, endpoint_url: str | None = None) -> DistilledSet:
