@@ -42,6 +42,7 @@ CHECKPOINTS_KEPT = 2  # the last finished epoch/row and the one before it (a tor
 DRILL_PREFIX = "_drill-"  # fault-drill markers live under their own (never finalized) key
 DRILL_WAIT_S = 120.0  # how long a drilled worker waits for its killer before failing the drill
 T = TypeVar("T")
+PG_CLEANER_ENV = "HELLO_RAY_PG_CLEANER"  # 1/0: whether Train runs get Ray's placement-group cleaner
 
 
 class StageFailed(RuntimeError):
@@ -50,10 +51,14 @@ class StageFailed(RuntimeError):
 
 
 def _trainer_class() -> type:
-    """TorchTrainer whose controller uses :class:`hello_ray.retry_policy.NoRetryOnFatal`.
+    """TorchTrainer whose controller uses :class:`hello_ray.retry_policy.NoRetryOnFatal`, and
+    that starts Ray Train's placement-group cleaner only where it can work.
 
     Ray Train V2 builds its failure policy inside ``fit`` from ``FailureConfig`` alone; the one
-    seam is the keyword arguments it hands the controller it starts.
+    seam is the keyword arguments it hands the controller it starts. The cleaner is a detached
+    actor per run that asks the State API (served by the dashboard) every second whether the
+    controller lives, and removes the run's placement group when the answer is no: see
+    :func:`keep_placement_group_cleaner`.
     """
     from ray.train.torch import TorchTrainer
 
@@ -64,7 +69,37 @@ def _trainer_class() -> type:
             controller_init_kwargs["failure_policy"] = NoRetryOnFatal(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if keep_placement_group_cleaner():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
     return Trainer
+
+
+def keep_placement_group_cleaner() -> bool:
+    """Whether a Train run gets Ray's placement-group cleaner: only on a Ray with a dashboard.
+
+    The cleaner learns whether the run's controller lives from the State API, which the dashboard
+    serves. Without one (``include_dashboard=False``, as in the tests) it cannot know, and the
+    address it falls back to (127.0.0.1:8265) may be *another* Ray's dashboard on the same host,
+    which knows no such actor: the cleaner then removes the placement group of a live run, and
+    Ray Train restarts it. Such a cleaner would also cost each launch a detached actor and a
+    State API call a second. Its one job, freeing a dead controller's placement group, is done
+    by Ray anyway when the driver's job ends. Only a driver can tell (a worker process reads the
+    address Ray registers either way), so code that launches from a worker, such as a Tune trial,
+    is handed the driver's answer in ``PG_CLEANER_ENV`` (``1``/``0``, which also overrides).
+    """
+    forced = os.environ.get(PG_CLEANER_ENV, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return bool(get_dashboard_url())
+    except Exception:  # not connected, or a Ray without this helper: keep Ray's default
+        return True
 
 
 def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,

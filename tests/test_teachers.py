@@ -241,6 +241,20 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint_in_s3(trained_s3):
     assert any(n.endswith("/state.pt") for n in names), names[:10]
 
 
+def test_train_runs_skip_the_placement_group_cleaner_without_a_dashboard(trained_s3, monkeypatch):
+    """The tests' Ray has no dashboard, so no State API: Ray Train's placement-group cleaner could
+    not see the controller (and may ask another Ray's dashboard on 127.0.0.1:8265), so the
+    launcher starts none. The fixture's run (two attempts) still had its controller and workers."""
+    import ray._private.state
+
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= started and "PlacementGroupCleaner" not in started
+    assert launcher.keep_placement_group_cleaner() is False  # this driver's Ray: no dashboard
+    for forced, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(launcher.PG_CLEANER_ENV, forced)
+        assert launcher.keep_placement_group_cleaner() is expected
+
+
 def test_window_resolves_to_the_stored_checkpoints(trained_s3):
     _, store, key, _, _ = trained_s3
     ens = TeacherEnsemble.from_trajectory(store, key, "1-3", 3, "cpu")
