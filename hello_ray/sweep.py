@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from hello_ray.config import Config
+from hello_ray.launcher import keep_placement_group_cleaner
 from hello_ray.lease import LeaseHeld
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
                                 run_transfer)
@@ -42,6 +43,13 @@ def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
     return t.validate()
 
 
+def trial_grid(cfg: Config) -> list[dict[str, Any]]:
+    """Every trial of the sweep: each of ``sweep.conv_ranks`` with each of ``sweep.windows``, ranks
+    outer. The grid is ours (one Tune ``grid_search`` over its points), so it is pinned by a test
+    without starting Tune."""
+    return [{"conv_rank": int(r), "window": str(w)} for r in cfg.sweep.conv_ranks for w in cfg.sweep.windows]
+
+
 def trial_run(cfg: Config, keys: dict[str, str]) -> Run:
     """A Run of one trial's config that starts from the shared teachers and source images (the
     selection, or recover's images)."""
@@ -53,7 +61,13 @@ def run_trial(params: dict[str, Any]) -> None:
     report top-1."""
     from ray import tune
 
-    t = trial_config(params["cfg"], params["conv_rank"], params["window"])
+    import os
+
+    from hello_ray.launcher import PG_CLEANER_ENV
+
+    os.environ[PG_CLEANER_ENV] = params["pg_cleaner"]  # the driver's answer: a trial cannot tell
+    point = params["trial"]
+    t = trial_config(params["cfg"], point["conv_rank"], point["window"])
     run = trial_run(t, params["keys"])
     store = run.store
     k_transfer = run_transfer(run)
@@ -82,8 +96,9 @@ def sweep(cfg: Config) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t0 = time.perf_counter()
-    for w in cfg.sweep.windows:  # fail before any compute, not in the middle of the grid
-        trial_config(cfg, cfg.sweep.conv_ranks[0], w)
+    grid = trial_grid(cfg)
+    for point in grid:  # fail before any compute, not in the middle of the grid
+        trial_config(cfg, point["conv_rank"], point["window"])
     shared = Run.start(cfg)
     store = shared.store
     source = run_source_images(shared)  # select or recover, by images.source
@@ -96,9 +111,8 @@ def sweep(cfg: Config) -> dict[str, Any]:
     tuner = tune.Tuner(
         # The trial's own process does no compute: its Train workers and actors ask for theirs.
         tune.with_resources(run_trial, {"CPU": 0.01}),
-        param_space={"cfg": cfg, "keys": keys,
-                     "conv_rank": tune.grid_search(list(cfg.sweep.conv_ranks)),
-                     "window": tune.grid_search(list(cfg.sweep.windows))},
+        param_space={"cfg": cfg, "keys": keys, "trial": tune.grid_search(grid),
+                     "pg_cleaner": "1" if keep_placement_group_cleaner() else "0"},
         tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
                                     max_concurrent_trials=cfg.sweep.max_concurrent),
         run_config=tune.RunConfig(name=f"sweep-{source}", storage_path=storage_path,
@@ -108,8 +122,9 @@ def sweep(cfg: Config) -> dict[str, Any]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append({"conv_rank": r.config["conv_rank"], "window": r.config["window"],
-                     "head_rank": r.config["conv_rank"] * cfg.sweep.head_rank_per_conv_rank,
+        point = r.config["trial"]
+        rows.append({"conv_rank": point["conv_rank"], "window": point["window"],
+                     "head_rank": point["conv_rank"] * cfg.sweep.head_rank_per_conv_rank,
                      "top1": m.get("top1"), "agreement": m.get("agreement", m.get("score")),
                      "stopped_early": m.get("rung") != "evaluate",
                      "error": str(r.error) if r.error else ""})
