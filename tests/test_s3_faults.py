@@ -4,9 +4,9 @@ These need a real Ray Train run: the faults hit the three S3 clients of a stage 
 in the driver and the Train workers, pyarrow in Ray Train's checkpoint storage and in the Ray Data
 readers), and what is tested is how the *stage* comes out: a bounded, named failure, then a
 resume from the checkpoint in S3; or a run that completes. The teachers stage at its smallest
-(one worker, 10 digits per class, 3 epochs) is the cheapest stage with checkpoints. (Restarts are
-not asserted away: with the tests' dashboard-less Ray, Ray Train's placement-group cleaner can
-take a live run for dead and restart it, whatever S3 does.)
+(one worker, 10 digits per class, 3 epochs) is the cheapest stage with checkpoints. (The number of
+restarts is bounded, not pinned. Ray Train's placement-group cleaner, which once restarted live
+runs here, is not started on the tests' dashboard-less Ray: launcher.keep_placement_group_cleaner.)
 The S3 server is moto in its own process (tests/faults.py), so it can really be paused.
 """
 from __future__ import annotations
