@@ -46,11 +46,6 @@ def _fs(uri: str, store: Any):
     return fs, root.rstrip("/")
 
 
-def _read(fs, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
 def list_records(fs, root: str, where: str) -> tuple[dict[tuple[int, int], str], str | None]:
     """{(epoch, batch): path} of a record folder and the path of its sampler-index file (or None).
     FkdFormatError when an epoch or a batch is missing from the middle (a partial copy)."""
@@ -69,9 +64,11 @@ def list_records(fs, root: str, where: str) -> tuple[dict[tuple[int, int], str],
             records[eb] = info.path
     if not records:
         raise fkd.FkdFormatError(f"{where}: no FKD records (epoch_<e>/batch_<b>.tar) found")
-    epochs = sorted({e for e, _ in records})
-    for e in range(max(epochs) + 1):
-        batches = sorted(b for ee, b in records if ee == e)
+    by_epoch: dict[int, list[int]] = {}
+    for e, b in records:  # one pass: an ImageNet import holds ~10^5 records
+        by_epoch.setdefault(e, []).append(b)
+    for e in range(max(by_epoch) + 1):
+        batches = sorted(by_epoch.get(e, []))
         if not batches or batches != list(range(len(batches))):
             missing = sorted(set(range(max(batches, default=0) + 1)) - set(batches)) if batches else [0]
             raise fkd.FkdFormatError(f"{where}: missing {fkd.record_name(e, missing[0])} (epochs and batches must "
@@ -81,11 +78,13 @@ def list_records(fs, root: str, where: str) -> tuple[dict[tuple[int, int], str],
 
 def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads: int = 8) -> str:
     """Import the record folder ``src`` as stored labels of image set ``images_key``; returns the
-    ``labels-*`` artifact key (reused when already imported). Every record is checked (shapes,
-    class count, batch sizes against the image order) before anything is written."""
+    ``labels-*`` artifact key (reused when already imported). The folder's epochs, batch counts
+    and image order are checked before anything is written; each record's shapes and class count
+    as its epoch is converted (a bad record stops the import before the artifact is finalized)."""
     from hello_ray.data.fingerprint import folder_fingerprint
     from hello_ray.data.imageset import read_image_set_info
     from hello_ray.data.readers import display_path
+    from hello_ray.data.sources import _read_all
 
     fs, root = _fs(src, store)
     where = display_path(fs, root)
@@ -99,11 +98,13 @@ def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads
     n_images, size, classes = int(info["num_images"]), int(info["image_size"]), len(info["class_names"])
     records, sampler = list_records(fs, root, where)
     n_epochs = max(e for e, _ in records) + 1
-    per_epoch = {e: sum(1 for ee, _ in records if ee == e) for e in range(n_epochs)}
-    first = fkd.load_record(_read(fs, records[(0, 0)]), f"{where}/{fkd.record_name(0, 0)}")
+    per_epoch = dict.fromkeys(range(n_epochs), 0)
+    for e, _ in records:
+        per_epoch[e] += 1
+    first = fkd.load_record(_read_all(fs, records[(0, 0)]), f"{where}/{fkd.record_name(0, 0)}")
     batch_size = int(first.coords.shape[0])
     if sampler:
-        order = fkd.split_epoch_indices(fkd.read_sampler_indices(_read(fs, sampler), display_path(fs, sampler)),
+        order = fkd.split_epoch_indices(fkd.read_sampler_indices(_read_all(fs, sampler), display_path(fs, sampler)),
                                         batch_size)
         how = f"LPLD's {fkd.SAMPLER_INDICES}"
     else:
@@ -122,7 +123,7 @@ def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads
 
     def view(e: int, b: int) -> tuple[int, View]:
         rel = f"{where}/{fkd.record_name(e, b)}"
-        rec = first if (e, b) == (0, 0) else fkd.load_record(_read(fs, records[(e, b)]), rel)
+        rec = first if (e, b) == (0, 0) else fkd.load_record(_read_all(fs, records[(e, b)]), rel)
         return b, record_to_view(rec, order[e][b], size, classes, n_images, rel)
 
     # One epoch in memory at a time (ImageNet-1K at batch 1024: 1252 records of ~2 MB); the records
@@ -148,8 +149,9 @@ def record_to_view(rec: fkd.FkdRecord, index: list[int], image_size: int, num_cl
     n = rec.coords.shape[0]
     if len(index) != n:
         raise fkd.FkdFormatError(f"{where}: {n} crops but its batch has {len(index)} images")
-    if max(index) >= n_images:
-        raise fkd.FkdFormatError(f"{where}: image index {max(index)} beyond the image set's {n_images} images")
+    if max(index) >= n_images or min(index) < 0:
+        bad = max(index) if max(index) >= n_images else min(index)
+        raise fkd.FkdFormatError(f"{where}: image index {bad} outside the image set's {n_images} images")
     if rec.logits.shape[1] != num_classes:
         raise fkd.FkdFormatError(f"{where}: logits for {rec.logits.shape[1]} classes, the image set has {num_classes}")
     box = (0, 0, 0, 0) if rec.mix_bbox is None else fkd.bbox_to_box(rec.mix_bbox)
@@ -235,7 +237,8 @@ def import_main(argv: list[str] | None = None) -> int:
     import argparse
 
     from hello_ray.runtime import setup_logging
-    from hello_ray.store import open_store
+    from hello_ray.data.errors import DataError
+    from hello_ray.store import StoreError, open_store
 
     p = argparse.ArgumentParser(prog="hello-ray labels-import", description=import_main.__doc__.splitlines()[0])
     p.add_argument("records", help="folder holding epoch_<e>/batch_<b>.tar (local, file:// or s3://)")
@@ -248,7 +251,7 @@ def import_main(argv: list[str] | None = None) -> int:
     store = open_store(args.store, args.s3_endpoint)
     try:
         key = import_fkd(args.records, store, args.images, seed=args.fkd_seed)
-    except (fkd.FkdFormatError, LabelError) as e:
+    except (fkd.FkdFormatError, LabelError, StoreError, DataError) as e:  # a bad folder, key or store
         print(f"hello-ray labels-import: error: {e}", file=sys.stderr)
         return 2
     print(key)

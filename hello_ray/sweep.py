@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 from hello_ray.config import Config
-from hello_ray.launcher import keep_placement_group_cleaner
+from hello_ray.launcher import PG_CLEANER_ENV, keep_placement_group_cleaner
 from hello_ray.lease import LeaseHeld
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
                                 run_transfer)
@@ -60,10 +61,6 @@ def run_trial(params: dict[str, Any]) -> None:
     """One Tune trial (runs in a Tune actor): transfer, report fidelity, refine + evaluate,
     report top-1."""
     from ray import tune
-
-    import os
-
-    from hello_ray.launcher import PG_CLEANER_ENV
 
     os.environ[PG_CLEANER_ENV] = params["pg_cleaner"]  # the driver's answer: a trial cannot tell
     point = params["trial"]

@@ -36,7 +36,7 @@ iterated once per epoch, batches cut by a BatchSampler without drop_last (``get_
 | lambda      | as drawn from Beta (box not yet clipped)     | area-corrected: 1 - box area / image area      |
 | images      | implied by the seeded sampler (or LPLD json) | explicit ``index`` per batch                   |
 
-FKD itself (szq0214/FKD @ afd5294 ``FKD_SLG``) stores one file per *image* with many crops and
+FKD itself (szq0214/FKD @ afd5294 ``FKD_SLG/generate_soft_label.py``) stores one file per *image* with many crops and
 top-k quantised probabilities; that per-image format is not read here.
 
 Loading is ``torch.load(..., weights_only=True)`` with only numpy's scalar and dtype
@@ -94,12 +94,13 @@ class FkdRecord:
 def coords_to_boxes(coords: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """SRe2L crop coords [B, 4] -> our boxes int64 [B, 4] (x0, y0, x1, y1): the pixels Pillow crops
     when torchvision's ``resized_crop(img, i*H, j*W, h*H, w*W)`` runs on the image (Python ``round``
-    of left, top, left + width, top + height, in float64 as ``.item()`` gives them)."""
-    out = []
-    for c in coords.tolist():                  # float32 -> Python float, as coords[k].item() does
-        i, j, h, w = c[0] * height, c[1] * width, c[2] * height, c[3] * width
-        out.append([round(j), round(i), round(j + w), round(i + h)])
-    return torch.tensor(out, dtype=torch.int64).reshape(-1, 4)
+    of left, top, left + width, top + height, in float64 as ``.item()`` gives them). Vectorised:
+    float32 -> float64 is exact, the products and sums are the same float64 operations, and
+    ``torch.round`` rounds halves to even as Python's ``round`` does."""
+    c = coords.reshape(-1, 4).double()                                     # [B, 4] (i, j, h, w)
+    i, j = c[:, 0] * height, c[:, 1] * width
+    h, w = c[:, 2] * height, c[:, 3] * width
+    return torch.round(torch.stack([j, i, j + w, i + h], dim=1)).to(torch.int64)
 
 
 def boxes_to_coords(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -187,10 +188,10 @@ def load_record(data: bytes, where: str) -> FkdRecord:
                                  f"numbers, and it asks for the Python global {found.group(1)}. Nothing of it "
                                  "was run") from None
         raise FkdFormatError(f"{where}: not a plain tensor/list record, refused unread "
-                             f"({_first_line(e)})") from None
+                             f"({_last_line(e)})") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise FkdFormatError(f"{where}: not a plain tensor/list record ({type(e).__name__}: "
-                             f"{_first_line(e)})") from None
+                             f"{_last_line(e)})") from None
     if not isinstance(obj, (list, tuple)) or len(obj) != 6:
         raise FkdFormatError(f"{where}: expected the list [coords, flip_status, mix_index, mix_lam, mix_bbox, "
                              f"soft_label] SRe2L writes, got {type(obj).__name__}"
@@ -211,7 +212,10 @@ def load_record(data: bytes, where: str) -> FkdRecord:
     if bbox is None:
         raise FkdFormatError(f"{where}: mixing without a box is MixUp, which stored labels do not replay "
                              "(relabel with --mix-type cutmix)")
-    box = tuple(int(v) for v in bbox)
+    try:
+        box = tuple(int(v) for v in bbox)
+    except (TypeError, ValueError):
+        box = ()
     if index.shape[0] != n or len(box) != 4 or not isinstance(lam, (int, float, np.floating, np.integer)):
         raise FkdFormatError(f"{where}: mix_index [B], mix_lam (a number) and mix_bbox (4 ints) expected, got "
                              f"{_describe(index)}, {type(lam).__name__}, {bbox!r}")
@@ -230,7 +234,7 @@ def save_record(rec: FkdRecord) -> bytes:
     return buf.getvalue()
 
 
-def _first_line(e: BaseException) -> str:
+def _last_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return lines[-1][:200] if lines else type(e).__name__
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hello_ray.config import ConfigError
+from hello_ray.data.classnames import _few
 from hello_ray.data.errors import DataError, EmptyClassError
 from hello_ray.data.images import decode_image, decode_resized, is_image_file
 
@@ -218,11 +219,6 @@ def decode_external(data: bytes, where: str, size: int, resize: bool) -> tuple[n
         raise DataError(f"external image {where} is {hw[1]}x{hw[0]} px, not data.image_size {size}x{size}; "
                         "images.resize=true resizes it (shorter side, centre crop)")
     return decode_resized(data, where, size), hw
-
-
-def _few(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(repr(x) for x in items[:n])
-    return f"[{shown}{f', ... (+{len(items) - n})' if len(items) > n else ''}]"
 
 
 def _pairs(keys: list[str], names: list[str], n: int = 8) -> str:
