@@ -9,10 +9,11 @@ per stage, the measured time (the stage manifest's ``summary.wall_s``, what ``Ru
 to the predicted ``seconds_here`` of the cost model, and their ratio predicted / actual (goal: every
 stage within 0.65-1.5x). The figures are printed and written to ``benchmarks/results/`` as JSON.
 
-What the prediction leaves out (the ratios show how much it matters): starting Ray Train workers and
-actors, Ray Data's read/decode, per-epoch validation passes other than the teachers', the store's
-writes; and the run's workers each use their own CPU share (0.5-CPU workers run one thread), while the
-rehearsal runs in one process with torch's default threads.
+The prediction counts each stage's steps (timed in one thread on CPU, as the run's workers run), a
+start-up term measured on the live Ray (a no-op Ray Train run and a no-op actor pool) and the
+teachers' checkpoint writes. What it leaves out (the ratios show how much it matters): Ray Data's
+read/decode, which runs again every epoch, per-epoch validation passes other than the teachers', and
+the store's other writes.
 """
 from __future__ import annotations
 

@@ -107,6 +107,7 @@ def write_synthetic(root: str, classes: int, train_per_class: int = 2, val_per_c
     modes: dict[str, int] = {"RGB": 0, "L": 0, "CMYK": 0}
     written: dict[str, dict[str, int]] = {}
     start = 0
+    made: set[str] = set()  # class folders created (one request each on S3, not one per image)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         nbytes, shard, members, files = 0, 0, [], 0
         for key, label, data, mode in _samples(wnids, per_class, rng, min_side, max_side, start):
@@ -114,7 +115,9 @@ def write_synthetic(root: str, classes: int, train_per_class: int = 2, val_per_c
             nbytes += len(data)
             if layout == "imagefolder":
                 folder = posixpath.join(base, split, wnids[label])
-                fs.create_dir(folder, recursive=True)
+                if folder not in made:
+                    fs.create_dir(folder, recursive=True)
+                    made.add(folder)
                 with fs.open_output_stream(posixpath.join(folder, f"{key}.JPEG")) as f:
                     f.write(data)
                 files += 1
@@ -157,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per tar")
     ap.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS)")
     a = ap.parse_args(argv)
+    from hello_ray.store import StoreError
+
     try:
         meta = write_synthetic(a.root, a.classes, a.train_per_class, a.val_per_class, a.layout, a.seed,
                                a.min_side, a.max_side, a.shard_size, a.endpoint_url)
-    except ValueError as e:
+    except (ValueError, OSError, StoreError) as e:  # bad counts, an unwritable or unknown root
         print(f"hello-ray synth-data: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=1))

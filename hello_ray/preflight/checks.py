@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 from hello_ray.config import Config, ConfigError
 
+TRAIN_STAGES = ("teachers", "transfer", "evaluate")  # one Ray Train run each (launcher.fit)
+ACTOR_STAGES = ("select", "recover", "refine")       # one Ray Data actor pool each
+
 log = logging.getLogger(__name__)
 
 SAMPLE_IMAGES = 16          # images decoded per split
@@ -87,13 +90,13 @@ def _local_root(uri: str) -> Path | None:
 
 def check_store(cfg: Config, report: CheckReport) -> Any:
     """Reach the store and write, read back and delete a probe object; returns the store or None."""
-    from hello_ray.store import StoreError, open_store
+    from hello_ray.pipeline import open_run_store
+    from hello_ray.store import StoreError
 
     local = _local_root(cfg.store)
     report.facts["store_created"] = local is not None and not local.exists()
     try:
-        store = open_store(cfg.store, cfg.s3_endpoint or None, timeout=cfg.s3_timeout,
-                           max_attempts=cfg.s3_max_attempts)
+        store = open_run_store(cfg)
     except StoreError as e:
         report.add("store", "fail", str(e))
         return None
@@ -363,7 +366,7 @@ def stage_bundles(stage: Any, cfg: Config) -> list[dict[str, float]]:
     gpu = 1.0 if c.use_gpu else 0.0
     read = {"CPU": cfg.data.cpus_per_task, "GPU": 0.0}
     name = stage.STAGE
-    if name in ("teachers", "transfer", "evaluate"):
+    if name in TRAIN_STAGES:
         out = [{"CPU": c.cpus_per_worker, "GPU": gpu}] * c.num_workers + [read]
     elif not hasattr(cfg, name):  # a stage without a section of actors (external: the driver's read threads)
         out = [{"CPU": 0.0, "GPU": 0.0, **stage.resources(cfg)}]

@@ -40,12 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rehearsal", action="store_true", help="the checks only (no compute)")
     p.add_argument("--flop-budget", type=float, default=None, help="most FLOPs of one rehearsal step (default "
                    "3e10 on CPU, 1e14 on GPU): a stage runs its own per-worker batch, or fewer images to fit")
-    p.add_argument("--steps", type=int, default=2, help="rehearsal steps per stage after a warm-up (default 2)")
+    p.add_argument("--steps", type=_at_least_one, default=2, help="rehearsal steps per stage after a warm-up (default 2)")
     p.add_argument("--devices", default=None, help="accelerator table YAML (default: the shipped devices.yaml)")
     p.add_argument("--sample-images", type=int, default=16, help="images decoded per split by the data check")
     p.add_argument("--no-network", action="store_true", help="do not probe the weights' download URL")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def format_checks(report: CheckReport) -> str:
@@ -81,7 +88,7 @@ def rehearse(cfg: Config, store: Any, report: CheckReport, steps: int, flop_budg
     try:
         reh.run(_stages(cfg))
     except Exception as e:  # noqa: BLE001 - a shape error, an OOM: the point of rehearsing
-        stage = _stages(cfg)[len(reh.results)] if len(reh.results) < len(_stages(cfg)) else "?"
+        stage = _stages(cfg)[len(reh.results)] if len(reh.results) < len(_stages(cfg)) else "startup"
         report.add(f"rehearsal.{stage}", "fail", f"{type(e).__name__}: {e}")
         return None
     for r in reh.results:
@@ -108,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config, overrides)
     except ConfigError as e:
         print(f"hello-ray preflight: error: {e}", file=sys.stderr)
+        return 2
+    import yaml
+
+    from hello_ray.preflight.cost import load_devices
+
+    try:  # a wrong --devices fails here, not after the rehearsal's minutes
+        load_devices(args.devices)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"hello-ray preflight: error: --devices {args.devices}: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     report, store = run_checks(cfg, args.cluster, args.sample_images, probe_network=not args.no_network)

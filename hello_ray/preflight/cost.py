@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from hello_ray.config import Config
+from hello_ray.preflight.checks import TRAIN_STAGES
 from hello_ray.preflight.rehearsal import StageRehearsal
 
 
@@ -54,7 +55,7 @@ def _strategy_labeller(strategy: str) -> str:
 def parallel_here(cfg: Config, stage: str, cores: int) -> int:
     """Cores a stage keeps busy on this machine: its workers or actors times the threads Ray gives each
     (OMP_NUM_THREADS = its whole CPUs, at least 1), at most the machine's cores."""
-    if stage in ("teachers", "transfer", "evaluate"):
+    if stage in TRAIN_STAGES:
         units, cpus = cfg.compute.num_workers, cfg.compute.cpus_per_worker
     elif not hasattr(cfg, stage):  # external: read threads in the driver, timed on the wall clock
         return 1
@@ -201,7 +202,7 @@ def human_seconds(s: float) -> str:
 
 def format_cost(table: dict[str, Any], device_columns: list[str] | None = None, markdown: bool = False) -> str:
     """The cost table as text (terminal) or markdown (report)."""
-    from hello_ray.tables import human_bytes
+    from hello_ray.tables import human_bytes, markdown_table, text_table
 
     devs = device_columns or list(table["devices"])
     head = ["stage", "steps x batch", "step s", "cpu s", "peak MiB", "FLOP/item", "full-run work", "FLOPs",
@@ -216,10 +217,4 @@ def format_cost(table: dict[str, Any], device_columns: list[str] | None = None, 
     t = table["total"]
     rows.append(["total", "", "", "", "", "", "", f"{t['flops']:.3g}", human_bytes(t["bytes"], digits=1),
                  human_seconds(t["seconds_here"])] + [human_seconds(t["seconds_on"][d]) for d in devs])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    return markdown_table(head, rows) if markdown else text_table(head, rows)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from hello_ray.config import Config
+from hello_ray.preflight.checks import ACTOR_STAGES, TRAIN_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ SAMPLE_IMAGES = 16  # training images read for the rehearsal (batches cycle thro
 # A rehearsal step runs the stage's own per-worker batch unless that exceeds this many FLOPs (then
 # fewer images): ~1-2 s of a 2-core CPU, a few ms of a GPU. Per-item times come from these steps.
 CPU_STEP_FLOPS = 3e10
-TRAIN_STAGES = ("teachers", "transfer", "evaluate")  # one Ray Train run each (launcher.fit)
-ACTOR_STAGES = ("select", "recover", "refine")       # one Ray Data actor pool each
 GPU_STEP_FLOPS = 1e14
 
 
@@ -319,10 +318,9 @@ class Rehearsal:
 
         tc = self.cfg.transfer
         notes = []
-        weights = self.clip_weights if self.clip_weights != RANDOM_INIT else RANDOM_INIT
-        if weights == RANDOM_INIT and tc.pretrained != RANDOM_INIT:
+        tag = RANDOM_INIT if self.clip_weights == RANDOM_INIT else tc.pretrained
+        if tag == RANDOM_INIT and tc.pretrained != RANDOM_INIT:
             notes.append(f"CLIP {tc.clip_model}: random-init weights (pretrained {tc.pretrained!r} not on this machine)")
-        tag = tc.pretrained if weights not in (RANDOM_INIT,) else RANDOM_INIT
         model, tokenizer = create_clip(tc.clip_model, tag)
         model = model.to(self.device)
         k = min(TEXT_CLASSES, self.C)
