@@ -190,15 +190,28 @@ def worker_context(use_gpu: bool, global_batch: int, seed: int) -> WorkerContext
                          per_worker_batch=max(1, global_batch // world))
 
 
+def checkpoint_bytes(checkpoint: "ray.train.Checkpoint", name: str) -> bytes:
+    """The bytes of one file of a Ray checkpoint, read straight from its storage.
+
+    Not ``Checkpoint.as_directory()``: for a remote checkpoint Ray downloads into one temporary
+    folder per checkpoint, shared by every process of the node, and a second process that comes
+    after the first download re-downloads into that folder while the first still reads it (a
+    resumed run's workers all load the same checkpoint). Seen here as a torch "file read failed"
+    on a Train worker resuming from S3, which ended the run.
+    """
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
 def load_checkpoint(checkpoint: "ray.train.Checkpoint", name: str, key: str,
                     map_location: Any = "cpu") -> Any:
     """The state a Train loop saved as ``name`` in its Ray checkpoint (under ``<store>/_ray/<key>``):
     plain tensors, dicts, lists and numbers only; a pickle that would run code is refused."""
     from hello_ray.formats.weights import load_weights
 
-    with checkpoint.as_directory() as d:
-        return load_weights(os.path.join(d, name), f"Ray checkpoint {name} of {key} "
-                            f"({checkpoint.path})", map_location)
+    return load_weights(checkpoint_bytes(checkpoint, name),
+                        f"Ray checkpoint {name} of {key} ({checkpoint.path})", map_location)
 
 
 def report(metrics: dict[str, Any], store: "Store", checkpoint_dir: str | None = None) -> None:

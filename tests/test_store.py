@@ -523,3 +523,37 @@ def test_ray_train_checkpoints_into_s3_and_resumes(ray_local, s3_bucket):
     assert resumed.metrics["start"] == 2 and resumed.metrics["epoch"] == 2
     ckpts = [k for k in _objects(s3_bucket) if k.startswith(f"_ray/{name}/") and k.endswith("/model.pt")]
     assert len(ckpts) == 3, ckpts
+
+
+def test_checkpoint_files_are_read_straight_from_s3_not_through_a_shared_folder(
+        s3_bucket, tmp_path, monkeypatch):
+    """A resumed run's workers all load the same Ray checkpoint. Ray's ``as_directory`` downloads a
+    remote one into a temporary folder shared by the node's processes, and a process arriving after
+    the first download downloads again into it while the first still reads (a torch "file read
+    failed" ended a resumed teachers run here). The launcher reads the one file it needs straight
+    from the checkpoint's storage: the same bytes, and Ray's download folder is never used."""
+    import torch
+    from ray.train import Checkpoint
+
+    from hello_ray import launcher
+
+    store = open_store(s3_bucket)
+    storage_path, fs = store.ray_storage()
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    state = {"epoch": 3, "w": torch.arange(6.0).view(2, 3)}
+    torch.save(state, local / "state.pt")
+    (local / "rows.json").write_text('[{"row": 1}]')
+    store.upload_ray_dir(local, f"{storage_path}/run/checkpoint_000001")
+    checkpoint = Checkpoint(f"{storage_path}/run/checkpoint_000001", filesystem=fs)
+
+    def shared_folder(*args, **kwargs):
+        raise AssertionError("went through Ray's shared download folder")
+    monkeypatch.setattr(Checkpoint, "to_directory", shared_folder)
+    monkeypatch.setattr(Checkpoint, "as_directory", shared_folder)
+
+    assert launcher.checkpoint_bytes(checkpoint, "rows.json") == (local / "rows.json").read_bytes()
+    loaded = launcher.load_checkpoint(checkpoint, "state.pt", "teachers-0123")
+    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], state["w"])
+    with pytest.raises(FileNotFoundError):
+        launcher.checkpoint_bytes(checkpoint, "missing.pt")

@@ -261,8 +261,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         {"val": val_ds},
         # rows mode: every rank scores its own rows on the whole validation set
         split_datasets=cfg.evaluate.parallel != "rows")
-    with result.checkpoint.as_directory() as d:
-        done = json.loads((Path(d) / ROWS_FILE).read_text())
+    done = json.loads(launcher.checkpoint_bytes(result.checkpoint, ROWS_FILE))
     return {**write_results(store, key, done, wall_s=time.perf_counter() - t0), "corrupt": corrupt}
 
 
@@ -355,8 +354,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     done: list[dict[str, Any]] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            done = json.loads((Path(d) / ROWS_FILE).read_text())
+        done = json.loads(launcher.checkpoint_bytes(ckpt, ROWS_FILE))
     finished = {r["row"] for r in done}
     pending = [r for r in config["rows"] if r["row"] not in finished]
     val_shard = ray.train.get_dataset_shard("val")  # whole val set per rank in rows mode, else a shard
