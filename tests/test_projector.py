@@ -242,9 +242,13 @@ def test_saved_adapter_has_exactly_the_accounted_parameters(tmp_path, style):
     assert (written["conv_rank"], written["head_rank"], written["dtype"]) == (8, 64, "fp32")
 
 
-# (dtype, logits tolerance, per-tensor error bound relative to the tensor's max |w|)
-@pytest.mark.parametrize("dtype,tol,rel", [("fp32", 1e-5, 0.0), ("fp16", 1e-3, 2 ** -11), ("int8", 1e-2, 1 / 254)])
+# (dtype, logits error bound relative to the largest |logit|, per-tensor error bound relative to
+# the tensor's max |w|). The logits bounds are about twice the largest error seen over 12 LoRA
+# initialisations (fp16 0.04 %, int8 1.2 % of the largest logit); absolute bounds (1e-3, 1e-2)
+# held only for some initialisations, so the test passed or failed with the tests run before it.
+@pytest.mark.parametrize("dtype,tol,rel", [("fp32", 1e-6, 0.0), ("fp16", 1e-3, 2 ** -11), ("int8", 2.5e-2, 1 / 254)])
 def test_adapter_round_trip(tmp_path, dtype, tol, rel):
+    torch.manual_seed(0)  # add_lora draws its A matrices from the global generator
     projector = _projector(conv_rank=4, head_rank=8)
     _perturb_lora(projector)
     x = _images()
@@ -262,7 +266,7 @@ def test_adapter_round_trip(tmp_path, dtype, tol, rel):
     merged = load_adapter(tmp_path, merge=True)
     with torch.no_grad():
         got, got_merged = loaded(x), merged(x)
-    torch.testing.assert_close(got, reference, rtol=tol, atol=tol)
+    assert (got - reference).abs().max() <= tol * reference.abs().max()
     torch.testing.assert_close(got_merged, got, rtol=1e-4, atol=1e-4)
     # the shipped tensors themselves round-trip within the dtype's resolution
     back = loaded.lora_state_dict()
