@@ -197,7 +197,8 @@ def checkpoint_bytes(checkpoint: "ray.train.Checkpoint", name: str) -> bytes:
     folder per checkpoint, shared by every process of the node, and a second process that comes
     after the first download re-downloads into that folder while the first still reads it (a
     resumed run's workers all load the same checkpoint). Seen here as a torch "file read failed"
-    on a Train worker resuming from S3, which ended the run.
+    on a Train worker resuming from S3, which ended the run; reported upstream as
+    ray-project/ray#48726 (open as of Ray 2.60).
     """
     path = f"{checkpoint.path.rstrip('/')}/{name}"
     with checkpoint.filesystem.open_input_stream(path) as f:
