@@ -84,7 +84,7 @@ def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads
     from hello_ray.data.fingerprint import folder_fingerprint
     from hello_ray.data.imageset import read_image_set_info
     from hello_ray.data.readers import display_path
-    from hello_ray.data.sources import _read_all
+    from hello_ray.data.sources import read_all
 
     fs, root = _fs(src, store)
     where = display_path(fs, root)
@@ -101,10 +101,10 @@ def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads
     per_epoch = dict.fromkeys(range(n_epochs), 0)
     for e, _ in records:
         per_epoch[e] += 1
-    first = fkd.load_record(_read_all(fs, records[(0, 0)]), f"{where}/{fkd.record_name(0, 0)}")
+    first = fkd.load_record(read_all(fs, records[(0, 0)]), f"{where}/{fkd.record_name(0, 0)}")
     batch_size = int(first.coords.shape[0])
     if sampler:
-        order = fkd.split_epoch_indices(fkd.read_sampler_indices(_read_all(fs, sampler), display_path(fs, sampler)),
+        order = fkd.split_epoch_indices(fkd.read_sampler_indices(read_all(fs, sampler), display_path(fs, sampler)),
                                         batch_size)
         how = f"LPLD's {fkd.SAMPLER_INDICES}"
     else:
@@ -123,7 +123,7 @@ def import_fkd(src: str, store: Any, images_key: str, *, seed: int = 42, threads
 
     def view(e: int, b: int) -> tuple[int, View]:
         rel = f"{where}/{fkd.record_name(e, b)}"
-        rec = first if (e, b) == (0, 0) else fkd.load_record(_read_all(fs, records[(e, b)]), rel)
+        rec = first if (e, b) == (0, 0) else fkd.load_record(read_all(fs, records[(e, b)]), rel)
         return b, record_to_view(rec, order[e][b], size, classes, n_images, rel)
 
     # One epoch in memory at a time (ImageNet-1K at batch 1024: 1252 records of ~2 MB); the records

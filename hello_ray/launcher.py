@@ -200,9 +200,9 @@ def checkpoint_bytes(checkpoint: "ray.train.Checkpoint", name: str) -> bytes:
     on a Train worker resuming from S3, which ended the run; reported upstream as
     ray-project/ray#48726 (open as of Ray 2.60).
     """
-    path = f"{checkpoint.path.rstrip('/')}/{name}"
-    with checkpoint.filesystem.open_input_stream(path) as f:
-        return f.read()
+    from hello_ray.data.sources import read_all
+
+    return read_all(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{name}")
 
 
 def load_checkpoint(checkpoint: "ray.train.Checkpoint", name: str, key: str,

@@ -144,7 +144,7 @@ def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], s
                 continue
             where = display_path(fs, path)
             try:
-                obj = json.loads(retry_io(lambda: _read_all(fs, path), where, read_attempts(fs)))
+                obj = json.loads(retry_io(lambda: read_all(fs, path), where, read_attempts(fs)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} is not valid JSON: {e}") from None
             if isinstance(obj, dict):
@@ -156,7 +156,8 @@ def _read_class_file(fs: pafs.FileSystem, dirs: list[str]) -> tuple[list[str], s
     return None
 
 
-def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+def read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole of one file of ``fs`` (one stream, no temporary copy)."""
     with fs.open_input_stream(path) as f:
         return f.read()
 

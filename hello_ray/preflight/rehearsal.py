@@ -237,7 +237,7 @@ class Rehearsal:
     def external(self, sample: Sample) -> StageRehearsal:
         """A few of the external set's own images read, decoded and PNG-encoded as its stage does."""
         from hello_ray.data.images import encode_png
-        from hello_ray.data.sources import _fs_for, _read_all
+        from hello_ray.data.sources import _fs_for, read_all
         from hello_ray.stages import external
         from hello_ray.stages.external_core import decode_external
 
@@ -248,7 +248,7 @@ class Rehearsal:
         png = 0
         with Clock() as c:
             for path, where in files:
-                img, _ = decode_external(_read_all(fs, path), where, self.S, self.cfg.images.resize)
+                img, _ = decode_external(read_all(fs, path), where, self.S, self.cfg.images.resize)
                 png += len(encode_png(img))
         n = len(files)
         self._cpu = c.cpu / n

@@ -122,7 +122,7 @@ def run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, 
     from hello_ray.data.images import encode_png
     from hello_ray.data.io_retry import retry_io
     from hello_ray.data.readers import read_attempts
-    from hello_ray.data.sources import _fs_for, _read_all
+    from hello_ray.data.sources import _fs_for, read_all
 
     t0 = time.time()
     plan = check_sources(cfg, store)
@@ -138,7 +138,7 @@ def run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, 
     def one(i: int) -> tuple[int, int]:
         path, rel, _ = todo[i]
         where = f"{listing.root}/{rel}"
-        data = retry_io(lambda: _read_all(fs, path), where, attempts)
+        data = retry_io(lambda: read_all(fs, path), where, attempts)
         img, hw = core.decode_external(data, where, size, cfg.images.resize)
         store.put_bytes(key, image_name(i), encode_png(img))
         return hw
