@@ -343,7 +343,8 @@ class EvalConfig:
     # none for shufflenet_v2_x0_5 (its default is 0): we use resnet18's 1e-3, a conv net of that scale.
     lr: dict[str, float] = _help("AdamW learning rate per student architecture", default_factory=lambda: {
         "resnet18": 1e-3, "shufflenet_v2_x0_5": 1e-3, "mobilenet_v2": 2.5e-3,
-        "efficientnet_b0": 2e-3, "swin_v2_t": 1e-4, "vgg11": 5e-4, "vit_b_16": 1e-4})
+        "efficientnet_b0": 2e-3, "swin_v2_t": 1e-4, "vgg11": 5e-4, "vit_b_16": 1e-4,
+        "conv3": 1e-3, "conv4": 1e-3, "conv5": 1e-3, "conv6": 1e-3})
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     cutmix_alpha: float = _help("CutMix Beta(alpha, alpha); 0 disables", default=1.0)
     loss: str = _help("mse_ce (METHOD.md) | kl (T^2 x KL at a temperature) | kl_plain (KL batchmean at a "

@@ -34,7 +34,8 @@ def test_protocol_sets_its_keys_and_explicit_keys_win(protocol, loss, temperatur
 def test_students_learning_rates_are_rdeds():
     lr = load_config("demo").evaluate.lr
     assert lr == {"resnet18": 1e-3, "shufflenet_v2_x0_5": 1e-3, "mobilenet_v2": 2.5e-3,
-                  "efficientnet_b0": 2e-3, "swin_v2_t": 1e-4, "vgg11": 5e-4, "vit_b_16": 1e-4}
+                  "efficientnet_b0": 2e-3, "swin_v2_t": 1e-4, "vgg11": 5e-4, "vit_b_16": 1e-4,
+                  "conv3": 1e-3, "conv4": 1e-3, "conv5": 1e-3, "conv6": 1e-3}   # argument.py l. 276-306
 
 
 @pytest.mark.parametrize("schedule,epochs,first,last", [

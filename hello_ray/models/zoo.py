@@ -22,6 +22,9 @@ Small images (``image_size <= 64``, the demo's 32 px digits, CIFAR-like data) ge
 - ``vgg11``: the feature extractor is unchanged (five max-pools, a 1x1 map at 32 px); the
   7x7 adaptive pool and the 25088 -> 4096 -> 4096 classifier (120M parameters for a 1x1
   map) are replaced by a global pool and a 512 -> 512 -> classes MLP sized for that map.
+
+``conv3`` .. ``conv6`` are RDED's ConvNet-D3..D6 (:mod:`hello_ray.models.convnet`), the
+low-resolution protocol's models (28-128 px); they have no pretrained weights.
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ import torch
 import torchvision
 from torch import nn
 
+from hello_ray.models.convnet import CONVNETS, ConvNet
+
 STUDENTS: tuple[str, ...] = ("resnet18", "shufflenet_v2_x0_5", "mobilenet_v2", "efficientnet_b0",
-                             "swin_v2_t", "vgg11", "vit_b_16")
+                             "swin_v2_t", "vgg11", "vit_b_16", *CONVNETS)
 ZOO = STUDENTS  # teachers come from the same zoo (METHOD.md: ResNet-18 by default)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,13 +145,18 @@ def build_model(name: str, num_classes: int, image_size: int, pretrained: bool =
     cluster; never used in tests) and only fits the 224 px stem, so it is refused for small
     images; for ``num_classes != 1000`` the classifier is re-initialised.
     """
-    if name not in _SMALL_STEM:
+    if name not in _SMALL_STEM and name not in CONVNETS:
         raise ValueError(f"unknown model {name!r}; the zoo has: {', '.join(ZOO)}")
     if num_classes < 1:
         raise ValueError(f"model {name!r}: num_classes must be >= 1, got {num_classes}")
     if image_size < 8:
         raise ValueError(f"model {name!r}: image_size must be >= 8, got {image_size}")
     small = image_size <= SMALL_IMAGE_MAX
+    if name in CONVNETS:
+        if pretrained:
+            raise ValueError(f"model {name!r}: torchvision has no pretrained weights for RDED's ConvNet; "
+                             "train it as a teacher (teachers.model) instead")
+        return ZooModel(name, ConvNet(num_classes, CONVNETS[name], image_size), num_classes, image_size)
     if pretrained:
         if small:
             raise ValueError(f"model {name!r}: pretrained ImageNet weights need the 224 px stem, but "
