@@ -9,13 +9,17 @@ import sys
 
 from hello_ray.formats.trajectory import load_trajectory
 from hello_ray.pipeline import run_teachers, stage_job
+from hello_ray.stages.teachers import observer_file
 
 
 def main(argv: list[str]) -> int:
-    _, store, key = stage_job(argv, run_teachers, "Train the teacher trajectory (stage 1)")
+    cfg, store, key = stage_job(argv, run_teachers, "Train the teacher trajectory (stage 1)")
     traj = load_trajectory(store, key)
-    print(f"\nteachers: {store.uri_for(key)}")
-    print(f"observer: {traj['observer']}   wall time: {store.manifest(key)['summary']['wall_s']} s")
+    # The trajectory holds every epoch; which one observes is the config's choice (teachers.observer).
+    observer = observer_file(cfg.teachers.observer, cfg.teachers.epochs) or "torchvision's ImageNet-1K weights"
+    print(f"\nteachers: {store.uri_for(key)}  ({traj['model']}, {traj['num_classes']} classes)")
+    print(f"observer: {observer} (teachers.observer={cfg.teachers.observer})   "
+          f"wall time: {store.manifest(key)['summary']['wall_s']} s")
     print("epoch  top1")
     for e in traj["epochs"]:
         print(f"{e['epoch']:5d}  {100 * e['top1']:6.2f}%")
