@@ -114,6 +114,14 @@ def worker_env(interactive: bool, local: bool) -> dict[str, str]:
     return env
 
 
+# Ray Train settings for a Ray this process starts on its own machine (a user's value wins). A
+# worker's ``ray.train.report`` waits until the controller has polled the previous one, every
+# 2 s by default: the demo's 2-5 s epochs and rows waited up to that long at each report. And
+# the preemption watcher (one more actor per launch) watches for spot-node drains a single
+# machine never has.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def ensure_ray(compute: ComputeConfig | None = None) -> None:
     """Connect to the cluster named by ``compute.address`` / ``RAY_ADDRESS``, or start a local Ray.
 
@@ -126,6 +134,9 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
     if ray.is_initialized():
         return
     address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        for var, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(var, value)  # Ray Train hands the driver's values to its controllers
     env = worker_env(interactive=sys.stdout.isatty(), local=address is None)
     # The local Ray keeps Ray's default dashboard: Ray Train's placement-group cleaner asks the
     # State API (served by the dashboard) whether a run's controller is alive; without it, it
