@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 
 def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -84,6 +83,10 @@ def apply_crop_flip(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
 
     Returns [N, C, size, size]. Deterministic: the same inputs give the same pixels.
     """
+    # Imported here, not at the top: torchvision.ops pulls in torch._dynamo (~1.4 s), which a driver
+    # that only plans and reports (a re-run of a finished demo takes seconds) never needs.
+    from torchvision.ops import roi_align
+
     n = x.shape[0]
     rois = torch.cat([torch.arange(n, dtype=x.dtype, device=x.device)[:, None],
                       boxes.to(device=x.device, dtype=x.dtype)], dim=1)  # [N, 5] (idx, x0, y0, x1, y1)

@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from hello_ray.models.convnet import CONVNETS, ConvNet
@@ -97,6 +96,8 @@ def _vit_b_16(num_classes: int, image_size: int) -> nn.Module:
     """torchvision's ViT-B/16 (HeLlO's supplement, table 5; RDED's ``vit_b_16``). At 224 px and other
     multiples of 16 it is torchvision's own; small images get patches of ``image_size // 8`` px (8 x 8
     tokens, the same encoder), so a 32 px image is not one token."""
+    import torchvision
+
     small = image_size <= SMALL_IMAGE_MAX
     patch = max(1, image_size // 8) if small else 16
     if image_size % patch:
@@ -157,6 +158,10 @@ def build_model(name: str, num_classes: int, image_size: int, pretrained: bool =
             raise ValueError(f"model {name!r}: torchvision has no pretrained weights for RDED's ConvNet; "
                              "train it as a teacher (teachers.model) instead")
         return ZooModel(name, ConvNet(num_classes, CONVNETS[name], image_size), num_classes, image_size)
+    # Imported here: torchvision's models pull in torch._dynamo (~1.4 s per process), which a ConvNet
+    # teacher's workers and a driver that only plans never need.
+    import torchvision
+
     if pretrained:
         if small:
             raise ValueError(f"model {name!r}: pretrained ImageNet weights need the 224 px stem, but "
