@@ -105,10 +105,11 @@ def check_resources(cfg: Config) -> None:
 
 # ---------------------------------------------------------------------------- stage runner
 
-def open_run_store(cfg: Config) -> "Store":
+def open_run_store(cfg: Config, check: bool = True) -> "Store":
+    """The run's store; ``check=False`` neither reaches nor creates it yet (a read-only look)."""
     from hello_ray.store import open_store
 
-    return open_store(cfg.store, cfg.s3_endpoint or None, timeout=cfg.s3_timeout,
+    return open_store(cfg.store, cfg.s3_endpoint or None, check=check, timeout=cfg.s3_timeout,
                       max_attempts=cfg.s3_max_attempts)
 
 
@@ -123,16 +124,26 @@ def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, 
     return run.keys[stage.STAGE]
 
 
+class NotFinished(Exception):
+    """A dry run (``Run.dry``) met a stage whose artifact is not finished yet."""
+
+
 @dataclass
 class Run:
     """One run of the recipe: its config, its store and the artifact keys known so far (by stage;
-    "images" is the distilled set evaluate reads: the refined one, or the selection)."""
+    "images" is the distilled set evaluate reads: the refined one, or the selection).
+
+    ``dry``: only derive keys; a stage whose artifact is not finished raises :class:`NotFinished`
+    instead of taking its lease (:func:`finished_result` walks the recipe so, without Ray).
+    ``stage_s``: each stage's wall seconds in this run, None for one found finished."""
     cfg: Config
     store: "Store"
     keys: dict[str, str] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
     _leases: dict[str, lease.Lease] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # by split name, once per run
+    stage_s: dict[str, float | None] = field(default_factory=dict)
+    dry: bool = False
 
     @classmethod
     def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
@@ -163,7 +174,10 @@ class Run:
             if not known:
                 self.store.check_reuse(key)  # another manifest format is refused, by name
                 log.info("[%s] cached: %s", stage.STAGE, self.store.uri_for(key))
+                self.stage_s.setdefault(stage.STAGE, None)
             return False
+        if self.dry:
+            raise NotFinished(stage.STAGE)
         held = lease.acquire(self.store, key, stage.STAGE, ttl=self.cfg.compute.lease_ttl_s,
                              wait=self.cfg.compute.lease_wait, finished=lambda: self.store.exists(key),
                              logger=log)
@@ -237,6 +251,7 @@ class Run:
             self.store.finalize(key, stage.STAGE, config, inputs, summary)
         finally:
             self.release(stage)
+        self.stage_s[stage.STAGE] = wall
         log.info("[%s] done in %.1f s: %s", stage.STAGE, wall, self.store.uri_for(key))
 
     def release(self, stage: ModuleType) -> None:
@@ -359,21 +374,62 @@ class RunResult:
     report_uri: str = ""
     table: str = ""
     wall_s: float = 0.0
+    stage_s: dict[str, float | None] = field(default_factory=dict)  # None: found finished
 
 
-def distill(cfg: Config) -> RunResult:
-    """The whole recipe, in order; then the report."""
-    t0 = time.perf_counter()
-    run = Run.start(cfg)
+def recipe(run: Run) -> None:
+    """The whole recipe, in order."""
     run_teachers(run)
     # the image source and transfer each need only the teachers: neither reads the other's artifact.
     run_source_images(run)  # select (rded) or recover (sre2l, lpld), by images.source
     run_transfer(run)
     run_images(run)        # refine (when enabled) adapts the selected images to the projector
     run_evaluate(run)
+
+
+def distill(cfg: Config) -> RunResult:
+    """The whole recipe, in order; then the report."""
+    t0 = time.perf_counter()
+    run = Run.start(cfg)
+    recipe(run)
     result = make_report(cfg, run.store, run.keys)
     result.wall_s = time.perf_counter() - t0
+    result.stage_s = dict(run.stage_s)
     return result
+
+
+def finished_result(cfg: Config) -> RunResult | None:
+    """The report of a run whose every artifact is already finished, found without starting Ray
+    (keys come from the config, the store's listings and the data's fingerprints; nothing is written
+    before every stage is known finished); None when some stage still has work, or when anything on
+    the way fails: the full run then starts, and its preflight names what is wrong."""
+    from hello_ray.data.demo import demo_dataset_key
+
+    t0 = time.perf_counter()
+    try:
+        store = open_run_store(cfg, check=False)
+        if cfg.data.source == "demo" and not store.exists(demo_dataset_key(store)):
+            return None  # a fresh store: the run writes the demo shards first
+        run = Run(cfg, store, dry=True)
+        recipe(run)
+    except NotFinished:
+        return None
+    except Exception as e:  # noqa: BLE001 - the full run's checks report it properly
+        log.debug("finished-run check not taken: %s: %s", type(e).__name__, e)
+        return None
+    log.info("every stage's artifact is finished: nothing to compute, no Ray started")
+    result = make_report(cfg, run.store, run.keys)
+    result.wall_s = time.perf_counter() - t0
+    result.stage_s = dict(run.stage_s)
+    return result
+
+
+def format_stage_times(stage_s: dict[str, float | None], total_s: float) -> str:
+    """One line per stage (its wall seconds, or "cached") and the command's total."""
+    lines = [f"{'stage':10s} {'wall s':>8s}"]
+    lines += [f"{stage:10s} {('cached' if s is None else f'{s:.1f}'):>8s}" for stage, s in stage_s.items()]
+    lines.append(f"{'total':10s} {total_s:8.1f}  (this command, start-up and checks included)")
+    return "\n".join(lines)
 
 
 def stage_job(argv: list[str], step: "Any", description: str,
@@ -446,12 +502,17 @@ def main(argv: list[str] | None = None) -> int:
     """``python jobs/distill.py`` / ``hello-ray distill``: the recipe, then the results table and
     the report's location as the last lines of the output. The preflight's checks (not its
     rehearsal) run first; ``--skip-preflight`` skips them."""
+    t0 = time.perf_counter()
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     skip_preflight = "--skip-preflight" in argv
     cfg = parse_args([a for a in argv if a != "--skip-preflight"], prog="distill",
                      description="HeLlO dataset distillation, end to end (--skip-preflight: start without "
                                  "the preflight checks of store, data, weights and resources)")
+    # A re-run of a finished run computes nothing: its report without Ray or the preflight's reads.
+    result = finished_result(cfg)
+    if result is not None:
+        return _print_result(result, t0)
     if not skip_preflight:
         from hello_ray.preflight.cli import refuse_failing_run
 
@@ -468,8 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.shutdown()  # drains the workers' forwarded log lines, so the table below is the last thing
+    return _print_result(result, t0)
+
+
+def _print_result(result: RunResult, t0: float) -> int:
+    """The artifacts, the per-stage times and the results table: the output's last lines."""
     print("\nartifacts: " + ", ".join(f"{s}={k}" for s, k in result.keys.items()))
     print(f"wall time: {result.wall_s:.1f} s\n")
+    print(format_stage_times(result.stage_s, time.perf_counter() - t0) + "\n")
     print(result.table)
     print(f"\nreport:    {result.report_uri}")
     return 0

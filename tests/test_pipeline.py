@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hello_ray import pipeline
 from hello_ray.config import load_config
 from hello_ray.pipeline import distill, open_run_store
 
@@ -36,12 +37,18 @@ def smoke_store(tmp_path_factory) -> str:
     return (tmp_path_factory.mktemp("smoke") / "store").as_uri()
 
 
-def test_smoke_end_to_end_then_cached(ray_local, smoke_store):
+def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     file_store_uri = smoke_store
     cfg = load_config("smoke", overrides=[f"store={file_store_uri}"])
     first = distill(cfg)
     store = open_run_store(cfg)
     _check_run(first, store, cfg)
+    # Each stage's wall time, as the manifest records it, for the table distill prints last.
+    assert set(first.stage_s) == set(STAGES)
+    for stage, wall in first.stage_s.items():
+        assert round(wall, 2) == store.manifest(first.keys[stage])["summary"]["wall_s"]
+    table = pipeline.format_stage_times(first.stage_s, 123.4)
+    assert all(f"\n{s:10s}" in table for s in STAGES) and "total" in table and "123.4" in table
     report = Path(first.report_uri.replace("file://", ""))
     assert report.exists() and "accuracy" in report.read_text().lower()
     # Every stage that read the digits records what it read and the undecodable images it skipped.
@@ -57,6 +64,18 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store):
     again = distill(cfg)
     assert again.keys == first.keys
     assert time.perf_counter() - t0 < 60
+    assert again.stage_s == {s: None for s in STAGES}
+    # A finished run is found from the store alone: the same keys and report, and no Ray call.
+    def no_ray(*_a, **_k):
+        raise AssertionError("a finished run started Ray")
+
+    monkeypatch.setattr(pipeline, "ensure_ray", no_ray)
+    found = pipeline.finished_result(cfg)
+    assert found is not None and found.keys == first.keys and found.stage_s == again.stage_s
+    assert found.table == first.table and Path(found.report_uri.replace("file://", "")).exists()
+    # One stage left to compute (another seed: evaluate's key changes): the full run is needed.
+    assert pipeline.finished_result(load_config("smoke", overrides=[f"store={file_store_uri}",
+                                                                    "evaluate.seeds=[1]"])) is None
     # A different IPC reuses the teachers and redoes selection onwards.
     cfg2 = load_config("smoke", overrides=[f"store={file_store_uri}", "select.ipc=1"])
     from hello_ray.pipeline import run_stage

@@ -62,9 +62,14 @@ def _shard_bytes(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> byt
     return buf.getvalue()
 
 
+def demo_dataset_key(store) -> str:
+    """The key of the demo shards in ``store`` (written there by :func:`ensure_demo_dataset`)."""
+    return store.artifact_key(DEMO_STAGE, DEMO_CONFIG)
+
+
 def ensure_demo_dataset(store) -> str:
     """Write the demo shards into ``store`` unless already there; return the dataset root URI."""
-    key = store.artifact_key(DEMO_STAGE, DEMO_CONFIG)
+    key = demo_dataset_key(store)
     if store.exists(key):
         store.verify(key)  # Ray Data's parquet reader opens the shards by URI, past get_bytes
         return store.uri_for(key)
