@@ -36,6 +36,21 @@ def test_published_settings():
     assert load_config("imagenet100", overrides=["data.source=s3://b/x"]).transfer.head_rank == 64
 
 
+def test_demo_presets_follow_rdeds_low_resolution_protocol():
+    """RDED's CIFAR-10 script (LINs-lab/RDED @ 3f6453d scripts/cifar10_10ipc_conv3_to_conv3_cr5.sh): conv3
+    observer and student, factor 1, 5 crops, mipc 300, ipc 10, 300 student epochs (demo-long)."""
+    demo, smoke, long = (load_config(p) for p in ("demo", "smoke", "demo-long"))
+    assert (demo.teachers.model, demo.evaluate.students) == ("conv3", ["conv3"])
+    assert (demo.select.factor, demo.select.num_crop, demo.select.mipc, demo.select.ipc) == (1, 5, 300, 10)
+    assert (smoke.teachers.model, smoke.evaluate.students) == ("conv3", ["conv3"])
+    assert long.evaluate.epochs == 300 and long.evaluate.lr["conv3"] == 1e-3   # RDED's argument.py rate
+    # demo-long differs from the demo in evaluate alone, so it reuses every earlier artifact of a demo run
+    for section in ("data", "teachers", "select", "images", "transfer", "refine"):
+        assert getattr(long, section) == getattr(demo, section), section
+    assert set(demo.evaluate.strategies) <= set(long.evaluate.strategies)
+    assert set(demo.evaluate.floor_strategies) <= set(long.evaluate.floor_strategies)
+
+
 @pytest.mark.parametrize("overrides, value", [
     (["select.ipc=50"], ("select", "ipc", 50)),
     (["transfer.lr=1e-3"], ("transfer", "lr", 1e-3)),

@@ -203,7 +203,7 @@ def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
         assert f"epochs/epoch_{e:03d}.pt" in files and f"epochs/epoch_{e:03d}.json" in files
     assert not any(f.startswith("epochs/") and f[-3:] == ".pt" and int(f[13:16]) > epochs for f in files)
     traj = load_trajectory(store, key)
-    assert traj["model"] == "resnet18" and traj["num_classes"] == 10 and traj["image_size"] == cfg.data.image_size
+    assert traj["model"] == cfg.teachers.model and traj["num_classes"] == 10 and traj["image_size"] == cfg.data.image_size
     assert len(traj["class_names"]) == 10
     assert [e["epoch"] for e in traj["epochs"]] == list(range(1, epochs + 1))
     assert all(0.0 <= e["top1"] <= 1.0 for e in traj["epochs"])
@@ -256,7 +256,7 @@ def test_train_runs_skip_the_placement_group_cleaner_without_a_dashboard(trained
 
 
 def test_window_resolves_to_the_stored_checkpoints(trained_s3):
-    _, store, key, _, _ = trained_s3
+    cfg, store, key, _, _ = trained_s3
     ens = TeacherEnsemble.from_trajectory(store, key, "1-3", 3, "cpu")
     assert ens.epochs == [1, 2, 3]
     late = TeacherEnsemble.from_trajectory(store, key, "2-3", 2, "cpu")
@@ -265,7 +265,7 @@ def test_window_resolves_to_the_stored_checkpoints(trained_s3):
         stored = load_state(store, key, epoch_file(e))
         for name, value in teacher.state_dict().items():
             torch.testing.assert_close(value, stored[name])
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, cfg.data.image_size, cfg.data.image_size)
     with torch.inference_mode():
         torch.testing.assert_close(ens(x)[1:], late(x))  # same checkpoints, same logits
         torch.testing.assert_close(load_observer(store, key)(x), ens(x)[-1])
