@@ -29,7 +29,7 @@ import torch
 
 from hello_ray import placement
 from hello_ray.config import ComputeConfig, ConfigError
-from hello_ray.runtime import quiet_library_logs, seed_everything, torch_device
+from hello_ray.runtime import owns_ray, quiet_library_logs, seed_everything, torch_device
 
 if TYPE_CHECKING:
     import ray.train
@@ -87,13 +87,16 @@ def keep_placement_group_cleaner() -> bool:
     which knows no such actor: the cleaner then removes the placement group of a live run, and
     Ray Train restarts it. Such a cleaner would also cost each launch a detached actor and a
     State API call a second. Its one job, freeing a dead controller's placement group, is done
-    by Ray anyway when the driver's job ends. Only a driver can tell (a worker process reads the
-    address Ray registers either way), so code that launches from a worker, such as a Tune trial,
+    by Ray anyway when the driver's job ends, and a local Ray the driver started (the demo's, a
+    laptop's) ends with the driver, so it gets none either. Only a driver can tell (a worker process
+    reads the address Ray registers either way), so code that launches from a worker, such as a Tune trial,
     is handed the driver's answer in ``PG_CLEANER_ENV`` (``1``/``0``, which also overrides).
     """
     forced = os.environ.get(PG_CLEANER_ENV, "")
     if forced in ("0", "1"):
         return forced == "1"
+    if owns_ray():  # a Ray this driver started ends with it, and its placement groups with it
+        return False
     try:
         from ray._private.worker import get_dashboard_url
 

@@ -138,11 +138,22 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
         for var, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(var, value)  # Ray Train hands the driver's values to its controllers
     env = worker_env(interactive=sys.stdout.isatty(), local=address is None)
-    # The local Ray keeps Ray's default dashboard: Ray Train's placement-group cleaner asks the
-    # State API (served by the dashboard) whether a run's controller is alive; without it, it
-    # logs a warning every few seconds and cannot free a dead run's placement group.
+    # The local Ray keeps Ray's default dashboard (jobs, actors, progress for the user to watch).
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def owns_ray() -> bool:
+    """Whether this process started the Ray it is connected to, which then ends with it
+    (``ray.init(address=None)`` joins a Ray already running on the machine instead, and a
+    ``ray job submit`` driver or a Ray worker joins the cluster's)."""
+    try:
+        from ray._private.worker import global_worker
+
+        node = global_worker.node if global_worker.connected else None
+        return bool(node is not None and node.head)
+    except Exception:  # noqa: BLE001 - a Ray without these internals: assume a shared Ray
+        return False
 
 
 def torch_device(use_gpu: bool) -> torch.device:

@@ -255,6 +255,18 @@ def test_train_runs_skip_the_placement_group_cleaner_without_a_dashboard(trained
         assert launcher.keep_placement_group_cleaner() is expected
 
 
+def test_a_ray_this_driver_started_is_its_own_and_gets_no_cleaner(ray_local, monkeypatch):
+    """The session's Ray was started by this process (conftest's ray.init), so it ends with it and no
+    placement group can outlive the driver; a Ray worker process has joined a Ray it does not own."""
+    import ray
+
+    from hello_ray.runtime import owns_ray
+
+    monkeypatch.delenv(launcher.PG_CLEANER_ENV, raising=False)
+    assert owns_ray() is True and launcher.keep_placement_group_cleaner() is False
+    assert ray.get(ray.remote(num_cpus=0)(owns_ray).remote()) is False
+
+
 def test_window_resolves_to_the_stored_checkpoints(trained_s3):
     cfg, store, key, _, _ = trained_s3
     ens = TeacherEnsemble.from_trajectory(store, key, "1-3", 3, "cpu")
