@@ -53,6 +53,18 @@ def flops_per_image(name: str, size: int, classes: int) -> float:
     return counter.get_total_flops() / 2
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "conv3"])
@@ -88,7 +100,7 @@ def main() -> None:
                          "gflops_per_image": round(flops_per_image(m, s, args.classes) / 1e9, 3),
                          "params": count_params(build_model(m, args.classes, s)),
                          f"vs_{args.models[0]}": round(step_s / base, 3)})
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"# {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
           f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps")
     print(f"{'model':10s} {'px':>4s} {'step ms':>8s} {'GFLOP/img':>10s} {'params':>11s} {'vs ' + args.models[0]:>12s}")
     for r in rows:
