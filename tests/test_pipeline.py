@@ -82,8 +82,13 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     from hello_ray.stages import select, teachers
 
     assert run_stage(teachers, cfg2, store) == first.keys["teachers"]
-    assert store.artifact_key("select", select.stage_config(cfg2), {"teachers": first.keys["teachers"]}) \
-        != first.keys["select"]
+
+    def select_key(c):  # the derivation the run uses: config slice, dataset fingerprints, inputs
+        return store.artifact_key("select", pipeline.Run(c, store).stage_config(select),
+                                  {"teachers": first.keys["teachers"]})
+
+    assert select_key(cfg) == first.keys["select"]   # so the inequality below can fail
+    assert select_key(cfg2) != first.keys["select"]
 
 
 def test_sweep_runs_its_grid_on_tune(ray_local, smoke_store):
