@@ -66,7 +66,7 @@ def _adapter(store, key: str, class_names: list[str]) -> None:
 def world(tmp_path_factory, ray_local):
     """A store holding the demo data, a 2-ipc image set, a trajectory and an adapter (10 classes)."""
     root = tmp_path_factory.mktemp("eval")
-    cfg = load_config("smoke", overrides=[f"store={root / 'store'}", "compute.num_workers=2", "evaluate.floor=true",
+    cfg = load_config("smoke", overrides=[f"store={root / 'store'}", "evaluate.floor=true",
                                           "evaluate.floor_strategies=[hard, stored/10, projector]",
                                           "evaluate.continual_steps=[2]", "evaluate.continual_strategies=[hard]"])
     store = open_store(cfg.store)
