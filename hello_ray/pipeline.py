@@ -392,7 +392,12 @@ def distill(cfg: Config) -> RunResult:
     t0 = time.perf_counter()
     run = Run.start(cfg)
     recipe(run)
-    result = make_report(cfg, run.store, run.keys)
+    return _result(run, t0)
+
+
+def _result(run: Run, t0: float) -> RunResult:
+    """The report of a run whose recipe has been walked, its wall time since ``t0`` and stage times."""
+    result = make_report(run.cfg, run.store, run.keys)
     result.wall_s = time.perf_counter() - t0
     result.stage_s = dict(run.stage_s)
     return result
@@ -418,10 +423,7 @@ def finished_result(cfg: Config) -> RunResult | None:
         log.debug("finished-run check not taken: %s: %s", type(e).__name__, e)
         return None
     log.info("every stage's artifact is finished: nothing to compute, no Ray started")
-    result = make_report(cfg, run.store, run.keys)
-    result.wall_s = time.perf_counter() - t0
-    result.stage_s = dict(run.stage_s)
-    return result
+    return _result(run, t0)
 
 
 def format_stage_times(stage_s: dict[str, float | None], total_s: float) -> str:
