@@ -134,12 +134,12 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
     if ray.is_initialized():
         return
     address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        for var, value in LOCAL_TRAIN_ENV.items():
-            os.environ.setdefault(var, value)  # Ray Train hands the driver's values to its controllers
     env = worker_env(interactive=sys.stdout.isatty(), local=address is None)
     # The local Ray keeps Ray's default dashboard (jobs, actors, progress for the user to watch).
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    if owns_ray():  # not a Ray joined on this machine: Ray Train reads these at each fit, in the driver
+        for var, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(var, value)
     log.info("ray: %s", ray.cluster_resources())
 
 
