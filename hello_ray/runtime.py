@@ -135,8 +135,12 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
         return
     address = (compute.address if compute else "") or os.environ.get("RAY_ADDRESS") or None
     env = worker_env(interactive=sys.stdout.isatty(), local=address is None)
-    # The local Ray keeps Ray's default dashboard (jobs, actors, progress for the user to watch).
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    # A local Ray keeps Ray's default dashboard (jobs, actors, progress for the user to watch)
+    # unless compute.dashboard is off: its processes take about 6 s of a 2-core machine's start.
+    # Ray reads include_dashboard only when it starts a Ray, never when it joins one.
+    dashboard = None if compute is None or compute.dashboard else False
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             include_dashboard=dashboard)
     if owns_ray():  # not a Ray joined on this machine: Ray Train reads these at each fit, in the driver
         for var, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(var, value)
