@@ -50,7 +50,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hello_ray.config import TeacherConfig  # noqa: E402
-from hello_ray.labels import HardLabels, ProjectorLabels, TeacherLabels, draw_view  # noqa: E402
+from hello_ray.labels import HardLabels, ProjectorLabels, TeacherLabels  # noqa: E402
+from hello_ray.views import view_batch  # noqa: E402
 from hello_ray.models.clip import RANDOM_INIT  # noqa: E402
 from hello_ray.models.ensemble import TeacherEnsemble  # noqa: E402
 from hello_ray.models.projector import Projector  # noqa: E402
@@ -259,11 +260,11 @@ def breakdown_section(sh: Shapes, device: torch.device, base: Projector) -> dict
     index = torch.randperm(2 * n, generator=g)[:n]
     iters, warm = max(2, sh.steps), sh.warmup
     out: dict[str, Any] = {}
-    out["views_images@cpu_ms"] = 1e3 * timed(lambda: draw_view(images_cpu, index, labels, size, 1.0, g)[1].to(device),
+    out["views_images@cpu_ms"] = 1e3 * timed(lambda: view_batch(images_cpu, index, size, 1.0, g)[1].to(device),
                                              device, iters, warm)["median_s"]
-    out["views_images@device_ms"] = 1e3 * timed(lambda: draw_view(images_dev, index, labels, size, 1.0, g),
+    out["views_images@device_ms"] = 1e3 * timed(lambda: view_batch(images_dev, index, size, 1.0, g),
                                                 device, iters, warm)["median_s"]
-    view, x = draw_view(images_dev, index, labels, size, 1.0, g)
+    view, x = view_batch(images_dev, index, size, 1.0, g)
     x = x.contiguous(memory_format=torch.channels_last)
     labellers = {"teacher": TeacherLabels(build_model("resnet18", sh.classes, size), sh.classes, size).to(device),
                  "projector": ProjectorLabels(copy.deepcopy(base), sh.classes, size, 0).to(device)}
@@ -290,7 +291,7 @@ def breakdown_section(sh: Shapes, device: torch.device, base: Projector) -> dict
     proj = labellers["projector"].with_precision("bf16")
 
     def step() -> None:
-        _, xv = draw_view(images_dev, index, labels, size, 1.0, g)
+        _, xv = view_batch(images_dev, index, size, 1.0, g)
         xv = xv.contiguous(memory_format=torch.channels_last)
         t = proj.logits(xv)
         loss = student_loss(student(xv), t, ctx, True, s)
@@ -305,7 +306,7 @@ def breakdown_section(sh: Shapes, device: torch.device, base: Projector) -> dict
     with profile(activities=acts) as prof:
         for _ in range(3):
             with record_function("label_projector"):
-                _, xv = draw_view(images_dev, index, labels, size, 1.0, g)
+                _, xv = view_batch(images_dev, index, size, 1.0, g)
                 t = proj.logits(xv.contiguous(memory_format=torch.channels_last))
             with record_function("student_update"):
                 loss = student_loss(student(xv.contiguous(memory_format=torch.channels_last)), t, ctx, True, s)

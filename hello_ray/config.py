@@ -387,6 +387,15 @@ class EvalConfig:
                                "whose views and logits the stored strategies replay instead of relabelling the "
                                "distilled images with our teacher (stored/N: evaluate.prune_pool of its batches; "
                                "'' = relabel)", default="")
+    stored_views: str = _help("whose views the stored strategies relabel: per_seed (each seed's own view "
+                              "sequence, the one its hard, teacher and projector rows train on; the first "
+                              "seed's labels are the set that ships) | first_seed (every seed replays the "
+                              "first seed's relabel, as a single relabel pass of SRe2L/FKD does)",
+                              default="per_seed")
+    precision: str = _help("the student's forward and loss: fp32 (the references') | bf16 (autocast)",
+                           default="fp32")
+    loss_check_every: int = _help("steps between reads of the student's loss on the host (a non-finite "
+                                  "one still names its step; not in the key)", default=50)
 
     def validate(self, p: str = "evaluate") -> None:
         _check(len(self.students) >= 1, f"{p}.students", "name at least one student")
@@ -423,6 +432,10 @@ class EvalConfig:
         _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")
         _check(self.label_precision in ("auto", "fp32", "bf16"), f"{p}.label_precision",
                "must be 'auto', 'fp32' or 'bf16'")
+        _check(self.stored_views in ("per_seed", "first_seed"), f"{p}.stored_views",
+               "must be 'per_seed' or 'first_seed'")
+        _check(self.precision in ("fp32", "bf16"), f"{p}.precision", "must be 'fp32' or 'bf16'")
+        _check(self.loss_check_every >= 1, f"{p}.loss_check_every", "must be >= 1")
 
 
 @dataclass

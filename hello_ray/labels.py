@@ -16,8 +16,8 @@ Bytes are always real bytes (files written to the store, or weights serialized),
 Online labellers run in eval mode under ``torch.inference_mode`` (bf16 autocast + channels-last on
 GPU), so labelling costs one forward and no autograd memory. ``stored`` strategies are *replayed*:
 the student loop asks them for the exact views (crop boxes, flips, CutMix perm/lambda/box) the
-relabel pass labelled, rebuilds those views with ``apply_crop_flip`` / ``apply_cutmix`` and gets the
-stored logits back. This module sits below the stages and never imports them.
+relabel pass labelled, rebuilds those views (``views.View.materialise``) and gets the stored logits
+back. This module sits below the stages and never imports them.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hello_ray.data.augment import apply_crop_flip, apply_cutmix, cutmix, random_resized_crop_flip
 from hello_ray.data.errors import DataError
 from hello_ray.runtime import auto_bf16, native_bf16
 from hello_ray.store import ArtifactNotFound
+from hello_ray.views import View, draw_epoch
 
 LABELS_DIR = "labels"
 log = logging.getLogger(__name__)
@@ -50,56 +50,6 @@ class ClassCountMismatch(DataError):
 
 class LabelError(RuntimeError):
     """Stored labels are missing, unfinished or unreadable (names the artifact and file)."""
-
-
-# ------------------------------------------------------------------------------- views
-
-@dataclass
-class View:
-    """How one global batch of augmented views was made from the image set.
-
-    ``index`` picks the images; each is cropped to ``boxes`` (x0, y0, x1, y1 in pixels of the
-    stored image), resized, flipped where ``flips``; then CutMix pastes ``box`` of image
-    ``perm[i]`` into image i with area weight ``lam`` kept for image i.
-    """
-    index: torch.Tensor            # [B] int64 image ids in the image set
-    boxes: torch.Tensor            # [B, 4] int64 crop boxes
-    flips: torch.Tensor            # [B] bool horizontal flips
-    perm: torch.Tensor             # [B] int64 CutMix partners
-    lam: float                     # weight of the image's own class after CutMix
-    box: torch.Tensor              # [4] int64 CutMix box (x0, y0, x1, y1), exclusive ends
-    logits: torch.Tensor | None = None   # [B, C] fp16, only for stored views
-
-    def materialise(self, images: torch.Tensor, size: int) -> torch.Tensor:
-        """images [M, 3, H, W] (uint8, or float in [0, 1]) -> the augmented batch [B, 3, size, size]."""
-        x = _as_float(images[self.index.to(images.device)])
-        x = apply_crop_flip(x, self.boxes.to(x.device), self.flips.to(x.device), size)
-        return apply_cutmix(x, self.perm, tuple(int(v) for v in self.box))
-
-
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float in [0, 1]; the set is kept as uint8 so it costs 1/4 of the memory."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
-
-
-def draw_view(images: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, size: int,
-              alpha: float, generator: torch.Generator) -> tuple[View, torch.Tensor]:
-    """Draw a fresh random view of ``images[index]``: (its description, the augmented batch).
-
-    RandomResizedCrop + flip, then CutMix(alpha); alpha 0 turns CutMix off (identity perm, lam 1,
-    empty box).
-    """
-    x, boxes, flips = random_resized_crop_flip(_as_float(images[index.to(images.device)]), size,
-                                               generator=generator)
-    x, _, _, lam, perm, box = cutmix(x, labels[index.to(labels.device)], alpha, generator=generator)
-    view = View(index=index.long(), boxes=torch.as_tensor(boxes).long(), flips=torch.as_tensor(flips).bool(),
-                perm=torch.as_tensor(perm).long(), lam=float(lam), box=torch.as_tensor(box).long().reshape(4))
-    return view, x
-
-
-def epoch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled epoch over n images cut into global batches (the last one may be short)."""
-    return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
 # ------------------------------------------------------------------------------ context
@@ -331,11 +281,14 @@ class ProjectorLabels(_OnlineModel):
 
 # ----------------------------------------------------------------------------- stored
 
-def stored_name(prune: int, images: str = "distilled") -> str:
+def stored_name(prune: int, images: str = "distilled", seed: int | None = None) -> str:
     """'stored' or 'stored-N' (``floor-stored[-N]`` for the random real images of the control rows):
-    the folder name under ``labels/`` (no '/' inside a file name)."""
+    the folder name under ``labels/`` (no '/' inside a file name). ``seed``: the labels of that
+    student seed's own views (``-seedS``; ``evaluate.stored_views=per_seed``, seeds after the first),
+    None: the set that ships (the first seed's)."""
     name = "stored" if prune <= 1 else f"stored-{prune}"
-    return name if images == "distilled" else f"{images}-{name}"
+    name = name if images == "distilled" else f"{images}-{name}"
+    return name if seed is None else f"{name}-seed{seed}"
 
 
 PRUNE_POOLS = ("lpld", "random")
@@ -363,13 +316,14 @@ class RelabelPlan:
     prune: int = 1                 # keep 1/prune of the label batches (LPLD); 1 = keep all
     pool: str = "lpld"             # which batches: lpld (the first floor(T/N)) | random (a seeded draw)
 
-    def views(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[int, int, View, torch.Tensor]]:
-        """(epoch, batch, view, augmented batch) for every label batch, in training order."""
+    def views(self, images: torch.Tensor) -> Iterator[tuple[int, int, View]]:
+        """(epoch, batch, view) for every label batch, in training order, drawn but not built: the
+        same sequence a student of seed ``seed`` trains on (``views.draw_epoch``)."""
         g = torch.Generator().manual_seed(self.seed)
+        n, h, w = len(images), images.shape[-2], images.shape[-1]
         for epoch in range(self.epochs):
-            for b, index in enumerate(epoch_order(len(images), self.batch_size, g)):
-                view, x = draw_view(images, index, labels, self.image_size, self.cutmix_alpha, g)
-                yield epoch, b, view, x
+            for b, view in enumerate(draw_epoch(n, h, w, self.batch_size, self.image_size, self.cutmix_alpha, g)):
+                yield epoch, b, view
 
     def kept(self, n_images: int) -> list[tuple[int, int]]:
         """The (epoch, batch) label batches kept, in (epoch, batch) order: all (prune 1); LPLD's pool,
@@ -423,18 +377,19 @@ def _unpack(data: bytes, where: str) -> dict[int, View]:
     return out
 
 
-def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-            plan: RelabelPlan, store, key: str, epochs: Iterator[int] | None = None,
-            image_set: str = "distilled") -> dict[str, int]:
+def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, plan: RelabelPlan, store,
+            key: str, epochs: Iterator[int] | None = None, image_set: str = "distilled",
+            seed: int | None = None) -> dict[str, int]:
     """FKD/SRe2L relabel pass: label every kept view once and write it to the store.
 
-    images [M, 3, H, W] (uint8, or float in [0, 1]); labels [M]. Writes one
+    images [M, 3, H, W] (uint8, or float in [0, 1]) on the labeller's device. Writes one
     ``labels/<name>/epoch_{e:04d}.npz`` per epoch that keeps at least one batch, holding per batch
     its image ids, crop boxes, flips, CutMix perm/lambda/box and fp16 logits. ``epochs`` limits the
     work to some epochs (ranks of a Ray Train group split them); the caller writes ``meta.json``
-    with ``write_stored_meta`` once all epochs are in. Returns {file name: bytes written}.
+    with ``write_stored_meta`` once all epochs are in. ``seed``: write to that seed's own folder
+    (:func:`stored_name`). Returns {file name: bytes written}.
     """
-    name = stored_name(plan.prune, image_set)
+    name = stored_name(plan.prune, image_set, seed)
     keep = set(plan.kept(len(images)))
     wanted = set(range(plan.epochs) if epochs is None else epochs)
     written: dict[str, int] = {}
@@ -450,28 +405,28 @@ def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
             current.clear()
 
     last_kept = max(e for e, _ in keep)
-    for epoch, b, view, x in plan.views(images, labels):
+    for epoch, b, view in plan.views(images):
         if epoch != last_epoch:
             flush(last_epoch)
             last_epoch = epoch
         if epoch > last_kept:  # LPLD's pool is a prefix: nothing after its last epoch is labelled
             break
-        # The RNG stream is walked for every batch (so kept views match the unpruned run's),
-        # but only kept batches of this caller's epochs are labelled.
+        # The generator is walked through every batch (so kept views match the unpruned run's),
+        # but pixels are built, on the images' device, only for kept batches of this caller's epochs.
         if epoch in wanted and (epoch, b) in keep:
-            view.logits = labeller(x).to(torch.float16).cpu()
+            view.logits = labeller(view.materialise(images, plan.image_size)).to(torch.float16).cpu()
             current.append((b, view))
     flush(last_epoch)
     return written
 
 
 def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_classes: int,
-                      files: dict[str, int], image_set: str = "distilled") -> int:
+                      files: dict[str, int], image_set: str = "distilled", seed: int | None = None) -> int:
     """Write ``labels/<name>/meta.json`` last (the plan, the kept batches, each file's size).
 
     Returns the total shipped bytes: the epoch files plus meta.json itself.
     """
-    name = stored_name(plan.prune, image_set)
+    name = stored_name(plan.prune, image_set, seed)
     meta = {"plan": plan.__dict__, "n_images": n_images, "num_classes": num_classes,
             "kept": plan.kept(n_images), "files": dict(sorted(files.items()))}
     data = json.dumps(meta, indent=1).encode()
@@ -493,10 +448,10 @@ class StoredLabels(LabelStrategy):
 
     replays = True
 
-    def __init__(self, store, key: str, prune: int = 1, image_set: str = "distilled"):
+    def __init__(self, store, key: str, prune: int = 1, image_set: str = "distilled", seed: int | None = None):
         self.store, self.key, self.prune = store, key, prune
         self.name = "stored" if prune <= 1 else f"stored/{prune}"
-        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set)}"
+        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set, seed)}"
         try:
             meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
         except ArtifactNotFound as e:  # a damaged file (IntegrityError) is not "missing": it propagates

@@ -22,7 +22,8 @@ from hello_ray.distilled import open as open_package
 from hello_ray.distilled.export import ExportError, export, main as export_main, parse_labels
 from hello_ray.formats import package as fmt
 from hello_ray.formats.results import write_results
-from hello_ray.labels import ProjectorLabels, RelabelPlan, draw_view, relabel, write_stored_meta
+from hello_ray.labels import ProjectorLabels, RelabelPlan, relabel, write_stored_meta
+from hello_ray.views import view_batch
 from hello_ray.store import ArtifactNotFound, IntegrityError, StoreError, open_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def run(tmp_path_factory) -> dict:
     labeller = ProjectorLabels.from_store(store, "transfer-bbbbbbbbbbbb", 3, IMAGE_SIZE)
     plan = RelabelPlan(epochs=2, batch_size=4, image_size=IMAGE_SIZE, cutmix_alpha=1.0, seed=0)
     x = images.permute(0, 3, 1, 2)
-    files = relabel(labeller.logits, x, labels, plan, store, key)
+    files = relabel(labeller.logits, x, plan, store, key)
     write_stored_meta(store, key, plan, 6, 3, files)
     rows = [{"student": "resnet18", "strategy": s, "seed": 0, "images": "distilled", "continual_steps": 0,
              "continual_step": 0, "top1": t, "label_bytes": b}
@@ -104,7 +105,7 @@ def test_labeller_equals_evaluate_path(run, package):
     ref = ProjectorLabels.from_store(run["store"], "transfer-bbbbbbbbbbbb", 3, IMAGE_SIZE).to(
         torch.device("cpu")).with_precision("fp32")
     g = torch.Generator().manual_seed(1)
-    _, views = draw_view(pkg.images, torch.arange(6), pkg.labels, IMAGE_SIZE, 1.0, g)
+    _, views = view_batch(pkg.images, torch.arange(6), IMAGE_SIZE, 1.0, g)
     ours, theirs = labeller(views), ref.logits(views)
     assert ours.shape == (6, 3) and torch.equal(ours, theirs)
     assert not any(p.requires_grad for p in labeller.parameters())

@@ -39,7 +39,7 @@ def _relabelled(store, alpha: float = 1.0) -> RelabelPlan:
     images = s.images.permute(0, 3, 1, 2)
     plan = RelabelPlan(epochs=2, batch_size=3, image_size=SIZE, cutmix_alpha=alpha, seed=4)
     w = torch.randn(3 * SIZE * SIZE, C, generator=torch.Generator().manual_seed(1))
-    files = relabel(lambda x: x.flatten(1) @ w, images, s.labels, plan, store, "evaluate-x")
+    files = relabel(lambda x: x.flatten(1) @ w, images, plan, store, "evaluate-x")
     write_stored_meta(store, "evaluate-x", plan, N, C, files)
     store.finalize("evaluate-x", "evaluate", {}, {"images": "external-x"})
     return plan

@@ -105,7 +105,7 @@ def _stored_labels(store, key: str) -> None:
     labels = torch.arange(6) % C
     for prune in (1, 2):
         plan = RelabelPlan(epochs=2, batch_size=4, image_size=S, cutmix_alpha=1.0, seed=3, prune=prune)
-        files = relabel(lambda x: torch.randn(len(x), C), images, labels, plan, store, key)
+        files = relabel(lambda x: torch.randn(len(x), C), images, plan, store, key)
         write_stored_meta(store, key, plan, len(images), C, files)
     store.finalize(key, "evaluate", {})
 

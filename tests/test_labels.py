@@ -31,7 +31,7 @@ def tiny():
 def _relabel(store, key, tiny, prune=1, epochs=3, batch_size=8):
     images, labels, teacher = tiny
     plan = RelabelPlan(epochs=epochs, batch_size=batch_size, image_size=S, cutmix_alpha=1.0, seed=7, prune=prune)
-    files = relabel(teacher.logits, images, labels, plan, store, key)
+    files = relabel(teacher.logits, images, plan, store, key)
     write_stored_meta(store, key, plan, N, C, files)
     return plan, StoredLabels(store, key, prune)
 
@@ -48,7 +48,8 @@ def test_stored_replays_exactly_the_views_it_stored(tmp_path, tiny):
     # Walk the same plan again: every stored view must rebuild the same pixels, and its stored
     # logits must be the teacher's logits of exactly those pixels (in fp16).
     seen = 0
-    for epoch, b, view, x in plan.views(images, labels):
+    for epoch, b, view in plan.views(images):
+        x = view.materialise(images, S)
         replay = stored.epoch_views(epoch, seed=123)[b]
         assert torch.equal(replay.index, view.index)
         assert torch.equal(replay.boxes, view.boxes) and torch.equal(replay.flips, view.flips)

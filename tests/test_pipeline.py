@@ -157,11 +157,11 @@ def test_ray_job_submit_to_local_head_with_s3_store(s3_bucket, s3_server, tmp_pa
 RECEIVER = r"""
 import json, runpy, sys, torch, torchvision
 import hello_ray.distilled
-from hello_ray.labels import draw_view
+from hello_ray.views import view_batch
 uri, out_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(threads)
 pkg = hello_ray.distilled.open(uri)
-_, views = draw_view(pkg.images, torch.arange(len(pkg)), pkg.labels, pkg.image_size, 1.0,
+_, views = view_batch(pkg.images, torch.arange(len(pkg)), pkg.image_size, 1.0,
                      torch.Generator().manual_seed(7))
 torch.save({"views": views, "logits": pkg.labeller("projector")(views)}, out_path)
 ray_after_labeller = "ray" in sys.modules
@@ -188,8 +188,9 @@ def test_export_round_trip_and_readme_loop(ray_local, smoke_store, s3_server, s3
     from hello_ray.data.imageset import load_image_set
     from hello_ray.distilled import open as open_package
     from hello_ray.distilled.export import export
-    from hello_ray.labels import ProjectorLabels, draw_view
+    from hello_ray.labels import ProjectorLabels
     from hello_ray.store import IntegrityError
+    from hello_ray.views import view_batch
 
     cfg = load_config("smoke", overrides=[f"store={smoke_store}"])
     keys = distill(cfg).keys      # cached: every stage is found in the store
@@ -205,7 +206,7 @@ def test_export_round_trip_and_readme_loop(ray_local, smoke_store, s3_server, s3
                                      cfg.data.image_size).to(torch.device("cpu")).with_precision(
         cfg.evaluate.label_precision)
     images = image_set.images.permute(0, 3, 1, 2)
-    _, views = draw_view(images, torch.arange(len(images)), image_set.labels, cfg.data.image_size, 1.0,
+    _, views = view_batch(images, torch.arange(len(images)), cfg.data.image_size, 1.0,
                          torch.Generator().manual_seed(7))
     expected = ref.logits(views)
 

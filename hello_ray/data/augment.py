@@ -112,7 +112,7 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, flo
     return apply_crop_flip(x, boxes, flips, size), boxes, flips
 
 
-def _beta(alpha: float, generator: torch.Generator | None) -> float:
+def draw_beta(alpha: float, generator: torch.Generator | None) -> float:
     """Beta(alpha, alpha) drawn through the torch generator (torch's Beta takes none)."""
     dev = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
@@ -153,7 +153,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Gene
     if alpha <= 0:
         perm = torch.arange(n)
         return x, y, y, 1.0, perm, (0, 0, 0, 0)
-    lam = _beta(alpha, generator)
+    lam = draw_beta(alpha, generator)
     dev = generator.device if generator is not None else torch.device("cpu")
     perm = torch.randperm(n, generator=generator, device=dev).cpu()
     box = cutmix_box(h, w, lam, generator)

@@ -27,7 +27,7 @@ iterated once per epoch, batches cut by a BatchSampler without drop_last (``get_
 (he-y/soft-label-pruning-for-dataset-distillation @ 63eee18
 ``relabel_and_validate/generate_soft_label_pruning.py`` l. 321-326, 353-358).
 
-**How our stored labels differ** (``hello_ray/labels.View``):
+**How our stored labels differ** (``hello_ray/views.View``):
 
 | what        | SRe2L / LPLD record                          | ours (``View``)                                |
 |-------------|----------------------------------------------|------------------------------------------------|

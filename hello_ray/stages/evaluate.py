@@ -51,6 +51,7 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     ev = section_dict(cfg.evaluate)
     if not ev["stored_labels"]:  # the default keeps the keys evaluate artifacts had before the option
         ev.pop("stored_labels")
+    ev.pop("loss_check_every")  # how often the host looks, not what is trained
     out = {"data": data_identity(cfg.data), "evaluate": ev}
     if _uses_teacher(cfg):
         if cfg.evaluate.teacher_labels == "window":
@@ -97,7 +98,8 @@ def settings_for(cfg: Config, student: str) -> TrainSettings:
     return TrainSettings(epochs=ev.epochs, batch_size=ev.batch_size, lr=ev.lr[student],
                          weight_decay=ev.weight_decay, cutmix_alpha=ev.cutmix_alpha, loss=ev.loss,
                          ce_weight=ev.ce_weight, temperature=ev.temperature, image_size=cfg.data.image_size,
-                         schedule=ev.schedule, decay=ev.decay, report=ev.report)
+                         schedule=ev.schedule, decay=ev.decay, report=ev.report, precision=ev.precision,
+                         loss_check_every=ev.loss_check_every)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -269,9 +271,12 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
 
 def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, str], images: torch.Tensor,
                    labels: torch.Tensor, num_classes: int, device: torch.device, rank: int, world: int,
-                   teacher: TeacherLabels | None, image_set: str = "distilled") -> LabelStrategy:
+                   teacher: TeacherLabels | None, image_set: str = "distilled", seed: int | None = None
+                   ) -> LabelStrategy:
     """The label strategy named ``spec`` on ``device`` for ``images`` (the distilled set, or the
-    floor's random real images); stored labels are relabelled once, split over ranks."""
+    floor's random real images); stored labels are relabelled once, split over ranks. ``seed``
+    (:func:`stored_seed`): relabel that seed's own views into its own folder; None: the first
+    seed's, the set that ships."""
     import torch.distributed as dist
 
     base, prune = parse_strategy(spec)
@@ -296,23 +301,34 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
         if world > 1:
             dist.barrier()
         return StoredLabels(store, key, prune, image_set)
-    plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size,
-                       cutmix_alpha=ev.cutmix_alpha, seed=ev.seeds[0], prune=prune, pool=ev.prune_pool)
-    meta = f"labels/{stored_name(prune, image_set)}/meta.json"
+    plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size, cutmix_alpha=ev.cutmix_alpha,
+                       seed=ev.seeds[0] if seed is None else seed, prune=prune, pool=ev.prune_pool)
+    meta = f"labels/{stored_name(prune, image_set, seed)}/meta.json"
     if meta not in store.list_files(key):                     # not relabelled before a restart
         mine = [e for e in range(ev.epochs) if e % world == rank]
-        files = relabel(lambda x: teacher.logits(x.to(device)), images, labels, plan, store, key, epochs=mine,
-                        image_set=image_set)
+        files = relabel(teacher.logits, images.to(device), plan, store, key, epochs=mine,
+                        image_set=image_set, seed=seed)
         gathered: list[dict[str, int]] = [files]
         if world > 1:
             gathered = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(gathered, files)
         if rank == 0:
             write_stored_meta(store, key, plan, len(images), num_classes,
-                              {k: v for part in gathered for k, v in part.items()}, image_set=image_set)
+                              {k: v for part in gathered for k, v in part.items()}, image_set=image_set,
+                              seed=seed)
         if world > 1:
             dist.barrier()
-    return StoredLabels(store, key, prune, image_set)
+    return StoredLabels(store, key, prune, image_set, seed)
+
+
+def stored_seed(cfg: Config, spec: str, seed: int) -> int | None:
+    """Whose views a row's stored labels replay: its own seed's (``evaluate.stored_views=per_seed``,
+    seeds after the first; their own folder), or None: the first seed's relabel (that seed's rows,
+    ``first_seed``, imported labels, and every strategy that is not stored)."""
+    ev = cfg.evaluate
+    if parse_strategy(spec)[0] != "stored" or ev.stored_views != "per_seed" or seed == ev.seeds[0]:
+        return None
+    return None if ev.stored_labels else seed
 
 
 def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, device: torch.device
@@ -365,18 +381,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # pass is collective, and in rows mode ranks train different strategies at the same time.
     # Online labellers (teacher, projector) serve both image sets; hard and stored labels are
     # per image set (the floor's random real images have their own files).
-    strategies: dict[tuple[str, str], LabelStrategy] = {}
+    strategies: dict[tuple[str, str, int | None], LabelStrategy] = {}
     teacher: TeacherLabels | None = None
-    for image_set, spec in dict.fromkeys((r["images"], r["strategy"]) for r in pending):
+
+    def strategy_of(r: dict[str, Any]) -> tuple[str, str, int | None]:
+        return r["images"], r["strategy"], stored_seed(cfg, r["strategy"], r["seed"])
+
+    for image_set, spec, seed in dict.fromkeys(strategy_of(r) for r in pending):
         base = parse_strategy(spec)[0]
         if teacher is None and base in ("teacher", "stored"):
             teacher = _load_teacher(cfg, store, inputs, num_classes, device)
-        if base in ("teacher", "projector") and ("distilled", spec) in strategies:
-            strategies[(image_set, spec)] = strategies[("distilled", spec)]
+        if base in ("teacher", "projector") and ("distilled", spec, None) in strategies:
+            strategies[(image_set, spec, seed)] = strategies[("distilled", spec, None)]
             continue
         x_set, y_set = floor if image_set == "floor" else (images, labels)
-        strategies[(image_set, spec)] = build_strategy(spec, cfg, store, key, inputs, x_set, y_set, num_classes,
-                                                       device, rank, world, teacher, image_set)
+        strategies[(image_set, spec, seed)] = build_strategy(spec, cfg, store, key, inputs, x_set, y_set,
+                                                             num_classes, device, rank, world, teacher, image_set,
+                                                             seed)
 
     step = world if by_rows else 1
     for first in range(0, len(pending), step):
@@ -385,7 +406,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record = None
         if mine is not None:
             x, y = floor if mine["images"] == "floor" else (images, labels)
-            strategy = strategies[(mine["images"], mine["strategy"])]
+            strategy = strategies[strategy_of(mine)]
             record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device,
                                 rank=0 if by_rows else rank, world=1 if by_rows else world)
         if by_rows:

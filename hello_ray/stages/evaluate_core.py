@@ -6,6 +6,12 @@ loss MSE(student, label logits) + ce_weight x CutMix-mixed CE (or KL with temper
 cosine schedule over all steps. It runs alone (world 1) or as one DDP rank: every rank draws the
 same global batch from the same seeded generator and trains on its own slice, so a run gives the
 same views whatever the number of workers, and stored labels replay identically under DDP.
+
+The step keeps the device busy: the distilled set is copied to the device once per row and every
+view is built there (``views.View.materialise``: one batched crop-and-resize of this rank's rows
+only); the random draws stay on a CPU generator. Nothing in the step waits for the device: step
+times come from CUDA events (read once at the end), and the losses collect in a device buffer read
+every ``loss_check_every`` steps and at each epoch's end (a non-finite one still names its step).
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hello_ray.failures import check_finite
-from hello_ray.labels import LabelContext, LabelStrategy, View, draw_view, epoch_order
+from hello_ray.labels import LabelContext, LabelStrategy
+from hello_ray.views import View, draw_epoch
 
 
 @dataclass
@@ -39,6 +46,8 @@ class TrainSettings:
     schedule: str = "cosine_step"  # cosine_step | cosine_epoch | half_cosine_epoch
     decay: str = "all"             # all | weights (no decay on biases and norms)
     report: str = "final"          # final | rded_best | fkd_best: the epochs scored on the val set
+    precision: str = "fp32"        # fp32 | bf16 (autocast of the student's forward and loss)
+    loss_check_every: int = 50     # steps between reads of the losses (one host sync each)
 
 
 def student_loss(out: torch.Tensor, target: torch.Tensor, ctx: LabelContext, soft: bool,
@@ -139,28 +148,88 @@ class PeakMemory:
             self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class StepTimer:
+    """Per-step wall times without waiting for the device in the step: CUDA events recorded around
+    each step and read once at the end; on the CPU (synchronous) the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[Any, Any]] = []
+        self._host: list[float] = []
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self._host.append(time.perf_counter() - self._t0)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            if self._events:
+                self._events[-1][1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self._events]
+        return list(self._host)
+
+
+class LossLog:
+    """Losses kept on the device, read back every ``every`` steps (and when asked): one host sync
+    per read instead of one per step. A non-finite loss raises naming its own epoch and step."""
+
+    def __init__(self, device: torch.device, every: int, hint: str):
+        self.every, self.hint = max(1, every), hint
+        self.buf = torch.zeros(self.every, device=device)
+        self.n = 0                      # losses in the buffer
+        self.step = 0                   # steps so far (1-based for the last one)
+        self.last = float("nan")
+
+    def add(self, loss: torch.Tensor, epoch: int) -> None:
+        self.buf[self.n] = loss.detach()
+        self.n += 1
+        self.step += 1
+        if self.n == self.every:
+            self.read(epoch)
+
+    def read(self, epoch: int) -> None:
+        if not self.n:
+            return
+        values = self.buf[:self.n].tolist()
+        first = self.step - self.n + 1
+        for i, v in enumerate(values):
+            check_finite(v, "evaluate", epoch + 1, first + i, self.hint)
+        self.last, self.n = values[-1], 0
 
 
 def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, strategy: LabelStrategy,
                   s: TrainSettings, seed: int, device: torch.device, classes: torch.Tensor | None = None,
                   rank: int = 0, world_size: int = 1,
                   log: Callable[[str], None] | None = None,
-                  score: Callable[[], float] | None = None, row: str = "") -> dict[str, Any]:
+                  score: Callable[[], float] | None = None, row: str = "",
+                  on_view: Callable[[int, View], None] | None = None) -> dict[str, Any]:
     """Train ``model`` (already on ``device``, possibly DDP-wrapped) on the distilled set.
 
-    images uint8 [M, 3, H, W] on CPU; labels int64 [M]. ``classes`` (continual learning) restricts
-    the loss to the seen classes (GDumb masking). ``score`` (val top-1 of the model now) is called
-    after each epoch of :func:`scored_epochs`. Returns {steps, step_s (mean), final_loss, scores:
-    {epoch (1-based): top-1}}. A non-finite loss raises :class:`hello_ray.failures.NonFiniteLoss`
-    naming the epoch, the step (1-based, counted over the run) and ``row``.
+    images uint8 [M, 3, H, W] (copied to ``device`` once); labels int64 [M]. ``classes`` (continual
+    learning) restricts the loss to the seen classes (GDumb masking). ``score`` (val top-1 of the
+    model now) is called after each epoch of :func:`scored_epochs`. ``on_view(epoch, view)`` sees every
+    global batch's view (audits, tests). Returns {steps, step_s (mean), final_loss, scores: {epoch
+    (1-based): top-1}}. A non-finite loss raises :class:`hello_ray.failures.NonFiniteLoss` naming the
+    epoch, the step (1-based, counted over the run) and ``row``.
     """
     where = f"row {row}, " if row else ""
     num_classes = output_classes(model, images, s)
-    g = torch.Generator().manual_seed(seed)                   # identical on every rank
-    steps_per_epoch = math.ceil(len(images) / s.batch_size)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True                # one fixed shape per row: autotune once
+    images, labels = images.to(device), labels.to(device)      # uint8 [M, 3, H, W], int64 [M]
+    n_images, height, width = len(images), images.shape[-2], images.shape[-1]
+    g = torch.Generator().manual_seed(seed)                   # identical on every rank; CPU draws only
+    steps_per_epoch = math.ceil(n_images / s.batch_size)
     total = s.epochs * steps_per_epoch
     opt = torch.optim.AdamW(param_groups(model, s.weight_decay, s.decay), lr=s.lr)
     per_step = s.schedule == "cosine_step"
@@ -173,44 +242,41 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     if classes is not None:                                   # class id -> column among the seen ones
         remap = torch.full((num_classes,), -1, dtype=torch.long, device=device)
         remap[cols] = torch.arange(len(cols), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    timer = StepTimer(device)
+    losses = LossLog(device, s.loss_check_every, f"{where}lr={s.lr:g}")
     model.train()
-    step_times: list[float] = []
-    last = float("nan")
     for epoch in range(s.epochs):
-        if strategy.replays:
-            batches: Iterable[tuple[View, torch.Tensor | None]] = (
-                (v, None) for v in strategy.epoch_views(epoch, seed))
-        else:
-            batches = ((None, idx) for idx in epoch_order(len(images), s.batch_size, g))
-        for view, index in batches:
-            _sync(device)
-            t0 = time.perf_counter()
-            if view is None:
-                view, x = draw_view(images, index, labels, s.image_size, s.cutmix_alpha, g)
-            else:
-                x = view.materialise(images, s.image_size)
-            # This rank's slice of the global batch (same slicing on every rank).
-            part = torch.tensor_split(torch.arange(len(view.index)), world_size)[rank]
-            y = labels[view.index]
-            ctx = LabelContext(y_a=y[part].to(device), y_b=y[view.perm][part].to(device), lam=view.lam,
-                               num_classes=num_classes,
+        views = (strategy.epoch_views(epoch, seed) if strategy.replays else
+                 draw_epoch(n_images, height, width, s.batch_size, s.image_size, s.cutmix_alpha, g))
+        for view in views:
+            if on_view is not None:
+                on_view(epoch, view)
+            timer.start()
+            # This rank's slice of the global batch (same slicing on every rank); only its pixels are built.
+            part = torch.tensor_split(torch.arange(len(view.index)), world_size)[rank]   # [n]
+            xb = view.materialise(images, s.image_size, None if world_size == 1 else part)
+            xb = xb.contiguous(memory_format=torch.channels_last)                        # [n, 3, S, S]
+            index = view.index.to(device, non_blocking=True)
+            y_a = labels[index[part.to(device)]]
+            y_b = labels[index[view.perm[part].to(device)]]
+            ctx = LabelContext(y_a=y_a, y_b=y_b, lam=view.lam, num_classes=num_classes,
                                stored_logits=None if view.logits is None else view.logits[part])
-            xb = x[part].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             target = strategy.label(xb, ctx)                  # [n, C]
-            out = model(xb)                                   # [n, C]
-            if cols is not None:
-                out, target = out[:, cols], target[:, cols]
-                ctx.y_a, ctx.y_b = remap[ctx.y_a], remap[ctx.y_b]
-            loss = student_loss(out, target, ctx, strategy.soft, s)
+            with amp:
+                out = model(xb)                               # [n, C]
+                if cols is not None:
+                    out, target = out[:, cols], target[:, cols]
+                    ctx.y_a, ctx.y_b = remap[ctx.y_a], remap[ctx.y_b]
+                loss = student_loss(out.float(), target, ctx, strategy.soft, s)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if per_step:
                 sched.step()
-            _sync(device)
-            step_times.append(time.perf_counter() - t0)
-            last = float(loss.detach())
-            check_finite(last, "evaluate", epoch + 1, len(step_times), f"{where}lr={s.lr:g}")
+            timer.stop()
+            losses.add(loss, epoch)
+        losses.read(epoch)
         lr_now = sched.get_last_lr()[0]
         if not per_step:
             sched.step()                                      # per epoch, after it, as RDED and FKD do
@@ -220,10 +286,12 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             model.train()
         if log is not None and rank == 0:
             top = f" val top1 {scores[epoch + 1]:.4f}" if epoch + 1 in scores else ""
-            log(f"epoch {epoch + 1}/{s.epochs} loss {last:.4f} lr {lr_now:.2e}{top}")
-    # The first steps pay one-off costs (allocations, DDP buckets); time the steady state.
+            log(f"epoch {epoch + 1}/{s.epochs} loss {losses.last:.4f} lr {lr_now:.2e}{top}")
+    # The first steps pay one-off costs (allocations, DDP buckets, cuDNN autotuning); time the steady state.
+    step_times = timer.seconds()
     steady = step_times[1:] if len(step_times) > 2 else step_times
-    return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": last, "scores": scores}
+    return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": losses.last,
+            "scores": scores}
 
 
 def output_classes(model: nn.Module, images: torch.Tensor, s: TrainSettings) -> int:
