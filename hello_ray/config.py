@@ -380,9 +380,13 @@ class EvalConfig:
     label_precision: str = _help("online labellers (teacher, projector, the stored relabel pass): auto "
                                  "(bf16 autocast on GPUs with native bf16, Ampere on; fp32 on CPU and older GPUs) | "
                                  "bf16 (warns where emulated: slower than fp32) | fp32", default="auto")
-    parallel: str = _help("how the Train workers share the grid: ddp (every row's batch split over all "
-                          "workers) | rows (each worker trains whole rows, no gradient all-reduce: faster "
-                          "when rows outnumber workers and students are small)", default="ddp")
+    parallel: str = _help("how the Train workers share the grid: queue (each worker trains whole rows, "
+                          "taken longest first from a queue; no gradient all-reduce) | ddp (one row at a "
+                          "time, its batch split over all workers) | auto (queue when the rows fill the "
+                          "workers, else ddp)", default="auto")
+    gpus_per_row: float = _help("queue mode on GPUs: the share of a GPU one row's worker holds (0.25: four "
+                                "rows per GPU; 0 = auto from the step's pixels against an ImageNet step's); "
+                                "not in the key", default=0.0)
     stored_labels: str = _help("a labels-* artifact key (hello-ray labels-import: SRe2L/LPLD relabel records) "
                                "whose views and logits the stored strategies replay instead of relabelling the "
                                "distilled images with our teacher (stored/N: evaluate.prune_pool of its batches; "
@@ -429,7 +433,9 @@ class EvalConfig:
         _check(self.prune_pool in ("lpld", "random"), f"{p}.prune_pool", "must be 'lpld' or 'random'")
         _check(self.teacher_labels in ("observer", "window"), f"{p}.teacher_labels",
                "must be 'observer' or 'window'")
-        _check(self.parallel in ("ddp", "rows"), f"{p}.parallel", "must be 'ddp' or 'rows'")
+        _check(self.parallel in ("auto", "queue", "ddp"), f"{p}.parallel", "must be 'auto', 'queue' or 'ddp'"
+               + (" ('rows' is now 'queue')" if self.parallel == "rows" else ""))
+        _check(0 <= self.gpus_per_row <= 1, f"{p}.gpus_per_row", "must be in [0, 1] (0 = auto)")
         _check(self.label_precision in ("auto", "fp32", "bf16"), f"{p}.label_precision",
                "must be 'auto', 'fp32' or 'bf16'")
         _check(self.stored_views in ("per_seed", "first_seed"), f"{p}.stored_views",

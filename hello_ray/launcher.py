@@ -107,11 +107,15 @@ def keep_placement_group_cleaner() -> bool:
 
 def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
         loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
-        datasets: Mapping[str, Any], *, split_datasets: bool = True) -> "ray.train.Result":
+        datasets: Mapping[str, Any], *, split_datasets: bool = True, gpus_per_worker: float | None = None,
+        backend: str | None = None) -> "ray.train.Result":
     """Run ``loop`` on ``compute.num_workers`` Ray Train workers under the run name ``key``.
 
     ``loop_config`` reaches every worker as is (it must not read argv or the environment).
-    ``split_datasets=False`` gives every worker the whole of each dataset (evaluate's rows mode).
+    ``split_datasets=False`` gives every worker the whole of each dataset (evaluate's queue mode).
+    ``gpus_per_worker`` / ``backend`` override the one GPU each worker holds and the process group
+    (nccl on GPUs, else gloo): evaluate's queue mode gives each worker a share of a GPU, and
+    workers sharing a GPU cannot form an NCCL group (it only needs a barrier: gloo).
     Raises :class:`StageFailed` naming the stage and key when the run fails for good.
     """
     import ray.train
@@ -125,8 +129,10 @@ def fit(stage: str, compute: ComputeConfig, store: "Store", key: str,
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
-                                     resources_per_worker={"CPU": compute.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+                                     resources_per_worker={"CPU": compute.cpus_per_worker,
+                                                           **({"GPU": gpus_per_worker} if compute.use_gpu
+                                                              and gpus_per_worker else {})}),
+        torch_config=TorchConfig(backend=backend or ("nccl" if compute.use_gpu else "gloo")),
         run_config=RunConfig(name=key, storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              failure_config=FailureConfig(max_failures=compute.max_failures)),
@@ -284,19 +290,30 @@ def _kill_after_first_batch(batches: Iterable[T], drill: KillDrill, store: "Stor
 
     it = iter(batches)
     yield next(it)
-    mkey, name = drill.marker(key)
-    fire = name not in store.list_files(mkey)  # [] while the marker folder does not exist
+    fire = not drill_fired(drill, store, key)
     # Every rank's last report (the previous epoch's checkpoint) must have reached the controller
     # first: a report still queued in a killed process is lost, and its checkpoint with it.
     _reports_taken()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if fire and rank == drill.rank:
-        store.put_bytes(mkey, name, str(os.getpid()).encode())
-        time.sleep(DRILL_WAIT_S)
-        raise RuntimeError(f"fault drill: rank {rank} (pid {os.getpid()}) of {key} was not killed "
-                           f"within {DRILL_WAIT_S:g} s of writing {mkey}/{name}")
+        wait_to_be_killed(drill, store, key, rank)
     yield from it
+
+
+def drill_fired(drill: KillDrill, store: "Store", key: str) -> bool:
+    """Whether the drill's marker is in the store (it fires on a run's first attempt only)."""
+    mkey, name = drill.marker(key)
+    return name in store.list_files(mkey)  # [] while the marker folder does not exist
+
+
+def wait_to_be_killed(drill: KillDrill, store: "Store", key: str, rank: int) -> None:
+    """Write this process's pid as the drill's marker and wait for the SIGKILL."""
+    mkey, name = drill.marker(key)
+    store.put_bytes(mkey, name, str(os.getpid()).encode())
+    time.sleep(DRILL_WAIT_S)
+    raise RuntimeError(f"fault drill: rank {rank} (pid {os.getpid()}) of {key} was not killed "
+                       f"within {DRILL_WAIT_S:g} s of writing {mkey}/{name}")
 
 
 def _reports_taken(timeout_s: float = 30.0) -> None:

@@ -240,6 +240,7 @@ class KillOnMarker:
         self.pid: int | None = None
         self.cmdline = ""
         self.gone = False
+        self.killed_at = float("nan")     # wall clock (time.time) of the signal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -255,6 +256,7 @@ class KillOnMarker:
                 except OSError:
                     self.cmdline = ""
                 os.kill(pid, signal.SIGKILL)
+                self.killed_at = time.time()
                 self.pid = pid
                 end = time.monotonic() + 10
                 while time.monotonic() < end and not self.gone:

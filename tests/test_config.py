@@ -182,7 +182,7 @@ OUT_OF_RANGE = {
     "transfer.weight_decay": ("-1", ">= 0"), "transfer.ce_weight": ("-1", ">= 0"), "transfer.seed": ("-5", "2**32"),
     "refine.steps": ("0", ">= 1"), "refine.lr": ("0", "> 0"), "refine.factor": ("0", ">= 1"),
     "refine.batch_size": ("0", ">= 1"), "refine.num_actors": ("0", ">= 1"), "refine.actor_cpus": ("0", "> 0"),
-    "evaluate.epochs": ("0", ">= 1"), "evaluate.loss_check_every": ("0", ">= 1"), "evaluate.batch_size": ("0", ">= 1"),
+    "evaluate.epochs": ("0", ">= 1"), "evaluate.loss_check_every": ("0", ">= 1"), "evaluate.gpus_per_row": ("1.5", "in [0, 1]"), "evaluate.batch_size": ("0", ">= 1"),
     "evaluate.lr": ("{resnet18: -1}", "> 0"), "evaluate.weight_decay": ("-1", ">= 0"),
     "evaluate.cutmix_alpha": ("-1", ">= 0"), "evaluate.ce_weight": ("-1", ">= 0"),
     "evaluate.temperature": ("0", "> 0"), "evaluate.seeds": ("[0, -1]", "2**32"),

@@ -124,8 +124,8 @@ def test_every_strategy_trains_a_student_and_reports_real_bytes(world):
     assert by["projector"] == adapter
     assert by["teacher"] == len(store.get_bytes("teachers-test", epoch_file(3)))
     assert (main.peak_mem_kind == "cpu_rss_peak").all() and (main.peak_mem_mb > 0).all()
-    # The smoke preset trains whole rows per worker: no row is split, each saw the whole val set.
-    assert (df.parallel == "rows").all() and (df.workers == 1).all()
+    # The smoke preset trains whole rows per worker from the queue: no row is split, each saw the whole val set.
+    assert (df.parallel == "queue").all() and (df.workers == 1).all()
     summary = json.loads(store.get_bytes(key, RESULTS_JSON))
     assert len(summary["rows"]) == len(df) and len(summary["table"]) == len(df)
     from hello_ray.formats.results import format_table
@@ -218,3 +218,78 @@ def test_floor_sample_does_not_depend_on_where_the_dataset_lives(ray_local):
     assert len(y1) == 12 and np.bincount(y1).tolist() == [3, 3, 3, 3]
     x3, _ = evaluate.sample_floor(rows("/tmp/here"), 4, 3, seed=1)
     assert not np.array_equal(x1, x3)                 # the seed still picks the sample
+
+
+# A driver process with its own Ray advertising 4 fake GPUs (compute falls back to the CPU): one grid
+# of unequal rows from the queue, then a second grid whose rank-1 worker waits to be killed mid-row.
+FAKE_GPU_DRIVER = r"""
+import json, pickle, sys
+import ray
+cfg, inputs, drill = pickle.load(open(sys.argv[1], "rb"))
+ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, object_store_memory=300_000_000,
+         runtime_env={"env_vars": {"PYTHONPATH": sys.argv[3]}})
+ray.data.DataContext.get_current().enable_progress_bars = False
+from hello_ray.stages import evaluate
+from hello_ray.store import open_store
+store = open_store(cfg.store)
+out = {}
+for key, d in (("evaluate-queue", None), ("evaluate-queue-drill", drill)):
+    res = evaluate.run(cfg, store, key, inputs, drill=d)
+    out[key] = res["rows"]
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def test_queue_keeps_fake_gpus_busy_and_a_killed_row_resumes(world, tmp_path):
+    """On a Ray with 4 fake GPUs, 16 rows of unequal cost (conv3 and ResNet-18 students, four label
+    strategies) taken longest first keep the 4 workers busy (>= 0.85 of worker x wall, from the rows'
+    own start and end times); a worker SIGKILLed in the middle of a row's second epoch is restarted
+    by Ray Train, the rows in flight go back to the queue, finished ones are not trained again.
+    (KillOnMarker SIGKILLs the worker: the drill fires in rank 1's second row, at its second epoch.)"""
+    import dataclasses
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from faults import KillOnMarker
+    from hello_ray import launcher
+    from hello_ray.stages.evaluate_queue import busy_fraction
+
+    cfg, store, _ = world
+    cfg = dataclasses.replace(
+        cfg, compute=dataclasses.replace(cfg.compute, num_workers=4, use_gpu=True, cpus_per_worker=0.5,
+                                         max_failures=1),
+        evaluate=dataclasses.replace(cfg.evaluate, students=["conv3", "resnet18"], parallel="queue", epochs=2,
+                                     strategies=["hard", "teacher", "stored", "projector"], seeds=[0, 1],
+                                     floor=False, continual_steps=[]))
+    drill = launcher.KillDrill(epoch=1, rank=1)
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps((cfg, INPUTS, drill)))
+    killer = KillOnMarker(store, "evaluate-queue-drill", drill)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run([sys.executable, "-c", FAKE_GPU_DRIVER, str(args), str(tmp_path / "out.json"),
+                           os.environ["PYTHONPATH"]], env=env, capture_output=True, text=True, timeout=900)
+    killer.stop()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == {"evaluate-queue": 16, "evaluate-queue-drill": 16}
+
+    rows = read_results(store, "evaluate-queue")
+    assert {r["parallel"] for r in rows} == {"queue"} and {r["worker"] for r in rows} == {0, 1, 2, 3}
+    assert busy_fraction(rows, workers=4) >= 0.85, busy_fraction(rows, workers=4)
+    # Longest first: each worker's first row is one of the ResNet-18 rows (the costliest).
+    firsts = {}
+    for r in sorted(rows, key=lambda r: r["start_unix"]):
+        firsts.setdefault(r["worker"], r)
+    assert {r["student"] for r in firsts.values()} == {"resnet18"}
+
+    assert killer.pid is not None and killer.gone and "ray::" in killer.cmdline
+    drilled = read_results(store, "evaluate-queue-drill")
+    assert len({r["row"] for r in drilled}) == 16
+    # No record spans the kill: the rows in flight then were trained again from the start after the
+    # restart, and the rows finished before it (at least rank 1's first) kept their records.
+    kill = killer.killed_at
+    assert all(r["end_unix"] < kill or r["start_unix"] > kill for r in drilled)
+    assert any(r["end_unix"] < kill and r["worker"] == 1 for r in drilled)
+    assert any(r["start_unix"] > kill for r in drilled)

@@ -2,6 +2,8 @@
 
     results.parquet   the rows (without ``classes`` and ``row``), for pandas / SQL readers
     results.json      {"rows": [...], "table": summarise(rows)}
+    rows/<id>.json    one finished row each, written as it finishes (``evaluate.parallel=queue``):
+                      what a restarted grid resumes from; ``results.*`` are written from them
 
 A row is what the evaluate stage trains and measures (``stages/evaluate.py``: ``plan_rows`` then
 ``_train_row``), and this is the only results schema: the report, the sweep and the jobs read it.
@@ -17,7 +19,8 @@ A row is what the evaluate stage trains and measures (``stages/evaluate.py``: ``
   ``steps`` (student optimiser steps), ``label_bytes`` (the bytes the
   strategy ships), ``train_images``, ``steps``, ``step_s`` (mean seconds per step), ``wall_s``,
   ``final_loss``, ``peak_mem_mb`` (``peak_mem_kind`` says what was measured), ``device``,
-  ``workers``, ``parallel``.
+  ``workers``, ``parallel``, ``start_unix`` / ``end_unix`` (when the row ran: the schedule's busy
+  fraction is computed from them), ``worker`` (the Train rank that ran it).
 
 ``summarise`` gives mean ± std (population, ddof=0) of top-1 over seeds per (images, student,
 strategy, continual_steps, continual_step); ``format_table`` is the table the pipeline prints
@@ -25,6 +28,7 @@ and ``results_table`` its cells, which the report renders as markdown.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -47,6 +51,31 @@ REQUIRED = ("student", "strategy", "seed", "top1", "label_bytes", "images", "con
 GROUP_KEYS = ("images", "student", "strategy", "continual_steps", "continual_step")
 # Row fields the parquet file leaves out: a list per row (``classes``) and the resume id (``row``).
 JSON_ONLY = ("classes", "row")
+ROW_RECORDS = "rows"
+
+
+def row_record_name(row_id: str) -> str:
+    """The file of one finished row (a hash of its id: ids hold '|' and class lists)."""
+    return f"{ROW_RECORDS}/{hashlib.sha256(row_id.encode()).hexdigest()[:20]}.json"
+
+
+def write_row_record(store: "Store", key: str, record: dict[str, Any]) -> None:
+    """One finished row, written at once (one object: a reader sees it whole or not at all)."""
+    write_json(store, key, row_record_name(record["row"]), record)
+
+
+def read_row_records(store: "Store", key: str, row_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The finished rows among ``row_ids`` (row id -> record); a record of another id is refused."""
+    names = set(store.list_files(key))
+    out = {}
+    for rid in row_ids:
+        name = row_record_name(rid)
+        if name in names:
+            rec = read_json(store, key, name)
+            if not isinstance(rec, dict) or rec.get("row") != rid:
+                raise ValueError(f"{store.uri_for(key, name)}: not the record of row {rid!r}")
+            out[rid] = rec
+    return out
 
 
 def _mean(group: list[dict[str, Any]], key: str) -> float | None:

@@ -366,8 +366,9 @@ def stage_bundles(stage: Any, cfg: Config) -> list[dict[str, float]]:
     gpu = 1.0 if c.use_gpu else 0.0
     read = {"CPU": cfg.data.cpus_per_task, "GPU": 0.0}
     name = stage.STAGE
-    if name in TRAIN_STAGES:
-        out = [{"CPU": c.cpus_per_worker, "GPU": gpu}] * c.num_workers + [read]
+    if name in TRAIN_STAGES:  # a worker's GPU share: evaluate's queue mode may hold a fraction each
+        share = float(stage.resources(cfg).get("GPU", 0.0)) / c.num_workers
+        out = [{"CPU": c.cpus_per_worker, "GPU": share}] * c.num_workers + [read]
     elif not hasattr(cfg, name):  # a stage without a section of actors (external: the driver's read threads)
         out = [{"CPU": 0.0, "GPU": 0.0, **stage.resources(cfg)}]
     else:

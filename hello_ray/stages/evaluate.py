@@ -4,10 +4,13 @@ Reads an image-set artifact (select or refine output), the teachers artifact and
 artifact; writes ``results.parquet`` + ``results.json`` (one row per student, strategy, seed, plus
 the floor and continual rows) and, for stored strategies, the relabelled views under ``labels/``.
 
-The whole grid runs inside ONE Ray Train ``TorchTrainer`` (DDP over ``compute.num_workers``):
-small students start in seconds while a trainer costs ~10 s to start, so one trainer amortises it.
-Each finished row is checkpointed; a restarted run (same artifact key = same run name) skips the
-rows it already has (``ray.train.get_checkpoint``).
+The whole grid runs inside ONE Ray Train ``TorchTrainer``: small students start in seconds while a
+trainer costs ~10 s to start, so one trainer amortises it. ``evaluate.parallel``: ``queue`` trains
+each row whole on one worker, the rows handed out longest first from a queue (``evaluate_queue``;
+each finished row is written to the store at once, and a restart queues only the rows without a
+record); ``ddp`` trains one row at a time over every worker (each finished row is checkpointed; a
+restarted run, same artifact key = same run name, skips the rows it already has); ``auto`` picks
+queue when the rows fill the workers.
 
 Rows:
 - ``(student, strategy, seed)`` for every strategy of ``evaluate.strategies``;
@@ -31,12 +34,14 @@ import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
-from hello_ray.formats.results import write_results  # the results format: writer, reader, summary
+from hello_ray.formats.results import (read_row_records, write_results,  # the results format
+                                       write_row_record)
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, prune_stored, relabel, stored_name,
                               write_stored_meta)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
+from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, row_cost
 
 STAGE = "evaluate"
 INPUTS = ("images", "teachers", "transfer")  # the distilled set; the labellers' sources
@@ -52,6 +57,7 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     if not ev["stored_labels"]:  # the default keeps the keys evaluate artifacts had before the option
         ev.pop("stored_labels")
     ev.pop("loss_check_every")  # how often the host looks, not what is trained
+    ev.pop("gpus_per_row")      # where rows run, not what they train
     out = {"data": data_identity(cfg.data), "evaluate": ev}
     if _uses_teacher(cfg):
         if cfg.evaluate.teacher_labels == "window":
@@ -89,8 +95,11 @@ def check_continual(steps: list[int], num_classes: int) -> None:
 
 
 def resources(cfg: Config) -> dict[str, float]:
-    """What the stage holds at once: its Train workers, plus the data tasks feeding them."""
-    return launcher.train_resources(cfg.compute, cfg.data.cpus_per_task)
+    """What the stage holds at once: its Train workers (in queue mode each with its share of a GPU),
+    plus the data tasks feeding them."""
+    out = launcher.train_resources(cfg.compute, cfg.data.cpus_per_task)
+    _, workers, share = plan_parallel(cfg)
+    return {**out, "GPU": workers * share}
 
 
 def settings_for(cfg: Config, student: str) -> TrainSettings:
@@ -222,8 +231,13 @@ def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: i
 
 # ------------------------------------------------------------------------- Ray wrapper
 
-def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-    """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary."""
+def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher.KillDrill | None = None
+        ) -> dict[str, Any]:
+    """Train the whole grid on Ray Train, write results.parquet/json under ``key``; return a summary.
+
+    ``drill`` (tests, queue mode): on the first attempt, rank ``drill.rank`` waits to be killed
+    (SIGKILL) at the first step of student epoch ``drill.epoch`` (0-based) of the second row it takes.
+    """
     import ray
 
     from hello_ray.data.corrupt import corrupt_summary
@@ -254,17 +268,42 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
                                         seed=cfg.evaluate.seeds[0])
         payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
     val_ds = decoded_split(val, cfg.data, columns=["image", "label"]).materialize()
-    log.info("[evaluate] %d rows, %d distilled images, %d val images", len(rows), len(images), val_ds.count())
-
+    mode, workers, share = plan_parallel(cfg)
+    log.info("[evaluate] %d rows, %d distilled images, %d val images; %s", len(rows), len(images),
+             val_ds.count(), describe_parallel(cfg, mode, workers, share))
+    config = {"cfg": cfg, "store": store, "key": key, "inputs": inputs, "rows": rows, "mode": mode,
+              "num_classes": num_classes, "drill": drill, **payload}
+    if mode == "queue":
+        finished = read_row_records(store, key, [r["row"] for r in rows])
+        for r in rows:
+            r["cost"] = row_cost(cfg, r, len(images), num_classes)
+        queue = ray.remote(num_cpus=0)(RowQueue).remote([r for r in rows if r["row"] not in finished])
+        config["queue"] = queue
     result = launcher.fit(
-        STAGE, cfg.compute, store, key, train_loop_per_worker,
-        {"cfg": cfg, "store": store, "key": key, "inputs": inputs, "rows": rows,
-         "num_classes": num_classes, **payload},
-        {"val": val_ds},
-        # rows mode: every rank scores its own rows on the whole validation set
-        split_datasets=cfg.evaluate.parallel != "rows")
-    done = json.loads(launcher.checkpoint_bytes(result.checkpoint, ROWS_FILE))
+        STAGE, cfg.compute, store, key, train_loop_per_worker, config, {"val": val_ds},
+        # queue mode: every worker scores its own rows on the whole validation set
+        split_datasets=mode == "ddp", gpus_per_worker=share or None,
+        backend="gloo" if mode == "queue" else None)
+    if mode == "queue":
+        by_id = read_row_records(store, key, [r["row"] for r in rows])
+        missing = [r["row"] for r in rows if r["row"] not in by_id]
+        if missing:
+            raise RuntimeError(f"evaluate {key}: the queue ended without a record of rows {missing[:3]}")
+        done = [by_id[r["row"]] for r in rows]
+        log.info("[evaluate] %d rows on %d workers: busy fraction %.2f", len(done), workers,
+                 busy_fraction(done, workers))
+    else:
+        done = json.loads(launcher.checkpoint_bytes(result.checkpoint, ROWS_FILE))
     return {**write_results(store, key, done, wall_s=time.perf_counter() - t0), "corrupt": corrupt}
+
+
+def describe_parallel(cfg: Config, mode: str, workers: int, share: float) -> str:
+    """How the grid is spread, in words (printed before it starts)."""
+    where = (f"{share:g} GPU each" if share else f"{cfg.compute.cpus_per_worker:g} CPU each")
+    auto = " (evaluate.parallel=auto)" if cfg.evaluate.parallel == "auto" else ""
+    if mode == "queue":
+        return f"rows from a queue, longest first, on {workers} workers ({where}){auto}"
+    return f"one row at a time over {workers} DDP workers ({where}){auto}"
 
 
 # ------------------------------------------------------------------------ worker side
@@ -348,9 +387,9 @@ def _load_teacher(cfg: Config, store, inputs: dict[str, str], num_classes: int, 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train loop: train every row not yet in the checkpoint; report after each round.
 
-    ``evaluate.parallel=ddp``: a round is one row, its batches split over all ranks (DDP).
-    ``rows``: a round is up to ``world`` rows, one per rank, each trained whole on its rank;
-    the finished records are gathered so every rank holds the same list.
+    ``ddp``: a round is one row, its batches split over all ranks (DDP), checkpointed after it.
+    ``queue``: each rank takes rows from the driver's :class:`RowQueue` until none is left, trains
+    each whole and writes its record to the store as it finishes.
     """
     import ray
     import ray.train
@@ -363,22 +402,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Every row reseeds with its own seed; this seeds the strategies' construction.
     w = launcher.worker_context(cfg.compute.use_gpu, cfg.evaluate.batch_size, cfg.evaluate.seeds[0])
     rank, world, device = w.rank, w.world, w.device
-    by_rows = cfg.evaluate.parallel == "rows" and world > 1
+    by_queue = config["mode"] == "queue"
     images, labels = ray.get(config["images"]), ray.get(config["labels"])
     floor = (ray.get(config["floor_images"]), ray.get(config["floor_labels"])) if "floor_images" in config else None
 
     done: list[dict[str, Any]] = []
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None and not by_queue:
         done = json.loads(launcher.checkpoint_bytes(ckpt, ROWS_FILE))
     finished = {r["row"] for r in done}
+    if by_queue:
+        finished = set(read_row_records(store, key, [r["row"] for r in config["rows"]]))
     pending = [r for r in config["rows"] if r["row"] not in finished]
-    val_shard = ray.train.get_dataset_shard("val")  # whole val set per rank in rows mode, else a shard
+    val_shard = ray.train.get_dataset_shard("val")  # whole val set per rank in queue mode, else a shard
     wlog = launcher.worker_logger(STAGE)
-    say = (lambda m: wlog.info("[evaluate] %s", m)) if rank == 0 else None
+    say = (lambda m: wlog.info("[evaluate] %s", m)) if rank == 0 or by_queue else None
 
     # Every strategy is built before training, by all ranks in the same order: the stored relabel
-    # pass is collective, and in rows mode ranks train different strategies at the same time.
+    # pass is collective, and in queue mode ranks train different strategies at the same time.
     # Online labellers (teacher, projector) serve both image sets; hard and stored labels are
     # per image set (the floor's random real images have their own files).
     strategies: dict[tuple[str, str, int | None], LabelStrategy] = {}
@@ -399,37 +440,78 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                              num_classes, device, rank, world, teacher, image_set,
                                                              seed)
 
-    step = world if by_rows else 1
-    for first in range(0, len(pending), step):
-        rnd = pending[first:first + step]
-        mine = (rnd[rank] if rank < len(rnd) else None) if by_rows else rnd[0]  # the last round may be short
-        record = None
-        if mine is not None:
-            x, y = floor if mine["images"] == "floor" else (images, labels)
-            strategy = strategies[strategy_of(mine)]
-            record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device,
-                                rank=0 if by_rows else rank, world=1 if by_rows else world)
-        if by_rows:
-            gathered: list[dict[str, Any] | None] = [None] * world
-            dist.all_gather_object(gathered, record)
-            records = [r for r in gathered if r is not None]
-        else:
-            records = [record]
-        done.extend(records)
+    if by_queue:
+        def train(r: dict[str, Any], on_view: Any = None) -> dict[str, Any]:
+            x, y = floor if r["images"] == "floor" else (images, labels)
+            return _train_row(cfg, r, x, y, strategies[strategy_of(r)], num_classes, val_shard, device, rank=0,
+                              world=1, on_view=on_view)
+
+        _queue_rows(config, rank, world, train, say)
+        return
+    for mine in pending:
+        x, y = floor if mine["images"] == "floor" else (images, labels)
+        strategy = strategies[strategy_of(mine)]
+        record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device, rank=rank, world=world)
+        done.append(record)
         if say:
-            for r in records:
-                say(f"{r['row']}: top1 {r['top1']:.4f}  label bytes {r['label_bytes']:,}  "
-                    f"step {r['step_s'] * 1e3:.1f} ms  wall {r['wall_s']:.1f} s")
+            say(_row_line(record))
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 (Path(d) / ROWS_FILE).write_text(json.dumps(done))
                 checkpoint = Checkpoint.from_directory(d)
-            ray.train.report({"rows_done": len(done), "top1": records[-1]["top1"]}, checkpoint=checkpoint)
+            ray.train.report({"rows_done": len(done), "top1": record["top1"]}, checkpoint=checkpoint)
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    return (f"{r['row']}: top1 {r['top1']:.4f}  label bytes {r['label_bytes']:,}  "
+            f"step {r['step_s'] * 1e3:.1f} ms  wall {r['wall_s']:.1f} s")
+
+
+def _queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: Any) -> None:
+    """Queue mode on one rank: take rows until the queue is empty, writing each record as it ends.
+
+    Rank 0 first puts back the rows an earlier attempt of the worker group left unfinished; every
+    rank waits for that before taking a row. One report at the end (Ray Train's reports are
+    collective); the records in the store are what a restart resumes from.
+    """
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    queue, store, key = config["queue"], config["store"], config["key"]
+    if rank == 0:
+        back = ray.get(queue.begin.remote())
+        if back and say:
+            say(f"{back} rows of an earlier attempt put back in the queue")
+    if world > 1:
+        dist.barrier()
+    ran = 0
+    drill = config.get("drill")
+    armed = drill is not None and rank == drill.rank and not launcher.drill_fired(drill, store, key)
+    while (row := ray.get(queue.take.remote())) is not None:
+        start = time.time()
+        on_view = None
+        if armed and ran == 1:  # the second row: the first one's record is then in the store
+            def on_view(epoch: int, _view: Any) -> None:
+                if epoch == drill.epoch:
+                    launcher.wait_to_be_killed(drill, store, key, rank)
+        record = train(row, on_view)
+        record.update(start_unix=start, end_unix=time.time(), worker=rank, parallel="queue")
+        record.pop("cost", None)
+        write_row_record(store, key, record)
+        ray.get(queue.finish.remote(row["row"]))
+        ran += 1
+        if say:
+            say(f"[worker {rank}] " + _row_line(record))
+    if world > 1:
+        dist.barrier()
+    ray.train.report({"rows_done": ran})
 
 
 def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tensor, strategy: LabelStrategy,
-               num_classes: int, val_shard, device: torch.device, rank: int, world: int) -> dict[str, Any]:
+               num_classes: int, val_shard, device: torch.device, rank: int, world: int,
+               on_view: Any = None) -> dict[str, Any]:
     """Train and score one row's student. ``world`` > 1: this rank's part of a DDP row (the counts
     and peak memory are reduced over the ranks), else the whole row on this rank."""
     import torch.distributed as dist
@@ -463,7 +545,7 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
 
     with PeakMemory(device) as mem:
         stats = train_student(model, x, y, strategy, settings, row["seed"], device, classes=classes,
-                              rank=rank, world_size=world, score=score, row=row["row"])
+                              rank=rank, world_size=world, score=score, row=row["row"], on_view=on_view)
     peak = torch.tensor([mem.peak_bytes], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -476,5 +558,4 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
             "label_bytes": int(strategy.shipped_bytes()), "train_images": int(len(x)),
             "wall_s": time.perf_counter() - t0, "step_s": stats["step_s"], "steps": stats["steps"],
             "final_loss": stats["final_loss"], "peak_mem_mb": float(agg[2]) / 2**20,
-            "peak_mem_kind": mem.kind, "device": device.type, "workers": world,
-            "parallel": cfg.evaluate.parallel}
+            "peak_mem_kind": mem.kind, "device": device.type, "workers": world, "parallel": "ddp"}
