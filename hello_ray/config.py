@@ -231,13 +231,18 @@ class RecoverConfig:
                             "images of one class per batch, at most select.ipc", default=100)
     seed: int = _help("seed of the initial noise and the augmentation draws (per batch, reproducible)",
                       default=0)
+    classes_per_step: int = _help(
+        "lpld: one-class batches optimised together in one forward pass per iteration, each against its "
+        "own class's BatchNorm statistics with its own draws and its loss summed, so each gets the "
+        "gradient it gets alone (up to float rounding): a fuller GPU. 1 = one class at a time, as LPLD "
+        "(bit for bit as before); sre2l: must be 1 (its batches already hold batch_size classes)", default=1)
     num_actors: int = _help("recover actors (one GPU each where used)", default=1)
     actor_cpus: float = _help("CPUs per recover / statistics actor; keep < 1 on CPU so read tasks are not "
                               "starved", default=0.5)
     stats_batch_size: int = _help("lpld: images per forward pass of the class-statistics pass", default=256)
 
     def validate(self, p: str = "recover") -> None:
-        for k in ("iterations", "batch_size", "num_actors", "stats_batch_size"):
+        for k in ("iterations", "batch_size", "classes_per_step", "num_actors", "stats_batch_size"):
             _check(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
         _check(self.lr > 0, f"{p}.lr", "must be > 0")
         for k in ("r_bn", "first_bn_multiplier"):

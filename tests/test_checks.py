@@ -39,6 +39,7 @@ RULES = [
     (["images.source=dalle"], "images.source"),
     (["images.source=lpld", "recover.jitter=24"], "recover.jitter"),                # a whole-side shift
     (["images.source=sre2l", "teachers.model=vgg11"], "teachers.model"),           # no BatchNorm to match
+    (["images.source=sre2l", "recover.classes_per_step=2"], "recover.classes_per_step"),  # lpld's packing
 ]
 
 

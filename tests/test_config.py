@@ -194,6 +194,7 @@ OUT_OF_RANGE = {
     "recover.first_bn_multiplier": ("-1", ">= 0"), "recover.jitter": ("-1", ">= 0"),
     "recover.batch_size": ("0", ">= 1"), "recover.seed": ("-1", "2**32"), "recover.num_actors": ("0", ">= 1"),
     "recover.actor_cpus": ("0", "> 0"), "recover.stats_batch_size": ("0", ">= 1"),
+    "recover.classes_per_step": ("0", ">= 1"),
     "images.read_threads": ("0", ">= 1"),
 }
 

@@ -12,8 +12,10 @@ dataset-distillation @ 63eee18 ``recover/data_synthesis_class.py``). The math is
    exactly (memory: classes x BN channels, never images) and stores ``class_stats.pt``.
 2. *recover* - the batches (``recover_core.plan_units``: one class each for lpld, ``batch_size``
    classes of one image each for sre2l) are spread over ``RecoverActor`` actors (one GPU each
-   with ``compute.use_gpu``). Each finished batch writes its PNGs, then its marker
-   ``done/unit_{i:05d}.json`` (its objective's first and last iteration, BN term, seconds).
+   with ``compute.use_gpu``), ``recover.classes_per_step`` batches per actor call (lpld), which
+   the actor optimises together, one forward pass per iteration (``recover_core.recover_step``).
+   Each finished batch writes its PNGs, then its marker ``done/unit_{i:05d}.json`` (its
+   objective's first and last iteration, BN term, seconds: its share of its step).
 3. *index* (driver) - once every batch has its marker: ``index.parquet`` and ``imageset.json``.
 
 Resume: a batch whose marker exists is never redone, by the driver (a re-run after a crash submits
@@ -53,7 +55,10 @@ CLASS_NAMES_IN_KEY = False
 RESUMES_FROM_FILES = True
 SOURCES = core.VARIANTS  # the images.source values this stage serves
 # Fields that change how fast the stage runs, not its images: left out of the artifact key.
-_RUNTIME_FIELDS = ("num_actors", "actor_cpus", "stats_batch_size")
+# classes_per_step changes no draw and no objective, only float rounding (convolutions at another
+# batch size, which Adam can amplify in a few pixels: recover_core's docstring); in the key it
+# would also re-key every finished recover artifact.
+_RUNTIME_FIELDS = ("num_actors", "actor_cpus", "stats_batch_size", "classes_per_step")
 STATS_FILE = "class_stats.pt"
 
 
@@ -86,10 +91,15 @@ def has_batchnorm(model_name: str, image_size: int) -> bool:
 
 
 def check(cfg: Config) -> None:
-    """Rules decidable from the config alone: an observer with BatchNorm, a jitter below the side."""
+    """Rules decidable from the config alone: an observer with BatchNorm, a jitter below the side,
+    several classes per step only where a batch holds one class (lpld)."""
     if cfg.images.source not in SOURCES:
         return
     rc, size = cfg.recover, cfg.data.image_size
+    if cfg.images.source == "sre2l" and rc.classes_per_step != 1:
+        raise ConfigError(f"config key 'recover.classes_per_step': {rc.classes_per_step} with images.source=sre2l; "
+                          "it packs lpld's one-class batches into one forward pass, and an sre2l batch already "
+                          "holds recover.batch_size classes (SRe2L: 100): set it to 1")
     if rc.jitter >= size:
         raise ConfigError(f"config key 'recover.jitter': {rc.jitter} must be smaller than data.image_size "
                           f"({size}); a circular shift by the whole side is no shift (32 at 224 px)")
@@ -136,11 +146,13 @@ class ClassStatsActor:
 
 class RecoverActor:
     """Ray Data actor: loads the observer (and lpld's class statistics) once; each row names a batch
-    of the plan, which it synthesises, stores (PNGs, then the marker) and reports."""
+    of the plan. The unfinished batches of a call are synthesised ``classes_per_step`` at a time in
+    one forward pass per iteration (equal-sized ones together), then each is stored (PNGs, then
+    its marker) and reported."""
 
     def __init__(self, store: Any, key: str, teachers_key: str, variant: str, settings: dict[str, Any],
                  seed: int, ipc: int, batch_size: int, class_names: list[str], image_size: int, use_gpu: bool,
-                 observer: str = "last"):
+                 observer: str = "last", classes_per_step: int = 1):
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
@@ -153,39 +165,50 @@ class RecoverActor:
         self.store, self.key, self.variant, self.seed, self.ipc = store, key, variant, seed, ipc
         self.settings = core.RecoverSettings(**settings)
         self.class_names, self.image_size = class_names, image_size
+        self.classes_per_step = classes_per_step
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self._unit(int(i)) for i in batch["unit"]]
-        return {k: np.asarray([r[k] for r in rows]) for k in MARKER_NUMBERS + ("unit", "resumed")}
+        indices = [int(i) for i in batch["unit"]]
+        rows = {i: self._finished(i) for i in indices}
+        todo = [self.units[i] for i in indices if rows[i] is None]
+        for step in core.plan_steps(todo, self.classes_per_step):
+            rows.update(self._step(step))
+        return {k: np.asarray([rows[i][k] for i in indices]) for k in MARKER_NUMBERS + ("unit", "resumed")}
 
-    def _unit(self, index: int) -> dict[str, Any]:
+    def _finished(self, index: int) -> dict[str, Any] | None:
+        """Batch ``index``'s marker if it is finished (kept, not redone), else None."""
+        from hello_ray.store import ArtifactNotFound
+
+        try:  # one object, not a listing of the whole image set (50k PNGs on ImageNet)
+            return {**json.loads(self.store.get_bytes(self.key, marker_name(index))), "resumed": True}
+        except ArtifactNotFound:
+            return None
+
+    def _step(self, step: list[core.Unit]) -> dict[int, dict[str, Any]]:
+        """Synthesise ``step``'s batches together; store each one's PNGs, then its marker."""
         from hello_ray.data.imageset import image_name
         from hello_ray.data.images import encode_png
 
-        from hello_ray.store import ArtifactNotFound
-
-        name = marker_name(index)
-        try:  # one object, not a listing of the whole image set (50k PNGs on ImageNet)
-            return {**json.loads(self.store.get_bytes(self.key, name)), "resumed": True}  # finished: kept
-        except ArtifactNotFound:
-            pass
-        unit = self.units[index]
-        labels = torch.tensor([c for c, _ in unit.slots])
-        where = core.describe_unit(unit, self.class_names)
-        targets = core.unit_targets(self.variant, unit, self.observer, self.stats, self.class_names)
-        res = core.recover_unit(self.observer, labels, targets, self.settings,
-                                core.unit_seed(self.seed, self.variant, unit), self.image_size, self.device, where)
-        pixels = res.images.numpy()
+        out = core.recover_step(
+            self.observer, [torch.tensor([c for c, _ in u.slots]) for u in step],
+            [core.unit_targets(self.variant, u, self.observer, self.stats, self.class_names) for u in step],
+            self.settings, [core.unit_seed(self.seed, self.variant, u) for u in step], self.image_size,
+            self.device, [core.describe_unit(u, self.class_names) for u in step])
+        files = [(image_name(j), res.images[k].numpy()) for u, res in zip(step, out)
+                 for k, j in enumerate(u.image_indices(self.ipc))]
         with cf.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda j: self.store.put_bytes(self.key, image_name(j[1]), encode_png(pixels[j[0]])),
-                          enumerate(unit.image_indices(self.ipc))))
-        marker = {"unit": index, "classes": unit.classes, "slots": [list(s) for s in unit.slots],
-                  "iterations": len(res.objective),
-                  "objective_first": res.objective[0], "objective_last": res.objective[-1],
-                  "bn_first": res.bn[0], "bn_last": res.bn[-1], "ce_first": res.ce[0], "ce_last": res.ce[-1],
-                  "seconds": round(res.seconds, 3), "pid": os.getpid(), "device": str(self.device)}
-        self.store.put_bytes(self.key, name, json.dumps(marker, indent=1).encode())  # after the images
-        return {**marker, "resumed": False}
+            list(pool.map(lambda f: self.store.put_bytes(self.key, f[0], encode_png(f[1])), files))
+        rows = {}
+        for unit, res in zip(step, out):  # every PNG of the step is stored: now the markers
+            marker = {"unit": unit.index, "classes": unit.classes, "slots": [list(s) for s in unit.slots],
+                      "iterations": len(res.objective),
+                      "objective_first": res.objective[0], "objective_last": res.objective[-1],
+                      "bn_first": res.bn[0], "bn_last": res.bn[-1], "ce_first": res.ce[0], "ce_last": res.ce[-1],
+                      "seconds": round(res.seconds, 3), "step_units": len(step), "pid": os.getpid(),
+                      "device": str(self.device)}
+            self.store.put_bytes(self.key, marker_name(unit.index), json.dumps(marker, indent=1).encode())
+            rows[unit.index] = {**marker, "resumed": False}
+        return rows
 
 
 MARKER_NUMBERS = ("objective_first", "objective_last", "bn_first", "bn_last", "ce_first", "ce_last", "seconds")
@@ -246,7 +269,8 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
             _class_stats_pass(cfg, store, key, inputs["teachers"], names, split)
         phase["class_stats"] = time.perf_counter() - t0
     finished = {u.index for u in units if marker_name(u.index) in files}
-    pending = [u.index for u in units if u.index not in finished]
+    # Equal-sized batches next to each other: the actors pack them into steps (core.plan_steps).
+    pending = [u.index for u in sorted(units, key=lambda u: (len(u.slots), u.index)) if u.index not in finished]
     if finished:
         log.info("[recover] resuming: %d of %d batches already finished", len(finished), len(units))
     if pending:
@@ -311,20 +335,22 @@ def _class_stats_pass(cfg: Config, store: Any, key: str, teachers_key: str, name
 
 def _recover_pass(cfg: Config, store: Any, key: str, teachers_key: str, names: list[str],
                   pending: list[int], total: int) -> None:
-    """The pending batches on an actor pool; each one's line is logged as it finishes."""
+    """The pending batches on an actor pool, ``recover.classes_per_step`` per actor call (one
+    forward pass per iteration for all of them); each one's line is logged as it finishes."""
     import ray.data
 
     rc = cfg.recover
     settings = {k: getattr(rc, k) for k in ("iterations", "lr", "r_bn", "first_bn_multiplier", "jitter")}
     ds = ray.data.from_items([{"unit": i} for i in pending], override_num_blocks=len(pending))
     out = ds.map_batches(
-        RecoverActor, batch_format="numpy", batch_size=1,
+        RecoverActor, batch_format="numpy", batch_size=rc.classes_per_step,
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
         num_cpus=rc.actor_cpus, num_gpus=1 if cfg.compute.use_gpu else 0,
         fn_constructor_kwargs=dict(store=store, key=key, teachers_key=teachers_key, variant=cfg.images.source,
                                    settings=settings, seed=rc.seed, ipc=cfg.select.ipc, batch_size=rc.batch_size,
                                    class_names=names, image_size=cfg.data.image_size,
-                                   use_gpu=cfg.compute.use_gpu, observer=cfg.teachers.observer))
+                                   use_gpu=cfg.compute.use_gpu, observer=cfg.teachers.observer,
+                                   classes_per_step=rc.classes_per_step))
     units = core.plan_units(cfg.images.source, len(names), cfg.select.ipc, rc.batch_size)
     done = 0
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -25,6 +25,26 @@ Fidelity): the exact class mean and variance are what that average estimates, or
 
 Every random draw of a batch comes from one CPU ``torch.Generator`` seeded from (seed, variant,
 the batch's slots) (:func:`unit_seed`), so a batch gives the same images wherever it runs.
+
+*Several batches per forward pass* (:func:`recover_step`, ``recover.classes_per_step``; not in
+the references, which run one batch per pass): the batches' images are stacked into one forward
+pass of the observer, which is frozen in eval mode, so every image's activations are what they
+would be alone. Each batch keeps its own generator, crop, flip and roll (so the same draws as
+alone), its own BN moments (over its own images only) against its own targets, and its own
+CE mean; the objective summed over batches has, for each batch's pixels, the gradient that batch
+would have alone, and Adam is elementwise, so one stacked parameter is the batches' parameters
+side by side. Every crop is resized back to the image side, as one batch alone does, so the
+packed batch keeps one fixed shape [G * n, 3, S, S]. The losses stay on the device and reach the
+host every ``CHECK_EVERY`` iterations. With one batch per step the ops are exactly the one-batch
+ones (the same pixels, bit for bit). With several, each iteration's objective and gradient equal
+the one-batch ones up to float rounding (the convolutions and reductions run at another batch
+size: ~2e-7 of the largest gradient, measured on a random-init ResNet-18). Over many iterations
+that rounding mostly stays there (tests/test_recover.py: at most 2e-6 in [0, 1] after 40
+iterations), but not always: Adam's step is about lr * g / (|g| + eps) per pixel, so a pixel
+whose gradient is as small as its rounding (|g| ~ eps = 1e-8) moves by a visibly different
+amount, and the trajectories part from there (a random-init ResNet-18 at 24 px, 10 iterations,
+6 seeds: one class of 60 ended up to 0.2 apart, another 4e-3). Either result is the same
+objective optimised from the same draws; what differs is float rounding alone.
 """
 from __future__ import annotations
 
@@ -46,6 +66,9 @@ CROP_SCALE = (0.08, 1.0)    # torchvision RandomResizedCrop defaults, as both re
 CROP_RATIO = (3 / 4, 4 / 3)
 ADAM_BETAS = (0.5, 0.9)
 ADAM_EPS = 1e-8
+# Iterations between host syncs: the logged objective comes to the CPU and is checked for
+# non-finite values once per window, not every iteration (a device keeps running meanwhile).
+CHECK_EVERY = 50
 
 
 class RecoverError(ValueError):
@@ -278,6 +301,18 @@ def plan_units(variant: str, num_classes: int, ipc: int, batch_size: int) -> lis
     return [Unit(i, s) for i, s in enumerate(slots)]
 
 
+def plan_steps(units: Sequence[Unit], units_per_step: int) -> list[list[Unit]]:
+    """``units`` packed into steps of at most ``units_per_step`` (one forward pass each), in plan
+    order among units of one size. Only units with the same number of images share a step: each
+    one's BN moments are then reductions over one fixed view [units, images, F, H, W]."""
+    if units_per_step < 1:
+        raise ValueError(f"plan_steps: units_per_step {units_per_step} must be >= 1")
+    by_size: dict[int, list[Unit]] = {}
+    for u in units:
+        by_size.setdefault(len(u.slots), []).append(u)
+    return [same[i:i + units_per_step] for same in by_size.values() for i in range(0, len(same), units_per_step)]
+
+
 def unit_seed(seed: int, variant: str, unit: Unit) -> int:
     """A 63-bit generator seed from (seed, variant, the unit's slots); stable across processes."""
     text = f"{seed}\x00{variant}\x00" + ",".join(f"{c}:{k}" for c, k in unit.slots)
@@ -299,6 +334,29 @@ def bn_term(inputs: Sequence[torch.Tensor], targets: Sequence[tuple[torch.Tensor
         total = total + w * (torch.linalg.vector_norm(mu - mu_ref.to(mu)) +
                              torch.linalg.vector_norm(var - var_ref.to(var)))
     return total
+
+
+def group_bn_term(inputs: Sequence[torch.Tensor], targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  groups: int, first_bn_multiplier: float) -> torch.Tensor:
+    """:func:`bn_term` of each of ``groups`` equal groups of the batch, against its own targets: [G].
+
+    ``inputs[l]`` [G * n, F_l, H_l, W_l] holds group g's n images at rows g*n .. (g+1)*n - 1;
+    ``targets[l]`` is (mean [G, F_l], var [G, F_l]). Each group's moments reduce over its own
+    (n, H, W) only: the whole batch's would mix the groups' classes. One group is exactly
+    :func:`bn_term` (the same reduction ops as one batch alone).
+    """
+    if len(inputs) != len(targets):
+        raise ValueError(f"group_bn_term: {len(inputs)} BN inputs but {len(targets)} targets")
+    if groups == 1:
+        return bn_term(inputs, [(m[0], v[0]) for m, v in targets], first_bn_multiplier).reshape(1)
+    total = inputs[0].new_zeros(groups)
+    for l, (x, (mu_ref, var_ref)) in enumerate(zip(inputs, targets)):
+        xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])             # [G, n, F, H, W]
+        mu, var = xg.mean((1, 3, 4)), xg.var((1, 3, 4), unbiased=False)       # [G, F] each
+        w = first_bn_multiplier if l == 0 else 1.0
+        total = total + w * (torch.linalg.vector_norm(mu - mu_ref.to(mu), dim=1) +
+                             torch.linalg.vector_norm(var - var_ref.to(var), dim=1))
+    return total                                                               # [G]
 
 
 def input_normalisation(observer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,6 +389,17 @@ def augment(z: torch.Tensor, generator: torch.Generator, jitter: int) -> torch.T
     return torch.roll(out, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else out
 
 
+def augment_groups(z: torch.Tensor, generators: Sequence[torch.Generator], jitter: int) -> torch.Tensor:
+    """:func:`augment` of each of ``len(generators)`` equal groups of z [G * n, 3, H, W], each
+    group drawing its own crop, flip and roll from its own generator: the same pixels as each
+    group augmented alone. Every crop is resized to (H, W), so the groups stack into one
+    fixed-shape batch [G * n, 3, H, W] whatever their crops' sizes."""
+    if len(generators) == 1:
+        return augment(z, generators[0], jitter)
+    n = z.shape[0] // len(generators)
+    return torch.cat([augment(z[g * n:(g + 1) * n], gen, jitter) for g, gen in enumerate(generators)])
+
+
 @dataclass
 class RecoverSettings:
     """What decides a unit's images (besides the observer, its targets and the seed)."""
@@ -347,50 +416,113 @@ class RecoverResult:
     objective: list[float] = field(default_factory=list)  # per iteration: CE + r_bn * BN term
     bn: list[float] = field(default_factory=list)         # per iteration: the BN term (unweighted by r_bn)
     ce: list[float] = field(default_factory=list)         # per iteration: the cross-entropy
-    seconds: float = 0.0
+    seconds: float = 0.0                                  # its share of its step: the step's time / its units
+    pixels: torch.Tensor | None = None                    # float [N, 3, H, W] in [0, 1] before rounding, if kept
 
 
 def recover_unit(observer: nn.Module, labels: torch.Tensor, targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  settings: RecoverSettings, seed: int, image_size: int,
-                 device: torch.device | str = "cpu", where: str = "") -> RecoverResult:
+                 device: torch.device | str = "cpu", where: str = "", keep_pixels: bool = False) -> RecoverResult:
     """Synthesise ``len(labels)`` images of ``labels`` [N] against BN ``targets`` (per layer
     (mean, var)); ``observer`` is frozen, in eval mode, on ``device``. Every draw comes from one
     CPU generator seeded with ``seed``. A non-finite objective raises, naming ``where`` and the
-    iteration."""
+    iteration. One batch alone: :func:`recover_step` with one unit."""
+    return recover_step(observer, [labels], [targets], settings, [seed], image_size, device, [where],
+                        keep_pixels)[0]
+
+
+def recover_step(observer: nn.Module, labels: Sequence[torch.Tensor],
+                 targets: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], settings: RecoverSettings,
+                 seeds: Sequence[int], image_size: int, device: torch.device | str = "cpu",
+                 wheres: Sequence[str] = (), keep_pixels: bool = False,
+                 check_every: int = CHECK_EVERY) -> list[RecoverResult]:
+    """Synthesise G batches together, one forward pass per iteration, each as if alone.
+
+    Batch g has ``labels[g]`` [n] (n the same for every batch), BN ``targets[g]`` (per layer
+    (mean, var)) and draws from its own CPU generator seeded with ``seeds[g]``: the initial noise,
+    then per iteration its crop, flip and roll, in the order :func:`recover_unit` draws them. The
+    objective is summed over batches, each with its own CE mean and BN term (over its own images),
+    so each batch's pixels get the gradient they would get alone. ``observer`` is frozen, in eval
+    mode (BatchNorm then uses its running statistics and the images do not interact), on
+    ``device``. The losses stay on the device and come to the CPU every ``check_every``
+    iterations: a non-finite objective raises there, naming the batch (``wheres[g]``) and the
+    first iteration at which it was not finite.
+    """
     t0 = time.perf_counter()
+    groups = len(labels)
+    sizes = {len(lab) for lab in labels}
+    if groups < 1 or len(sizes) != 1 or len(targets) != groups or len(seeds) != groups:
+        raise ValueError(f"recover_step: {groups} label sets of sizes {sorted(sizes)}, {len(targets)} target "
+                         f"sets, {len(seeds)} seeds: need as many of each, every batch of one size")
+    if groups > 1 and any(m.training for m in observer.modules()):
+        raise RecoverError("recover_step: the observer is in training mode; its BatchNorm would normalise over "
+                           "the whole stacked batch and mix the batches packed into one step (call .eval())")
+    if check_every < 1:
+        raise ValueError(f"recover_step: check_every {check_every} must be >= 1")
+    wheres = list(wheres) or [""] * groups
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     mean, std = (t.to(device) for t in input_normalisation(observer))
     lo, hi = (0 - mean) / std, (1 - mean) / std                                   # [1, 3, 1, 1]
-    z = torch.randn(len(labels), 3, image_size, image_size, generator=gen).to(device).requires_grad_(True)
-    labels = labels.to(device, torch.long)
-    targets = [(m.to(device), v.to(device)) for m, v in targets]
-    opt = torch.optim.Adam([z], lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    result = RecoverResult(images=torch.empty(0, dtype=torch.uint8))
+    n, side = sizes.pop(), image_size
+    z = torch.cat([torch.randn(n, 3, side, side, generator=g) for g in gens])    # [G * n, 3, S, S]
+    z = z.to(device).requires_grad_(True)
+    y = torch.cat(list(labels)).to(device, torch.long)                           # [G * n]
+    # Per layer: every batch's target (mean, var) stacked, [G, F_l] each.
+    stacked = [(torch.stack([t[l][0] for t in targets]).to(device), torch.stack([t[l][1] for t in targets]).to(device))
+               for l in range(len(targets[0]))]
+    opt = torch.optim.Adam([z], lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)  # elementwise: batches apart
+    iters = settings.iterations
+    log = torch.empty(iters, 3, groups, device=device)    # per iteration: objective, BN term, CE [3, G]
+    results = [RecoverResult(images=torch.empty(0, dtype=torch.uint8)) for _ in range(groups)]
+    checked = 0
     with BNInputs(observer) as hooks:
-        for t in range(settings.iterations):
+        for t in range(iters):
             for group in opt.param_groups:  # the references' lr_cosine_policy, no warm-up
-                group["lr"] = 0.5 * (1 + math.cos(math.pi * t / settings.iterations)) * settings.lr
-            logits = observer(augment(z, gen, settings.jitter) * std + mean)       # the observer takes [0, 1]
-            ce = F.cross_entropy(logits, labels)
-            bn = bn_term(hooks.captured(), targets, settings.first_bn_multiplier)
-            loss = ce + settings.r_bn * bn
-            if not torch.isfinite(loss.detach()):
-                raise RecoverError(f"recover {where or 'batch'}: the objective is not finite at iteration "
-                                   f"{t} (CE {float(ce.detach()):.4g}, BN term {float(bn.detach()):.4g}); lower recover.lr "
-                                   f"({settings.lr}) or recover.r_bn ({settings.r_bn})")
-            result.objective.append(float(loss.detach()))
-            result.bn.append(float(bn.detach()))
-            result.ce.append(float(ce.detach()))
+                group["lr"] = 0.5 * (1 + math.cos(math.pi * t / iters)) * settings.lr
+            logits = observer(augment_groups(z, gens, settings.jitter) * std + mean)   # the observer takes [0, 1]
+            if groups == 1:
+                ce = F.cross_entropy(logits, y).reshape(1)                          # [1]: the batch's mean
+            else:
+                ce = F.cross_entropy(logits, y, reduction="none").view(groups, n).mean(1)   # [G]: each batch's mean
+            bn = group_bn_term(hooks.captured(), stacked, groups, settings.first_bn_multiplier)   # [G]
+            loss = ce + settings.r_bn * bn                                          # [G]
+            log[t] = torch.stack((loss, bn, ce)).detach()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()    # a batch's pixels only reach its own term: its gradient as alone
             opt.step()
             with torch.no_grad():
                 z.copy_(torch.maximum(torch.minimum(z, hi), lo))   # the pixels stay inside [0, 1]
+            if t + 1 == iters or (t + 1) % check_every == 0:
+                _take_log(log[checked:t + 1].cpu(), checked, results, wheres, settings)   # the one host sync
+                checked = t + 1
     with torch.no_grad():
-        result.images = to_uint8(z * std + mean).cpu()                          # [N, H, W, 3]
-    result.seconds = time.perf_counter() - t0
-    return result
+        x = z * std + mean                                                        # [G * n, 3, S, S]
+        images = to_uint8(x).cpu()                                                # [G * n, S, S, 3]
+        pixels = x.detach().cpu() if keep_pixels else None
+    share = (time.perf_counter() - t0) / groups
+    for g, res in enumerate(results):
+        res.images = images[g * n:(g + 1) * n]
+        res.pixels = pixels[g * n:(g + 1) * n] if pixels is not None else None
+        res.seconds = share
+    return results
+
+
+def _take_log(window: torch.Tensor, first: int, results: list[RecoverResult], wheres: Sequence[str],
+              settings: RecoverSettings) -> None:
+    """Append the logged iterations ``first``.. (``window`` [T, 3, G] on the CPU: objective, BN term,
+    CE) to each batch's result; raise at the first iteration whose objective is not finite."""
+    bad = torch.nonzero(~torch.isfinite(window[:, 0]))                          # [k, 2] (iteration, batch)
+    if len(bad):
+        t, g = (int(v) for v in bad[0])
+        where = wheres[g] or "batch"
+        raise RecoverError(f"recover {where}: the objective is not finite at iteration {first + t} (CE "
+                           f"{float(window[t, 2, g]):.4g}, BN term {float(window[t, 1, g]):.4g}); lower recover.lr "
+                           f"({settings.lr}) or recover.r_bn ({settings.r_bn})")
+    for g, res in enumerate(results):
+        res.objective += window[:, 0, g].tolist()
+        res.bn += window[:, 1, g].tolist()
+        res.ce += window[:, 2, g].tolist()
 
 
 def unit_targets(variant: str, unit: Unit, observer: nn.Module, stats: ClassStats | None,
@@ -417,17 +549,20 @@ def describe_unit(unit: Unit, class_names: Sequence[str]) -> str:
 def recover_images(observer: nn.Module, variant: str, num_classes: int, ipc: int, batch_size: int,
                    settings: RecoverSettings, seed: int, image_size: int, stats: ClassStats | None = None,
                    class_names: Sequence[str] = (), device: torch.device | str = "cpu",
+                   units_per_step: int = 1, keep_pixels: bool = False,
                    ) -> tuple[torch.Tensor, list[RecoverResult]]:
-    """Every unit of a run, one after another, in memory: (images uint8 [C * ipc, H, W, 3] in the
-    image set's class-major order, the units' results). The Ray stage runs the same units on actors."""
+    """Every unit of a run, ``units_per_step`` per forward pass (:func:`plan_steps`), in memory:
+    (images uint8 [C * ipc, H, W, 3] in the image set's class-major order, the units' results in
+    plan order). The Ray stage runs the same units on actors."""
     units = plan_units(variant, num_classes, ipc, batch_size)
     images = torch.empty(num_classes * ipc, image_size, image_size, 3, dtype=torch.uint8)
-    results = []
-    for unit in units:
-        labels = torch.tensor([c for c, _ in unit.slots])
-        res = recover_unit(observer, labels, unit_targets(variant, unit, observer, stats, class_names),
-                           settings, unit_seed(seed, variant, unit), image_size, device,
-                           describe_unit(unit, class_names))
-        images[unit.image_indices(ipc)] = res.images
-        results.append(res)
-    return images, results
+    results: dict[int, RecoverResult] = {}
+    for step in plan_steps(units, units_per_step):
+        out = recover_step(observer, [torch.tensor([c for c, _ in u.slots]) for u in step],
+                           [unit_targets(variant, u, observer, stats, class_names) for u in step], settings,
+                           [unit_seed(seed, variant, u) for u in step], image_size, device,
+                           [describe_unit(u, class_names) for u in step], keep_pixels)
+        for unit, res in zip(step, out):
+            images[unit.image_indices(ipc)] = res.images
+            results[unit.index] = res
+    return images, [results[u.index] for u in units]
