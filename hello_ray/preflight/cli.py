@@ -2,6 +2,11 @@
 
     hello-ray preflight --preset imagenet1k data.source=s3://bucket/imagenet store=s3://bucket/run
     hello-ray preflight --preset imagenet1k --cluster cluster/aws.yaml --no-rehearsal ...
+    hello-ray preflight --preset imagenet1k --no-rehearsal --classes 1000 --device-profile gpu_check.json
+
+On GPUs the evaluate grid's GPU-hours on the node (before and after the row queue, and the useful
+work) are printed from a measured device profile (``preflight/schedule.py``; by default the H200's
+``benchmarks/results/gpu_check_h200.json`` of a source checkout), whatever the checks say.
 
 Exit status: 0 when every check passed and every stage took its rehearsal steps; 1 when a check or
 a stage's rehearsal failed (each named); 2 on a bad flag or config value. A passing preflight keeps
@@ -44,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="accelerator table YAML (default: the shipped devices.yaml)")
     p.add_argument("--sample-images", type=int, default=16, help="images decoded per split by the data check")
     p.add_argument("--no-network", action="store_true", help="do not probe the weights' download URL")
+    p.add_argument("--device-profile", default=None, help="a benchmarks/gpu_check.py JSON measured on the run's "
+                   "GPU, for the evaluate grid's GPU-hours (default: the H200's, in a source checkout)")
+    p.add_argument("--classes", type=_at_least_one, default=None, help="class count for the evaluate grid's "
+                   "GPU-hours when the data check cannot read the dataset from here")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -125,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"hello-ray preflight: error: --devices {args.devices}: {e}", file=sys.stderr)
         return 2
+    if args.device_profile:
+        from hello_ray.preflight.schedule import load_profile
+
+        try:
+            load_profile(args.device_profile)
+        except (OSError, ValueError) as e:
+            print(f"hello-ray preflight: error: --device-profile {args.device_profile}: {e}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     report, store = run_checks(cfg, args.cluster, args.sample_images, probe_network=not args.no_network)
     table = None
@@ -133,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_rehearsal and all(c.name == "resources" for c in report.failures()):
         table = rehearse(cfg, store, report, args.steps, args.flop_budget, args.devices)
     wall = time.perf_counter() - t0
-    out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table}
+    schedule = evaluate_schedule(cfg, args.classes or report.facts.get("classes"), args.device_profile)
+    out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table,
+           "evaluate_schedule": schedule}
     if report.ok and store is not None:
         store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg), json.dumps(out, default=str).encode())
     elif not report.ok:
@@ -159,7 +178,21 @@ def main(argv: list[str] | None = None) -> int:
             if ev:
                 print(f"  stored soft labels (IPC {cfg.select.ipc}, {cfg.evaluate.epochs} epochs): "
                       f"{ev['stored_soft_labels_bytes']:,} B (hello-ray storage)")
+        if schedule is not None:
+            from hello_ray.preflight.schedule import format_schedule
+
+            print("\n" + format_schedule(schedule))
     return 0 if report.ok else 1
+
+
+def evaluate_schedule(cfg: Config, classes: int | None, profile_path: str | None) -> dict[str, Any] | None:
+    """The evaluate grid's GPU-hours from a device profile, for a GPU run whose class count is known."""
+    from hello_ray.preflight.schedule import default_profile, evaluate_gpu_hours, load_profile
+
+    path = profile_path or default_profile()
+    if not cfg.compute.use_gpu or not classes or path is None or "evaluate" not in _stages(cfg):
+        return None
+    return evaluate_gpu_hours(cfg, int(classes), load_profile(path))
 
 
 if __name__ == "__main__":

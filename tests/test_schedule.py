@@ -1,0 +1,47 @@
+"""The evaluate grid's GPU-hours from a device profile: the LPT schedule and the before/after model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hello_ray.config import load_config
+from hello_ray.preflight.schedule import evaluate_gpu_hours, format_schedule, load_profile, lpt_makespan
+
+H200 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check_h200.json"
+
+
+@pytest.mark.parametrize("times,slots,makespan", [
+    ([5, 4, 3, 3, 3], 2, 10),         # 5+3 | 4+3+3: LPT, not the optimum (5+4 | 3+3+3 = 9)
+    ([1, 1, 1, 1], 4, 1),
+    ([7], 3, 7),
+    ([2, 2, 2], 1, 6),
+    ([6, 5, 4, 3, 2, 1], 3, 7),
+])
+def test_longest_first_makespan(times, slots, makespan):
+    assert lpt_makespan(times, slots) == makespan
+
+
+def test_the_imagenet_grid_on_an_h200_node(tmp_path):
+    """21 rows x 30,000 steps on 8 H200s: the queue holds the node within 2x of the useful work; the
+    old DDP path (views drawn on the CPU for the whole batch on every rank) held it for over a day."""
+    cfg = load_config("imagenet1k", overrides=["data.source=/data"])
+    s = evaluate_gpu_hours(cfg, 1000, load_profile(H200))
+    assert s["rows"] == 21 and s["gpus"] == 8 and s["device"] == "NVIDIA H200"
+    assert 2.5 < s["useful_gpu_h"] < 4.5
+    assert s["after"]["gpu_h"] <= 2 * s["useful_gpu_h"]
+    assert s["before"]["wall_h"] > 24 and s["before"]["gpu_h"] > 40 * s["after"]["gpu_h"]
+    assert "GPU-h held" in format_schedule(s)
+    # A heavier student at the same shape costs proportionally more.
+    big = evaluate_gpu_hours(load_config("imagenet1k", overrides=["data.source=/data", "evaluate.students=[vgg11]",
+                                                                   "evaluate.lr={vgg11: 0.001}"]),
+                             1000, load_profile(H200))
+    assert big["useful_gpu_h"] > 1.5 * s["useful_gpu_h"]
+
+
+def test_a_file_that_is_not_a_profile_is_named(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"sections": {}}))
+    with pytest.raises(ValueError, match=f"device profile {bad}: not a benchmarks/gpu_check.py result"):
+        load_profile(bad)
