@@ -522,20 +522,24 @@ def check_classes(found: int, expected: int, what: str) -> None:
 
 
 def prune_stored(store, src_key: str, dst_key: str, prune: int, pool: str = "lpld",
-                 image_set: str = "distilled") -> int:
-    """``stored/N`` from labels made elsewhere (an imported ``labels-*`` artifact): the kept batches
-    of ``src_key``'s unpruned stored labels (``RelabelPlan.kept`` with ``prune``/``pool``) copied into
-    ``labels/<stored-N>/`` of ``dst_key``, so their bytes are real files and ``StoredLabels(dst_key,
-    prune)`` replays them as it replays our own pruned labels. Returns the shipped bytes."""
+                 image_set: str = "distilled", seed: int | None = None, src_image_set: str = "distilled",
+                 src_seed: int | None = None) -> int:
+    """``stored/N`` from unpruned labels: the kept batches of ``src_key``'s unpruned stored labels
+    (``RelabelPlan.kept`` with ``prune``/``pool``) copied into ``labels/<stored-N>/`` of ``dst_key``
+    (``image_set`` / ``seed`` name the folder, :func:`stored_name`), so their bytes are real files and
+    ``StoredLabels(dst_key, prune)`` replays them as it replays labels relabelled pruned. The source
+    is an imported ``labels-*`` artifact, or the evaluate artifact's own unpruned labels of the same
+    views (``src_image_set`` / ``src_seed``): the very views and logits a pruned relabel would make,
+    without labelling them again. Returns the shipped bytes."""
     import dataclasses
 
-    full = StoredLabels(store, src_key)
+    full = StoredLabels(store, src_key, 1, src_image_set, src_seed)
     plan = dataclasses.replace(full.plan, prune=prune, pool=pool)
     n_images = int(full.meta["n_images"])
     by_epoch: dict[int, list[int]] = {}
     for e, b in plan.kept(n_images):
         by_epoch.setdefault(e, []).append(b)
-    name = stored_name(prune, image_set)
+    name = stored_name(prune, image_set, seed)
     files: dict[str, int] = {}
     for e, batches in sorted(by_epoch.items()):
         views = full._epoch(e)
@@ -546,4 +550,4 @@ def prune_stored(store, src_key: str, dst_key: str, prune: int, pool: str = "lpl
         fname = f"{LABELS_DIR}/{name}/epoch_{e:04d}.npz"
         store.put_bytes(dst_key, fname, data)
         files[fname] = len(data)
-    return write_stored_meta(store, dst_key, plan, n_images, full.num_classes, files, image_set)
+    return write_stored_meta(store, dst_key, plan, n_images, full.num_classes, files, image_set, seed)

@@ -30,7 +30,7 @@ def _image_set(store, key: str, cfg, class_names: list[str], ipc: int) -> None:
     from hello_ray.data.sources import load_train_val
 
     train, _ = load_train_val(cfg.data, store)
-    x, y = evaluate.sample_floor(decoded_split(train, cfg.data), len(train.class_names), ipc, seed=5)
+    x, y = evaluate.sample_floor(cfg.data, store, len(train.class_names), ipc, seed=5)
     keep = y < len(class_names)
     write_image_set(store, key, x[keep], y[keep], class_names, None,
                     {"ipc": ipc, "factor": 1})
@@ -211,13 +211,30 @@ def test_floor_sample_does_not_depend_on_where_the_dataset_lives(ray_local):
                                      "id": f"{root}/digits-1a2b/train-00000-of-00001.parquet:{i}"}
                                     for i in range(40)])
 
-    x1, y1 = evaluate.sample_floor(rows("/tmp/here"), 4, 3, seed=0)
-    x2, y2 = evaluate.sample_floor(rows("s3://bucket/prefix"), 4, 3, seed=0)
+    x1, y1 = evaluate.pick_floor(rows("/tmp/here"), 4, 3, seed=0)
+    x2, y2 = evaluate.pick_floor(rows("s3://bucket/prefix"), 4, 3, seed=0)
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
     assert len(y1) == 12 and np.bincount(y1).tolist() == [3, 3, 3, 3]
-    x3, _ = evaluate.sample_floor(rows("/tmp/here"), 4, 3, seed=1)
+    x3, _ = evaluate.pick_floor(rows("/tmp/here"), 4, 3, seed=1)
     assert not np.array_equal(x1, x3)                 # the seed still picks the sample
+
+
+def test_floor_decodes_only_the_images_it_keeps(world):
+    """sample_floor reads and decodes (ipc + FLOOR_SPARE) images per class, picked from the listing,
+    and keeps what picking from the whole decoded split keeps (the rule it replaces)."""
+    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.sources import load_split, load_train_val
+
+    cfg, store, names = world
+    train, _ = load_train_val(cfg.data, store)
+    ipc, C = 2, len(names)
+    x, y = evaluate.sample_floor(cfg.data, store, C, ipc, seed=3)
+    x_all, y_all = evaluate.pick_floor(decoded_split(train, cfg.data), C, ipc, seed=3)
+    np.testing.assert_array_equal(x, x_all)
+    np.testing.assert_array_equal(y, y_all)
+    read = load_split(cfg.data, cfg.data.train_split, store, sample=(ipc + evaluate.FLOOR_SPARE, 3))
+    assert read.num_rows == C * (ipc + evaluate.FLOOR_SPARE) < train.num_rows
 
 
 # A driver process with its own Ray advertising 4 fake GPUs (compute falls back to the CPU): one grid

@@ -216,3 +216,24 @@ def test_lpld_epoch_draws_replace_an_epochs_last_batch_by_its_predecessor(per_ep
         assert not any((i + 1) % per_epoch == 0 for i in flat)   # never an epoch's last batch
     assert draws == [stored.epoch_draw(e, seed) for e in range(20)]  # seeded
     assert len(set(map(tuple, draws))) > 1                   # with replacement, other draws per epoch
+
+
+@pytest.mark.parametrize("pool", ["lpld", "random"])
+def test_pruned_labels_copied_from_the_unpruned_ones_equal_a_pruned_relabel(tmp_path, tiny, pool):
+    """evaluate builds stored/N from the unpruned labels of the same views when it has them: the
+    files are byte for byte those a pruned relabel pass writes (same views, same logits)."""
+    from hello_ray.labels import prune_stored
+
+    images, labels, teacher = tiny
+    store = open_store(str(tmp_path / "store"))
+    plan = RelabelPlan(epochs=4, batch_size=8, image_size=S, cutmix_alpha=1.0, seed=7, prune=3, pool=pool)
+    write_stored_meta(store, "evaluate-a", plan, N, C, relabel(teacher.logits, images, plan, store, "evaluate-a",
+                                                               seed=2), seed=2)
+    full = RelabelPlan(epochs=4, batch_size=8, image_size=S, cutmix_alpha=1.0, seed=7, prune=1)
+    write_stored_meta(store, "evaluate-b", full, N, C, relabel(teacher.logits, images, full, store, "evaluate-b",
+                                                               seed=2), seed=2)
+    prune_stored(store, "evaluate-b", "evaluate-b", 3, pool, seed=2, src_seed=2)
+    folder = f"{LABELS_DIR}/{stored_name(3, seed=2)}/"
+    made = {f: store.get_bytes("evaluate-a", f) for f in store.list_files("evaluate-a") if f.startswith(folder)}
+    copied = {f: store.get_bytes("evaluate-b", f) for f in store.list_files("evaluate-b") if f.startswith(folder)}
+    assert made and made == copied

@@ -177,3 +177,21 @@ def test_loss_check_every_is_not_in_the_evaluate_key():
     c = load_config(None, overrides=["data.source=/data", "evaluate.precision=bf16"])
     assert stage_config(a) == stage_config(b) != stage_config(c)
 
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_built_on_a_device_equal_the_cpu_pixels(tiny, device):
+    """The same draws give the same pixels wherever the set lives (float tolerance on a GPU)."""
+    images = tiny[0]
+    g = torch.Generator().manual_seed(9)
+    views = draw_epoch(N, S, S, B, 12, 1.0, g)
+    on = images.to(device)
+    for v in views:
+        for rows in (None, torch.arange(len(v.index))[1::2]):
+            cpu = v.materialise(images, 12, rows)
+            dev = v.materialise(on, 12, rows)
+            assert dev.device.type == device
+            torch.testing.assert_close(dev.cpu(), cpu, rtol=0, atol=1e-5)

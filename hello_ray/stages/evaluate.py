@@ -143,21 +143,24 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
     return rows
 
 
-def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """ipc random real training images per class, streaming: per class keep the ipc rows whose
-    seeded order (:func:`hello_ray.data.subset.sample_order`, location-independent) is smallest
-    (memory = ipc x classes images, whatever the dataset size).
+#: Candidates read per class beyond ``ipc``: under ``data.on_corrupt=skip`` an undecodable pick
+#: gives its place to the next one, as it did when every image was decoded first.
+FLOOR_SPARE = 8
 
-    train_ds rows: {"image": uint8 [S, S, 3], "label", "id"} (decoded). -> (uint8 [N,S,S,3], labels [N]).
+
+def pick_floor(rows, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class the ipc rows of ``rows`` whose seeded order (:func:`hello_ray.data.subset.sample_order`,
+    location-independent) is smallest, in that order (memory = ipc x classes images).
+
+    rows: decoded {"image": uint8 [S, S, 3], "label", "id"}. -> (uint8 [N, S, S, 3], labels [N]).
     """
     from hello_ray.data.subset import sample_order
 
     best: dict[int, list[tuple[bytes, np.ndarray]]] = {c: [] for c in range(num_classes)}
-    for batch in train_ds.iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in rows.iter_batches(batch_size=256, batch_format="numpy"):
         for img, lab, rid in zip(batch["image"], batch["label"], batch["id"]):
-            h = sample_order(seed, rid)
             keep = best[int(lab)]
-            keep.append((h, img))
+            keep.append((sample_order(seed, rid), img))
             if len(keep) > ipc:
                 keep.sort(key=lambda t: t[0])
                 keep.pop()
@@ -167,6 +170,18 @@ def sample_floor(train_ds, num_classes: int, ipc: int, seed: int) -> tuple[np.nd
             images.append(img)
             labels.append(c)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def sample_floor(data, store, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The floor rows' images: ipc random real training images per class, reading only those. The
+    split is listed with a seeded per-class sample of ipc + FLOOR_SPARE rows (``load_split(sample=)``:
+    decided from the listing or the label columns, before any image is read), the same order
+    :func:`pick_floor` keeps; only those rows are read and decoded."""
+    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.sources import load_split
+
+    split = load_split(data, data.train_split, store, sample=(ipc + FLOOR_SPARE, seed))
+    return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, ipc, seed)
 
 
 def _adapter_classes(store, key: str) -> int:
@@ -264,7 +279,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
     payload: dict[str, Any] = {"images": ray.put(images), "labels": ray.put(labels)}
     if cfg.evaluate.floor:
         ipc = int(np.bincount(labels.numpy(), minlength=num_classes).max())
-        floor_x, floor_y = sample_floor(decoded_split(train, cfg.data), num_classes, ipc,
+        floor_x, floor_y = sample_floor(cfg.data, store, num_classes, ipc,
                                         seed=cfg.evaluate.seeds[0])
         payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
     val_ds = decoded_split(val, cfg.data, columns=["image", "label"]).materialize()
@@ -343,7 +358,17 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size, cutmix_alpha=ev.cutmix_alpha,
                        seed=ev.seeds[0] if seed is None else seed, prune=prune, pool=ev.prune_pool)
     meta = f"labels/{stored_name(prune, image_set, seed)}/meta.json"
-    if meta not in store.list_files(key):                     # not relabelled before a restart
+    listed = store.list_files(key)
+    if prune > 1 and f"labels/{stored_name(1, image_set, seed)}/meta.json" in listed:
+        # The unpruned labels of these very views are in (built first, in the grid's order): LPLD's
+        # pool is a subset of their batches, copied by rank 0 rather than labelled again. Every rank
+        # takes this branch (the unpruned meta was written before the last barrier), so all meet below.
+        if rank == 0 and meta not in store.list_files(key):
+            prune_stored(store, key, key, prune, ev.prune_pool, image_set, seed, image_set, seed)
+        if world > 1:
+            dist.barrier()
+        return StoredLabels(store, key, prune, image_set, seed)
+    if meta not in listed:                                    # not relabelled before a restart
         mine = [e for e in range(ev.epochs) if e % world == rank]
         files = relabel(teacher.logits, images.to(device), plan, store, key, epochs=mine,
                         image_set=image_set, seed=seed)
@@ -428,6 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def strategy_of(r: dict[str, Any]) -> tuple[str, str, int | None]:
         return r["images"], r["strategy"], stored_seed(cfg, r["strategy"], r["seed"])
 
+    t_labels = time.perf_counter()
     for image_set, spec, seed in dict.fromkeys(strategy_of(r) for r in pending):
         base = parse_strategy(spec)[0]
         if teacher is None and base in ("teacher", "stored"):
@@ -440,6 +466,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                              num_classes, device, rank, world, teacher, image_set,
                                                              seed)
 
+    if say:
+        say(f"labellers and stored labels of {len(strategies)} strategies ready in "
+            f"{time.perf_counter() - t_labels:.1f} s")
     if by_queue:
         def train(r: dict[str, Any], on_view: Any = None) -> dict[str, Any]:
             x, y = floor if r["images"] == "floor" else (images, labels)
