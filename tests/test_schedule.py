@@ -45,3 +45,23 @@ def test_a_file_that_is_not_a_profile_is_named(tmp_path):
     bad.write_text(json.dumps({"sections": {}}))
     with pytest.raises(ValueError, match=f"device profile {bad}: not a benchmarks/gpu_check.py result"):
         load_profile(bad)
+
+
+def test_preflight_prints_the_grid_gpu_hours_even_without_the_dataset(ray_local, tmp_path, capsys):
+    from hello_ray.preflight.cli import main
+
+    rc = main(["--preset", "imagenet1k", "--no-rehearsal", "--no-network", "--classes", "1000",
+               "--store", str(tmp_path / "store"), f"data.source={tmp_path / 'absent'}"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "[FAIL] data.train" in out           # no ImageNet here: the checks fail, named
+    assert "evaluate grid, 21 rows on 8 x NVIDIA H200" in out and "GPU-h held" in out
+
+
+def test_a_bad_device_profile_is_refused_before_anything_runs(tmp_path, capsys):
+    from hello_ray.preflight.cli import main
+
+    bad = tmp_path / "profile.json"
+    bad.write_text("{}")
+    assert main(["--preset", "imagenet1k", "--device-profile", str(bad), "data.source=/data"]) == 2
+    assert f"--device-profile {bad}: device profile {bad}: not a benchmarks/gpu_check.py result" in \
+        capsys.readouterr().err
