@@ -123,6 +123,33 @@ def layouts(tmp_path_factory, samples) -> dict[str, Path]:
             "webdataset_nonames": base / "wds_nonames"}
 
 
+@pytest.mark.parametrize("fmt,units", [("imagefolder", 24), ("parquet", 6), ("webdataset", 6)])
+def test_shuffled_files_reads_every_image_once_per_pass_in_new_orders(ray_local, tmp_path, fmt, units):
+    """The teachers' per-epoch shuffle: the listing (imagefolder files, parquet / webdataset shards)
+    is shuffled before the read, never the read bytes, and every pass reads each image once."""
+    from hello_ray.data.sources import shuffled_files
+
+    samples = make_samples(per_class=8)
+    root = tmp_path / fmt
+    {"imagefolder": write_imagefolder, "parquet": lambda r, sp, sm: write_parquet(r, sp, sm, shards=6),
+     "webdataset": lambda r, sp, sm: write_wds(r, sp, sm, shards=6)}[fmt](root, "train", samples)
+    split = load_split(DataConfig(source=str(root), image_size=8), "train")
+    shuffled = shuffled_files(split)
+    op, ops = shuffled.ds._logical_plan.dag, []                     # the plan's operators, last first
+    while op is not None:
+        ops.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    ops = ops[::-1]
+    first_read = next(i for i, name in enumerate(ops) if "Read" in name)
+    assert "RandomShuffle" in ops[:first_read] and "RandomShuffle" not in ops[first_read:], ops
+    listed = [r["id"] for r in split.ds.iter_rows()]
+    passes = [[r["id"] for r in shuffled.ds.iter_rows()] for _ in range(3)]
+    for ids in passes:
+        assert sorted(ids) == sorted(listed) and len(set(ids)) == len(ids) == 24
+    assert len({tuple(ids) for ids in passes + [listed]}) >= 3       # the order is drawn again per pass
+    assert split.listing.count() == units
+
+
 @pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset", "webdataset_nonames"])
 def test_same_multiset_from_every_layout(ray_local, samples, layouts, fmt):
     split = load_split(DataConfig(source=str(layouts[fmt]), image_size=8), "train")

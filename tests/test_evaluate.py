@@ -269,8 +269,11 @@ def test_queue_keeps_fake_gpus_busy_and_a_killed_row_resumes(world, tmp_path):
     import subprocess
     import sys
 
+    import time
+
     from faults import KillOnMarker
     from hello_ray import launcher
+    from hello_ray.formats.results import read_row_records
     from hello_ray.stages.evaluate_queue import busy_fraction
 
     cfg, store, _ = world
@@ -286,10 +289,19 @@ def test_queue_keeps_fake_gpus_busy_and_a_killed_row_resumes(world, tmp_path):
     killer = KillOnMarker(store, "evaluate-queue-drill", drill)
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.run([sys.executable, "-c", FAKE_GPU_DRIVER, str(args), str(tmp_path / "out.json"),
-                           os.environ["PYTHONPATH"]], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_GPU_DRIVER, str(args), str(tmp_path / "out.json"),
+                             os.environ["PYTHONPATH"]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    ids = [f"distilled|{st}|{sp}|{sd}|0|0" for st in ("conv3", "resnet18") for sp in ("hard", "teacher", "stored",
+                                                                                     "projector") for sd in (0, 1)]
+    at_kill: dict = {}
+    while proc.poll() is None and killer.pid is None:
+        time.sleep(0.05)
+    if killer.pid is not None:                          # the rows finished when the worker died
+        at_kill = read_row_records(store, "evaluate-queue-drill", ids)
+    out, _ = proc.communicate(timeout=900)
     killer.stop()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, out[-6000:]
     assert json.loads((tmp_path / "out.json").read_text()) == {"evaluate-queue": 16, "evaluate-queue-drill": 16}
 
     rows = read_results(store, "evaluate-queue")
@@ -304,9 +316,10 @@ def test_queue_keeps_fake_gpus_busy_and_a_killed_row_resumes(world, tmp_path):
     assert killer.pid is not None and killer.gone and "ray::" in killer.cmdline
     drilled = read_results(store, "evaluate-queue-drill")
     assert len({r["row"] for r in drilled}) == 16
-    # No record spans the kill: the rows in flight then were trained again from the start after the
-    # restart, and the rows finished before it (at least rank 1's first) kept their records.
+    # The rows finished when the worker died (at least rank 1's first) kept their records: the
+    # restart did not train them again; the rows in flight were trained again after it.
     kill = killer.killed_at
-    assert all(r["end_unix"] < kill or r["start_unix"] > kill for r in drilled)
-    assert any(r["end_unix"] < kill and r["worker"] == 1 for r in drilled)
-    assert any(r["start_unix"] > kill for r in drilled)
+    final = read_row_records(store, "evaluate-queue-drill", ids)
+    assert at_kill and any(r["worker"] == 1 for r in at_kill.values())
+    assert all(final[rid] == rec for rid, rec in at_kill.items())
+    assert any(r["start_unix"] > kill for r in final.values()) and len(final) == 16

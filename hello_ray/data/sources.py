@@ -30,7 +30,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +69,21 @@ class DatasetSplit:
     class_keys: list[str] = field(default_factory=list)  # raw class ids (folder names, synsets)
     num_rows: int | None = None  # known without reading images (all but unlisted webdataset)
     counts: list[int] | None = None  # images per class, when known
+    # What ``ds`` reads and how: one row per image file (imagefolder) or per shard (parquet,
+    # webdataset), and the reader that turns such a listing into rows (``ds = read(listing)``).
+    listing: "ray.data.Dataset | None" = None
+    read: "Callable[[ray.data.Dataset], ray.data.Dataset] | None" = None
+
+
+def shuffled_files(split: DatasetSplit) -> DatasetSplit:
+    """The split read from its listing shuffled again at every pass: the order of the files
+    (imagefolder: every image; parquet / webdataset: the shards), not of the bytes. A pass starts
+    as soon as its first file is read, and moves no image between nodes; a reader's local shuffle
+    buffer mixes the rows of a shard (the teachers' ``iter_torch_batches``). ImageNet-style trainers
+    do the same (a shuffled file list or shard list, a bounded buffer)."""
+    if split.listing is None or split.read is None:
+        raise ValueError(f"split {split.split!r} of {split.source}: no file listing to shuffle")
+    return dataclasses.replace(split, ds=split.read(split.listing.random_shuffle()))
 
 
 @dataclass
@@ -203,9 +218,14 @@ def _imagefolder(fs, layout: _Layout, data: DataConfig, split: str, sample: tupl
         labels += [c] * len(chosen)
         counts.append(len(chosen))
     table = pa.table({"path": paths, "label": pa.array(labels, pa.int64())})
-    ds = ray.data.from_arrow(_blocks(table)).map_batches(
-        ReadFiles(fs), batch_size=None, batch_format="numpy", num_cpus=data.cpus_per_task)
-    return dict(ds=ds, class_keys=classes, num_rows=len(paths), counts=counts)
+    listing = ray.data.from_arrow(_blocks(table))
+
+    def read(files: "ray.data.Dataset") -> "ray.data.Dataset":
+        return files.map_batches(ReadFiles(fs), batch_size=ROWS_PER_BATCH, batch_format="numpy",
+                                 num_cpus=data.cpus_per_task)
+
+    return dict(ds=read(listing), class_keys=classes, num_rows=len(paths), counts=counts, listing=listing,
+                read=read)
 
 
 def _parquet_columns(fs, shard: str) -> tuple[str, str, list[str] | None]:
@@ -298,11 +318,14 @@ def _parquet(fs, layout: _Layout, data: DataConfig, split: str, names: list[str]
         offsets = np.cumsum([0] + [len(x) for x in per_shard])
         keep = {s: np.flatnonzero(mask[offsets[i]:offsets[i + 1]]) for i, s in enumerate(shards)}
         counts = np.bincount(all_labels[mask], minlength=len(names))
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(ReadParquetShards(fs, image_col, label_col, keep), batch_size=1,
-                        batch_format="numpy", num_cpus=data.cpus_per_task)
-    return dict(ds=ds, class_keys=list(names), num_rows=int(counts.sum()),
-                counts=[int(c) for c in counts])
+    listing = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+
+    def read(shard_list: "ray.data.Dataset") -> "ray.data.Dataset":
+        return shard_list.map_batches(ReadParquetShards(fs, image_col, label_col, keep), batch_size=1,
+                                      batch_format="numpy", num_cpus=data.cpus_per_task)
+
+    return dict(ds=read(listing), class_keys=list(names), num_rows=int(counts.sum()),
+                counts=[int(c) for c in counts], listing=listing, read=read)
 
 
 def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[str] | None,
@@ -339,9 +362,15 @@ def _webdataset(fs, layout: _Layout, data: DataConfig, split: str, names: list[s
             keep = set(rows["id"][mask])
             cnt = np.bincount(labels[mask], minlength=len(names))
         counts, num_rows = [int(c) for c in cnt], int(cnt.sum())
-    ds = shard_ds().map_batches(ReadTarShards(fs, len(names), keep), batch_size=1,
-                                batch_format="numpy", num_cpus=data.cpus_per_task)
-    return dict(ds=ds, class_keys=list(names), num_rows=num_rows, counts=counts)
+    n_classes = len(names)
+
+    def read(shard_list: "ray.data.Dataset") -> "ray.data.Dataset":
+        return shard_list.map_batches(ReadTarShards(fs, n_classes, keep), batch_size=1,
+                                      batch_format="numpy", num_cpus=data.cpus_per_task)
+
+    listing = shard_ds()
+    return dict(ds=read(listing), class_keys=list(names), num_rows=num_rows, counts=counts, listing=listing,
+                read=read)
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -405,7 +434,7 @@ def load_split(data: DataConfig, split: str, store=None, sample: tuple[int, int]
              out["num_rows"] if out["num_rows"] is not None else "?", len(keys))
     return DatasetSplit(ds=out["ds"], class_names=readable, source=uri, split=split,
                         format=layout.format, class_keys=list(keys), num_rows=out["num_rows"],
-                        counts=out["counts"])
+                        counts=out["counts"], listing=out["listing"], read=out["read"])
 
 
 def check_same_classes(train: DatasetSplit, val: DatasetSplit) -> None:

@@ -64,6 +64,17 @@ def write_row_record(store: "Store", key: str, record: dict[str, Any]) -> None:
     write_json(store, key, row_record_name(record["row"]), record)
 
 
+def has_row_record(store: "Store", key: str, row_id: str) -> bool:
+    """Whether row ``row_id`` has its record (one object read, no listing)."""
+    from hello_ray.store import ArtifactNotFound
+
+    try:
+        store.get_bytes(key, row_record_name(row_id))
+    except ArtifactNotFound:
+        return False
+    return True
+
+
 def read_row_records(store: "Store", key: str, row_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The finished rows among ``row_ids`` (row id -> record); a record of another id is refused."""
     names = set(store.list_files(key))

@@ -34,7 +34,7 @@ import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
-from hello_ray.formats.results import (read_row_records, write_results,  # the results format
+from hello_ray.formats.results import (has_row_record, read_row_records, write_results,  # the results format
                                        write_row_record)
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
                               check_classes, parse_strategy, prune_stored, relabel, stored_name,
@@ -519,6 +519,11 @@ def _queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: 
     drill = config.get("drill")
     armed = drill is not None and rank == drill.rank and not launcher.drill_fired(drill, store, key)
     while (row := ray.get(queue.take.remote())) is not None:
+        if has_row_record(store, key, row["row"]):
+            # Finished by a worker that was torn down before it could tell the queue (a restart
+            # put the row back): its record stands, it is not trained again.
+            ray.get(queue.finish.remote(row["row"]))
+            continue
         start = time.time()
         on_view = None
         if armed and ran == 1:  # the second row: the first one's record is then in the store

@@ -257,11 +257,11 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             part = torch.tensor_split(torch.arange(len(view.index)), world_size)[rank]   # [n]
             xb = view.materialise(images, s.image_size, None if world_size == 1 else part)
             xb = xb.contiguous(memory_format=torch.channels_last)                        # [n, 3, S, S]
-            index = view.index.to(device, non_blocking=True)
-            y_a = labels[index[part.to(device)]]
-            y_b = labels[index[view.perm[part].to(device)]]
+            index = _to(view.index, device)
+            y_a = labels[index[_to(part, device)]]
+            y_b = labels[index[_to(view.perm[part], device)]]
             ctx = LabelContext(y_a=y_a, y_b=y_b, lam=view.lam, num_classes=num_classes,
-                               stored_logits=None if view.logits is None else view.logits[part])
+                               stored_logits=None if view.logits is None else _to(view.logits[part], device))
             target = strategy.label(xb, ctx)                  # [n, C]
             with amp:
                 out = model(xb)                               # [n, C]
@@ -292,6 +292,14 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     steady = step_times[1:] if len(step_times) > 2 else step_times
     return {"steps": len(step_times), "step_s": float(np.mean(steady)), "final_loss": losses.last,
             "scores": scores}
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (ids, stored fp16 logits) to the device without waiting: pinned first on
+    a GPU (a copy from pageable memory would synchronise), as is on the CPU."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def output_classes(model: nn.Module, images: torch.Tensor, s: TrainSettings) -> int:

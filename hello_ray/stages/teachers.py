@@ -27,7 +27,6 @@ learn label indices; transfer, select and evaluate key on the names).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -216,7 +215,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     """
     from hello_ray.data.corrupt import corrupt_summary
     from hello_ray.data.decode import decoded_split
-    from hello_ray.data.sources import load_train_val
+    from hello_ray.data.sources import load_train_val, shuffled_files
 
     tc = cfg.teachers
     train, val = load_train_val(cfg.data, store)
@@ -224,10 +223,12 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     check_observer(tc, num_classes)
     corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
-    # A global shuffle of the (small, still encoded) training rows, redrawn every epoch:
-    # sources list ImageFolder images class by class, and a local shuffle buffer alone would
-    # then feed near single-class batches. Data order is therefore not seeded; init and crops are.
-    train = dataclasses.replace(train, ds=train.ds.random_shuffle())
+    # The file list is shuffled again every epoch, not the bytes (a global shuffle of ImageNet's
+    # 140 GB would move every image between nodes and start no epoch before the whole split was
+    # read): ImageFolder's listing goes class by class, so its files are shuffled one by one;
+    # parquet / webdataset shards are shuffled whole and the workers' local shuffle buffer mixes
+    # their rows. Data order is therefore not seeded; init and crops are.
+    train = shuffled_files(train)
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"teachers": section_dict(tc), "num_classes": num_classes,
