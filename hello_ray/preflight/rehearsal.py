@@ -408,7 +408,10 @@ class Rehearsal:
                                                    HardLabels(y.numpy(), self.C, 0),
                                                    _one_step(settings_for(self.cfg, ev.students[0]), 1),
                                                    0, self.device))
-        per_worker = ev.batch_size // self.cfg.compute.num_workers if ev.parallel == "ddp" else ev.batch_size
+        from hello_ray.stages.evaluate_queue import plan_parallel
+
+        ddp = plan_parallel(self.cfg)[0] == "ddp"                  # evaluate.parallel=auto resolved
+        per_worker = ev.batch_size // self.cfg.compute.num_workers if ddp else ev.batch_size
         B = self.batch(per_worker, 2 * flops1)  # room for a labeller beside the student
         x, y = _batch(sample, B * (self.steps + 1))
         images = x.permute(0, 3, 1, 2).contiguous()                                  # uint8 [M,3,S,S]

@@ -81,7 +81,7 @@ def check(cfg: Config) -> None:
     if not ev.strategies and not ev.continual_steps:
         raise ConfigError("config key 'evaluate.strategies': name at least one label strategy "
                           "(hard, teacher, stored, stored/N, projector)")
-    if ev.parallel == "ddp":
+    if plan_parallel(cfg)[0] == "ddp":  # evaluate.parallel=auto resolved
         launcher.check_batch_split("evaluate.batch_size", ev.batch_size, cfg.compute)
     if cfg.data.class_names:
         check_continual(ev.continual_steps, len(cfg.data.class_names))
