@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from hello_ray.runtime import seed_everything  # noqa: E402
 from hello_ray.stages.evaluate_core import TrainSettings, student_loss, train_student  # noqa: E402
 from hello_ray.store import open_store  # noqa: E402
 from hello_ray.views import draw_epoch  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
 def settings(args, epochs: int) -> TrainSettings:
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
-    card = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()} " \
+    card = torch.cuda.get_device_name() if cuda else f"{cpu_name()} " \
         f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     print(f"{card}: {args.student} student, batch {args.batch}, {args.image_size} px, {args.classes} classes, "
           f"{args.epochs * args.steps_per_epoch} steps x {args.rounds} rounds", flush=True)

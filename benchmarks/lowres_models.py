@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from hello_ray.models.zoo import build_model, count_params  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
 def make_case(name: str, size: int, batch: int, classes: int):
@@ -51,18 +51,6 @@ def flops_per_image(name: str, size: int, classes: int) -> float:
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long)).backward()
     return counter.get_total_flops() / 2
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

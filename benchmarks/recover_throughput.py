@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,20 +35,9 @@ import torch  # noqa: E402
 
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.stages import recover_core as core  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (Linux), else platform's."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def sync(device: torch.device) -> None:
@@ -72,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {args.threads} threads"
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {args.threads} threads"
     size, C, ipc = args.image_size, args.classes, args.ipc
     print(f"device {device} ({what}), torch {torch.__version__}, {args.model} random init, {size} px, "
           f"lpld: {C} classes x {ipc} images, {args.iterations} iterations, {args.rounds} rounds, "
