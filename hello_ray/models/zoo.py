@@ -28,7 +28,7 @@ low-resolution protocol's models (28-128 px); they have no pretrained weights.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -181,12 +181,3 @@ def build_model(name: str, num_classes: int, image_size: int, pretrained: bool =
 def count_params(model: nn.Module) -> int:
     """Number of parameters (buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (matmuls and convolutions, forward and backward as run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())

@@ -39,9 +39,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from hello_ray.config import Config
-from hello_ray.models.zoo import count_flops
 from hello_ray.preflight.checks import ACTOR_STAGES, TRAIN_STAGES
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ class StageRehearsal:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "item_s": self.item_s, "cpu_item_s": self.cpu_item_s}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls and convolutions, forward and backward as run)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 class Clock:

@@ -29,12 +29,15 @@ LABEL_COST = {"hard": 0.0, "stored": 0.02, "teacher": 0.35, "projector": 0.7}
 def student_flops(student: str, num_classes: int, image_size: int) -> float:
     """Forward + backward FLOPs of one ``student`` image (torch's counter, a random-init model)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from hello_ray.models.zoo import build_model, count_flops
+    from hello_ray.models.zoo import build_model
 
     model = build_model(student, num_classes, image_size).train()
     x = torch.rand(1, 3, image_size, image_size)
-    return float(count_flops(lambda: model(x).sum().backward()))
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return float(counter.get_total_flops())
 
 
 def row_cost(cfg: Config, row: dict[str, Any], n_images: int, num_classes: int) -> float:
