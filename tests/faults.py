@@ -126,6 +126,11 @@ class ThrottlingProxy:
         with self._lock:
             self._outage = [error] * n
 
+    def pending(self) -> set[tuple[str, str, str, str]]:
+        """The throttled requests never sent again: (client, method, path, range)."""
+        with self._lock:
+            return set(self._pending)
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -138,5 +138,9 @@ def test_paused_past_the_budget_fails_named_then_resumes_throttled_and_briefly_p
     assert m[EPOCHS]["resumed_from"] is not None and m[EPOCHS]["resumed_from"] >= 1  # resumed
     print(f"through the proxy: seen {dict(proxy.seen)}, throttled {dict(proxy.throttled)}, "
           f"retried {dict(proxy.retried)}")
+    # Every throttled request is sent again, except one a worker had in backoff when Ray Train
+    # tore that worker down (the brief pause can fail an attempt; max_failures bounds those).
     for client in ("boto3", "pyarrow"):
-        assert proxy.throttled[client] > 0 and proxy.retried[client] == proxy.throttled[client], client
+        abandoned = proxy.throttled[client] - proxy.retried[client]
+        assert proxy.throttled[client] > 0 and proxy.retried[client] > 0, client
+        assert 0 <= abandoned <= cfg.compute.max_failures, (client, sorted(proxy.pending()))
