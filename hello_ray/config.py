@@ -43,6 +43,9 @@ def _check_seed(seed: int, key: str) -> None:
     _check(0 <= seed < SEED_LIMIT, key, f"must be in [0, 2**32), got {seed}")
 
 
+TRAIN_CROPS = ("whole", "centre_square")
+
+
 @dataclass
 class DataConfig:
     source: str = _help("'demo' (bundled digits) or the dataset root: a local path, file:// or s3:// URI",
@@ -59,6 +62,11 @@ class DataConfig:
         "resolved by folder name, or a list matched by position to the sorted folders (the pairing "
         "is logged); empty = derive (ImageNet synsets are mapped automatically)", default_factory=list)
     max_per_class: int = _help("use at most this many training images per class (0 = all)", default=0)
+    train_crop: str = _help("where the training stages (teachers, transfer) cut each RandomResizedCrop: "
+                            "whole (over the whole decoded image, as torchvision's ImageNet recipe; drawn "
+                            "as the image is decoded) | centre_square (over the centred image_size square "
+                            "every image is first resized to; drawn on the worker's device, seeded)",
+                            default="whole")
     cpus_per_task: float = _help("CPUs each read/decode task asks for; below 1 where fractional "
                                  "reservations (Tune trials, half-CPU workers) leave < 1 CPU free",
                                  default=1.0)
@@ -69,6 +77,7 @@ class DataConfig:
         _check(self.format in ("auto", "imagefolder", "parquet", "webdataset"), f"{p}.format",
                f"unknown format {self.format!r}")
         _check(self.on_corrupt in ("skip", "fail"), f"{p}.on_corrupt", "must be 'skip' or 'fail'")
+        _check(self.train_crop in TRAIN_CROPS, f"{p}.train_crop", f"must be one of {', '.join(TRAIN_CROPS)}")
         _check(8 <= self.image_size <= 1024, f"{p}.image_size", "must be in [8, 1024]")
         _check(self.max_per_class >= 0, f"{p}.max_per_class", "must be >= 0")
         _check(self.cpus_per_task > 0, f"{p}.cpus_per_task", "must be > 0")
@@ -114,6 +123,8 @@ class TeacherConfig:
     observer: str = _help("'last' | 'epoch:N' | 'torchvision' (ImageNet-1K weights, needs download)",
                           default="last")
     seed: int = _help("seed of initialisation and data order", default=0)
+    precision: str = _help("the forward and the loss: fp32 (the references') | bf16 (autocast; for GPUs "
+                           "with native bf16, where it is about twice as fast)", default="fp32")
 
     def validate(self, p: str = "teachers") -> None:
         for k in ("epochs", "batch_size", "lr_step"):
@@ -125,6 +136,7 @@ class TeacherConfig:
         _check_seed(self.seed, f"{p}.seed")
         _check(self.observer in ("last", "torchvision") or self.observer.startswith("epoch:"),
                f"{p}.observer", "must be 'last', 'epoch:N' or 'torchvision'")
+        _check(self.precision in ("fp32", "bf16"), f"{p}.precision", "must be 'fp32' or 'bf16'")
 
 
 @dataclass
@@ -713,11 +725,15 @@ def section_dict(cfg: Any) -> dict[str, Any]:
 
 # How a dataset is read, not what it holds: left out of artifact keys, so changing them reuses work.
 DATA_RUNTIME_FIELDS = ("cpus_per_task",)
+# How the training stages augment it: in the keys of those stages only.
+DATA_TRAINING_FIELDS = ("train_crop",)
 
 
-def data_identity(data: DataConfig) -> dict[str, Any]:
-    """The data section as it enters artifact keys: what is read, not how."""
-    return {k: v for k, v in section_dict(data).items() if k not in DATA_RUNTIME_FIELDS}
+def data_identity(data: DataConfig, training: bool = False) -> dict[str, Any]:
+    """The data section as it enters artifact keys: what is read, not how; ``training``: with the
+    fields only the stages that train on the raw images use (teachers, transfer)."""
+    drop = DATA_RUNTIME_FIELDS + (() if training else DATA_TRAINING_FIELDS)
+    return {k: v for k, v in section_dict(data).items() if k not in drop}
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -34,6 +34,7 @@ def test_published_settings():
     assert (tr.lr, tr.epochs, tr.ce_weight, tr.n_teachers) == (5e-4, 20, 0.1, 9)
     assert (ev.epochs, ev.batch_size, ev.ce_weight, ev.cutmix_alpha) == (300, 100, 0.025, 1.0)
     assert load_config("imagenet100", overrides=["data.source=s3://b/x"]).transfer.head_rank == 64
+    assert (t.precision, load_config("demo").teachers.precision) == ("bf16", "fp32")  # GPUs only
 
 
 def test_demo_presets_follow_rdeds_low_resolution_protocol():
@@ -94,6 +95,8 @@ def test_overrides_are_typed(overrides, value):
     (["data.class_names=[cat, [dog]]"], "'data.class_names[1]': expected a string"),
     (["data.class_names={n01: 3}"], "'data.class_names.n01': expected a string"),
     (["data.class_names={n01: ' '}"], "'data.class_names': the name of 'n01' is empty"),
+    (["teachers.precision=fp16"], "'teachers.precision': must be 'fp32' or 'bf16'"),
+    (["data.train_crop=centre"], "'data.train_crop': must be one of whole, centre_square"),
     (["store_shared=sometimes"], "'store_shared': expected true/false"),
     (["store=s3://b/run", "store_shared=true"], "'store_shared': declares a local store shared"),
 ])

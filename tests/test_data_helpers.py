@@ -26,6 +26,58 @@ def _rand_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ images
 
+# Image shapes (H, W) x seeds: wide, tall (both outside ratio's range: the fallback), square, ImageNet.
+RRC_CASES = [((375, 500), s) for s in range(8)] + [((32, 32), s) for s in range(8)] + \
+    [((100, 12), s) for s in range(4)] + [((12, 300), s) for s in range(4)] + [((7, 7), 3)]
+
+
+@pytest.mark.parametrize("shape,seed", RRC_CASES)
+def test_rrc_box_is_torchvision_get_params_for_the_same_seed(shape, seed):
+    """The whole-image training crop draws torchvision's RandomResizedCrop box, draw for draw."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from hello_ray.data.images import rrc_box
+
+    for scale in ((0.08, 1.0), (0.35, 1.0)):
+        torch.manual_seed(seed)
+        ref = RandomResizedCrop.get_params(torch.empty(3, *shape), list(scale), [3 / 4, 4 / 3])
+        assert rrc_box(*shape, scale, (3 / 4, 4 / 3), torch.Generator().manual_seed(seed)) == ref
+
+
+def test_whole_image_crop_is_torchvision_random_resized_crop_on_the_pil_image():
+    """decode_random_crop = RandomResizedCrop(size, bilinear, antialias) on the whole PIL image
+    (torchvision's training recipe), pixel for pixel, for the same seed; the centred square is not."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    from hello_ray.data.images import decode_random_crop
+
+    img = _rand_images(1, 60, 90, seed=5)[0]
+    data = encode_png(img)
+    rrc = RandomResizedCrop(24, scale=(0.08, 1.0), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        ref = np.asarray(rrc(Image.fromarray(img)))
+        got = decode_random_crop(data, "x", 24, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert got.shape == (24, 24, 3) and np.array_equal(got, ref)
+
+
+def test_decode_crop_batch_draws_each_image_in_turn_and_keeps_the_corrupt_rule():
+    from hello_ray.data.decode import DecodeBatch, DecodeCropBatch
+    from hello_ray.data.images import decode_random_crop
+
+    imgs = [_rand_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate([(40, 50), (30, 30), (64, 20)])]
+    batch = {"image": np.array([encode_png(i) for i in imgs] + [b"junk"], dtype=object),
+             "label": np.arange(4), "id": np.array(["a", "b", "c", "bad.png"], dtype=object)}
+    out = DecodeCropBatch(16, (0.35, 1.0), seed=7)(batch)
+    g = torch.Generator().manual_seed(7)
+    ref = np.stack([decode_random_crop(encode_png(i), "-", 16, (0.35, 1.0), (3 / 4, 4 / 3), g) for i in imgs])
+    assert out["id"].tolist() == ["a", "b", "c"] and np.array_equal(out["image"], ref)
+    assert not np.array_equal(out["image"], DecodeBatch(16)(batch)["image"])  # not the centred square
+    unseeded = [DecodeCropBatch(16, (0.08, 1.0))(batch)["image"] for _ in range(2)]
+    assert not np.array_equal(*unseeded)  # every pass (a new run of the UDF) draws new crops
+    with pytest.raises(CorruptImageError, match="bad.png"):
+        DecodeCropBatch(16, (0.35, 1.0), on_corrupt="fail")(batch)
+
 def test_png_round_trip_and_resize_rule():
     img = _rand_images(1, 20, 30)[0]
     assert np.array_equal(decode_image(encode_png(img), "x"), img)

@@ -102,6 +102,24 @@ def test_train_epoch_learns_and_evaluate_counts_exactly():
     assert stats.accuracy > 0.95
 
 
+def test_train_epoch_in_bf16_learns_and_a_nan_names_its_epoch_and_step():
+    from hello_ray.failures import NonFiniteLoss
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    data = _bright_dark_batches(8)
+    first = teachers_core.train_epoch(model, data, opt, torch.device("cpu"), precision="bf16")
+    for _ in range(4):
+        last = teachers_core.train_epoch(model, data, opt, torch.device("cpu"), precision="bf16")
+    assert last.total == 8 * 16 and last.loss < first.loss
+    bad = [dict(b) for b in data]
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")  # every step from the first on is NaN
+    with pytest.raises(NonFiniteLoss, match="teachers: the loss is nan at epoch 7, step 1"):
+        teachers_core.train_epoch(model, bad, opt, torch.device("cpu"), epoch=7, check_every=3)
+
+
 def test_train_augment_crops_and_keeps_range():
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
@@ -110,6 +128,13 @@ def test_train_augment_crops_and_keeps_range():
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert not torch.allclose(x, images.permute(0, 3, 1, 2).float() / 255)
     assert train_crop_scale(32) == (0.35, 1.0) and train_crop_scale(224) == (0.08, 1.0)
+    # Cropped as decoded (data.train_crop=whole): only the flip is left, the same draw for the same seed.
+    flipped = teachers_core.train_augment(images, 32, torch.Generator().manual_seed(1), crop=False)
+    plain = images.permute(0, 3, 1, 2).float() / 255
+    same = [torch.equal(flipped[i], plain[i]) for i in range(6)]
+    mirrored = [torch.equal(flipped[i], plain[i].flip(-1)) for i in range(6)]
+    assert all(a or b for a, b in zip(same, mirrored)) and any(mirrored) and any(same)
+    assert torch.equal(flipped, teachers_core.train_augment(images, 32, torch.Generator().manual_seed(1), crop=False))
     
 
 def test_state_bytes_is_cpu_fp32_state_dict():
@@ -141,6 +166,19 @@ def test_stage_config_ignores_compute_only():
     c = load_config("smoke", overrides=["teachers.lr=0.01"])
     assert teachers.stage_config(a) == teachers.stage_config(b)
     assert teachers.stage_config(a) != teachers.stage_config(c)
+
+
+@pytest.mark.parametrize("stage,changes", [("teachers", True), ("transfer", True), ("select", False),
+                                           ("recover", False), ("evaluate", False)])
+def test_the_training_crop_keys_only_the_stages_that_train_on_the_images(stage, changes):
+    import importlib
+
+    mod = importlib.import_module(f"hello_ray.stages.{stage}")
+    base = ["images.source=sre2l"] if stage == "recover" else []
+    whole = load_config("smoke", overrides=base)
+    square = load_config("smoke", overrides=base + ["data.train_crop=centre_square"])
+    assert whole.data.train_crop == "whole"  # torchvision's recipe is the default
+    assert (mod.stage_config(whole) != mod.stage_config(square)) is changes
 
 
 def test_ensemble_stacks_frozen_teachers_in_eval_mode():

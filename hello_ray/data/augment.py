@@ -112,6 +112,13 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, flo
     return apply_crop_flip(x, boxes, flips, size), boxes, flips
 
 
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Horizontal flip (p=0.5) per sample of x [N, C, H, W] (the crop was cut elsewhere)."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    flips = (torch.rand(x.shape[0], generator=generator, device=dev) < 0.5).to(x.device)
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
+
+
 def draw_beta(alpha: float, generator: torch.Generator | None) -> float:
     """Beta(alpha, alpha) drawn through the torch generator (torch's Beta takes none)."""
     dev = generator.device if generator is not None else torch.device("cpu")
@@ -171,3 +178,9 @@ def train_crop_scale(image_size: int) -> tuple[float, float]:
     """
     return (0.08, 1.0) if image_size > 64 else (0.35, 1.0)
 
+
+
+def whole_crop(cfg) -> tuple[float, float] | None:
+    """The area range a training stage's decode cuts each whole image's crop with
+    (``data.train_crop=whole``), or None where the worker crops the centred square."""
+    return train_crop_scale(cfg.data.image_size) if cfg.data.train_crop == "whole" else None

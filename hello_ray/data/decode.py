@@ -1,7 +1,8 @@
 """Ray Data UDFs that turn encoded rows into fixed-size uint8 arrays.
 
 Resize rule: shorter side to ``image_size`` then a centre crop (images.fit_square), so the
-aspect ratio is kept and a square image of the right size passes through bit-exact.
+aspect ratio is kept and a square image of the right size passes through bit-exact. A training
+pass may instead cut each image's RandomResizedCrop from the whole image (``DecodeCropBatch``).
 
 Corrupt images: ``on_corrupt="fail"`` raises CorruptImageError naming the image id (path or
 shard:row); ``"skip"`` drops the row and logs one warning line per image. To *collect* the
@@ -11,14 +12,14 @@ corrupt ids (for a report), use ``keep_corrupt=True`` (the row stays, with an al
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from hello_ray import placement
 from hello_ray.config import DataConfig
 from hello_ray.data.errors import CorruptImageError, data_errors
-from hello_ray.data.images import decode_resized
+from hello_ray.data.images import decode_random_crop, decode_resized
 
 if TYPE_CHECKING:  # annotations only: importing ray here would slow every import of the module
     import ray
@@ -43,9 +44,10 @@ class DecodeBatch:
         out = np.zeros((n, s, s, 3), dtype=np.uint8)  # [N, S, S, 3]
         ok = np.ones(n, dtype=bool)
         reasons = np.full(n, "", dtype=object)
+        decode = self._decoder()
         for i, (data, where) in enumerate(zip(batch["image"], batch["id"])):
             try:
-                out[i] = decode_resized(data, str(where), s)
+                out[i] = decode(data, str(where))
             except CorruptImageError as e:
                 if self.on_corrupt == "fail" and not self.keep_corrupt:
                     raise
@@ -58,16 +60,48 @@ class DecodeBatch:
             return {**result, "ok": ok, "reason": reasons}
         return {k: v[ok] for k, v in result.items()}
 
+    def _decoder(self) -> Callable[[bytes, str], np.ndarray]:
+        """This batch's bytes -> [S, S, 3] rule: the centred square (``fit_square``)."""
+        return lambda data, where: decode_resized(data, where, self.size)
+
+
+class DecodeCropBatch(DecodeBatch):
+    """``DecodeBatch`` for a training pass: each image's RandomResizedCrop drawn over the whole
+    decoded image (``images.decode_random_crop``, torchvision's training recipe) -> uint8 [S, S, 3].
+
+    ``seed=None`` draws each batch's boxes from fresh entropy: Ray Data runs this UDF anew at every
+    pass, with no epoch number, so a fixed seed would give every epoch the same crops. (The pass's
+    file order is unseeded too: ``sources.shuffled_files``.) A seed is for tests and replays.
+    """
+
+    def __init__(self, image_size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 on_corrupt: str = "skip", seed: int | None = None):
+        super().__init__(image_size, on_corrupt)
+        self.scale, self.ratio, self.seed = tuple(scale), tuple(ratio), seed
+
+    def _decoder(self) -> Callable[[bytes, str], np.ndarray]:
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(self.seed) if self.seed is not None else g.seed()
+        return lambda data, where: decode_random_crop(data, where, self.size, self.scale, self.ratio, g)
+
 
 def decoded_split(split, data: DataConfig, batch_size: int = 64, image_size: int | None = None,
-                  columns: list[str] | None = None) -> "ray.data.Dataset":
+                  columns: list[str] | None = None, train_crop: tuple[float, float] | None = None,
+                  ) -> "ray.data.Dataset":
     """A DatasetSplit's rows decoded to uint8 [S, S, 3] images (S = data.image_size),
     skipping or failing on corrupt images as ``data.on_corrupt`` says; ``columns`` keeps only those.
+    ``train_crop``: a RandomResizedCrop area range, drawn over each whole image as it is decoded
+    (``DecodeCropBatch``); None: the centred square (``fit_square``).
 
     Every operator asks for ``data.cpus_per_task`` CPUs: operators with equal resource asks fuse
     into one task, and none asks for a whole CPU that fractional reservations may never free.
     """
-    ds = split.ds.map_batches(DecodeBatch(image_size or data.image_size, data.on_corrupt),
+    size = image_size or data.image_size
+    udf = DecodeBatch(size, data.on_corrupt) if train_crop is None else \
+        DecodeCropBatch(size, train_crop, on_corrupt=data.on_corrupt)
+    ds = split.ds.map_batches(udf,
                               batch_size=batch_size, batch_format="numpy", num_cpus=data.cpus_per_task)
     return ds.select_columns(columns, num_cpus=data.cpus_per_task) if columns else ds
 

@@ -39,6 +39,7 @@ import torch
 
 from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, TeacherConfig, data_identity, section_dict
+from hello_ray.data.augment import whole_crop
 from hello_ray.formats.trajectory import epoch_file, epoch_metrics_file, write_trajectory
 from hello_ray.models.zoo import build_model
 from hello_ray.stages.teachers_core import Batch, evaluate_top1, make_optimizer, state_bytes, train_augment, train_epoch
@@ -62,7 +63,7 @@ log = logging.getLogger("hello_ray.teachers")
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the config that determines the trajectory: data and teachers (not compute, the
     observer or the readable class names)."""
-    out = {"data": data_identity(cfg.data), "teachers": section_dict(cfg.teachers)}
+    out = {"data": data_identity(cfg.data, training=True), "teachers": section_dict(cfg.teachers)}
     for section, keys in _NOT_IN_KEY.items():
         for k in keys:
             out[section].pop(k)
@@ -121,7 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Reads only ``config`` (never argv or the environment): ``teachers`` (TeacherConfig
     fields), ``num_classes``, ``image_size``, ``use_gpu``, ``store``, ``key`` and ``drill``
-    (a :class:`~hello_ray.launcher.KillDrill` for the tests; None in normal runs).
+    (a :class:`~hello_ray.launcher.KillDrill` for the tests; None in normal runs), and
+    ``crop_on_worker`` (False: the images arrive cropped, data.train_crop=whole; only the flip is left).
     """
     import ray.train
     import ray.train.torch
@@ -151,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    image_size = config["image_size"]
+    image_size, crop = config["image_size"], config.get("crop_on_worker", True)
     for epoch in range(start, tc.epochs + 1):
         t0 = time.perf_counter()
         seed = launcher.epoch_seed(tc.seed, epoch, w.rank)  # other crops per rank and epoch, reproducible
@@ -161,7 +163,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
         batches = launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank)
         tr = train_epoch(ddp_model, batches, opt, w.device,
-                         augment=lambda im: train_augment(im, image_size, gen), epoch=epoch)
+                         augment=lambda im: train_augment(im, image_size, gen, crop), epoch=epoch,
+                         precision=tc.precision)
         sched.step()
         va = evaluate_top1(model, val_shard.iter_torch_batches(batch_size=max(w.per_worker_batch, 256)),
                            w.device)
@@ -227,14 +230,15 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     # 140 GB would move every image between nodes and start no epoch before the whole split was
     # read): ImageFolder's listing goes class by class, so its files are shuffled one by one;
     # parquet / webdataset shards are shuffled whole and the workers' local shuffle buffer mixes
-    # their rows. Data order is therefore not seeded; init and crops are.
+    # their rows. Data order is therefore not seeded; init is, and so are the crops where they are
+    # cut on the worker (data.train_crop=centre_square; whole-image crops are cut as decoded).
     train = shuffled_files(train)
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"teachers": section_dict(tc), "num_classes": num_classes,
                   "image_size": cfg.data.image_size, "use_gpu": cfg.compute.use_gpu,
-                  "store": store, "key": key, "drill": drill},
-                 {"train": decoded_split(train, cfg.data, columns=columns),
+                  "crop_on_worker": whole_crop(cfg) is None, "store": store, "key": key, "drill": drill},
+                 {"train": decoded_split(train, cfg.data, columns=columns, train_crop=whole_crop(cfg)),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     train_s = time.perf_counter() - t0
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from hello_ray import launcher
 from hello_ray.config import Config, data_identity, section_dict
-from hello_ray.data.augment import train_crop_scale
+from hello_ray.data.augment import train_crop_scale, whole_crop
 from hello_ray.formats.fidelity import read_fidelity, write_fidelity
 from hello_ray.stages.transfer_core import label_fidelity, lora_parameters, shipped_fidelity, transfer_step
 
@@ -56,7 +56,7 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     from hello_ray.models.clip import pretrained_identity
 
     tc = {**section_dict(cfg.transfer), "pretrained": pretrained_identity(cfg.transfer.pretrained)}
-    return {"transfer": tc, "data": data_identity(cfg.data)}
+    return {"transfer": tc, "data": data_identity(cfg.data, training=True)}
 
 
 def check(cfg: Config) -> None:
@@ -73,10 +73,11 @@ def resources(cfg: Config) -> dict[str, float]:
 # ---------------------------------------------------------------------------- Ray Train worker
 
 def _batches(shard, batch_size: int, device: torch.device, image_size: int, augment: bool,
-             generator: torch.Generator | None = None, seed: int | None = None
+             generator: torch.Generator | None = None, seed: int | None = None, crop: bool = True,
              ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Decoded uint8 rows of a Ray Data shard -> (images [N,3,S,S] float in [0,1], labels [N])."""
-    from hello_ray.data.augment import random_resized_crop_flip, to_float
+    """Decoded uint8 rows of a Ray Data shard -> (images [N,3,S,S] float in [0,1], labels [N]).
+    ``augment``: crop (unless the rows arrive cropped, ``crop=False``) and flip."""
+    from hello_ray.data.augment import random_flip, random_resized_crop_flip, to_float
 
     kwargs: dict[str, Any] = {}
     if augment:  # equal shards (streaming_split) + drop_last: every DDP rank runs the same steps
@@ -85,7 +86,9 @@ def _batches(shard, batch_size: int, device: torch.device, image_size: int, augm
     for batch in shard.iter_torch_batches(batch_size=batch_size, **kwargs):
         x = to_float(batch["image"].to(device, non_blocking=True))  # [N,3,S,S]
         y = batch["label"].to(device, non_blocking=True).long()  # [N]
-        if augment:
+        if augment and not crop:
+            x = random_flip(x, generator)
+        elif augment:
             x, _, _ = random_resized_crop_flip(x, image_size, scale=train_crop_scale(image_size),
                                                generator=generator)
         yield x, y
@@ -150,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seed = launcher.epoch_seed(tc.seed, epoch, w.rank)  # other views per rank and epoch, reproducible
         gen = torch.Generator(device=w.device).manual_seed(seed)
         batches = _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
-                           generator=gen, seed=seed)
+                           generator=gen, seed=seed, crop=cfg.data.train_crop != "whole")
         for step, (x, y) in enumerate(launcher.drilled(batches, config.get("drill"), store, key, epoch,
                                                        w.rank), 1):
             parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight, epoch=epoch, step=step)
@@ -213,7 +216,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"cfg": cfg, "store": store, "key": key, "teachers_key": inputs["teachers"],
                   "class_names": list(train.class_names), "drill": drill},
-                 {"train": decoded_split(train, cfg.data, columns=columns).randomize_block_order(),
+                 {"train": decoded_split(train, cfg.data, columns=columns, train_crop=whole_crop(cfg))
+                  .randomize_block_order(),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     fidelity = read_fidelity(store, key)
     history = json.loads(store.get_bytes(key, "history.json"))
