@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from hello_ray.data.errors import DataError, find_data_error
 
 if TYPE_CHECKING:
+    import torch
     from ray.train import TrainingFailedError
 
 _ENOSPC_TEXT = "No space left on device"
@@ -69,6 +70,37 @@ def check_finite(value: float, stage: str, epoch: int | None, step: int, hint: s
     """Raise :class:`NonFiniteLoss` when ``value`` (a loss already on the host) is inf or NaN."""
     if not math.isfinite(value):
         raise NonFiniteLoss(stage, epoch, step, value, hint)
+
+
+class LossLog:
+    """Losses kept on the device, read back every ``every`` steps (and when asked): one host sync
+    per read instead of one per step. A non-finite loss raises :class:`NonFiniteLoss` naming the
+    stage, its own epoch (as the caller counts it) and step (1-based over the run), and ``hint``."""
+
+    def __init__(self, device: "torch.device", every: int, stage: str, hint: str = ""):
+        import torch
+
+        self.every, self.stage, self.hint = max(1, every), stage, hint
+        self.buf = torch.zeros(self.every, device=device)
+        self.n = 0                      # losses in the buffer
+        self.step = 0                   # steps so far (1-based for the last one)
+        self.last = float("nan")
+
+    def add(self, loss: "torch.Tensor", epoch: int) -> None:
+        self.buf[self.n] = loss.detach()
+        self.n += 1
+        self.step += 1
+        if self.n == self.every:
+            self.read(epoch)
+
+    def read(self, epoch: int) -> None:
+        if not self.n:
+            return
+        values = self.buf[:self.n].tolist()
+        first = self.step - self.n + 1
+        for i, v in enumerate(values):
+            check_finite(v, self.stage, epoch, first + i, self.hint)
+        self.last, self.n = values[-1], 0
 
 
 def disk_full_error(exc: BaseException, path: str) -> DiskFull | None:

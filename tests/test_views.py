@@ -15,7 +15,8 @@ from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, Relabe
                               relabel, write_stored_meta)
 from hello_ray.models.zoo import build_model
 from hello_ray.stages.evaluate import stored_seed
-from hello_ray.stages.evaluate_core import LossLog, TrainSettings, train_student
+from hello_ray.failures import LossLog
+from hello_ray.stages.evaluate_core import TrainSettings, train_student
 from hello_ray.store import open_store
 from hello_ray.views import View, draw_epoch, draw_view, epoch_order, view_batch
 
@@ -142,14 +143,14 @@ def test_draw_epoch_is_epoch_order_then_one_view_per_batch():
 
 
 def test_the_loss_log_reads_every_n_steps_and_names_the_first_bad_step():
-    log = LossLog(torch.device("cpu"), every=4, hint="row r")
+    log = LossLog(torch.device("cpu"), every=4, stage="evaluate", hint="row r")
     for _ in range(5):
-        log.add(torch.tensor(1.0), epoch=0)
+        log.add(torch.tensor(1.0), epoch=1)
     assert log.n == 1 and log.last == 1.0                     # read once after 4 steps
-    log.add(torch.tensor(float("nan")), epoch=0)              # step 6
-    log.add(torch.tensor(2.0), epoch=0)
-    with pytest.raises(NonFiniteLoss, match="epoch 1, step 6"):
-        log.read(epoch=0)
+    log.add(torch.tensor(float("nan")), epoch=1)              # step 6
+    log.add(torch.tensor(2.0), epoch=1)
+    with pytest.raises(NonFiniteLoss, match="evaluate.*epoch 1, step 6"):
+        log.read(epoch=1)
 
 
 def test_bf16_students_train_with_a_finite_loss(tiny):

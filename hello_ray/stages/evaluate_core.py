@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hello_ray.failures import check_finite
+from hello_ray.failures import LossLog
 from hello_ray.labels import LabelContext, LabelStrategy
 from hello_ray.views import View, draw_epoch
 
@@ -179,34 +179,6 @@ class StepTimer:
         return list(self._host)
 
 
-class LossLog:
-    """Losses kept on the device, read back every ``every`` steps (and when asked): one host sync
-    per read instead of one per step. A non-finite loss raises naming its own epoch and step."""
-
-    def __init__(self, device: torch.device, every: int, hint: str):
-        self.every, self.hint = max(1, every), hint
-        self.buf = torch.zeros(self.every, device=device)
-        self.n = 0                      # losses in the buffer
-        self.step = 0                   # steps so far (1-based for the last one)
-        self.last = float("nan")
-
-    def add(self, loss: torch.Tensor, epoch: int) -> None:
-        self.buf[self.n] = loss.detach()
-        self.n += 1
-        self.step += 1
-        if self.n == self.every:
-            self.read(epoch)
-
-    def read(self, epoch: int) -> None:
-        if not self.n:
-            return
-        values = self.buf[:self.n].tolist()
-        first = self.step - self.n + 1
-        for i, v in enumerate(values):
-            check_finite(v, "evaluate", epoch + 1, first + i, self.hint)
-        self.last, self.n = values[-1], 0
-
-
 def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, strategy: LabelStrategy,
                   s: TrainSettings, seed: int, device: torch.device, classes: torch.Tensor | None = None,
                   rank: int = 0, world_size: int = 1,
@@ -244,7 +216,7 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         remap[cols] = torch.arange(len(cols), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     timer = StepTimer(device)
-    losses = LossLog(device, s.loss_check_every, f"{where}lr={s.lr:g}")
+    losses = LossLog(device, s.loss_check_every, "evaluate", f"{where}lr={s.lr:g}")
     model.train()
     for epoch in range(s.epochs):
         views = (strategy.epoch_views(epoch, seed) if strategy.replays else
@@ -275,8 +247,8 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             if per_step:
                 sched.step()
             timer.stop()
-            losses.add(loss, epoch)
-        losses.read(epoch)
+            losses.add(loss, epoch + 1)
+        losses.read(epoch + 1)
         lr_now = sched.get_last_lr()[0]
         if not per_step:
             sched.step()                                      # per epoch, after it, as RDED and FKD do
