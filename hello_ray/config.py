@@ -67,6 +67,10 @@ class DataConfig:
                             "as the image is decoded) | centre_square (over the centred image_size square "
                             "every image is first resized to; drawn on the worker's device, seeded)",
                             default="whole")
+    decode: str = _help("where the training stages decode their training images: auto (worker where the Train "
+                        "workers have GPUs, else tasks) | tasks (Ray Data CPU tasks) | worker (the Train "
+                        "worker, in batches on its device: nvJPEG on a GPU; the CPUs only read files)",
+                        default="auto")
     cpus_per_task: float = _help("CPUs each read/decode task asks for; below 1 where fractional "
                                  "reservations (Tune trials, half-CPU workers) leave < 1 CPU free",
                                  default=1.0)
@@ -77,6 +81,7 @@ class DataConfig:
         _check(self.format in ("auto", "imagefolder", "parquet", "webdataset"), f"{p}.format",
                f"unknown format {self.format!r}")
         _check(self.on_corrupt in ("skip", "fail"), f"{p}.on_corrupt", "must be 'skip' or 'fail'")
+        _check(self.decode in ("auto", "tasks", "worker"), f"{p}.decode", "must be one of auto, tasks, worker")
         _check(self.train_crop in TRAIN_CROPS, f"{p}.train_crop", f"must be one of {', '.join(TRAIN_CROPS)}")
         _check(8 <= self.image_size <= 1024, f"{p}.image_size", "must be in [8, 1024]")
         _check(self.max_per_class >= 0, f"{p}.max_per_class", "must be >= 0")
@@ -724,7 +729,8 @@ def section_dict(cfg: Any) -> dict[str, Any]:
 
 
 # How a dataset is read, not what it holds: left out of artifact keys, so changing them reuses work.
-DATA_RUNTIME_FIELDS = ("cpus_per_task",)
+# (Where images are decoded changes pixels by a resize kernel's rounding, as a GPU's arithmetic does.)
+DATA_RUNTIME_FIELDS = ("cpus_per_task", "decode")
 # How the training stages augment it: in the keys of those stages only.
 DATA_TRAINING_FIELDS = ("train_crop",)
 

@@ -61,6 +61,43 @@ def test_whole_image_crop_is_torchvision_random_resized_crop_on_the_pil_image():
         assert got.shape == (24, 24, 3) and np.array_equal(got, ref)
 
 
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_worker_decode_cuts_the_cpu_paths_boxes_and_names_what_it_cannot_decode():
+    """data.decode=worker (device_decode, here on the CPU; nvJPEG on a GPU): RGB, greyscale and CMYK
+    JPEGs and a PNG, the same whole-image boxes as the CPU tasks' path for the same generator, pixels
+    within the resize kernels' rounding; a truncated JPEG skipped or raised by name."""
+    from hello_ray.data.device_decode import decode_batch
+    from hello_ray.data.images import decode_random_crop
+    from hello_ray.data.synthetic import synthetic_image
+
+    rng = np.random.default_rng(0)
+    datas = [_jpeg(synthetic_image(rng, 60, 120, mode)) for mode in ("RGB", "L", "CMYK", "RGB")]
+    datas.append(encode_png(_rand_images(1, 40, 50)[0]))
+    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.png"]
+    out, kept = decode_batch(datas, ids, 32, torch.device("cpu"), (0.08, 1.0), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ref = np.stack([decode_random_crop(d, i, 32, (0.08, 1.0), (3 / 4, 4 / 3), g) for d, i in zip(datas, ids)])
+    assert out.shape == (5, 32, 32, 3) and out.dtype == torch.uint8 and kept.all()
+    diff = np.abs(out.numpy().astype(int) - ref.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    square, _ = decode_batch(datas, ids, 32, torch.device("cpu"), None, torch.Generator())
+    assert np.abs(square.numpy().astype(int) - np.stack([decode_resized(d, i, 32) for d, i in zip(datas, ids)])
+                  .astype(int)).mean() < 4  # the CPU path decodes JPEGs at a draft scale first
+
+    bad = datas[:2] + [datas[0][:300]]
+    out, kept = decode_batch(bad, ["a.jpg", "b.jpg", "cut.jpg"], 16, torch.device("cpu"), (0.35, 1.0),
+                             torch.Generator().manual_seed(0))
+    assert kept.tolist() == [True, True, False] and out.shape == (2, 16, 16, 3)
+    with pytest.raises(CorruptImageError, match="cut.jpg"):
+        decode_batch(bad, ["a.jpg", "b.jpg", "cut.jpg"], 16, torch.device("cpu"), (0.35, 1.0),
+                     torch.Generator(), on_corrupt="fail")
+
+
 def test_decode_crop_batch_draws_each_image_in_turn_and_keeps_the_corrupt_rule():
     from hello_ray.data.decode import DecodeBatch, DecodeCropBatch
     from hello_ray.data.images import decode_random_crop

@@ -207,7 +207,8 @@ def _smoke(store_uri: str, *extra: str):
 @pytest.fixture(scope="module")
 def trained_s3(ray_local, s3_server):
     """The smoke trajectory trained once on the moto S3 store, through the same calls as
-    pipeline.run_stage, with the fault drill: after the first batch of epoch 2 on the first
+    pipeline.run_stage, its training images decoded by the Train workers (``data.decode=worker``,
+    what GPU workers do by default), with the fault drill: after the first batch of epoch 2 on the first
     attempt, rank 0's worker process is killed with SIGKILL (a real death, no exception), so Ray
     Train must restart the worker group from epoch 1's checkpoint *in S3*."""
     import boto3
@@ -217,7 +218,7 @@ def trained_s3(ray_local, s3_server):
 
     bucket = f"hr-teachers-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    cfg = _smoke(f"s3://{bucket}/artifacts")
+    cfg = _smoke(f"s3://{bucket}/artifacts", "data.decode=worker")  # the GPU path's decode, on CPU workers
     assert cfg.compute.max_failures >= 1
     store = open_store(cfg.store)
     run = Run(cfg, store)
@@ -251,6 +252,10 @@ def test_trajectory_has_one_checkpoint_and_accuracy_per_epoch(trained_s3):
     metrics = [json.loads(store.get_bytes(key, f"epochs/epoch_{e:03d}.json")) for e in range(1, epochs + 1)]
     assert [m["top1"] for m in metrics] == [e["top1"] for e in traj["epochs"]]
     assert metrics[0]["val_images"] > 0 and len({m["val_images"] for m in metrics}) == 1
+    # Decoded by the workers (data.decode=worker): every epoch saw the whole split but the drop_last rest.
+    assert {m["decode"] for m in metrics} == {"worker"}
+    per_worker = cfg.teachers.batch_size // cfg.compute.num_workers
+    assert all(300 - 2 * per_worker < m["train_images"] <= 300 for m in metrics)
     summary = store.manifest(key)["summary"]
     assert summary["epochs"] == epochs and summary["final_top1"] == traj["epochs"][-1]["top1"]
 

@@ -186,14 +186,16 @@ def test_transfer_stage_on_smoke_preset(ray_local, file_store_uri):
     assert fidelity["after"]["kl"] < fidelity["before"]["kl"]  # fitted to the teachers on real data
     assert summary["fidelity_after"] == fidelity["after"]
 
-    # Resume: the same run name with one more epoch restores epoch 2's checkpoint and trains epoch 3 only.
+    # Resume: the same run name with one more epoch restores epoch 2's checkpoint and trains epoch 3 only,
+    # its images decoded by the Train workers this time (data.decode is how, not what: the same key).
     cfg4 = load_config("smoke", overrides=[f"store={file_store_uri}", *RAY_CPUS, "transfer.epochs=3",
-                                           "transfer.lr=0.01", "transfer.adapter_dtype=fp32"])
+                                           "transfer.lr=0.01", "transfer.adapter_dtype=fp32", "data.decode=worker"])
+    assert transfer.stage_config(cfg4)["data"] == transfer.stage_config(cfg)["data"]
     transfer.run(cfg4, store, key, {"teachers": teachers_key})
     history4 = json.loads(store.get_bytes(key, "history.json"))
     assert [h["epoch"] for h in history4] == [1, 2, 3]
     assert history4[:2] == history  # restored, not retrained
-    assert history4[2]["attempt_start_epoch"] == 3
+    assert history4[2]["attempt_start_epoch"] == 3 and history4[2]["loss"] < history[0]["loss"]
     assert read_fidelity(store, key)["before"] == fidelity["before"]
 
     store.finalize(key, transfer.STAGE, transfer.stage_config(cfg4), {"teachers": teachers_key})

@@ -124,3 +124,33 @@ def find_corrupt(split, image_size: int = 8, num_cpus: float = 1.0) -> list[tupl
     if found:
         log.warning("%d corrupt image(s) in %s split %r", len(found), split.source, split.split)
     return found
+
+
+def decode_on_worker(data: DataConfig, use_gpu: bool) -> bool:
+    """Whether the Train workers decode their training batches (``data.decode``; auto: on GPUs)."""
+    return data.decode == "worker" or (data.decode == "auto" and use_gpu)
+
+
+def training_split(split, data: DataConfig, on_worker: bool, train_crop: tuple[float, float] | None,
+                   batch_size: int = 64) -> "ray.data.Dataset":
+    """A training stage's train split: decoded (and cropped, ``train_crop``) by CPU tasks, or left
+    encoded for the workers to decode (``on_worker``: only the files are read)."""
+    if on_worker:
+        return split.ds.select_columns(["image", "label", "id"], num_cpus=data.cpus_per_task)
+    return decoded_split(split, data, batch_size, columns=["image", "label"], train_crop=train_crop)
+
+
+def worker_batches(shard, batch_size: int, device, size: int, train_crop: tuple[float, float] | None,
+                   generator, on_corrupt: str, seed: int | None, drop_last: bool = True):
+    """A Train worker's batches of encoded rows, decoded on its ``device`` (``device_decode``):
+    {"image": uint8 [M, S, S, 3], "label": int64 [M]}, both on the device (M <= batch_size: corrupt
+    images skipped). ``generator``: a CPU generator for the crop boxes."""
+    import torch
+
+    from hello_ray.data.device_decode import decode_batch
+
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                    local_shuffle_buffer_size=max(4 * batch_size, 256), local_shuffle_seed=seed):
+        images, kept = decode_batch(batch["image"], batch["id"], size, device, train_crop, generator, on_corrupt)
+        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)[kept]).to(device)
+        yield {"image": images, "label": labels}

@@ -123,10 +123,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     Reads only ``config`` (never argv or the environment): ``teachers`` (TeacherConfig
     fields), ``num_classes``, ``image_size``, ``use_gpu``, ``store``, ``key`` and ``drill``
     (a :class:`~hello_ray.launcher.KillDrill` for the tests; None in normal runs), and
-    ``crop_on_worker`` (False: the images arrive cropped, data.train_crop=whole; only the flip is left).
+    ``decode`` (``on_worker``: decode the encoded rows here; ``train_crop``: the whole-image crop's area
+    range, None for the centred square cropped here; ``on_corrupt``).
     """
     import ray.train
     import ray.train.torch
+
+    from hello_ray.data.decode import worker_batches
 
     tc = TeacherConfig(**config["teachers"])
     store: Store = config["store"]
@@ -153,14 +156,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    image_size, crop = config["image_size"], config.get("crop_on_worker", True)
+    image_size, decode = config["image_size"], config["decode"]
+    crop = decode["train_crop"] is None  # else cut from the whole image as decoded: only the flip is left
     for epoch in range(start, tc.epochs + 1):
         t0 = time.perf_counter()
         seed = launcher.epoch_seed(tc.seed, epoch, w.rank)  # other crops per rank and epoch, reproducible
         gen = torch.Generator(device=w.device).manual_seed(seed)
-        batches: Iterable[Batch] = train_shard.iter_torch_batches(
-            batch_size=w.per_worker_batch, drop_last=True,
-            local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
+        if decode["on_worker"]:  # encoded rows: decoded and cut on this worker's device, boxes seeded
+            batches: Iterable[Batch] = worker_batches(
+                train_shard, w.per_worker_batch, w.device, image_size, decode["train_crop"],
+                torch.Generator().manual_seed(seed), decode["on_corrupt"], seed)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=w.per_worker_batch, drop_last=True,
+                local_shuffle_buffer_size=max(4 * w.per_worker_batch, 256), local_shuffle_seed=seed)
         batches = launcher.drilled(batches, config.get("drill"), store, key, epoch, w.rank)
         tr = train_epoch(ddp_model, batches, opt, w.device,
                          augment=lambda im: train_augment(im, image_size, gen, crop), epoch=epoch,
@@ -173,7 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "top1": vcorrect / max(vtotal, 1), "loss": loss_sum / max(total, 1),
                    "train_acc": correct / max(total, 1), "lr": opt.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 2), "val_images": int(vtotal),
-                   "attempt": attempt, "attempt_start_epoch": start, "resumed_from": resumed_from}
+                   "attempt": attempt, "attempt_start_epoch": start, "resumed_from": resumed_from,
+                   "train_images": int(total), "decode": "worker" if decode["on_worker"] else "tasks"}
         if w.rank == 0:
             # The epoch file first, the Ray checkpoint second: a crash in between retrains this
             # epoch and overwrites the file with the same epoch's weights.
@@ -217,7 +227,7 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     previous epoch's checkpoint. Needs ``compute.max_failures >= 1``.
     """
     from hello_ray.data.corrupt import corrupt_summary
-    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.decode import decode_on_worker, decoded_split, training_split
     from hello_ray.data.sources import load_train_val, shuffled_files
 
     tc = cfg.teachers
@@ -226,19 +236,22 @@ def run(cfg: Config, store: "Store", key: str, inputs: dict[str, str],
     check_observer(tc, num_classes)
     corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
+    on_worker = decode_on_worker(cfg.data, cfg.compute.use_gpu)
     # The file list is shuffled again every epoch, not the bytes (a global shuffle of ImageNet's
     # 140 GB would move every image between nodes and start no epoch before the whole split was
     # read): ImageFolder's listing goes class by class, so its files are shuffled one by one;
     # parquet / webdataset shards are shuffled whole and the workers' local shuffle buffer mixes
-    # their rows. Data order is therefore not seeded; init is, and so are the crops where they are
-    # cut on the worker (data.train_crop=centre_square; whole-image crops are cut as decoded).
+    # their rows. Data order is therefore not seeded; init is, and so are the crops where the worker
+    # cuts them (data.train_crop=centre_square, or data.decode=worker); the CPU decode tasks that cut
+    # whole-image crops draw from fresh entropy (data.decode.DecodeCropBatch says why).
     train = shuffled_files(train)
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"teachers": section_dict(tc), "num_classes": num_classes,
                   "image_size": cfg.data.image_size, "use_gpu": cfg.compute.use_gpu,
-                  "crop_on_worker": whole_crop(cfg) is None, "store": store, "key": key, "drill": drill},
-                 {"train": decoded_split(train, cfg.data, columns=columns, train_crop=whole_crop(cfg)),
+                  "decode": {"on_worker": on_worker, "train_crop": whole_crop(cfg), "on_corrupt": cfg.data.on_corrupt},
+                  "store": store, "key": key, "drill": drill},
+                 {"train": training_split(train, cfg.data, on_worker, whole_crop(cfg)),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     train_s = time.perf_counter() - t0
 

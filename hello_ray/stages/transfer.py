@@ -74,16 +74,22 @@ def resources(cfg: Config) -> dict[str, float]:
 
 def _batches(shard, batch_size: int, device: torch.device, image_size: int, augment: bool,
              generator: torch.Generator | None = None, seed: int | None = None, crop: bool = True,
-             ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+             decode: dict[str, Any] | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Decoded uint8 rows of a Ray Data shard -> (images [N,3,S,S] float in [0,1], labels [N]).
-    ``augment``: crop (unless the rows arrive cropped, ``crop=False``) and flip."""
+    ``augment``: crop (unless the rows arrive cropped, ``crop=False``) and flip. ``decode`` (training
+    rows left encoded, data.decode=worker): decoded on ``device`` here, whole-image crops cut
+    with boxes drawn from ``seed`` (``data.decode.worker_batches``)."""
     from hello_ray.data.augment import random_flip, random_resized_crop_flip, to_float
+    from hello_ray.data.decode import worker_batches
 
     kwargs: dict[str, Any] = {}
     if augment:  # equal shards (streaming_split) + drop_last: every DDP rank runs the same steps
         kwargs = {"drop_last": True, "local_shuffle_buffer_size": max(4 * batch_size, 256),
                   "local_shuffle_seed": seed}
-    for batch in shard.iter_torch_batches(batch_size=batch_size, **kwargs):
+    rows = (worker_batches(shard, batch_size, device, image_size, decode["train_crop"],
+                           torch.Generator().manual_seed(seed or 0), decode["on_corrupt"], seed)
+            if decode else shard.iter_torch_batches(batch_size=batch_size, **kwargs))
+    for batch in rows:
         x = to_float(batch["image"].to(device, non_blocking=True))  # [N,3,S,S]
         y = batch["label"].to(device, non_blocking=True).long()  # [N]
         if augment and not crop:
@@ -117,7 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     teachers = TeacherEnsemble.from_trajectory(store, config["teachers_key"], tc.teacher_window,
                                                tc.n_teachers, w.device)
     teachers.eval()
-    projector = Projector.from_clip(tc.clip_model, tc.pretrained, config["class_names"]).to(w.device)
+    # The prompts through the text tower on the worker's device (1000 classes x 7 templates on a GPU).
+    projector = Projector.from_clip(tc.clip_model, tc.pretrained, config["class_names"], device=w.device).to(w.device)
     val_shard = ray.train.get_dataset_shard("val")
 
     def val_batches():
@@ -153,7 +160,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seed = launcher.epoch_seed(tc.seed, epoch, w.rank)  # other views per rank and epoch, reproducible
         gen = torch.Generator(device=w.device).manual_seed(seed)
         batches = _batches(train_shard, w.per_worker_batch, w.device, image_size, augment=True,
-                           generator=gen, seed=seed, crop=cfg.data.train_crop != "whole")
+                           generator=gen, seed=seed, crop=whole_crop(cfg) is None,
+                           decode=config["decode"] if config["decode"]["on_worker"] else None)
         for step, (x, y) in enumerate(launcher.drilled(batches, config.get("drill"), store, key, epoch,
                                                        w.rank), 1):
             parts = transfer_step(model, teachers, x, y, optimizer, tc.ce_weight, epoch=epoch, step=step)
@@ -206,18 +214,19 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str],
 
     ``drill``: a fault drill for the tests (a rank killed mid-epoch, see launcher.KillDrill)."""
     from hello_ray.data.corrupt import corrupt_summary
-    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.decode import decode_on_worker, decoded_split, training_split
     from hello_ray.data.sources import load_train_val
 
     train, val = load_train_val(cfg.data, store)
     corrupt = corrupt_summary({"train": train, "val": val}, cfg.data, store)  # before any training
     columns = ["image", "label"]  # the string ids cannot become tensors
+    on_worker = decode_on_worker(cfg.data, cfg.compute.use_gpu)
     t0 = time.perf_counter()
     launcher.fit(STAGE, cfg.compute, store, key, train_loop_per_worker,
                  {"cfg": cfg, "store": store, "key": key, "teachers_key": inputs["teachers"],
-                  "class_names": list(train.class_names), "drill": drill},
-                 {"train": decoded_split(train, cfg.data, columns=columns, train_crop=whole_crop(cfg))
-                  .randomize_block_order(),
+                  "class_names": list(train.class_names), "drill": drill,
+                  "decode": {"on_worker": on_worker, "train_crop": whole_crop(cfg), "on_corrupt": cfg.data.on_corrupt}},
+                 {"train": training_split(train, cfg.data, on_worker, whole_crop(cfg)).randomize_block_order(),
                   "val": decoded_split(val, cfg.data, columns=columns)})
     fidelity = read_fidelity(store, key)
     history = json.loads(store.get_bytes(key, "history.json"))
