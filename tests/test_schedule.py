@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from hello_ray.config import load_config
-from hello_ray.preflight.schedule import evaluate_gpu_hours, format_schedule, load_profile, lpt_makespan
+from hello_ray.preflight.schedule import (evaluate_gpu_hours, format_schedule, format_stage_hours, load_profile,
+                                          lpt_makespan, stage_gpu_hours)
 
 H200 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check_h200.json"
 
@@ -65,3 +66,39 @@ def test_a_bad_device_profile_is_refused_before_anything_runs(tmp_path, capsys):
     assert main(["--preset", "imagenet1k", "--device-profile", str(bad), "data.source=/data"]) == 2
     assert f"--device-profile {bad}: device profile {bad}: not a benchmarks/gpu_check.py result" in \
         capsys.readouterr().err
+
+
+STAGES = ("teachers", "select", "transfer", "refine", "recover", "evaluate")
+
+
+@pytest.mark.parametrize("node_cpus,decode,fed", [
+    (128, 549.0, True),     # 16 CPUs per H200 decode faster than the GPUs train: nothing to gain
+    (16, 549.0, False),     # 2 per GPU: the CPU decode held the node; the GPUs' own decode frees it
+    (None, None, None),     # no decode rate measured: before is not measured
+])
+def test_per_stage_gpu_hours_on_an_h200_node(node_cpus, decode, fed):
+    """Each stage's before/after from the profile's own steps: refine's hours shrink by its actor
+    count, the teachers' before by how far the node's CPUs could feed them, recover's before is not
+    measured (one class per step was never run on a GPU), evaluate's is the grid's."""
+    cfg = load_config("imagenet1k", overrides=["data.source=/data", "images.source=lpld"])
+    profile = load_profile(H200)
+    s = stage_gpu_hours(cfg, 1000, 1_281_167, profile, decode, node_cpus, STAGES)
+    by = {r["stage"]: r for r in s["stages"]}
+    assert list(by) == ["teachers", "select", "transfer", "refine", "recover", "evaluate"]
+    teachers = by["teachers"]
+    # 1.28 M images x 90 epochs at the profile's 5,023 images/s on each of 8 GPUs, the node held for it
+    assert teachers["after_gpu_h"] == pytest.approx(1_281_167 * 90 / 5023.0 / 3600, rel=1e-6)
+    if fed is None:
+        assert teachers["before_gpu_h"] is None
+    else:
+        assert (teachers["before_gpu_h"] == pytest.approx(teachers["after_gpu_h"])) is fed
+        if not fed:
+            assert teachers["before_gpu_h"] == pytest.approx(8 * 1_281_167 * 90 / (decode * 16) / 3600)
+    assert by["refine"]["before_gpu_h"] == pytest.approx(8 * by["refine"]["after_gpu_h"])
+    assert by["recover"]["before_gpu_h"] is None and by["recover"]["after_gpu_h"] > 0
+    assert by["select"]["before_gpu_h"] == by["select"]["after_gpu_h"]
+    ev = evaluate_gpu_hours(cfg, 1000, profile)
+    assert (by["evaluate"]["before_gpu_h"], by["evaluate"]["after_gpu_h"]) == (ev["before"]["gpu_h"], ev["after"]["gpu_h"])
+    text = format_stage_hours(s)
+    assert "n/m" in text and all(f"\n  {st:10s}" in text for st in by)
+    assert stage_gpu_hours(cfg, 1000, 1_281_167, profile, decode, node_cpus, ("select",))["stages"][0]["stage"] == "select"

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU, for the evaluate grid's GPU-hours (default: the H200's, in a source checkout)")
     p.add_argument("--classes", type=_at_least_one, default=None, help="class count for the evaluate grid's "
                    "GPU-hours when the data check cannot read the dataset from here")
+    p.add_argument("--train-images", type=_at_least_one, default=None, help="training images, for the per-stage "
+                   "GPU-hours when the data check cannot count them from here (ImageNet-1K: 1281167)")
+    p.add_argument("--node-cpus", type=_at_least_one, default=None, help="CPUs of the GPU node (default: the "
+                   "profile machine's CPUs per GPU x compute.num_workers)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -150,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_rehearsal and all(c.name == "resources" for c in report.failures()):
         table = rehearse(cfg, store, report, args.steps, args.flop_budget, args.devices)
     wall = time.perf_counter() - t0
-    schedule = evaluate_schedule(cfg, args.classes or report.facts.get("classes"), args.device_profile)
+    classes = args.classes or report.facts.get("classes")
+    schedule = evaluate_schedule(cfg, classes, args.device_profile)
+    hours = stage_hours(cfg, classes, args.train_images or report.facts.get("train_images"), args.device_profile,
+                        args.node_cpus)
     out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table,
-           "evaluate_schedule": schedule}
+           "evaluate_schedule": schedule, "stage_gpu_hours": hours}
     if report.ok and store is not None:
         store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg), json.dumps(out, default=str).encode())
     elif not report.ok:
@@ -182,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             from hello_ray.preflight.schedule import format_schedule
 
             print("\n" + format_schedule(schedule))
+        if hours is not None:
+            from hello_ray.preflight.schedule import format_stage_hours
+
+            print("\n" + format_stage_hours(hours))
     return 0 if report.ok else 1
 
 
@@ -193,6 +204,21 @@ def evaluate_schedule(cfg: Config, classes: int | None, profile_path: str | None
     if not cfg.compute.use_gpu or not classes or path is None or "evaluate" not in _stages(cfg):
         return None
     return evaluate_gpu_hours(cfg, int(classes), load_profile(path))
+
+
+def stage_hours(cfg: Config, classes: int | None, train_images: int | None, profile_path: str | None,
+                node_cpus: int | None) -> dict[str, Any] | None:
+    """Per-stage GPU-hours on the node from a device profile (``schedule.stage_gpu_hours``), for a GPU
+    run whose class count is known; the teachers' CPU decode rate from ``benchmarks/decode_rate.py``."""
+    from hello_ray.preflight.schedule import default_decode_rate, default_profile, load_profile, stage_gpu_hours
+
+    path = profile_path or default_profile()
+    if not cfg.compute.use_gpu or not classes or path is None:
+        return None
+    rate_file = default_decode_rate()
+    rate = json.loads(rate_file.read_text())["images_per_s"]["centre_square"] if rate_file else None
+    return stage_gpu_hours(cfg, int(classes), int(train_images or 0), load_profile(path), rate, node_cpus,
+                           tuple(_stages(cfg)))
 
 
 if __name__ == "__main__":
