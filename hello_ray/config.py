@@ -67,10 +67,10 @@ class DataConfig:
                             "as the image is decoded) | centre_square (over the centred image_size square "
                             "every image is first resized to; drawn on the worker's device, seeded)",
                             default="whole")
-    decode: str = _help("where the training stages decode their training images: auto (worker where the Train "
-                        "workers have GPUs, else tasks) | tasks (Ray Data CPU tasks) | worker (the Train "
-                        "worker, in batches on its device: nvJPEG on a GPU; the CPUs only read files)",
-                        default="auto")
+    decode: str = _help("where the training images are decoded for teachers, transfer and select: auto "
+                        "(worker where the stages hold GPUs, else tasks) | tasks (Ray Data CPU tasks) | worker "
+                        "(the Train workers and select's scoring actors, in batches on their device: nvJPEG "
+                        "on a GPU, crops cut there; the CPUs only read files)", default="auto")
     cpus_per_task: float = _help("CPUs each read/decode task asks for; below 1 where fractional "
                                  "reservations (Tune trials, half-CPU workers) leave < 1 CPU free",
                                  default=1.0)

@@ -270,13 +270,14 @@ def _teachers_artifact(store, class_names: list[str], size: int = 32) -> str:
     return key
 
 
-def _cfg(root, store_uri: str, on_corrupt: str = "skip", **select):
+def _cfg(root, store_uri: str, on_corrupt: str = "skip", decode: str = "auto", **select):
     from hello_ray.config import load_config
 
     sel = {"ipc": 2, "factor": 1, "mipc": 5, "num_crop": 3, "batch_size": 7, "num_actors": 1,
            "actor_cpus": 0.5, "show": "pad", "seed": 3, **select}
     overrides = {"store": store_uri, "data.source": str(root), "data.format": "imagefolder",
                  "data.image_size": 32, "data.on_corrupt": on_corrupt, "compute.use_gpu": False,
+                 "data.decode": decode,
                  **{f"select.{k}": v for k, v in sel.items()}}
     return load_config("demo", overrides=[f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                           for k, v in overrides.items()])
@@ -305,15 +306,17 @@ def parity_root(tmp_path_factory):
     }, size=(40, 52))
 
 
-@pytest.mark.parametrize("factor,actors", [(1, 1), (2, 2)])
-def test_ray_selection_equals_in_memory_reference(ray_local, parity_root, tmp_path, factor, actors):
+# decode=worker: the scoring actors decode and cut the crops themselves (what GPU actors do by default).
+@pytest.mark.parametrize("factor,actors,decode", [(1, 1, "tasks"), (2, 2, "worker")])
+def test_ray_selection_equals_in_memory_reference(ray_local, parity_root, tmp_path, factor, actors, decode):
     from hello_ray.data.images import decode_image
     from hello_ray.data.sources import load_split
     from hello_ray.models.ensemble import load_observer
 
     cfg = _cfg(parity_root, (tmp_path / "store").as_uri(), factor=factor, num_actors=actors,
-               actor_cpus=0.5 / actors)
+               actor_cpus=0.5 / actors, decode=decode)
     store, key, image_set, summary = _run_select(cfg)
+    assert summary["crops_cut_by"] == {"tasks": "tasks", "worker": "actors"}[decode]
 
     # the reference: every row of the split decoded at its own resolution in this process (in
     # reversed order: the seeded mipc subset must not depend on it), selected by select_in_memory
@@ -363,7 +366,7 @@ def corrupt_root(tmp_path_factory):
 
 
 def test_corrupt_image_is_reported_and_skipped(ray_local, corrupt_root, tmp_path, caplog):
-    cfg = _cfg(corrupt_root, (tmp_path / "store").as_uri())
+    cfg = _cfg(corrupt_root, (tmp_path / "store").as_uri(), decode="worker")  # found by the scoring actor
     store, key, image_set, summary = _run_select(cfg)
     bad = [s for s in summary["corrupt_skipped"]]
     assert len(bad) == 1 and bad[0].endswith("img_001_bad.png")            # reported by its path
@@ -373,10 +376,11 @@ def test_corrupt_image_is_reported_and_skipped(ray_local, corrupt_root, tmp_path
     assert "img_001_bad.png" in caplog.text                                   # the summary line names it
 
 
-def test_corrupt_image_fails_when_asked(ray_local, corrupt_root, tmp_path):
+@pytest.mark.parametrize("decode", ["tasks", "worker"])
+def test_corrupt_image_fails_when_asked(ray_local, corrupt_root, tmp_path, decode):
     from hello_ray.data.errors import CorruptImageError
 
-    cfg = _cfg(corrupt_root, (tmp_path / "store").as_uri(), on_corrupt="fail")
+    cfg = _cfg(corrupt_root, (tmp_path / "store").as_uri(), on_corrupt="fail", decode=decode)
     with pytest.raises(CorruptImageError, match="img_001_bad.png"):
         _run_select(cfg)
 

@@ -112,6 +112,39 @@ def crop_batch(batch: dict[str, np.ndarray], *, ranks: dict[int, int], image_siz
     }
 
 
+def crop_on_device(batch: dict[str, np.ndarray], device: torch.device, *, ranks: dict[int, int],
+                   image_size: int, on_corrupt: str, num_crop: int, crop_size: int, seed: int,
+                   crop_source: str = "original", max_side: int = 1024) -> dict[str, Any]:
+    """``crop_batch`` done where the scoring actor runs (``data.decode=worker``; by default where the
+    actors have GPUs): the encoded rows decoded on ``device`` (nvJPEG on a GPU, ``device_decode``),
+    the same boxes (``crop_boxes``: same seed, same image id, same source size) cut and resized
+    there with the same resize as the CPU tasks. The crops stay on the device for the observer."""
+    from hello_ray.data.device_decode import _decode_all, crop_resize
+    from hello_ray.data.errors import CorruptImageError
+
+    ids = [str(i) for i in batch["id"]]
+    n = len(ids)
+    ok = np.ones(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    sources: list[torch.Tensor] = []
+    for i, img in enumerate(_decode_all(batch["image"], ids, device)):
+        if isinstance(img, CorruptImageError):
+            if on_corrupt == "fail":
+                raise img
+            ok[i], reasons[i] = False, img.reason
+            sources.append(torch.zeros(crop_size, crop_size, 3, dtype=torch.uint8, device=device))
+            continue
+        if crop_source == "original":
+            sources.append(core.cap_side(img.permute(1, 2, 0), max_side))              # [H, W, 3]
+        else:
+            sources.append(crop_resize(img, image_size, None, (1.0, 1.0), torch.Generator()).permute(1, 2, 0))
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    boxes, crops = core.make_crops(sources, ids, num_crop, crop_size, seed)              # [n,K,4], [n,K,c,c,3]
+    return {"label": labels, "id": np.asarray(ids, dtype=object), "ok": ok, "reason": reasons,
+            "ranks": np.asarray([ranks.get(int(lab), 1) for lab in labels], dtype=np.int64),
+            "boxes": boxes.numpy(), "crops": crops}
+
+
 class ObserverScorer:
     """Ray Data actor: loads the observer once, turns cropped images into scored crop rows.
 
@@ -121,7 +154,7 @@ class ObserverScorer:
     """
 
     def __init__(self, store: Any, teachers_key: str, image_size: int, show: str, use_gpu: bool,
-                 batch_size: int, observer: str = "last"):
+                 batch_size: int, observer: str = "last", crop: dict[str, Any] | None = None):
         from hello_ray.models.ensemble import load_observer
         from hello_ray.runtime import quiet_library_logs, torch_device
 
@@ -133,12 +166,15 @@ class ObserverScorer:
         self.image_size = image_size
         self.show = show
         self.batch_size = batch_size
+        self.crop = crop  # crop_on_device's settings: the rows arrive encoded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scored rows: the competing crops of every decoded image (rank 0 = its best crop),
         and one row with ``rank=-1`` and the reason per undecodable image."""
+        if self.crop is not None:
+            batch = crop_on_device(batch, self.device, **self.crop)
         ok = np.asarray(batch["ok"], dtype=bool)
-        crops = torch.as_tensor(np.asarray(batch["crops"])[ok])                 # [n, K, c, c, 3] uint8
+        crops = torch.as_tensor(batch["crops"])[torch.as_tensor(ok)]            # [n, K, c, c, 3] uint8
         n, k, c = crops.shape[0], crops.shape[1], crops.shape[2]
         labels = np.asarray(batch["label"], dtype=np.int64)[ok]
         scores = core.score_crops(self.observer, crops.reshape(n * k, c, c, 3),
@@ -146,7 +182,7 @@ class ObserverScorer:
                                   self.show, self.batch_size, self.device)       # [n*K]
         rows = core.best_rows(labels, [str(i) for i in np.asarray(batch["id"])[ok]],
                               torch.as_tensor(np.asarray(batch["boxes"])[ok]), scores.view(n, k),
-                              np.asarray(batch["ranks"])[ok], crops=crops)
+                              np.asarray(batch["ranks"])[ok], crops=crops.cpu())
         rows["reason"] = np.full(len(rows["label"]), "", dtype=object)
         bad = ~ok
         if bad.any():
@@ -185,6 +221,7 @@ def run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, 
 def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str, Any]:
     import ray.data
 
+    from hello_ray.data.decode import decode_on_worker
     from hello_ray.data.imageset import write_image_set
     from hello_ray.data.sources import load_split
     from hello_ray.models.ensemble import check_observer
@@ -214,17 +251,18 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
     phase["list"] = time.time() - t0
 
     images_per_batch = max(1, sel.batch_size // sel.num_crop)  # select.batch_size counts crops
-    scored = split.ds.map_batches(
-        crop_batch, batch_format="numpy", num_cpus=data.cpus_per_task,
-        fn_kwargs=dict(ranks=ranks, image_size=size, on_corrupt=data.on_corrupt, num_crop=sel.num_crop,
-                       crop_size=crop_size, seed=sel.seed, crop_source=sel.crop_source, max_side=sel.max_side),
-    ).map_batches(
+    crop = dict(ranks=ranks, image_size=size, on_corrupt=data.on_corrupt, num_crop=sel.num_crop,
+                crop_size=crop_size, seed=sel.seed, crop_source=sel.crop_source, max_side=sel.max_side)
+    on_actor = decode_on_worker(data, cfg.compute.use_gpu)  # GPU actors decode and cut the crops themselves
+    rows = (split.ds.select_columns(["image", "label", "id"], num_cpus=data.cpus_per_task) if on_actor else
+            split.ds.map_batches(crop_batch, batch_format="numpy", num_cpus=data.cpus_per_task, fn_kwargs=crop))
+    scored = rows.map_batches(
         ObserverScorer, batch_format="numpy", batch_size=images_per_batch,
         compute=ray.data.ActorPoolStrategy(size=sel.num_actors),
         num_cpus=sel.actor_cpus, num_gpus=1 if cfg.compute.use_gpu else 0,
         fn_constructor_kwargs=dict(store=store, teachers_key=inputs["teachers"], image_size=size,
                                    show=sel.show, use_gpu=cfg.compute.use_gpu, batch_size=sel.batch_size,
-                                   observer=cfg.teachers.observer),
+                                   observer=cfg.teachers.observer, crop=crop if on_actor else None),
     )
 
     keeper = core.ClassTopK(len(names), k)
@@ -271,6 +309,7 @@ def _run(cfg: Config, store: Any, key: str, inputs: dict[str, str]) -> dict[str,
         "num_images": int(len(images)), "seconds": round(seconds, 2),
         "phase_s": {p: round(v, 2) for p, v in phase.items()},
         "crops_per_s": round(crops_scored / max(seconds, 1e-9), 1),
+        "crops_cut_by": "actors" if on_actor else "tasks",
         # The common form of every reading stage (hello_ray/data/corrupt.py), for the report.
         "corrupt": {"train": {"split": data.train_split, "images": images_read + len(corrupt),
                               "corrupt": len(corrupt),

@@ -127,9 +127,10 @@ def make_crops(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.n
     return torch.stack(boxes), torch.stack(crops)
 
 
-def cap_side(image: np.ndarray, max_side: int) -> np.ndarray:
+def cap_side(image: np.ndarray | torch.Tensor, max_side: int) -> np.ndarray | torch.Tensor:
     """uint8 [H, W, 3] with its longer side shrunk to ``max_side`` (antialiased) when longer:
-    bounds a crop source's memory; RDED's ImageNet sources are ~500 px and pass untouched."""
+    bounds a crop source's memory; RDED's ImageNet sources are ~500 px and pass untouched.
+    A tensor (on any device) stays a tensor there; an array stays an array."""
     h, w = image.shape[:2]
     if max(h, w) <= max_side:
         return image
@@ -137,7 +138,8 @@ def cap_side(image: np.ndarray, max_side: int) -> np.ndarray:
     x = torch.as_tensor(image).permute(2, 0, 1).unsqueeze(0).float()
     x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                       align_corners=False, antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    out = x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+    return out if isinstance(image, torch.Tensor) else out.numpy()
 
 
 # ---------------------------------------------------------------------------- scoring
