@@ -9,7 +9,9 @@ Each pass reads the training split as the teachers stage feeds its workers (deco
 
 - ``bytes``: ``ds.random_shuffle()`` after the read, the earlier rule (every pass waits until the
   whole split is read, and moves every image's bytes);
-- ``files``: ``data.sources.shuffled_files``, the listing shuffled before the read (files or shards).
+- ``files``: ``data.sources.shuffled_files``, the listing shuffled before the read (files or shards);
+- ``files+whole``: the same, each image's RandomResizedCrop cut from the whole image as it is decoded
+  (``data.train_crop=whole``, the default since; ``files`` is ``centre_square``'s decode).
 
 It prints images/s and images/s per CPU of the local Ray for each, in one run, in a rotated order
 (the first pass of each mode is a warm-up and is not counted).
@@ -40,6 +42,7 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     from hello_ray.config import DataConfig
+    from hello_ray.data.augment import train_crop_scale
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_split, shuffled_files
     from hello_ray.store import open_store
@@ -48,22 +51,24 @@ def main() -> None:
         store = open_store(d)
         data = DataConfig(source=args.data, image_size=args.image_size, max_per_class=args.max_per_class)
         split = load_split(data, data.train_split, store)
-        modes = {"bytes": dataclasses.replace(split, ds=split.ds.random_shuffle()), "files": shuffled_files(split)}
+        modes = {"bytes": dataclasses.replace(split, ds=split.ds.random_shuffle()), "files": shuffled_files(split),
+                 "files+whole": shuffled_files(split)}
+        crop = {"files+whole": train_crop_scale(args.image_size)}
         times: dict[str, list[float]] = {m: [] for m in modes}
         n = 0
         for p in range(args.passes + 1):
-            for m in (list(modes) if p % 2 == 0 else list(modes)[::-1]):
+            for m in list(modes)[p % len(modes):] + list(modes)[:p % len(modes)]:  # rotated
                 t0 = time.perf_counter()
-                rows = decoded_split(modes[m], data, columns=["image", "label"])
+                rows = decoded_split(modes[m], data, columns=["image", "label"], train_crop=crop.get(m))
                 n = sum(len(b["label"]) for b in rows.iter_batches(batch_size=32, batch_format="numpy",
                                                                   local_shuffle_buffer_size=256))
                 if p > 0:
                     times[m].append(time.perf_counter() - t0)
     print(f"{n} images of {args.data} at {args.image_size} px, {args.cpus} CPUs, {args.passes} passes each")
-    print(f"{'shuffle':<8} {'images/s':>9} {'per CPU':>8}")
+    print(f"{'shuffle':<12} {'images/s':>9} {'per CPU':>8}")
     rate = {m: n * len(t) / sum(t) for m, t in times.items()}
     for m in modes:
-        print(f"{m:<8} {rate[m]:9.1f} {rate[m] / args.cpus:8.1f}")
+        print(f"{m:<12} {rate[m]:9.1f} {rate[m] / args.cpus:8.1f}")
     print(f"files / bytes {rate['files'] / rate['bytes']:.2f}x")
 
 
