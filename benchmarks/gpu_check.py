@@ -6,7 +6,7 @@
 Built for a GPU machine that has PyTorch but no Ray, no open_clip and no package registry: it
 imports only plain-PyTorch code (``hello_ray/stages/*_core.py``, ``hello_ray/labels.py``,
 ``hello_ray/models/*`` and the CPU benchmarks' own functions) and checks that Ray stayed out of
-``sys.modules``. open_clip and its few pure-Python needs travel as wheels (README, Benchmarks).
+``sys.modules``. open_clip and its few pure-Python needs travel as wheels (docs/benchmarks.md, On a GPU).
 Every weight is ``random-init`` (seeded, made locally, nothing downloaded): the cost is that of real
 weights. Shapes (full run): ImageNet-1K, 224 px, 1000 classes, OpenAI's RN50 CLIP with LoRA
 (conv rank 8, head rank 128), ResNet-18 teachers, observer and student.

@@ -186,9 +186,8 @@ def test_open_and_labeller_import_no_ray(package):
 
 
 def test_readme_quotes_the_training_loop():
-    """README's "Using a distilled set" block is examples/train_on_package.py, character for character."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Using a distilled set", 1)[1]
+    """docs/package.md's training-loop block is examples/train_on_package.py, character for character."""
+    section = (REPO / "docs" / "package.md").read_text()
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert block == (REPO / "examples" / "train_on_package.py").read_text()
 

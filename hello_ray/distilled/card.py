@@ -88,7 +88,7 @@ def render_card(src: Store, evaluate_key: str, manifest: dict[str, Any], doc: di
            "", "Versions of the export: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["versions"].items())), ""]
     md += ["## How to use it", "", USAGE.format(uri=package_uri), "",
            "A complete training loop (torchvision student, CutMix, online projector labels, KL at a "
-           "temperature) is `examples/train_on_package.py` in hello_ray, quoted in its README under "
+           "temperature) is `examples/train_on_package.py` in hello_ray, quoted in its docs/package.md under "
            "\"Using a distilled set\".", "",
            "## Files", "",
            "`images/<class index>-<name>/<image index>.png` (uint8 RGB; the image index is the set order "

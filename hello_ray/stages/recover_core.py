@@ -20,7 +20,7 @@ pixels are clipped to the box that maps to [0, 1]; the image kept is the last it
 
 Per-class statistics (:class:`ClassStats`): per class and BN layer the count, sum and sum of
 squares in float64 of that layer's input over (images, H, W): exact, mergeable in any order.
-LPLD instead keeps a BN-momentum running average per class during one forward epoch (README,
+LPLD instead keeps a BN-momentum running average per class during one forward epoch (docs/fidelity.md,
 Fidelity): the exact class mean and variance are what that average estimates, order-free.
 
 Every random draw of a batch comes from one CPU ``torch.Generator`` seeded from (seed, variant,
