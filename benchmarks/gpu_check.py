@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --small --strict --out x.json # a few seconds on a CPU: the same code, tiny shapes
 
 Built for a GPU machine that has PyTorch but no Ray, no open_clip and no package registry: it
-imports only plain-PyTorch code (``hello_ray/stages/*_core.py``, ``hello_ray/labels.py``,
+imports only plain-PyTorch code (``hello_ray/stages/*_core.py``, ``hello_ray/labels/``,
 ``hello_ray/models/*`` and the CPU benchmarks' own functions) and checks that Ray stayed out of
 ``sys.modules``. open_clip and its few pure-Python needs travel as wheels (docs/benchmarks.md, On a GPU).
 Every weight is ``random-init`` (seeded, made locally, nothing downloaded): the cost is that of real

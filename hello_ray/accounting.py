@@ -100,7 +100,7 @@ def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8
         "stored_soft_labels_bytes": labels,
         "stored_soft_labels_mib": labels / MIB,
         "label_batch_size": batch_size,
-        # LPLD's pool for stored/N (hello_ray/labels.py): {N: bytes}
+        # LPLD's pool for stored/N (hello_ray/labels/stored.py): {N: bytes}
         "stored_pruned_bytes": {str(n): pruned_label_bytes(classes, ipc, epochs, batch_size, n) for n in prunes},
         "teacher": teacher,
         "teacher_image_size": image_size,

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from hello_ray.formats import fkd
-from hello_ray.labels import (LABELS_DIR, LabelError, RelabelPlan, StoredLabels, View, _pack, stored_name,
-                              write_stored_meta)
+from hello_ray.labels import LABELS_DIR, LabelError, RelabelPlan, StoredLabels, _pack, stored_name, write_stored_meta
+from hello_ray.views import View
 
 log = logging.getLogger(__name__)
 STAGE = "labels"  # the artifact an import writes: labels-<hash>

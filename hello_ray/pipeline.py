@@ -21,14 +21,14 @@ import argparse
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from hello_ray import launcher, lease, placement
+from hello_ray import lease
 from hello_ray.config import Config, ConfigError, describe, load_config
-from hello_ray.runtime import ensure_ray, setup_logging
+from hello_ray.registry import STAGES, active_stages, check, check_resources, open_run_store  # noqa: F401 (re-exported)
+from hello_ray.runner import NotFinished, Run, run_stage  # noqa: F401 (re-exported)
+from hello_ray.runtime import setup_logging
 from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hello_ray.pipeline")
 
-STAGES: tuple[ModuleType, ...] = (teachers, select, recover, external, transfer, refine, evaluate)  # recipe order
 
 
 # ---------------------------------------------------------------------------- command line
@@ -77,200 +76,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "distill",
         parser.exit(2, f"{prog}: error: {e}\n")
     raise AssertionError("unreachable")
 
-
-# ---------------------------------------------------------------------------- checks before compute
-
-def check(cfg: Config) -> None:
-    """Every stage's pure ``check`` (no I/O, no compute): a bad value fails here, in seconds,
-    naming its key, before Ray starts or the store is written."""
-    for stage in active_stages(cfg):
-        stage.check(cfg)
-
-
-def active_stages(cfg: Config) -> list[ModuleType]:
-    """The stages a full run executes, in order: the image source ``images.source`` names (select
-    for rded, recover for sre2l / lpld, external for external), refine only when enabled."""
-    image_stage = {"rded": select, "external": external}.get(cfg.images.source, recover)
-    skip = {select, recover, external} - {image_stage}
-    if not cfg.refine.enabled:
-        skip.add(refine)
-    return [s for s in STAGES if s not in skip]
-
-
-def check_resources(cfg: Config) -> None:
-    """Each stage's ask against what the (local) Ray has, before the first stage starts."""
-    launcher.check_resources({s.STAGE: s.resources(cfg) for s in active_stages(cfg)}, cfg.compute)
-    placement.check_cluster_store(cfg.store, cfg.store_shared)  # a local store on many nodes: refused
-
-
-# ---------------------------------------------------------------------------- stage runner
-
-def open_run_store(cfg: Config, check: bool = True) -> "Store":
-    """The run's store; ``check=False`` neither reaches nor creates it yet (a read-only look)."""
-    from hello_ray.store import open_store
-
-    return open_store(cfg.store, cfg.s3_endpoint or None, check=check, timeout=cfg.s3_timeout,
-                      max_attempts=cfg.s3_max_attempts)
-
-
-def run_stage(stage: ModuleType, cfg: Config, store: "Store", inputs: dict[str, str] | None = None) -> str:
-    """Run one stage unless its artifact exists; returns the artifact key (tests and tools that
-    hold a stage module; the recipe below spells each stage's call out)."""
-    run = Run(cfg, store)
-    inputs = dict(inputs or {})
-    with run.writing(stage, inputs) as key:
-        if key:
-            run.done(stage, inputs, stage.run(cfg, store, key, inputs))
-    return run.keys[stage.STAGE]
-
-
-class NotFinished(Exception):
-    """A dry run (``Run.dry``) met a stage whose artifact is not finished yet."""
-
-
-@dataclass
-class Run:
-    """One run of the recipe: its config, its store and the artifact keys known so far (by stage;
-    "images" is the distilled set evaluate reads: the refined one, or the selection).
-
-    ``dry``: only derive keys; a stage whose artifact is not finished raises :class:`NotFinished`
-    instead of taking its lease (:func:`finished_result` walks the recipe so, without Ray).
-    ``stage_s``: each stage's wall seconds in this run, None for one found finished."""
-    cfg: Config
-    store: "Store"
-    keys: dict[str, str] = field(default_factory=dict)
-    _started: dict[str, float] = field(default_factory=dict)
-    _leases: dict[str, lease.Lease] = field(default_factory=dict)
-    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # by split name, once per run
-    stage_s: dict[str, float | None] = field(default_factory=dict)
-    dry: bool = False
-
-    @classmethod
-    def start(cls, cfg: Config, store: "Store | None" = None) -> "Run":
-        """Checks first (config, then the cluster's room for every stage), then the store."""
-        check(cfg)
-        ensure_ray(cfg.compute)
-        check_resources(cfg)
-        run = cls(cfg, store if store is not None else open_run_store(cfg))
-        # An external distilled set is listed and its folders mapped to the training classes now: a
-        # class-order mismatch fails before the teachers train (listing only, no image read).
-        plan = external.check_sources(cfg, run.store)
-        evaluate.check_stored_labels(cfg, run.store, plan.listing.num_images if plan else None)
-        return run
-
-    def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:
-        """Derive the stage's key (into ``keys``); True when its artifact is not finished yet, and
-        then this run holds the key's lease (released by ``done``/``release``).
-
-        Another driver writing the key: wait for it (one log line naming it) and reuse what it
-        finishes, take over if its lease expires (it died), or with ``compute.lease_wait=false``
-        raise :class:`hello_ray.lease.LeaseHeld`."""
-        if set(inputs) != set(stage.INPUTS):
-            raise ValueError(f"stage {stage.STAGE} takes the inputs {sorted(stage.INPUTS)}, got {sorted(inputs)}")
-        key = self.store.artifact_key(stage.STAGE, self.stage_config(stage), inputs)
-        known = self.keys.get(stage.STAGE) == key
-        self.keys[stage.STAGE] = key
-        if self.store.exists(key):
-            if not known:
-                self.store.check_reuse(key)  # another manifest format is refused, by name
-                log.info("[%s] cached: %s", stage.STAGE, self.store.uri_for(key))
-                self.stage_s.setdefault(stage.STAGE, None)
-            return False
-        if self.dry:
-            raise NotFinished(stage.STAGE)
-        held = lease.acquire(self.store, key, stage.STAGE, ttl=self.cfg.compute.lease_ttl_s,
-                             wait=self.cfg.compute.lease_wait, finished=lambda: self.store.exists(key),
-                             logger=log)
-        if held is None:
-            log.info("[%s] reused, finished by another driver: %s", stage.STAGE, self.store.uri_for(key))
-            return False
-        self._leases[stage.STAGE] = held
-        # Writes into the key (here and in the stage's workers, which get pickled copies of the
-        # store) check the lease first: a writer whose lease was taken over stops.
-        self.store.fences = {**self.store.fences, key: held.fence()}
-        try:
-            prep = lease.prepare_key(self.store, key, resumable=getattr(stage, "RESUMES_FROM_FILES", False))
-        except BaseException:
-            self.release(stage)
-            raise
-        if prep["removed"] or prep["partials"] or prep["kept"]:
-            log.info("[%s] unfinished attempt found: %s", stage.STAGE,
-                     f"kept its {prep['kept']} files to resume from" if prep["resumes_ray_run"] else
-                     f"removed its {prep['removed']} files and {prep['partials']} temp files")
-        log.info("[%s] running -> %s", stage.STAGE, self.store.uri_for(key))
-        placement.begin(key)  # the stage's workers report their nodes under its key
-        self._started[stage.STAGE] = time.perf_counter()
-        return True
-
-    def stage_config(self, stage: ModuleType) -> dict[str, Any]:
-        """What keys ``stage``'s artifact: its ``stage_config``, plus under "dataset" the fingerprint
-        of every split it reads. The class-name file enters only for stages that key on names
-        (``CLASS_NAMES_IN_KEY``, default True): the teachers learn label indices, not names."""
-        from hello_ray.data.fingerprint import split_fingerprint
-
-        config = stage.stage_config(self.cfg)
-        roles = getattr(stage, "DATA_SPLITS", ())
-        if roles:
-            data = self.cfg.data
-            dataset = {}
-            for role in roles:
-                name = {"train": data.train_split, "val": data.val_split}[role]
-                if name not in self.fingerprints:
-                    self.fingerprints[name] = split_fingerprint(data, name, self.store)
-                fp = dict(self.fingerprints[name])
-                if not getattr(stage, "CLASS_NAMES_IN_KEY", True):
-                    fp.pop("class_file")
-                dataset[role] = fp
-            config["dataset"] = dataset
-        if getattr(stage, "source_fingerprint", None):  # external: the listing of images.path
-            name = f"source:{stage.STAGE}"
-            if name not in self.fingerprints:
-                self.fingerprints[name] = stage.source_fingerprint(self.cfg, self.store)
-            config["external"] = self.fingerprints[name]
-        return config
-
-    def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:
-        """Finalize the stage's artifact: the manifest is written last, here, so a stage that dies
-        half-way leaves nothing that readers would take for a finished artifact. Only while this
-        run still holds the key's lease (LeaseLost otherwise); the lease is released after."""
-        key = self.keys[stage.STAGE]
-        held = self._leases.get(stage.STAGE)
-        try:
-            if held is None:
-                raise lease.LeaseLost(f"[{stage.STAGE}] {key}: finalize without the key's lease "
-                                      "(Run.needs takes it)")
-            held.check()
-            wall = time.perf_counter() - self._started.pop(stage.STAGE)
-            config = self.stage_config(stage)
-            summary = {**(summary or {}), "wall_s": round(wall, 2), "writer": held.record()}
-            nodes = placement.collect(key)  # {role: Ray node ids} of its workers, actors and tasks
-            if nodes:
-                summary["nodes"] = nodes
-            if "dataset" in config:
-                summary["dataset"] = config["dataset"]
-            self.store.finalize(key, stage.STAGE, config, inputs, summary)
-        finally:
-            self.release(stage)
-        self.stage_s[stage.STAGE] = wall
-        log.info("[%s] done in %.1f s: %s", stage.STAGE, wall, self.store.uri_for(key))
-
-    def release(self, stage: ModuleType) -> None:
-        """Give up the stage's lease if this run holds it (after done, or after a failure)."""
-        held = self._leases.pop(stage.STAGE, None)
-        if held is None:
-            return
-        self.store.fences = {k: f for k, f in self.store.fences.items() if k != held.key}
-        held.release()
-
-    @contextmanager
-    def writing(self, stage: ModuleType, inputs: dict[str, str]) -> Iterator[str | None]:
-        """``needs`` as a block: yields the key to compute (lease held), or None when the artifact
-        is finished; the lease is released however the block ends."""
-        todo = self.needs(stage, inputs)
-        try:
-            yield self.keys[stage.STAGE] if todo else None
-        finally:
-            self.release(stage)
 
 
 # ---------------------------------------------------------------------------- the recipe's steps
@@ -491,11 +296,11 @@ def read_preflight(store: "Store", cfg: Config) -> dict[str, Any] | None:
     """The JSON of the last passing ``hello-ray preflight`` of this run name, if the store has one."""
     import json
 
-    from hello_ray.preflight.cli import PREFLIGHT_KEY, preflight_file
+    from hello_ray.formats.preflight import PREFLIGHT_KEY, preflight_file
     from hello_ray.store import StoreError
 
     try:
-        return json.loads(store.get_bytes(PREFLIGHT_KEY, preflight_file(cfg)))
+        return json.loads(store.get_bytes(PREFLIGHT_KEY, preflight_file(cfg.name)))
     except (StoreError, OSError, ValueError):
         return None
 

@@ -344,10 +344,12 @@ def _stage(name: str = "demo") -> types.SimpleNamespace:
 
 def test_reuse_refuses_another_format_and_warns_once_on_other_versions(store, caplog, monkeypatch):
     import hello_ray.store as store_mod
+    import hello_ray.store.base  # noqa: F401 (store_mod.base)
+    import hello_ray.store.s3  # noqa: F401 (store_mod.s3)
     from hello_ray.config import load_config
     from hello_ray.pipeline import Run
 
-    monkeypatch.setattr(store_mod, "_WARNED_VERSIONS", set())  # "once" is per process
+    monkeypatch.setattr(store_mod.base, "_WARNED_VERSIONS", set())  # "once" is per process
 
     cfg = load_config("smoke", overrides=[f"store={store.uri}"])
     stage = _stage()
@@ -394,8 +396,10 @@ def _lease(store, key: str, expires: float) -> None:
 
 def test_ls_rm_gc(store, capsys, monkeypatch):
     import hello_ray.store as store_mod
+    import hello_ray.store.base  # noqa: F401 (store_mod.base)
+    import hello_ray.store.s3  # noqa: F401 (store_mod.s3)
 
-    monkeypatch.setattr(store_mod, "_DELETE_BATCH", 3)  # several DeleteObjects rounds on S3
+    monkeypatch.setattr(store_mod.s3, "_DELETE_BATCH", 3)  # several DeleteObjects rounds on S3
     done, half, leased, orphan = ("teachers-aaaaaaaaaaaa", "select-bbbbbbbbbbbb",
                                   "transfer-cccccccccccc", "evaluate-dddddddddddd")
     _teachers(store, done)

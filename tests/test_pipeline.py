@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hello_ray import pipeline
+from hello_ray import pipeline, runner
 from hello_ray.config import load_config
 from hello_ray.pipeline import distill, open_run_store
 
@@ -69,7 +69,7 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     def no_ray(*_a, **_k):
         raise AssertionError("a finished run started Ray")
 
-    monkeypatch.setattr(pipeline, "ensure_ray", no_ray)
+    monkeypatch.setattr(runner, "ensure_ray", no_ray)  # Run.start is the one caller
     found = pipeline.finished_result(cfg)
     assert found is not None and found.keys == first.keys and found.stage_s == again.stage_s
     assert found.table == first.table and Path(found.report_uri.replace("file://", "")).exists()

@@ -65,15 +65,15 @@ class CheckReport:
 # ---------------------------------------------------------------------------- config
 
 def check_config(cfg: Config, report: CheckReport) -> None:
-    """Every active stage's pure ``check`` (pipeline.check)."""
-    from hello_ray import pipeline
+    """Every active stage's pure ``check`` (registry.check)."""
+    from hello_ray import registry
 
     try:
-        pipeline.check(cfg)
+        registry.check(cfg)
     except ConfigError as e:
         report.add("config", "fail", str(e))
         return
-    names = ", ".join(s.STAGE for s in pipeline.active_stages(cfg))
+    names = ", ".join(s.STAGE for s in registry.active_stages(cfg))
     report.add("config", "ok", f"every stage's check passed ({names})")
 
 
@@ -90,7 +90,7 @@ def _local_root(uri: str) -> Path | None:
 
 def check_store(cfg: Config, report: CheckReport) -> Any:
     """Reach the store and write, read back and delete a probe object; returns the store or None."""
-    from hello_ray.pipeline import open_run_store
+    from hello_ray.registry import open_run_store
     from hello_ray.store import StoreError
 
     local = _local_root(cfg.store)
@@ -445,7 +445,7 @@ def fit_stage(name: str, bundles: list[dict[str, float]], nodes: list[NodeType],
 
 def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None = None) -> None:
     """Each active stage's ask against the node types of ``cluster_yaml`` or the live Ray's nodes."""
-    from hello_ray import pipeline
+    from hello_ray import registry
 
     try:
         nodes = node_types_from_yaml(cluster_yaml) if cluster_yaml else node_types_from_ray()
@@ -455,7 +455,7 @@ def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None =
     where = cluster_yaml or "this Ray cluster"
     _check_store_shared(cfg, report, nodes, cluster_yaml)
     problems = [p for p in (fit_stage(s.STAGE, stage_bundles(s, cfg), nodes, where)
-                            for s in pipeline.active_stages(cfg)) if p]
+                            for s in registry.active_stages(cfg)) if p]
     if problems and not cluster_yaml and (cfg.compute.address or os.environ.get("RAY_ADDRESS")):
         # A running cluster may autoscale into an ask its nodes cannot hold now (launcher.check_resources
         # leaves such clusters alone for that reason): said, not refused.
@@ -465,7 +465,7 @@ def check_resources(cfg: Config, report: CheckReport, cluster_yaml: str | None =
     if problems:
         report.add("resources", "fail", "; ".join(problems))
         return
-    asks = ", ".join(f"{s.STAGE} {_fmt(s.resources(cfg))}" for s in pipeline.active_stages(cfg))
+    asks = ", ".join(f"{s.STAGE} {_fmt(s.resources(cfg))}" for s in registry.active_stages(cfg))
     report.add("resources", "ok", f"{where} can hold every stage's ask: {asks}")
 
 

@@ -23,16 +23,10 @@ import time
 from typing import Any
 
 from hello_ray.config import Config, ConfigError, load_config
+from hello_ray.formats.preflight import PREFLIGHT_KEY, preflight_file
 from hello_ray.preflight.checks import CheckReport, run_checks
 
 log = logging.getLogger(__name__)
-
-PREFLIGHT_KEY = "_preflight"  # helper folder (never finalized) holding the last passing preflight per run name
-
-
-def preflight_file(cfg: Config) -> str:
-    return f"{cfg.name}.json"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hello-ray preflight", description=__doc__.split("\n\n")[0])
@@ -85,9 +79,9 @@ def refuse_failing_run(cfg: Config, prog: str = "distill") -> int:
 
 
 def _stages(cfg: Config) -> list[str]:
-    from hello_ray import pipeline
+    from hello_ray.registry import active_stages
 
-    return [s.STAGE for s in pipeline.active_stages(cfg)]
+    return [s.STAGE for s in active_stages(cfg)]
 
 
 def rehearse(cfg: Config, store: Any, report: CheckReport, steps: int, flop_budget: float | None,
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table,
            "evaluate_schedule": schedule, "stage_gpu_hours": hours}
     if report.ok and store is not None:
-        store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg), json.dumps(out, default=str).encode())
+        store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg.name), json.dumps(out, default=str).encode())
     elif not report.ok:
         from hello_ray.preflight.checks import tidy_store
 

@@ -452,13 +452,13 @@ class Rehearsal:
 
         if not ray.is_initialized():
             return {}
-        from hello_ray import launcher, pipeline
+        from hello_ray import launcher, registry
         from hello_ray.preflight.checks import fit_stage, node_types_from_ray, stage_bundles
         from hello_ray.store import RAY_DIR
 
         # Only asks the live cluster can hold now: a GPU run rehearsed on a CPU machine (its node
         # types checked with --cluster) would wait forever for its workers.
-        nodes, modules = node_types_from_ray(), {m.STAGE: m for m in pipeline.STAGES}
+        nodes, modules = node_types_from_ray(), {m.STAGE: m for m in registry.STAGES}
         held = [s for s in stages if not fit_stage(s, stage_bundles(modules[s], self.cfg), nodes, "here")]
         for s in sorted(set(stages) - set(held)):
             log.info("preflight: %s start-up not measured: this machine's Ray cannot hold its ask", s)

@@ -1,0 +1,140 @@
+"""The package's import graph against the layer order of docs/ARCHITECTURE.md ("Import order"):
+built from the source (ast), every `hello_ray` import, at module level or inside a function."""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "hello_ray"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(REPO).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The known module an imported name lives in (``hello_ray.stages.teachers`` for
+    ``from hello_ray.stages import teachers``; ``hello_ray.x`` for ``hello_ray.x.f``)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def graph(known: dict[str, Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in known}
+    for mod, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            for n in names:
+                if n.split(".")[0] == "hello_ray":
+                    target = resolve(n, known)
+                    if target and target != mod:
+                        edges[mod].add(target)
+    return edges
+
+
+def layers() -> list[tuple[str, list[str]]]:
+    """[(layer name, patterns)] in order, lowest first, from ARCHITECTURE.md."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split("## Import order", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for m in re.finditer(r"^\d+\. ([^:]+): (.+)$", section, re.M):
+        out.append((m.group(1), re.findall(r"`([^`]+)`", m.group(2))))
+    return out
+
+
+def layer_of(mod: str, order: list[tuple[str, list[str]]]) -> int:
+    short = "hello_ray" if mod == "hello_ray" else mod.removeprefix("hello_ray.")
+    for i, (_, patterns) in enumerate(order):
+        if any(fnmatch.fnmatchcase(short, p) for p in patterns):
+            return i
+    raise AssertionError(f"{mod} is in no layer of docs/ARCHITECTURE.md's Import order")
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_import_graph_runs_down_the_documented_layers_without_a_cycle():
+    known = modules()
+    edges = graph(known)
+    order = layers()
+    assert [name for name, _ in order][:2] == ["foundation", "store"] and len(order) >= 8
+    up = [f"{a} ({order[layer_of(a, order)][0]}) imports {b} ({order[layer_of(b, order)][0]})"
+          for a, targets in edges.items() for b in sorted(targets) if layer_of(b, order) > layer_of(a, order)]
+    assert not up, "upward imports:\n" + "\n".join(up)
+    assert not cycles(edges), cycles(edges)
+
+
+def test_no_stage_imports_another():
+    edges = graph(modules())
+
+    def stage(mod: str) -> str | None:
+        m = re.fullmatch(r"hello_ray\.stages\.([a-z]+?)(_core|_queue)?", mod)
+        return m.group(1) if m else None
+
+    crossing = [(a, b) for a, targets in edges.items() for b in targets
+                if stage(a) and stage(b) and stage(a) != stage(b)]
+    assert not crossing
+
+
+@pytest.mark.parametrize("edges,expected", [
+    ({"a": {"b"}, "b": {"a"}, "c": set()}, [["a", "b"]]),
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+])
+def test_the_cycle_finder_finds_cycles(edges, expected):
+    """The check can fail: a planted circle is found (the pipeline <-> preflight <-> report one was real)."""
+    assert cycles(edges) == expected
+
+
+def test_an_upward_import_is_named():
+    order = [("low", ["store"]), ("high", ["pipeline"])]
+    assert layer_of("hello_ray.store", order) == 0 and layer_of("hello_ray.pipeline", order) == 1
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("hello_ray.nowhere", order)
