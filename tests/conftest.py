@@ -40,8 +40,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # by measured wall time, but the suite is CPU-bound: reordering by a later run's --durations
 # (s3_faults second) took 720 s against 677-684 s for this order, within this machine's noise.
 HEAVY_FILES = ("test_pipeline.py", "test_teachers.py", "test_s3_faults.py", "test_evaluate.py",
-               "test_transfer.py", "test_store.py", "test_lease.py", "test_select.py", "test_failures.py",
-               "test_recover.py", "test_integrity.py", "test_refine.py", "test_external.py")
+               "test_driver_loss.py", "test_gpu_pipeline.py", "test_transfer.py", "test_store.py",
+               "test_lease.py", "test_select.py", "test_failures.py", "test_recover.py", "test_integrity.py",
+               "test_refine.py", "test_external.py")
 
 
 def _free_port() -> int:
