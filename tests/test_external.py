@@ -18,26 +18,14 @@ from hello_ray.data.imageset import load_image_set
 from hello_ray.stages import evaluate, external
 from hello_ray.stages.external_core import ExternalClassError, detect_layout, map_classes
 from hello_ray.store import open_store
+from builders import DEMO_KEYS, pixels, write_external_set
 from test_evaluate import _adapter, _teachers
 
 SIZE = load_config("smoke").data.image_size  # 24 px
-DEMO_KEYS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def _pixels(c: int, i: int, size: int) -> np.ndarray:
-    return np.random.default_rng([c, i]).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
 def _write_set(root: Path, layout: str, ipc: int = 2, size: int = SIZE, names: list[str] | None = None) -> Path:
-    """A distilled set on disk as each reference writes it (PNG for 'folders', JPEG otherwise)."""
-    for c in range(10):
-        folder = {"rded": f"{c:05d}", "sre2l": f"new{c:03d}", "folders": (names or DEMO_KEYS)[c]}[layout]
-        (root / folder).mkdir(parents=True)
-        for i in range(ipc):
-            name = {"rded": f"class{c:05d}_id{i:05d}.jpg", "sre2l": f"class{c:03d}_id{i:03d}.jpg",
-                    "folders": f"img{i}.png"}[layout]
-            Image.fromarray(_pixels(c, i, size)).save(root / folder / name)
-    return root
+    return write_external_set(root, layout, ipc, size, names)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +97,7 @@ def test_reference_layouts_evaluate_with_every_label_strategy(world, layout):
 
     # An edited set is another set: a new key, never the cached one.
     edited = "00003/class00003_id00000.jpg" if layout == "rded" else "new003/class003_id000.jpg"
-    Image.fromarray(_pixels(9, 9, SIZE)).save(src / edited)
+    Image.fromarray(pixels(9, 9, SIZE)).save(src / edited)
     assert Run.start(cfg).stage_config(external)["external"] != run.stage_config(external)["external"]
 
 
@@ -144,7 +132,7 @@ def test_names_mapping_and_order_mismatch_fail_before_compute(world, capsys):
     with pytest.raises(ConfigError, match="'evaluate.stored_labels': artifact labels-nope: no stored labels"):
         Run.start(_cfg(store_uri, src, "images.class_order=names", "evaluate.stored_labels=labels-nope"))
     (src / "eleven").mkdir()
-    Image.fromarray(_pixels(11, 0, SIZE)).save(src / "eleven" / "a.png")
+    Image.fromarray(pixels(11, 0, SIZE)).save(src / "eleven" / "a.png")
     with pytest.raises(ExternalClassError, match="has 11 class folders but the training set has 10"):
         Run.start(_cfg(store_uri, src, "images.class_order=names"))
 
@@ -155,7 +143,7 @@ def test_corrupt_and_wrong_size_images_are_named(world):
 
     root, store_uri, _ = world
     src = _write_set(root / "set-bad", "rded", ipc=1)
-    Image.fromarray(_pixels(0, 5, 40)).save(src / "00004" / "class00004_id00001.jpg")   # 40 px, not 24
+    Image.fromarray(pixels(0, 5, 40)).save(src / "00004" / "class00004_id00001.jpg")   # 40 px, not 24
     run = Run.start(_cfg(store_uri, src))
     s = load_image_set(run.store, run_external(run))
     big = s.index[s.index.height == 40]

@@ -91,6 +91,59 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     assert select_key(cfg2) != first.keys["select"]
 
 
+def _run_documented(store: str, cwd: Path, every_variant: bool) -> dict[tuple[str, ...], float]:
+    """Run the documented commands (tests/documented.py decides which) as a user would from a shell,
+    smoke-sized, against ``store``: the first of each job, or with ``every_variant`` every line."""
+    import shutil
+
+    from builders import write_external_set
+    from documented import documented, smoke_argv
+
+    (cwd / "jobs").symlink_to(REPO / "jobs")       # the documented paths are relative to the checkout
+    write_external_set(cwd / "rded_out", "rded")    # jobs/external.py's ./rded_out
+    hello = shutil.which("hello-ray", path=str(Path(sys.executable).parent))
+    assert hello, "the hello-ray console script is not installed (pip install -e .)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    expect = {"jobs/train_teachers.py": "epoch  top1", "--help-config": "teachers.epochs", "--help": "commands:",
+              "jobs/distill.py": "total"}
+    ran: dict[tuple[str, ...], float] = {}
+    programs: set[tuple[str, ...]] = set()
+    for doc in documented():
+        if doc.decision()[0] != "run":
+            continue
+        argv = smoke_argv(doc.command, store, sys.executable, hello)
+        program = (argv[1], *(a for a in argv[2:] if a.startswith("--help")))  # the job or tool, or its help
+        if tuple(argv) in ran or (not every_variant and program in programs):
+            continue
+        programs.add(program)
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        ran[tuple(argv)] = time.perf_counter() - t0
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{doc.where}: {doc.command}\n{out[-4000:]}"
+        marker = next((m for k, m in expect.items() if k in argv), None)
+        assert marker is None or marker in proc.stdout, f"{doc.where}: {doc.command}\n{proc.stdout[-2000:]}"
+    print("\n".join(f"{t:6.1f} s  {' '.join(a[1:]).replace(store, '<store>')}" for a, t in ran.items()))
+    return ran
+
+
+def test_each_documented_job_runs(smoke_store, tmp_path):
+    """Each documented job and tool, its first documented line, against this module's smoke store: what
+    the end-to-end run above made is reused (the jobs' own overrides are in the slow test below)."""
+    ran = _run_documented(smoke_store, tmp_path, every_variant=False)
+    jobs = {a[1] for a in ran if a[1].startswith("jobs/")}
+    assert jobs == {f"jobs/{j}.py" for j in ("distill", "evaluate", "external", "recover", "refine",
+                                             "select_patches", "train_teachers", "transfer")}
+
+
+@slow
+def test_every_documented_command_runs(smoke_store, tmp_path):
+    """Every documented line, overrides included: each variant computes only the stages it changes
+    (about 400 s on 2 cores, hence opt-in)."""
+    assert len(_run_documented(smoke_store, tmp_path, every_variant=True)) >= 17
+
+
 def test_sweep_runs_its_grid_on_tune(ray_local, smoke_store):
     """Ray Tune on the smoke preset, 2 ranks x 1 window on the 2-CPU local Ray: every trial trains
     (transfer, refine, evaluate) and is scored, and the grid is in the report (table + heat map).
