@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 
 STAGES: tuple[ModuleType, ...] = (teachers, select, recover, external, transfer, refine, evaluate)  # recipe order
 
+# What a stage declares beside its STAGE name: its KIND, how it runs on Ray. The preflight's resource
+# asks, cost model and rehearsal read these lists, never a stage's name.
+KINDS = ("train", "actors", "driver")  # one Ray Train run | one Ray Data actor pool | the driver alone
+for _s in STAGES:
+    if getattr(_s, "KIND", None) not in KINDS:
+        raise TypeError(f"stage module {_s.__name__} declares KIND={getattr(_s, 'KIND', None)!r}; one of {KINDS}")
+TRAIN_STAGES = tuple(s.STAGE for s in STAGES if s.KIND == "train")
+ACTOR_STAGES = tuple(s.STAGE for s in STAGES if s.KIND == "actors")
+
 
 
 def check(cfg: Config) -> None:

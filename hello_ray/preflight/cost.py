@@ -33,8 +33,8 @@ from typing import Any
 import yaml
 
 from hello_ray.config import Config
-from hello_ray.preflight.checks import TRAIN_STAGES
-from hello_ray.preflight.rehearsal import StageRehearsal
+from hello_ray.preflight.measure import StageRehearsal
+from hello_ray.registry import TRAIN_STAGES
 
 
 def load_devices(path: str | None = None) -> dict[str, dict[str, float]]:

@@ -32,17 +32,17 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from hello_ray.config import Config
-from hello_ray.preflight.checks import ACTOR_STAGES, TRAIN_STAGES
+from hello_ray.preflight.measure import (  # noqa: F401 (the rehearsal's names, as before)
+    Clock, Sample, StageRehearsal, count_flops, read_sample, timed_steps)
+from hello_ray.registry import ACTOR_STAGES, TRAIN_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -52,93 +52,6 @@ SAMPLE_IMAGES = 16  # training images read for the rehearsal (batches cycle thro
 # fewer images): ~1-2 s of a 2-core CPU, a few ms of a GPU. Per-item times come from these steps.
 CPU_STEP_FLOPS = 3e10
 GPU_STEP_FLOPS = 1e14
-
-
-@dataclass
-class StageRehearsal:
-    stage: str
-    path: str                   # what code ran
-    item: str                   # what one unit of work is (the cost model counts these)
-    batch: int
-    steps: int
-    step_s: float               # mean seconds per step (after the warm-up step)
-    flops_per_item: float       # FlopCounterMode on the real modules
-    peak_mem_bytes: int
-    peak_mem_kind: str
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    cpu_step_s: float = 0.0     # process CPU seconds per step (all threads): what a shared machine
-                                # cannot inflate; on CPU the cost model divides it by the cores the run uses
-
-    @property
-    def item_s(self) -> float:
-        return self.step_s / max(self.batch, 1)
-
-    @property
-    def cpu_item_s(self) -> float:
-        return self.cpu_step_s / max(self.batch, 1)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "item_s": self.item_s, "cpu_item_s": self.cpu_item_s}
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (matmuls and convolutions, forward and backward as run)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-class Clock:
-    """Wall and process-CPU seconds of a block (``with Clock() as c: ...; c.wall, c.cpu``)."""
-
-    def __enter__(self) -> "Clock":
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-
-
-def timed_steps(step: Callable[[int], Any], steps: int, device: torch.device) -> tuple[float, float]:
-    """Run one warm-up step and ``steps`` timed ones; mean (wall, process CPU) seconds of the timed ones."""
-    times = []
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        with Clock() as c:
-            step(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        times.append((c.wall, c.cpu))
-    wall, cpu = np.mean(times[1:], axis=0)
-    return float(wall), float(cpu)
-
-
-@dataclass
-class Sample:
-    """A few training images: decoded at the run's size, and the raw encoded bytes (for select)."""
-    images: torch.Tensor        # uint8 [N, S, S, 3]
-    labels: torch.Tensor        # int64 [N]
-    raw: list[bytes]
-    ids: list[str]
-
-
-def read_sample(cfg: Config, store: Any, n: int) -> Sample:
-    """``n`` training images through the run's Ray Data reader and decoder."""
-    from hello_ray.data.decode import DecodeBatch
-    from hello_ray.data.errors import data_errors
-    from hello_ray.data.sources import load_split
-
-    split = load_split(cfg.data, cfg.data.train_split, store)
-    with data_errors():
-        raw = split.ds.take_batch(n, batch_format="numpy")
-    decoded = DecodeBatch(cfg.data.image_size, "skip")(raw)  # the run's decode UDF, here on the batch
-    if len(decoded["label"]) == 0:
-        raise ValueError(f"preflight: none of the {n} sampled training images decodes")
-    return Sample(torch.from_numpy(np.ascontiguousarray(decoded["image"])),
-                  torch.as_tensor(decoded["label"], dtype=torch.long),
-                  [bytes(b) for b in raw["image"]], [str(i) for i in raw["id"]])
 
 
 def _one_step(s: Any, batch_size: int) -> Any:
@@ -453,7 +366,7 @@ class Rehearsal:
         if not ray.is_initialized():
             return {}
         from hello_ray import launcher, registry
-        from hello_ray.preflight.checks import fit_stage, node_types_from_ray, stage_bundles
+        from hello_ray.preflight.resources import fit_stage, node_types_from_ray, stage_bundles
         from hello_ray.store import RAY_DIR
 
         # Only asks the live cluster can hold now: a GPU run rehearsed on a CPU machine (its node

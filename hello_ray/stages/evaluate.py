@@ -37,13 +37,16 @@ from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.formats.results import (has_row_record, read_row_records, write_results,  # the results format
                                        write_row_record)
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
-                              check_classes, parse_strategy, prune_stored, relabel, stored_name,
+                              parse_strategy, prune_stored, relabel, stored_name,
                               write_stored_meta)
+from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the tests use them here)
+    FLOOR_SPARE, _uses_teacher, check_imported_labels, check_stored_labels, pick_floor, sample_floor, validate_inputs)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, row_cost
 
 STAGE = "evaluate"
+KIND = "train"  # one Ray Train run (launcher.fit): registry.TRAIN_STAGES
 INPUTS = ("images", "teachers", "transfer")  # the distilled set; the labellers' sources
 DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 log = logging.getLogger("hello_ray.evaluate")
@@ -65,13 +68,6 @@ def stage_config(cfg: Config) -> dict[str, Any]:
         else:
             out["observer"] = cfg.teachers.observer
     return out
-
-
-def _uses_teacher(cfg: Config) -> bool:
-    """Whether a strategy of the grid labels with the teachers (teacher, stored)."""
-    ev = cfg.evaluate
-    specs = ev.strategies + ev.continual_strategies + (ev.floor_strategies if ev.floor else [])
-    return bool({parse_strategy(s)[0] for s in specs} & {"teacher", "stored"})
 
 
 def check(cfg: Config) -> None:
@@ -141,107 +137,6 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
         r["row"] = (f"{r['images']}|{r['student']}|{r['strategy']}|{r['seed']}"
                     f"|{r['continual_steps']}|{r['continual_step']}")
     return rows
-
-
-#: Candidates read per class beyond ``ipc``: under ``data.on_corrupt=skip`` an undecodable pick
-#: gives its place to the next one, as it did when every image was decoded first.
-FLOOR_SPARE = 8
-
-
-def pick_floor(rows, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class the ipc rows of ``rows`` whose seeded order (:func:`hello_ray.data.subset.sample_order`,
-    location-independent) is smallest, in that order (memory = ipc x classes images).
-
-    rows: decoded {"image": uint8 [S, S, 3], "label", "id"}. -> (uint8 [N, S, S, 3], labels [N]).
-    """
-    from hello_ray.data.subset import sample_order
-
-    best: dict[int, list[tuple[bytes, np.ndarray]]] = {c: [] for c in range(num_classes)}
-    for batch in rows.iter_batches(batch_size=256, batch_format="numpy"):
-        for img, lab, rid in zip(batch["image"], batch["label"], batch["id"]):
-            keep = best[int(lab)]
-            keep.append((sample_order(seed, rid), img))
-            if len(keep) > ipc:
-                keep.sort(key=lambda t: t[0])
-                keep.pop()
-    images, labels = [], []
-    for c in range(num_classes):
-        for _, img in sorted(best[c], key=lambda t: t[0]):
-            images.append(img)
-            labels.append(c)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
-def sample_floor(data, store, num_classes: int, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The floor rows' images: ipc random real training images per class, reading only those. The
-    split is listed with a seeded per-class sample of ipc + FLOOR_SPARE rows (``load_split(sample=)``:
-    decided from the listing or the label columns, before any image is read), the same order
-    :func:`pick_floor` keeps; only those rows are read and decoded."""
-    from hello_ray.data.decode import decoded_split
-    from hello_ray.data.sources import load_split
-
-    split = load_split(data, data.train_split, store, sample=(ipc + FLOOR_SPARE, seed))
-    return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, ipc, seed)
-
-
-def _adapter_classes(store, key: str) -> int:
-    from hello_ray.models.adapter import read_adapter_json
-
-    return len(read_adapter_json(store.download(key))["class_names"])
-
-
-def _teacher_classes(store, key: str) -> int:
-    from hello_ray.formats.trajectory import load_trajectory
-
-    return int(load_trajectory(store, key)["num_classes"])
-
-
-def check_stored_labels(cfg: Config, store, n_images: int | None = None) -> None:
-    """Before any stage runs (``pipeline.Run.start``): ``evaluate.stored_labels`` names a finished
-    labels artifact, and, where the image count is already known (an external set's listing), one
-    made for that many images."""
-    key = cfg.evaluate.stored_labels
-    if not key:
-        return
-    from hello_ray.labels import LabelError
-
-    try:
-        meta = StoredLabels(store, key).meta
-    except LabelError as e:
-        raise ConfigError(f"config key 'evaluate.stored_labels': {e}; import records with "
-                          "hello-ray labels-import") from None
-    if n_images is not None and meta["n_images"] != n_images:
-        raise ConfigError(f"config key 'evaluate.stored_labels': {key} labels {meta['n_images']} images, the "
-                          f"distilled set has {n_images}")
-
-
-def check_imported_labels(store, key: str, n_images: int, num_classes: int, images_key: str) -> None:
-    """``evaluate.stored_labels``: the imported labels must index this image set's images and classes."""
-    meta = StoredLabels(store, key).meta
-    if meta["n_images"] != n_images:
-        raise ConfigError(f"config key 'evaluate.stored_labels': {key} labels {meta['n_images']} images, the "
-                          f"image set {images_key} has {n_images}; import the records for this image set")
-    check_classes(int(meta["num_classes"]), num_classes, f"stored labels {key}")
-    made_for = store.manifest(key).get("inputs", {}).get("images")
-    if made_for != images_key:
-        log.warning("[evaluate] stored labels %s were imported for image set %s; replaying them on %s (same "
-                    "image count)", key, made_for, images_key)
-
-
-def validate_inputs(cfg: Config, store, inputs: dict[str, str], image_classes: int, dataset_classes: int) -> None:
-    """Every class count must match the dataset's before any training starts."""
-    check_classes(image_classes, dataset_classes, f"image set {inputs['images']}")
-    bases = {parse_strategy(s)[0] for s in cfg.evaluate.strategies + cfg.evaluate.continual_strategies}
-    if _uses_teacher(cfg):
-        check_classes(_teacher_classes(store, inputs["teachers"]), dataset_classes,
-                      f"teachers artifact {inputs['teachers']}")
-        if cfg.evaluate.teacher_labels == "observer":
-            from hello_ray.models.ensemble import check_observer
-
-            check_observer(store, inputs["teachers"], cfg.teachers.observer)
-    if "projector" in bases:
-        check_classes(_adapter_classes(store, inputs["transfer"]), dataset_classes,
-                      f"adapter of transfer artifact {inputs['transfer']}")
 
 
 # ------------------------------------------------------------------------- Ray wrapper

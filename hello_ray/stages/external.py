@@ -41,6 +41,7 @@ from hello_ray.stages import external_core as core
 log = logging.getLogger("hello_ray.external")
 
 STAGE = "external"
+KIND = "driver"  # the driver's own read threads, no Ray Train run or actor pool
 INPUTS: tuple[str, ...] = ()       # nothing of ours: the images come from images.path
 DATA_SPLITS = ("train",)           # the classes the folders are mapped to
 SOURCES = ("external",)            # the images.source value this stage serves

@@ -44,6 +44,7 @@ from hello_ray.stages import recover_core as core
 log = logging.getLogger("hello_ray.recover")
 
 STAGE = "recover"
+KIND = "actors"  # one Ray Data actor pool: registry.ACTOR_STAGES
 INPUTS = ("teachers",)  # the observer; for lpld the real training images come from cfg.data
 # The training split's fingerprint joins the key (pipeline.Run.stage_config): lpld reads the split;
 # sre2l's images change with it anyway, through the teachers they are recovered from. The names
@@ -110,10 +111,15 @@ def check(cfg: Config) -> None:
                           "teacher with BatchNorm (resnet18, mobilenet_v2, ...) or images.source=rded")
 
 
+def pool_reads_data(cfg: Config) -> bool:
+    """Whether a Ray Data read task runs beside the actor pool: lpld's per-class statistics pass."""
+    return cfg.images.source == "lpld"
+
+
 def resources(cfg: Config) -> dict[str, float]:
     """What the stage holds at once: its actors, and for lpld's statistics pass a read task."""
     rc = cfg.recover
-    read = cfg.data.cpus_per_task if cfg.images.source == "lpld" else 0.0
+    read = cfg.data.cpus_per_task if pool_reads_data(cfg) else 0.0
     return {"CPU": rc.num_actors * rc.actor_cpus + read,
             "GPU": float(rc.num_actors) if cfg.compute.use_gpu else 0.0}
 

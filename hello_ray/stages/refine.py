@@ -35,6 +35,7 @@ from hello_ray.stages.refine_core import refine_images, refine_objective
 log = logging.getLogger("hello_ray.refine")
 
 STAGE = "refine"
+KIND = "actors"  # one Ray Data actor pool: registry.ACTOR_STAGES
 INPUTS = ("select", "transfer")  # the selected images, the adapter whose encoder they adapt to
 
 
@@ -53,6 +54,11 @@ def check(cfg: Config) -> None:
     if cfg.refine.enabled and cfg.refine.factor >= cfg.data.image_size:
         raise ConfigError(f"config key 'refine.factor': {cfg.refine.factor} must be smaller than "
                           f"data.image_size ({cfg.data.image_size}); x' = up(down(x)) would be one flat colour")
+
+
+def pool_reads_data(cfg: Config) -> bool:
+    """No read task beside the actor pool: the images come from the driver's memory."""
+    return False
 
 
 def resources(cfg: Config) -> dict[str, float]:
