@@ -28,7 +28,7 @@ from hello_ray import lease
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.registry import STAGES, active_stages, check, check_resources, open_run_store  # noqa: F401 (re-exported)
 from hello_ray.runner import NotFinished, Run, run_stage  # noqa: F401 (re-exported)
-from hello_ray.runtime import setup_logging
+from hello_ray.runtime import setup_logging, sigterm_exit
 from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer
 
 if TYPE_CHECKING:
@@ -256,12 +256,13 @@ def stage_job(argv: list[str], step: "Any", description: str,
         except ConfigError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-    run = Run.start(cfg)
-    try:
-        return cfg, run.store, step(run)
-    except lease.LeaseHeld as e:  # --no-wait and another driver is writing: refused, not failed
-        print(f"{prog}: refused: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
+    with sigterm_exit(prog):  # `ray job stop`: the leases are released, the next driver need not wait
+        run = Run.start(cfg)
+        try:
+            return cfg, run.store, step(run)
+        except lease.LeaseHeld as e:  # --no-wait and another driver is writing: refused, not failed
+            print(f"{prog}: refused: {e}", file=sys.stderr)
+            raise SystemExit(3) from None
 
 
 def make_report(cfg: Config, store: "Store", keys: dict[str, str],
@@ -320,19 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     result = finished_result(cfg)
     if result is not None:
         return _print_result(result, t0)
-    if not skip_preflight:
-        from hello_ray.preflight.cli import refuse_failing_run
+    with sigterm_exit("distill"):  # `ray job stop`: the leases are released, the next driver need not wait
+        if not skip_preflight:
+            from hello_ray.preflight.cli import refuse_failing_run
 
-        if refuse_failing_run(cfg):  # a failing check named on stderr; nothing run, nothing written
+            if refuse_failing_run(cfg):  # a failing check named on stderr; nothing run, nothing written
+                return 2
+        try:
+            result = distill(cfg)
+        except ConfigError as e:  # a stage that could never be scheduled here: refused before compute
+            print(f"distill: error: {e}", file=sys.stderr)
             return 2
-    try:
-        result = distill(cfg)
-    except ConfigError as e:  # a stage that could never be scheduled here: refused before compute
-        print(f"distill: error: {e}", file=sys.stderr)
-        return 2
-    except lease.LeaseHeld as e:  # --no-wait and another driver is writing an artifact we need
-        print(f"distill: refused: {e}", file=sys.stderr)
-        return 3
+        except lease.LeaseHeld as e:  # --no-wait and another driver is writing an artifact we need
+            print(f"distill: refused: {e}", file=sys.stderr)
+            return 3
     import ray
 
     ray.shutdown()  # drains the workers' forwarded log lines, so the table below is the last thing

@@ -2,11 +2,14 @@
 choosing the device, seeding."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,6 +65,48 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stdout)
     logging.getLogger("hello_ray").setLevel(level)
     quiet_library_logs()
+
+
+_SIGTERM_STOPS = False  # set by the entry points (stop_on_sigterm); ensure_ray re-installs it
+_SIGTERM_AT: float | None = None  # when one arrived
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, a pod's termination, ``kill``) ends a driver as an exception does:
+    its ``finally`` blocks run, so the writer leases it holds are released at once and the next
+    driver takes the key over without waiting out their ttl. Python's default ends the process
+    without them, and ``ray.init`` puts its own handler in place (it logs and aborts), so
+    :func:`ensure_ray` installs this one again after it. See :func:`sigterm_exit`."""
+    import signal
+    import threading
+
+    global _SIGTERM_STOPS
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set there (a notebook's or a test's thread keeps the default)
+    _SIGTERM_STOPS = True
+
+    def _stop(signum: int, _frame: object) -> None:
+        global _SIGTERM_AT
+        _SIGTERM_AT = time.time()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+
+
+@contextlib.contextmanager
+def sigterm_exit(prog: str) -> Iterator[None]:
+    """An entry point's body under :func:`stop_on_sigterm`. A SIGTERM ends it with status 143 and one
+    line on stderr, whatever exception it became on the way out (inside ``ray.get`` Ray turns it
+    into its own ``SystemExit(1)``) once every ``finally`` below has run."""
+    stop_on_sigterm()
+    try:
+        yield
+    except BaseException:
+        if _SIGTERM_AT is None:
+            raise
+        print(f"{prog}: stopped by SIGTERM after {time.time() - _SIGTERM_AT:.1f} s of clean-up; the "
+              "leases it held are released, and the same command resumes the run", file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 def source_root() -> Path | None:
@@ -141,6 +186,8 @@ def ensure_ray(compute: ComputeConfig | None = None) -> None:
     dashboard = None if compute is None or compute.dashboard else False
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
              include_dashboard=dashboard)
+    if _SIGTERM_STOPS:
+        stop_on_sigterm()  # ray.init replaced the entry point's handler with its own
     if owns_ray():  # not a Ray joined on this machine: Ray Train reads these at each fit, in the driver
         for var, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(var, value)

@@ -26,7 +26,7 @@ from hello_ray.launcher import PG_CLEANER_ENV, keep_placement_group_cleaner
 from hello_ray.lease import LeaseHeld
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
                                 run_transfer)
-from hello_ray.runtime import setup_logging
+from hello_ray.runtime import setup_logging, sigterm_exit
 
 log = logging.getLogger("hello_ray.sweep")
 
@@ -153,11 +153,12 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = parse_args(argv, prog="sweep", description="Ray Tune over LoRA ranks and teacher windows")
-    try:
-        out = sweep(cfg)
-    except LeaseHeld as e:  # --no-wait and another driver is writing the shared teachers/selection
-        print(f"sweep: refused: {e}", file=sys.stderr)
-        return 3
+    with sigterm_exit("sweep"):  # `ray job stop`: the leases are released, the next driver need not wait
+        try:
+            out = sweep(cfg)
+        except LeaseHeld as e:  # --no-wait and another driver is writing the shared teachers/selection
+            print(f"sweep: refused: {e}", file=sys.stderr)
+            return 3
     print()
     print(format_sweep(out["rows"]))
     if out["best"]:
