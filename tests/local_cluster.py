@@ -127,6 +127,38 @@ class LocalRayCluster:
         self.workers += 1
         self._start(args, f"worker{self.workers}", self.env)
 
+    def kill_node(self, index: int) -> list[int]:
+        """SIGKILL every process of worker node ``index`` (1-based, in add order), as a reclaimed spot
+        machine loses them: its ``ray start`` process group (raylet, agents) and the workers its
+        raylet started, found by the raylet's socket name on their command lines. Returns the pids."""
+        name = f"worker{index}-"
+        (proc,) = [p for p, log in zip(self.procs, self.logs) if log.name.startswith(name) and p.poll() is None]
+        pids, sockets = set(), set()
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(d.name)) == proc.pid:
+                    pids.add(int(d.name))
+                    sockets.update(a.split("=", 1)[1] for a in (d / "cmdline").read_bytes().decode(errors="replace")
+                                   .split("\0") if a.startswith("--raylet_socket_name="))
+            except (OSError, ValueError):
+                continue
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and sockets:
+                try:
+                    if any(s.encode() in (d / "cmdline").read_bytes() for s in sockets):
+                        pids.add(int(d.name))
+                except OSError:
+                    continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(15)
+        return sorted(pids)
+
     def tail(self, lines: int = 30) -> str:
         """The last lines of every node's log (for a failed start)."""
         out = []

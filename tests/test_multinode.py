@@ -9,8 +9,11 @@
   multi-node autoscaler (cluster/fake-multinode.yaml): zero workers at the start, nodes launched for
   the stages' asks, removed when idle after the run. The alive worker count is sampled every 2 s
   and printed.
+- ``test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left``: three 1-CPU worker nodes; every
+  process of the node holding a Train worker is SIGKILLed once the first epoch is in the store, and
+  teachers resume on the nodes left from the last checkpoint (docs/store.md, the node-loss drill).
 
-Both start a moto S3 server in its own process (tests/faults.py): the store is S3, which every node
+All start a moto S3 server in its own process (tests/faults.py): the store is S3, which every node
 reaches. Minutes each on 2 cores (a smoke run plus node start-up), hence opt-in; run them one at a
 time: ``HELLO_RAY_MULTINODE=1 python -m pytest -n 0 -s tests/test_multinode.py -k autoscaler``.
 """
@@ -245,3 +248,78 @@ def test_autoscaler_grows_from_zero_and_shrinks_back(cluster, s3_env):
     assert max(n for _, n in series) >= 1, "the autoscaler never added a node"
     assert series[-1][1] == 0, f"idle workers were not removed within {SHRINK_S} s of the run:\n{busy(cluster.address)}"
     assert_on_workers(nodes, head)
+
+
+def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_env):
+    """A spot node reclaimed mid-teachers: every process of a worker node that holds a Train worker is
+    SIGKILLed once the first epoch is in the store. Ray Train restarts the group on the two nodes left
+    (compute.max_failures), from the last checkpoint; the finished epochs are not trained again, all
+    epochs end in the artifact, and every file verifies against the manifest."""
+    import json
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    from hello_ray.pipeline import open_run_store, run_teachers
+    from hello_ray.runner import Run
+
+    cluster.start_head(num_cpus=0)
+    for i in range(3):
+        cluster.add_worker(num_cpus=1, resources={f"drill_node_{i + 1}": 1})
+    epochs = 6
+    cfg = smoke(s3_env["HR_BUCKET"], cluster.address, f"teachers.epochs={epochs}", f"teachers.lr_step={epochs - 1}")
+    connect(cluster, cfg, workers=3)
+    store = open_run_store(cfg)
+    out: dict[str, Any] = {}
+
+    def teachers() -> None:
+        try:
+            out["key"] = run_teachers(Run.start(cfg))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+
+    thread = threading.Thread(target=teachers, daemon=True)
+    thread.start()
+
+    def epoch_files() -> set[str]:
+        """The teachers' epoch metrics written so far (the artifact is not finished yet)."""
+        return {n for key in store.folders() if key.startswith("teachers-")
+                for n in store.list_files(key) if n.startswith("epochs/") and n.endswith(".json")}
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + 600
+    while not seen and thread.is_alive() and time.monotonic() < deadline:
+        seen = epoch_files()
+        time.sleep(0.5)
+    assert seen, out.get("error") or cluster.tail()
+    workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+               if a.class_name == "RayTrainWorker"]
+    node = workers[0].node_id
+    (index,) = [int(r.rsplit("_", 1)[1]) for n in ray.nodes() if n["NodeID"] == node
+                for r in n["Resources"] if r.startswith("drill_node_")]
+    trained_before = set(seen)
+    killed = cluster.kill_node(index)
+    killed_at = time.time()
+    resumed_at = None
+    while thread.is_alive() and time.monotonic() < deadline:
+        now = epoch_files()
+        if resumed_at is None and set(now) - trained_before:
+            resumed_at = time.time()
+        time.sleep(0.5)
+    thread.join(5)
+    assert "error" not in out, out.get("error")
+    key = out["key"]
+
+    names = [f["name"] for f in store.manifest(key)["files"]]
+    metrics = {n: json.loads(store.get_bytes(key, n)) for n in names if n.startswith("epochs/") and n.endswith(".json")}
+    assert len(metrics) == epochs
+    resumed = [m for m in metrics.values() if m["resumed_from"] is not None]
+    assert resumed, metrics
+    # Only the epoch in flight may be trained again: the finished ones keep their first attempt.
+    assert min(m["attempt_start_epoch"] for m in resumed) >= len(trained_before)
+    for entry in store.manifest(key)["files"]:
+        store.get_bytes(key, entry["name"])   # size and sha256 against the manifest
+    print(f"\nnode {index} ({node[-8:]}, {len(killed)} processes) killed after {sorted(trained_before)}; "
+          f"the next epoch file came {(resumed_at or killed_at) - killed_at:.1f} s later; epochs trained after "
+          f"the kill: {sorted(int(m['epoch']) for m in resumed)}")
