@@ -64,17 +64,20 @@ def _start(store: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _stop_after(proc: subprocess.Popen, store: Path, epochs: int, sig: int, log: Path) -> float:
-    """Send ``sig`` to the driver alone once ``epochs`` epoch files are in the store; when it was sent."""
+def _stop_after(proc: subprocess.Popen, store: Path, epochs: int, sig: int,
+                log: Path) -> tuple[float, set[str]]:
+    """Send ``sig`` to the driver alone once ``epochs`` epoch files are in the store; when it was sent,
+    and the epoch files there were then (its Ray's workers may write one more before they go down)."""
     try:
         deadline = time.monotonic() + 400
         while len(_epoch_files(store)) < epochs and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert len(_epoch_files(store)) >= epochs and proc.poll() is None, log.read_text()[-3000:]
+        written = {p.name for p in _epoch_files(store)}
         os.kill(proc.pid, sig)      # the driver alone; its Ray is left to fend for itself
         sent = time.time()
         proc.wait(60)
-        return sent
+        return sent, written
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -90,18 +93,17 @@ def test_a_driver_killed_mid_stage_is_taken_over_resumed_and_leaves_no_ray(tmp_p
     stopped = _start(store, env, tmp_path / "stopped.log")
     # After two epoch files: the first epoch's Ray checkpoint is then in the store (a rank writes its
     # epoch file, then reports the checkpoint, then trains the next epoch).
-    sent = _stop_after(stopped, store, 2, signal.SIGTERM, tmp_path / "stopped.log")
+    sent, after_stop = _stop_after(stopped, store, 2, signal.SIGTERM, tmp_path / "stopped.log")
     assert stopped.returncode == 128 + signal.SIGTERM, (tmp_path / "stopped.log").read_text()[-3000:]
     assert not list(store.glob("_leases/teachers-*.json")), "SIGTERM left the lease behind"
     stop_s = time.time() - sent
-    after_stop = {p.name for p in _epoch_files(store)}
 
     first = _start(store, env, tmp_path / "first.log")
-    killed_at = _stop_after(first, store, len(after_stop) + 2, signal.SIGKILL, tmp_path / "first.log")
+    killed_at, trained_before = _stop_after(first, store, len(after_stop) + 2, signal.SIGKILL,
+                                            tmp_path / "first.log")
     first_out = (tmp_path / "first.log").read_text()
     assert "is being written by" not in first_out and "taking over" not in first_out, first_out[-3000:]
     assert "resumed after epoch" in first_out, first_out[-3000:]
-    trained_before = {p.name for p in _epoch_files(store)}
     lease_file = next(store.glob("_leases/teachers-*.json"))
     dead = json.loads(lease_file.read_text())
     assert dead["pid"] == first.pid and dead["expires"] > killed_at  # still held by the dead driver
