@@ -35,9 +35,9 @@ def stored_soft_label_bytes(classes: int, ipc: int, epochs: int) -> int:
     return epochs * classes * ipc * classes * FP16_BYTES
 
 
-def pruned_label_bytes(classes: int, ipc: int, epochs: int, batch_size: int, prune: int) -> int:
-    """fp16 logits of LPLD's pool for ``stored/prune``: the first floor(T / prune) label batches in
-    (epoch, batch) order, each as many views as images in it (the epoch's last batch is partial)."""
+def pool_views(classes: int, ipc: int, epochs: int, batch_size: int, prune: int) -> int:
+    """Views in LPLD's pool for ``stored/prune``: the first floor(T / prune) label batches in (epoch,
+    batch) order, each as many views as images in it (the epoch's last batch is partial)."""
     from hello_ray.labels import lpld_pool_size
 
     images = classes * ipc
@@ -45,8 +45,25 @@ def pruned_label_bytes(classes: int, ipc: int, epochs: int, batch_size: int, pru
     kept = lpld_pool_size(epochs * per_epoch, prune)
     full_epochs, rest = divmod(kept, per_epoch)
     # rest < per_epoch: a partial epoch holds only full batches (only an epoch's last one is short)
-    views = full_epochs * images + rest * batch_size
-    return views * classes * FP16_BYTES
+    return full_epochs * images + rest * batch_size
+
+
+def pruned_label_bytes(classes: int, ipc: int, epochs: int, batch_size: int, prune: int) -> int:
+    """fp16 logits of LPLD's pool for ``stored/prune`` (:func:`pool_views` x C x 2 bytes)."""
+    return pool_views(classes, ipc, epochs, batch_size, prune) * classes * FP16_BYTES
+
+
+def topk_label_bytes(classes: int, ipc: int, epochs: int, batch_size: int, prune: int, k: int) -> int:
+    """``stored/prune@topk``: per view of the pool its k largest logits (fp16) and their class ids
+    (int16 while C <= 32768, else int32), as ``labels/stored.py`` writes them and LPQLD stores them."""
+    ids = 2 if classes <= 32768 else 4
+    return pool_views(classes, ipc, epochs, batch_size, prune) * min(k, classes) * (FP16_BYTES + ids)
+
+
+# he-y/soft-label-pruning-quantization-for-dataset-distillation @ 107c7a5, README.md (ImageNet-1K,
+# IPC 10, ResNet-18, 300 epochs): label folder sizes in GB and student top-1 %, by (prune N, top-k).
+LPQLD_PUBLISHED = {(1, 0): ("full", 5.67, 20.1), (10, 100): ("x40", 0.13, 29.6),
+                   (10, 50): ("x80", 0.07, 27.3), (10, 10): ("x200", 0.03, 20.0)}
 
 
 def teacher_params(teacher: str, classes: int, image_size: int) -> int:
@@ -79,7 +96,8 @@ def projector_lora_counts(classes: int, conv_rank: int, head_rank: int, clip_mod
 def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8,
                    head_rank: int | None = None, clip_model: str = "RN50", lora_style: str = "separable",
                    teacher: str = "resnet18", image_size: int = 224, batch_size: int = 100,
-                   prunes: tuple[int, ...] = (10, 20, 40)) -> dict[str, Any]:
+                   prunes: tuple[int, ...] = (10, 20, 40),
+                   topks: tuple[tuple[int, int], ...] = ((10, 100), (10, 50), (10, 10))) -> dict[str, Any]:
     """Bytes of each label strategy for ``classes x ipc`` images trained ``epochs`` epochs."""
     for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("conv_rank", conv_rank)):
         if value < 1:
@@ -102,6 +120,9 @@ def storage_report(classes: int, ipc: int, epochs: int = 300, conv_rank: int = 8
         "label_batch_size": batch_size,
         # LPLD's pool for stored/N (hello_ray/labels/stored.py): {N: bytes}
         "stored_pruned_bytes": {str(n): pruned_label_bytes(classes, ipc, epochs, batch_size, n) for n in prunes},
+        # LPQLD's top-k of those pools, {"N@topK": bytes} (k < classes only)
+        "stored_topk_bytes": {f"{n}@top{k}": topk_label_bytes(classes, ipc, epochs, batch_size, n, k)
+                              for n, k in topks if k < classes},
         "teacher": teacher,
         "teacher_image_size": image_size,
         "teacher_params": t_params,
@@ -131,6 +152,8 @@ def format_report(r: dict[str, Any]) -> str:
          f"{r['classes']:,} cls", r["stored_soft_labels_bytes"]),
         *[(f"stored / {n} (LPLD pool, batch {r['label_batch_size']})", f"first 1/{n} of the label batches", b)
           for n, b in r.get("stored_pruned_bytes", {}).items()],
+        *[(f"stored / {nk.replace('@', ' @ ')} (LPQLD)", "k fp16 logits + k int16 ids per view", b)
+          for nk, b in r.get("stored_topk_bytes", {}).items()],
         (f"teacher {r['teacher']} weights (fp32)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp32"]),
         (f"teacher {r['teacher']} weights (fp16)", f"{r['teacher_params']:,} params", r["teacher_bytes_fp16"]),
     ]
@@ -146,6 +169,15 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>16,} B  {human_bytes(c, digits=1):>12}" for a, b, c in rows]
     lines.append(f"stored labels / projector LoRA (fp16): {r['labels_over_projector_fp16']:,.1f}x")
+    if r["classes"] == 1000 and r["ipc"] == 10 and r["epochs"] == 300:
+        lines += ["", "LPQLD's published label sizes at this shape (README @ 107c7a5; its batch 128, so its "
+                  "pools differ slightly from batch " f"{r['label_batch_size']}):"]
+        full = r["stored_soft_labels_bytes"]
+        for (n, k), (tag, gb, top1) in LPQLD_PUBLISHED.items():
+            ours = full if not k else r.get("stored_topk_bytes", {}).get(f"{n}@top{k}")
+            what = "full labels" if not k else f"stored/{n}@top{k}"
+            mine = "-" if ours is None else f"{ours / 1e9:.3f} GB ({full / ours:,.0f}x smaller)"
+            lines.append(f"  {tag:>5}  {what:<18} published {gb:.2f} GB, top-1 {top1} %   here: {mine}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ COMMANDS: dict[str, Command] = {
                      "Ray Tune over LoRA ranks and teacher windows (same as jobs/sweep.py)"),
     "storage": Command("hello_ray.accounting:main",
                        "bytes each label strategy ships, from the real layer shapes (no compute)"),
+    "scores": Command("hello_ray.report.score_cli:main",
+                      "DD-Ranking's fair scores (LRS, ARS) of a store's evaluate artifacts, ours or an external set's"),
     "ls": Command("hello_ray.housekeeping:ls_main",
                   "list a store's artifacts, finished or not, with files, bytes and run state"),
     "rm": Command("hello_ray.housekeeping:rm_main",

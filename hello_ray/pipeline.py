@@ -271,8 +271,12 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     from hello_ray import report
     from hello_ray.accounting import storage_report
     from hello_ray.formats.results import format_table
+    from hello_ray.scores import fair_scores, scores_table
+    from hello_ray.tables import text_table
 
     inputs = report.collect_inputs(store, keys)
+    ev = cfg.evaluate
+    scores = fair_scores(inputs["rows"], ev.full_top1, ev.score_scale, ev.score_weight) if inputs["rows"] else []
     ipc = cfg.select.ipc
     if cfg.images.source == "external" and inputs["images"] is not None:  # the set's own size, not select's
         ipc = max(1, round(inputs["images"].num_images / max(1, inputs["images"].num_classes)))
@@ -288,9 +292,12 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               teacher_window=cfg.transfer.teacher_window, images=inputs["images"],
                               data=inputs["data"], preflight=read_preflight(store, cfg),
                               meta={"preset": cfg.name, "store": store.uri,
-                                    "images": f"{cfg.images.source} ({keys.get('images', '-')})"})
-    return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri,
-                     table=format_table(inputs["rows"]))
+                                    "images": f"{cfg.images.source} ({keys.get('images', '-')})"},
+                              scores=scores)
+    table = format_table(inputs["rows"])
+    if scores:
+        table += "\n\nfair scores (DD-Ranking: LRS, ARS)\n" + text_table(*scores_table(scores))
+    return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri, table=table)
 
 
 def read_preflight(store: "Store", cfg: Config) -> dict[str, Any] | None:

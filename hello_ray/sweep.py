@@ -40,6 +40,9 @@ def trial_config(cfg: Config, conv_rank: int, window: str) -> Config:
     t.transfer.n_teachers = cfg.sweep.n_teachers or cfg.transfer.n_teachers
     t.evaluate.strategies = ["projector"]
     t.evaluate.floor = False
+    if cfg.sweep.scores:  # the rows DD-Ranking's LRS of the projector needs: hard labels, random images
+        t.evaluate.strategies = ["hard", "projector"]
+        t.evaluate.floor, t.evaluate.floor_strategies = True, ["projector"]
     t.evaluate.continual_steps = []
     return t.validate()
 
@@ -74,17 +77,33 @@ def run_trial(params: dict[str, Any]) -> None:
     k_eval = run_evaluate(run)
     rows = _eval_rows(store, k_eval)
     top1 = sum(r["top1"] for r in rows) / max(len(rows), 1)
-    tune.report({"score": top1, "top1": top1, "rung": "evaluate", "transfer_key": k_transfer,
-                 "evaluate_key": k_eval, "head_rank": t.transfer.head_rank,
-                 "agreement": float(fidelity.get("agreement", 0.0))})
+    metrics = {"score": top1, "top1": top1, "rung": "evaluate", "transfer_key": k_transfer,
+               "evaluate_key": k_eval, "head_rank": t.transfer.head_rank,
+               "agreement": float(fidelity.get("agreement", 0.0))}
+    lrs = _projector_lrs(t, store, k_eval)
+    if lrs is not None:
+        metrics["lrs"] = lrs
+    tune.report(metrics)
+
+
+def _projector_lrs(cfg: Config, store, key: str) -> float | None:
+    """DD-Ranking's LRS of the trial's projector rows (``sweep.scores``), None where not computable."""
+    from hello_ray.formats.results import read_results
+    from hello_ray.scores import fair_scores
+
+    ev = cfg.evaluate
+    scores = fair_scores(read_results(store, key), ev.full_top1, ev.score_scale, ev.score_weight)
+    return next((s["lrs_mean"] for s in scores if s["strategy"] == "projector"), None)
 
 
 def _eval_rows(store, key: str) -> list[dict[str, Any]]:
-    """The trial's main rows: distilled images, not continual (trials switch floor and continual off)."""
+    """The trial's projector rows on the distilled images, not continual (trials switch continual
+    off, and the floor unless ``sweep.scores``)."""
     from hello_ray.formats.results import read_results
 
     return [r for r in read_results(store, key)
-            if r.get("images", "distilled") == "distilled" and not r.get("continual_steps")]
+            if r.get("images", "distilled") == "distilled" and not r.get("continual_steps")
+            and r.get("strategy", "projector") == "projector"]
 
 
 def sweep(cfg: Config) -> dict[str, Any]:
@@ -123,6 +142,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
         rows.append({"conv_rank": point["conv_rank"], "window": point["window"],
                      "head_rank": point["conv_rank"] * cfg.sweep.head_rank_per_conv_rank,
                      "top1": m.get("top1"), "agreement": m.get("agreement", m.get("score")),
+                     "lrs": m.get("lrs"),
                      "stopped_early": m.get("rung") != "evaluate",
                      "error": str(r.error) if r.error else ""})
     failed = [row for row in rows if row["error"]]

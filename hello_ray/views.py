@@ -36,7 +36,8 @@ class View:
     perm: torch.Tensor             # [B] int64 CutMix partners
     lam: float                     # weight of the image's own class after CutMix
     box: torch.Tensor              # [4] int64 CutMix box (x0, y0, x1, y1), exclusive ends
-    logits: torch.Tensor | None = None   # [B, C] fp16, only for stored views
+    logits: torch.Tensor | None = None   # [B, C] fp16, only for stored views ([B, k] for top-k ones)
+    classes: torch.Tensor | None = None  # [B, k] int64 class ids of ``logits`` (top-k stored views)
 
     def materialise(self, images: torch.Tensor, size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """images [M, 3, H, W] (uint8, or float in [0, 1]) -> the augmented batch [B, 3, size, size]
@@ -103,6 +104,18 @@ def draw_epoch(n_images: int, height: int, width: int, batch_size: int, size: in
     """
     return [draw_view(index, height, width, size, alpha, generator)
             for index in epoch_order(n_images, batch_size, generator)]
+
+
+def plain_epoch(n_images: int, height: int, width: int, batch_size: int, generator: torch.Generator) -> list[View]:
+    """One epoch without augmentation (DD-Ranking's "without augmentation" rows, ``+noaug``): the
+    same shuffled batches, every view the whole image resized, no flip, no CutMix."""
+    out = []
+    for index in epoch_order(n_images, batch_size, generator):
+        n = len(index)
+        boxes = torch.tensor([[0, 0, width, height]], dtype=torch.long).expand(n, 4).clone()   # [n, 4]
+        out.append(View(index=index.long(), boxes=boxes, flips=torch.zeros(n, dtype=torch.bool),
+                        perm=torch.arange(n), lam=1.0, box=torch.zeros(4, dtype=torch.long)))
+    return out
 
 
 def view_batch(images: torch.Tensor, index: torch.Tensor, size: int, alpha: float,

@@ -91,6 +91,44 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     assert select_key(cfg2) != first.keys["select"]
 
 
+# The smoke run with every way of lightening labels (reuses the run above's teachers, selection and
+# projector: only evaluate and the report run). LPQLD's protocol, since top-k labels need a KL loss.
+LIGHT = ["evaluate.protocol=lpqld", "evaluate.epochs=4", "evaluate.phases=soft:1,hard:2,soft:1",
+         "evaluate.strategies=[hard,stored,stored/10,stored/10@top5,stored@top3+phases,projector,projector@int8,"
+         "projector+phases,hard+noaug,projector+noaug]",
+         "evaluate.floor=true", "evaluate.floor_strategies=[hard,stored,projector,hard+noaug,projector+noaug]",
+         "evaluate.full_data=true"]
+
+
+def test_smoke_runs_top_k_phases_and_fair_scores(ray_local, smoke_store):
+    cfg = load_config("smoke", overrides=[f"store={smoke_store}", *LIGHT])
+    result = distill(cfg)
+    store = open_run_store(cfg)
+    key = result.keys["evaluate"]
+    by = {(r["images"], r["strategy"]): r for r in result.rows}
+    assert {s for i, s in by if i == "rded"} == set(cfg.evaluate.strategies)
+    assert ("full", "hard") in by and by[("full", "hard")]["train_images"] > by[("rded", "hard")]["train_images"]
+    # Top-k and int8 bytes are their files in the evaluate artifact; 5 of 10 classes, so top-5
+    # stores the same number of values as stored/10 plus their ids
+    files = store.list_files(key)
+    for strategy, folder in (("stored/10@top5", "stored-10-top5"), ("stored@top3+phases", "stored-top3"),
+                             ("projector@int8", "projector-int8")):
+        mine = [f for f in files if f.startswith(f"labels/{folder}/")]
+        assert mine and by[("rded", strategy)]["label_bytes"] == sum(len(store.get_bytes(key, f)) for f in mine)
+    assert by[("rded", "projector@int8")]["label_bytes"] < by[("rded", "projector")]["label_bytes"]
+    # The scores: LRS for every strategy with a floor row (A(full) measured), ARS where +noaug rows exist
+    scores = {s["strategy"]: s for s in store.manifest(key)["summary"]["scores"]}
+    assert set(scores) == {"hard", "stored", "projector"}
+    assert all(s["lrs_mean"] is not None for s in scores.values())
+    assert scores["projector"]["ars_mean"] is not None and scores["stored"]["ars_mean"] is None
+    assert "fair scores (DD-Ranking" in result.table
+    report = Path(result.report_uri.replace("file://", "")).read_text()
+    assert "the frontier" in report and "| frontier |" in report and "### Fair scores (DD-Ranking)" in report
+    proc = subprocess.run([sys.executable, "-m", "hello_ray.cli", "scores", "--store", smoke_store, "--key", key],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "projector" in proc.stdout and "LRS" in proc.stdout, proc.stderr
+
+
 def _run_documented(store: str, cwd: Path, every_variant: bool) -> dict[tuple[str, ...], float]:
     """Run the documented commands (tests/documented.py decides which) as a user would from a shell,
     smoke-sized, against ``store``: the first of each job, or with ``every_variant`` every line."""

@@ -59,7 +59,7 @@ FIDELITY = {"before": {"views": 400, "agreement": 0.21, "kl": 1.734, "projector_
             "after": {"views": 400, "agreement": 0.77, "kl": 0.2451, "projector_top1": 0.64, "teacher_top1": 0.83},
             "teacher_window": "2-10", "n_teachers": 9}
 SWEEP = [{"conv_rank": r, "head_rank": 16 * r, "window": w, "top1": 0.3 + 0.01 * r + 0.02 * i,
-          "agreement": 0.5, "stopped_early": False, "error": ""}
+          "agreement": 0.5, "stopped_early": False, "error": "", "lrs": 0.2 + 0.01 * r + 0.02 * i}
          for r in (2, 4) for i, w in enumerate(["1-2", "2-3"])]
 STORAGE = {"classes": 10, "ipc": 10, "epochs": 40, "stored_soft_labels_bytes": 12_582_912,
            "teacher_params": 11_181_642, "projector_lora_params": 405_504,
@@ -123,7 +123,8 @@ def test_fidelity_sweep_and_storage_tables(full_report):
     best = max(SWEEP, key=lambda r: r["top1"])
     assert f"Best: conv rank {best['conv_rank']}, head rank {best['head_rank']}, window {best['window']}" in md
     for r in SWEEP:
-        assert table_row(md, str(r["conv_rank"]), str(r["head_rank"]), r["window"], f"{100 * r['top1']:.2f}")
+        assert table_row(md, str(r["conv_rank"]), str(r["head_rank"]), r["window"], f"{100 * r['top1']:.2f}",
+                         f"{r['lrs']:.3f}")
     assert table_row(md, "stored_soft_labels_bytes", "12,582,912", "12.00 MiB")
     assert table_row(md, "teacher_params", "11,181,642", "11.182 M")
     assert table_row(md, "clip_model", "hello-tiny-rn")

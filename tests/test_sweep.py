@@ -26,6 +26,15 @@ def test_trial_config_sets_ranks_window_and_projector_labels_only():
     assert cfg.transfer.conv_rank == 4 and cfg.evaluate.strategies != ["projector"]  # a copy: cfg untouched
 
 
+def test_scored_sweeps_add_the_rows_lrs_needs():
+    """sweep.scores: the projector's LRS per trial needs its hard-label row and the random-image
+    projector row (DD-Ranking's IOR and HLR); A(full) comes from evaluate.full_top1 / full_data."""
+    cfg = load_config("smoke", overrides=["sweep.scores=true", "evaluate.full_top1=0.9"])
+    t = trial_config(cfg, 4, "2-3")
+    assert t.evaluate.strategies == ["hard", "projector"] and t.evaluate.floor is True
+    assert t.evaluate.floor_strategies == ["projector"] and t.evaluate.full_top1 == 0.9
+
+
 def test_a_window_past_the_trajectory_fails_in_the_trial_config():
     cfg = load_config("smoke")
     with pytest.raises(ConfigError, match="window"):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
+from hello_ray.label_spec import BASES, StrategySpecError, parse_spec
 from hello_ray.config.sections import (
     parse_window,
     _check,
@@ -12,14 +13,43 @@ from hello_ray.config.sections import (
     _help,
 )
 
-LABEL_STRATEGIES = ("hard", "teacher", "stored", "projector")
+LABEL_STRATEGIES = BASES
+TEMPERATURE_SCHEDULES = ("constant", "lpqld")
+SCORE_SCALES = ("percent", "fraction")
+
 
 def _check_strategy(spec: str, key: str) -> None:
-    """A label strategy spec: hard | teacher | stored | stored/N (integer N >= 1) | projector."""
-    base, _, prune = spec.partition("/")
-    _check(base in LABEL_STRATEGIES, key, f"unknown label strategy {spec!r}")
-    _check(not prune or (base == "stored" and prune.isdigit() and int(prune) >= 1),
-           key, f"{spec!r}: only stored/N with integer N takes a prune ratio")
+    """A label strategy spec (``label_spec.py``): base[/N][@topK | @dtype][+phases][+noaug]."""
+    try:
+        parse_spec(spec)
+    except StrategySpecError as e:
+        _check(False, key, str(e))
+
+
+def parse_phases(text: str, key: str = "evaluate.phases") -> list[tuple[str, int]]:
+    """'soft:75,hard:150,soft:75' -> [('soft', 75), ('hard', 150), ('soft', 75)]; '' -> []."""
+    if not text.strip():
+        return []
+    out = []
+    for part in text.split(","):
+        kind, _, n = part.strip().partition(":")
+        _check(kind in ("soft", "hard") and n.strip().isdigit() and int(n) >= 1, key,
+               f"{part.strip()!r}: each phase is soft:N or hard:N with N >= 1 epochs")
+        out.append((kind, int(n)))
+    return out
+
+
+def lpqld_temperature(epoch: int, t0: float = 20.0, gamma: float = 0.7, every: int = 30, floor: float = 2.0) -> float:
+    """LPQLD's Dynamic Knowledge Reuse: the labels' temperature in (0-based) ``epoch``.
+
+    he-y/soft-label-pruning-quantization-for-dataset-distillation at 107c7a5,
+    ``relabel_and_validate/train_FKD_LPQLD.py`` l. 515-518 and l. 597 (epochs counted from 1 there),
+    settings of ``scripts/reproduce/lpqld_in1k.sh`` l. 86-89: T = t0 x gamma^floor(e / every) with e
+    the 1-based epoch, used while above ``floor``, else ``floor``. So epochs 1-29 (1-based) run at 20,
+    30-59 at 14, ..., 210 on at 2.
+    """
+    t = t0 * gamma ** ((epoch + 1) // every)
+    return t if t > floor else floor
 
 
 # What each evaluation protocol sets (keys the user gives still win). Sources: hello = METHOD.md
@@ -35,6 +65,20 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
              "decay": "weights", "report": "rded_best"},
     "fkd": {"loss": "kl_plain", "ce_weight": 0.0, "temperature": 20.0, "schedule": "cosine_epoch",
             "decay": "weights", "report": "fkd_best"},
+    # he-y/soft-label-pruning-quantization-for-dataset-distillation @ 107c7a5 train_FKD_LPQLD.py: FKD's
+    # recipe (KL batchmean, no T^2, per-epoch cosine, AdamW 0.01 on weights) with the labels' temperature
+    # decaying 20 x 0.7 every 30 epochs (floor 2) and the student's at 1 (its scripts' --temp_stu_dynamic
+    # 1.0 start; the per-epoch recalibration of the student's temperature, "CA", is not reproduced).
+    "lpqld": {"loss": "kl_plain", "ce_weight": 0.0, "temperature": 20.0, "temperature_schedule": "lpqld",
+              "student_temperature": 1.0, "schedule": "cosine_epoch", "decay": "weights", "report": "fkd_best"},
+    # Jiacheng8/HALD @ ffbca04 validate/train_fkd.py: soft phases as FKD (KL at T=20 both sides, no T^2),
+    # hard phases with CutMix and label smoothing 0.8 under soft cross-entropy; one AdamW, its rate
+    # 0.5 (1 + cos(pi e / (2E))) per epoch (eta 2 of validate/hyper.yaml: RDED's half cosine), decay on
+    # weights only; best of every 10th epoch and the last. Phases 75/150/75 of 300 (its imagenet1k
+    # train.sh), scaled to evaluate.epochs.
+    "hald": {"loss": "kl_plain", "ce_weight": 0.0, "temperature": 20.0, "schedule": "half_cosine_epoch",
+             "decay": "weights", "report": "fkd_best", "phases": "soft:75,hard:150,soft:75",
+             "label_smoothing": 0.8},
 }
 
 
@@ -42,12 +86,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 class EvalConfig:
     students: list[str] = _help("student architectures", default_factory=lambda: ["resnet18"])
     strategies: list[str] = _help("label strategies: hard | teacher | stored | stored/N (LPLD prune "
-                                  "1/N) | projector", default_factory=lambda: ["projector"])
+                                  "1/N) | projector, with @topK (stored: LPQLD's top-k logits), @fp32|fp16|int8 "
+                                  "(projector adapter precision), +phases (train in evaluate.phases), +noaug "
+                                  "(no augmentation; online labels)", default_factory=lambda: ["projector"])
     epochs: int = _help("student epochs", default=300)
     batch_size: int = _help("global batch size", default=100)
     protocol: str = _help("evaluation protocol: hello (METHOD.md) | rded (LINs-lab/RDED validation/main.py) | "
-                          "fkd (SRe2L/LPLD train_FKD.py); sets loss, temperature, ce_weight, schedule, "
-                          "decay and report unless those keys are given", default="hello")
+                          "fkd (SRe2L/LPLD train_FKD.py) | lpqld (LPQLD train_FKD_LPQLD.py) | hald (HALD "
+                          "train_fkd.py); sets loss, temperature, ce_weight, schedule, decay and report "
+                          "(and the keys of its own) unless those keys are given", default="hello")
     # RDED's per-architecture AdamW rates (LINs-lab/RDED @ 3f6453d, argument.py l. 276-306); RDED sets
     # none for shufflenet_v2_x0_5 (its default is 0): we use resnet18's 1e-3, a conv net of that scale.
     lr: dict[str, float] = _help("AdamW learning rate per student architecture", default_factory=lambda: {
@@ -59,7 +106,25 @@ class EvalConfig:
     loss: str = _help("mse_ce (METHOD.md) | kl (T^2 x KL at a temperature) | kl_plain (KL batchmean at a "
                       "temperature, no T^2: RDED's and SRe2L/LPLD's code)", default="mse_ce")
     ce_weight: float = _help("weight of CE(mixed true class) in mse_ce", default=0.025)
-    temperature: float = _help("temperature of the kl losses", default=4.0)
+    temperature: float = _help("temperature of the kl losses (the labels' at epoch 1)", default=4.0)
+    temperature_schedule: str = _help("the labels' temperature over epochs: constant | lpqld (x 0.7 every 30 "
+                                      "epochs, floor 2: LPQLD's Dynamic Knowledge Reuse)", default="constant")
+    student_temperature: float = _help("the student's temperature in the kl losses; 0 = the labels' "
+                                       "temperature of the epoch", default=0.0)
+    phases: str = _help("phase schedule of the +phases strategies (HALD), e.g. soft:75,hard:150,soft:75: "
+                        "lengths in epochs, scaled to evaluate.epochs; '' = none", default="")
+    label_smoothing: float = _help("label smoothing of the hard phases (HALD: 0.8; eps/C on every class, "
+                                   "1 - eps more on the true one)", default=0.8)
+    full_data: bool = _help("also train each student on the whole real training set with hard labels "
+                            "(image set 'full'): LRS's A(full, hard), measured; held in memory, so for "
+                            "small sets (else give evaluate.full_top1)", default=False)
+    full_top1: float = _help("top-1 (fraction) of the student trained on the whole real training set with "
+                             "hard labels: LRS's hard-label recovery needs it (DD-Ranking caches 0.565 for "
+                             "ImageNet-1K ResNet-18); 0 = unknown, no LRS", default=0.0)
+    score_scale: str = _help("units of the accuracies inside LRS/ARS: percent (DD-Ranking's code) | "
+                             "fraction (its docs' [0, 1] reading)", default="percent")
+    score_weight: float = _help("DD-Ranking's lrs_lambda / ars_lambda: weight of IOR in LRS and of the "
+                                "augmented gap in ARS", default=0.5)
     schedule: str = _help("learning-rate schedule: cosine_step (0.5(1+cos(pi t/T)) per step) | cosine_epoch "
                           "(the same per epoch, FKD) | half_cosine_epoch (0.5(1+cos(pi e/E/2)) per epoch, "
                           "ends near half the rate, RDED)", default="cosine_step")
@@ -125,6 +190,23 @@ class EvalConfig:
         _check(self.report in ("final", "rded_best", "fkd_best"), f"{p}.report",
                "must be 'final', 'rded_best' or 'fkd_best'")
         _check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+        _check(self.temperature_schedule in TEMPERATURE_SCHEDULES, f"{p}.temperature_schedule",
+               f"must be one of {', '.join(TEMPERATURE_SCHEDULES)}")
+        _check(self.student_temperature >= 0, f"{p}.student_temperature", "must be >= 0 (0 = the labels')")
+        phases = parse_phases(self.phases, f"{p}.phases")
+        _check(not phases or sum(n for _, n in phases) >= 1, f"{p}.phases", "name at least one epoch")
+        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", "must be in [0, 1)")
+        _check(0 <= self.full_top1 <= 1, f"{p}.full_top1", "a fraction in [0, 1] (0 = unknown)")
+        _check(self.score_scale in SCORE_SCALES, f"{p}.score_scale", f"must be one of {', '.join(SCORE_SCALES)}")
+        _check(0 <= self.score_weight <= 1, f"{p}.score_weight", "must be in [0, 1]")
+        specs = [parse_spec(s) for s in self.strategies + self.floor_strategies]
+        if any(s.topk for s in specs):
+            _check(self.loss in ("kl", "kl_plain"), f"{p}.loss",
+                   "top-k stored labels (@topK) replay probabilities (LPQLD), which only the kl losses take; "
+                   "set evaluate.protocol to lpqld, fkd, rded or hald, or evaluate.loss to kl / kl_plain")
+        if any(s.phases for s in specs):
+            _check(bool(phases), f"{p}.phases", "a +phases strategy needs a phase schedule, e.g. "
+                   "soft:75,hard:150,soft:75 (or evaluate.protocol=hald)")
         _check(self.cutmix_alpha >= 0, f"{p}.cutmix_alpha", "must be >= 0 (0 disables CutMix)")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.ce_weight >= 0, f"{p}.ce_weight", "must be >= 0")
@@ -163,6 +245,9 @@ class SweepConfig:
                             "trajectories (smoke, demo) need fewer than 9 for several windows", default=0)
     scheduler: str = _help("fifo | asha", default="fifo")
     max_concurrent: int = _help("trials at once", default=1)
+    scores: bool = _help("also score each trial's projector with DD-Ranking's LRS (adds its hard-label and "
+                         "random-image rows; A(full) from evaluate.full_top1 or evaluate.full_data); the "
+                         "report's second heat map", default=False)
 
     def validate(self, p: str = "sweep") -> None:
         _check(self.scheduler in ("fifo", "asha"), f"{p}.scheduler", "must be 'fifo' or 'asha'")

@@ -126,20 +126,22 @@ def summarise(rows: Any) -> list[dict[str, Any]]:
                     "top1_best_mean": float(best.mean()), "top1_best_std": float(best.std()),
                     "steps": _max(g, "steps"), "label_bytes": max(int(r["label_bytes"]) for r in g),
                     "step_s": _mean(g, "step_s"), "wall_s": _mean(g, "wall_s"),
-                    "peak_mem_mb": _max(g, "peak_mem_mb")})
+                    "peak_mem_mb": _max(g, "peak_mem_mb"), "train_images": _max(g, "train_images")})
     return out
 
 
-def write_results(store: "Store", key: str, rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """``results.parquet`` + ``results.json`` (rows and the mean ± std table) of evaluate artifact
-    ``key``; returns the stage summary ``{"rows": count, "table": summary, "wall_s"}``."""
+def write_results(store: "Store", key: str, rows: list[dict[str, Any]], wall_s: float,
+                  scores: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``results.parquet`` + ``results.json`` (rows, the mean ± std table and DD-Ranking's fair
+    ``scores``, ``hello_ray.scores.fair_scores``) of evaluate artifact ``key``; returns the stage
+    summary ``{"rows": count, "table": summary, "scores": [...], "wall_s"}``."""
     table = summarise(rows)                  # validates before anything is written
     df = pd.DataFrame(rows).drop(columns=list(JSON_ONLY), errors="ignore")
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     store.put_bytes(key, RESULTS_PARQUET, buf.getvalue())
-    write_json(store, key, RESULTS_JSON, {"rows": rows, "table": table})
-    return {"rows": len(rows), "table": table, "wall_s": round(wall_s, 1)}
+    write_json(store, key, RESULTS_JSON, {"rows": rows, "table": table, "scores": scores or []})
+    return {"rows": len(rows), "table": table, "scores": scores or [], "wall_s": round(wall_s, 1)}
 
 
 def read_results(store: "Store", key: str) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Label strategies: who labels the student's augmented views, and what that costs to ship.
 
-One interface, five ways of labelling (METHOD.md, "Label strategies the system compares"):
+One interface, five ways of labelling, and their variants (``label_spec.py``) (METHOD.md, "Label strategies the system compares"):
 
 | name        | ``label(views, ctx)`` returns               | ``shipped_bytes()`` counts                  |
 |-------------|---------------------------------------------|---------------------------------------------|
@@ -8,6 +8,7 @@ One interface, five ways of labelling (METHOD.md, "Label strategies the system c
 | teacher     | observer (or window-mean) logits [N, C]     | the teacher state_dict(s), serialized       |
 | stored      | the fp16 logits written by a relabel pass   | every file under ``labels/<name>/``         |
 | stored/N    | the same, from a pool of 1/N of the batches | (fewer files, fewer bytes)                  |
+| stored@topK | softmax of the k kept logits at the epoch's temperature, in C zeros (LPQLD) | k fp16 + k int16 per view |
 | projector   | CLIP + merged LoRA logits [N, C]            | the adapter files of the transfer artifact  |
 
 Bytes are always real bytes (files written to the store, or weights serialized), never a formula;
@@ -48,7 +49,15 @@ from hello_ray.labels.stored import (  # noqa: F401 (re-exported)
     relabel,
     write_stored_meta,
     StoredLabels,
-    parse_strategy,
     check_classes,
     prune_stored,
+    top_k_view,
+    replay_top_k,
+    top_k_stored,
+)
+from hello_ray.label_spec import (  # noqa: F401 (re-exported)
+    StrategySpec,
+    StrategySpecError,
+    parse_spec,
+    parse_strategy,
 )

@@ -7,6 +7,7 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ class LabelContext:
     y_b: torch.Tensor              # [N] true class of its CutMix partner
     lam: float                     # CutMix weight of y_a
     num_classes: int
-    stored_logits: torch.Tensor | None = None   # [N, C] fp16, replayed views only
+    stored_logits: torch.Tensor | None = None   # [N, C] fp16, replayed views only ([N, k]: top-k)
+    stored_classes: torch.Tensor | None = None  # [N, k] class ids of the top-k stored logits
+    temperature: float = 1.0       # the labels' temperature this epoch (top-k replay's softmax)
 
 
 class LabelStrategy(ABC):
@@ -49,6 +52,9 @@ class LabelStrategy(ABC):
     soft: bool = True
     #: True when the student loop must take its views from ``epoch_views`` (stored labels).
     replays: bool = False
+    #: True: ``label`` returns target probabilities already at the labels' temperature (LPQLD's
+    #: top-k replay), which the KL losses take as they are instead of a softmax of logits.
+    distribution: bool = False
 
     @abstractmethod
     def label(self, images: torch.Tensor, context: LabelContext) -> torch.Tensor:
@@ -241,15 +247,36 @@ class ProjectorLabels(_OnlineModel):
         self._bytes = adapter_bytes
 
     @classmethod
-    def from_store(cls, store, key: str, num_classes: int, image_size: int) -> "ProjectorLabels":
+    def from_store(cls, store, key: str, num_classes: int, image_size: int, dtype: str = "",
+                   out: tuple[Any, str] | None = None) -> "ProjectorLabels":
+        """The projector of transfer artifact ``key``. ``dtype`` (fp32 | fp16 | int8; '' = as stored):
+        the adapter re-encoded in that precision (``models.adapter.save_adapter``) and loaded from
+        those bytes, so the labels are the ones that precision gives and the bytes are its files';
+        ``out`` (store, key) keeps those files under ``labels/projector-<dtype>/`` of that artifact."""
+        import tempfile
+        from pathlib import Path
+
+        from hello_ray.models.adapter import save_adapter
         from hello_ray.models.projector import load_adapter
 
         files = [f for f in store.list_files(key) if f.startswith("adapter")]
         if not files:
             raise LabelError(f"transfer artifact {key}: no adapter files (adapter.*) to load")
-        nbytes = sum(len(store.get_bytes(key, f)) for f in files)
-        projector = load_adapter(store.download(key), merge=True)
-        return cls(projector, num_classes, image_size, nbytes, where=f"transfer artifact {key}")
+        if not dtype:
+            nbytes = sum(len(store.get_bytes(key, f)) for f in files)
+            projector = load_adapter(store.download(key), merge=True)
+            return cls(projector, num_classes, image_size, nbytes, where=f"transfer artifact {key}")
+        with tempfile.TemporaryDirectory() as d:
+            save_adapter(load_adapter(store.download(key), merge=False), d, dtype=dtype)
+            written = {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+            if out is not None:
+                for name, data in written.items():
+                    out[0].put_bytes(out[1], f"{LABELS_DIR}/projector-{dtype}/{name}", data)
+            projector = load_adapter(d, merge=True)
+        nbytes = sum(len(v) for v in written.values())
+        self = cls(projector, num_classes, image_size, nbytes, where=f"transfer artifact {key} as {dtype}")
+        self.name = f"projector@{dtype}"
+        return self
 
     def shipped_bytes(self) -> int:
         return self._bytes

@@ -14,6 +14,7 @@ import torch
 from hello_ray.store import ArtifactNotFound
 from hello_ray.views import View, draw_epoch
 
+from hello_ray.label_spec import parse_strategy  # noqa: F401 (its old home)
 from hello_ray.labels.online import (
     ClassCountMismatch,
     LABELS_DIR,
@@ -24,12 +25,13 @@ from hello_ray.labels.online import (
 
 # ----------------------------------------------------------------------------- stored
 
-def stored_name(prune: int, images: str = "distilled", seed: int | None = None) -> str:
-    """'stored' or 'stored-N' (``floor-stored[-N]`` for the random real images of the control rows):
-    the folder name under ``labels/`` (no '/' inside a file name). ``seed``: the labels of that
-    student seed's own views (``-seedS``; ``evaluate.stored_views=per_seed``, seeds after the first),
-    None: the set that ships (the first seed's)."""
+def stored_name(prune: int, images: str = "distilled", seed: int | None = None, topk: int = 0) -> str:
+    """'stored', 'stored-N' or 'stored[-N]-topK' (``floor-stored[-N]`` for the random real images of
+    the control rows): the folder name under ``labels/`` (no '/' inside a file name). ``seed``: the
+    labels of that student seed's own views (``-seedS``; ``evaluate.stored_views=per_seed``, seeds
+    after the first), None: the set that ships (the first seed's)."""
     name = "stored" if prune <= 1 else f"stored-{prune}"
+    name = name if topk <= 0 else f"{name}-top{topk}"
     name = name if images == "distilled" else f"{images}-{name}"
     return name if seed is None else f"{name}-seed{seed}"
 
@@ -87,6 +89,9 @@ class RelabelPlan:
 
 
 def _pack(epoch_views: list[tuple[int, View]]) -> bytes:
+    """One epoch file: per batch its image ids, crop boxes, flips, CutMix perm/lambda/box and either
+    its fp16 logits [B, C] or, for top-k views, ``topv`` fp16 [B, k] and ``topi`` [B, k] class ids
+    (int16 while C <= 32768, as LPQLD writes them; int32 beyond)."""
     arrays: dict[str, np.ndarray] = {}
     for b, v in epoch_views:
         p = f"b{b:05d}_"
@@ -96,7 +101,11 @@ def _pack(epoch_views: list[tuple[int, View]]) -> bytes:
         arrays[p + "perm"] = v.perm.numpy().astype(np.int32)
         arrays[p + "lam"] = np.asarray([v.lam], dtype=np.float32)
         arrays[p + "box"] = v.box.numpy().astype(np.int32)
-        arrays[p + "logits"] = v.logits.numpy().astype(np.float16)
+        if v.classes is None:
+            arrays[p + "logits"] = v.logits.numpy().astype(np.float16)
+        else:
+            arrays[p + "topv"] = v.logits.numpy().astype(np.float16)
+            arrays[p + "topi"] = v.classes.numpy().astype(np.int16 if int(v.classes.max()) < 32768 else np.int32)
     buf = io.BytesIO()
     np.savez(buf, **arrays)                                          # uncompressed: bytes are predictable
     return buf.getvalue()
@@ -110,14 +119,40 @@ def _unpack(data: bytes, where: str) -> dict[int, View]:
     out: dict[int, View] = {}
     for b in sorted({int(k[1:6]) for k in z.files}):
         p = f"b{b:05d}_"
+        top = p + "topv" in z.files
         out[b] = View(index=torch.from_numpy(z[p + "index"].astype(np.int64)),
                       boxes=torch.from_numpy(z[p + "boxes"].astype(np.int64)),
                       flips=torch.from_numpy(z[p + "flips"]),
                       perm=torch.from_numpy(z[p + "perm"].astype(np.int64)),
                       lam=float(z[p + "lam"][0]),
                       box=torch.from_numpy(z[p + "box"].astype(np.int64)),
-                      logits=torch.from_numpy(z[p + "logits"]))
+                      logits=torch.from_numpy(z[p + ("topv" if top else "logits")]),
+                      classes=torch.from_numpy(z[p + "topi"].astype(np.int64)) if top else None)
     return out
+
+
+def top_k_view(view: View, k: int) -> View:
+    """LPQLD's top-k of one stored view (he-y/soft-label-pruning-quantization-for-dataset-distillation
+    at 107c7a5, ``relabel_and_validate/generate_soft_label_pruning_batch.py`` l. 393-447): the k
+    largest pre-softmax logits of each row (no temperature: it is applied at replay) and their
+    class ids. Ties keep torch.topk's order. The augmentation parameters are the view's own."""
+    import dataclasses
+
+    if view.classes is not None:
+        raise LabelError("top-k of top-k labels: take the top-k of the full stored logits")
+    k = min(k, view.logits.shape[1])
+    vals, idx = torch.topk(view.logits.float(), k, dim=1)           # [B, k], [B, k]
+    return dataclasses.replace(view, logits=vals.to(torch.float16), classes=idx)
+
+
+def replay_top_k(values: torch.Tensor, classes: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """LPQLD's replay (``relabel_and_validate/train_FKD_LPQLD.py`` l. 723-764 at 107c7a5, the ``MR``
+    labels): softmax over the k stored logits at ``temperature``, scattered into zeros of C classes;
+    the other classes stay exactly 0 and nothing is renormalised. values [N, k], classes [N, k] ->
+    probabilities [N, C] (float32)."""
+    p = torch.softmax(values.float() / temperature, dim=1)             # [N, k]
+    out = torch.zeros(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
+    return out.scatter_(1, classes.to(values.device).long(), p)
 
 
 def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, plan: RelabelPlan, store,
@@ -164,14 +199,18 @@ def relabel(labeller: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
 
 
 def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_classes: int,
-                      files: dict[str, int], image_set: str = "distilled", seed: int | None = None) -> int:
-    """Write ``labels/<name>/meta.json`` last (the plan, the kept batches, each file's size).
+                      files: dict[str, int], image_set: str = "distilled", seed: int | None = None,
+                      topk: int = 0) -> int:
+    """Write ``labels/<name>/meta.json`` last (the plan, the kept batches, each file's size; ``topk``
+    when the views keep only their k largest logits).
 
     Returns the total shipped bytes: the epoch files plus meta.json itself.
     """
-    name = stored_name(plan.prune, image_set, seed)
+    name = stored_name(plan.prune, image_set, seed, topk)
     meta = {"plan": plan.__dict__, "n_images": n_images, "num_classes": num_classes,
             "kept": plan.kept(n_images), "files": dict(sorted(files.items()))}
+    if topk:
+        meta["topk"] = topk
     data = json.dumps(meta, indent=1).encode()
     store.put_bytes(key, f"{LABELS_DIR}/{name}/meta.json", data)
     return sum(files.values()) + len(data)
@@ -191,10 +230,13 @@ class StoredLabels(LabelStrategy):
 
     replays = True
 
-    def __init__(self, store, key: str, prune: int = 1, image_set: str = "distilled", seed: int | None = None):
-        self.store, self.key, self.prune = store, key, prune
-        self.name = "stored" if prune <= 1 else f"stored/{prune}"
-        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set, seed)}"
+    def __init__(self, store, key: str, prune: int = 1, image_set: str = "distilled", seed: int | None = None,
+                 topk: int = 0):
+        self.store, self.key, self.prune, self.topk = store, key, prune, topk
+        self.name = ("stored" if prune <= 1 else f"stored/{prune}") + (f"@top{topk}" if topk else "")
+        # Top-k views replay LPQLD's rule: probabilities at the epoch's temperature, not logits.
+        self.distribution = topk > 0
+        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set, seed, topk)}"
         try:
             meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
         except ArtifactNotFound as e:  # a damaged file (IntegrityError) is not "missing": it propagates
@@ -245,16 +287,15 @@ class StoredLabels(LabelStrategy):
         if context.stored_logits is None:
             raise ValueError(f"{self.name}: stored labels only label the views they stored "
                              "(take the views from epoch_views)")
+        if self.topk:
+            if context.stored_classes is None:
+                raise LabelError(f"{self.name}: the replayed views carry no top-k class ids")
+            return replay_top_k(context.stored_logits.to(images.device), context.stored_classes,
+                                context.num_classes, context.temperature)       # [N, C] probabilities
         return context.stored_logits.to(images.device, torch.float32)
 
     def shipped_bytes(self) -> int:
         return self._bytes
-
-
-def parse_strategy(spec: str) -> tuple[str, int]:
-    """'stored/10' -> ('stored', 10); 'teacher' -> ('teacher', 1)."""
-    base, _, prune = spec.partition("/")
-    return base, int(prune) if prune else 1
 
 
 def check_classes(found: int, expected: int, what: str) -> None:
@@ -294,3 +335,26 @@ def prune_stored(store, src_key: str, dst_key: str, prune: int, pool: str = "lpl
         store.put_bytes(dst_key, fname, data)
         files[fname] = len(data)
     return write_stored_meta(store, dst_key, plan, n_images, full.num_classes, files, image_set, seed)
+
+
+def top_k_stored(store, src: StoredLabels, dst_key: str, topk: int, image_set: str = "distilled",
+                 seed: int | None = None) -> int:
+    """``stored[/N]@topK`` from the full-logit labels ``src`` (same views, same pool): every kept view
+    re-written with only its k largest logits and their class ids (:func:`top_k_view`), in
+    ``labels/<stored[-N]-topK>/`` of ``dst_key``, so the bytes are real files of LPQLD's layout.
+    LPQLD quantises while relabelling; taking the top-k of fp16 logits already stored gives the
+    same views and the same k logits (fp16 rounding can only reorder exact ties). Returns the
+    shipped bytes."""
+    if topk < 1:
+        raise LabelError(f"top-k stored labels need k >= 1, got {topk}")
+    n_images = int(src.meta["n_images"])
+    files: dict[str, int] = {}
+    name = stored_name(src.prune, image_set, seed, topk)
+    for e in sorted({int(e) for e, _ in src.meta["kept"]}):
+        fname = f"{src.folder}/epoch_{e:04d}.npz"
+        views = _unpack(src.store.get_bytes(src.key, fname), f"{src.key}/{fname}")
+        data = _pack([(b, top_k_view(v, topk)) for b, v in sorted(views.items())])
+        out = f"{LABELS_DIR}/{name}/epoch_{e:04d}.npz"
+        store.put_bytes(dst_key, out, data)
+        files[out] = len(data)
+    return write_stored_meta(store, dst_key, src.plan, n_images, src.num_classes, files, image_set, seed, topk)

@@ -84,8 +84,10 @@ def lpt_makespan(times: list[float], slots: int) -> float:
     return max(loads)
 
 
-def evaluate_gpu_hours(cfg: Config, classes: int, profile: dict[str, Any]) -> dict[str, Any]:
-    """Before / after GPU-hours held and the useful GPU-hours of the evaluate grid (see the module)."""
+def evaluate_gpu_hours(cfg: Config, classes: int, profile: dict[str, Any], train_images: int | None = None
+                       ) -> dict[str, Any]:
+    """Before / after GPU-hours held and the useful GPU-hours of the evaluate grid (see the module).
+    ``train_images``: the training split's size, what a ``full`` row (``evaluate.full_data``) trains on."""
     from hello_ray.stages.evaluate import plan_rows
     from hello_ray.stages.evaluate_queue import student_flops
 
@@ -95,6 +97,8 @@ def evaluate_gpu_hours(cfg: Config, classes: int, profile: dict[str, Any]) -> di
     after, before = [], []
     for row in plan_rows(cfg, classes):
         n = images * (len(row["classes"]) / classes if row.get("classes") else 1)
+        if row["images"] == "full":
+            n = train_images or images
         steps = ev.epochs * math.ceil(n / ev.batch_size)
         scale = (ev.batch_size / profile["batch"]) * (
             student_flops(row["student"], classes, cfg.data.image_size) / ref)
@@ -175,7 +179,7 @@ def stage_gpu_hours(cfg: Config, classes: int, train_images: int, profile: dict[
         t = images * cfg.recover.iterations * per_image_iter / cfg.recover.num_actors
         row("recover", None, t, f"1 -> {cfg.recover.classes_per_step} classes per step "
                                 f"({cfg.recover.classes_per_step * ipc} images)")
-    ev = evaluate_gpu_hours(cfg, classes, profile) if "evaluate" in stages else None
+    ev = evaluate_gpu_hours(cfg, classes, profile, train_images) if "evaluate" in stages else None
     if ev is not None:
         rows.append({"stage": "evaluate", "before_gpu_h": ev["before"]["gpu_h"], "after_gpu_h": ev["after"]["gpu_h"],
                      "why": "DDP rows, views on the CPU -> a row per GPU, views on the device"})

@@ -11,6 +11,8 @@ from hello_ray.formats.fidelity import read_fidelity
 from hello_ray.formats.jsonfile import read_json
 from hello_ray.formats.results import read_results, results_table, summarise
 from hello_ray.formats.trajectory import load_trajectory
+from hello_ray.report.frontier import frontier_table
+from hello_ray.scores import DD_RANKING, scores_table
 from hello_ray.tables import format_pct, human_bytes, is_missing, markdown_table
 
 if TYPE_CHECKING:
@@ -116,6 +118,7 @@ def build_report(
     images: "ImageGrid | None" = None,
     data: Mapping[str, Any] | None = None,
     preflight: Mapping[str, Any] | None = None,
+    scores: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The markdown report and its PNGs ``{file name: png bytes}``; a section whose input is
     None or empty is left out. Raises ValueError naming the row/key of malformed input."""
@@ -135,9 +138,18 @@ def build_report(
                    "validation set as the reference protocol reports it (optimistic); the final-epoch "
                    "column beside it is the number to compare.", ""]
         pngs[PNG_NAMES["accuracy"]] = plot_accuracy_vs_bytes(summary)
-        md += ["### Accuracy vs label bytes", "", f"![accuracy vs label bytes]({PNG_NAMES['accuracy']})", "",
+        md += ["### Accuracy vs label bytes: the frontier", "",
+               f"![accuracy vs label bytes]({PNG_NAMES['accuracy']})", "",
                "Up and to the left is better: the same accuracy for fewer label bytes. Error bars "
-               "are ± one std over seeds.", ""]
+               "are ± one std over seeds; the line joins the points no other point dominates (no more "
+               "bytes and no less top-1). Bytes are the files each strategy ships, counted exactly.", "",
+               markdown_table(*frontier_table(summary)), ""]
+    if scores:
+        md += ["### Fair scores (DD-Ranking)", "",
+               f"Label Robust Score and Augmentation Robust Score ({DD_RANKING}): each strategy's rows "
+               "against the random-real-image rows with the same labels (and, for ARS, the +noaug rows), "
+               f"accuracies in {scores[0]['scale']}, weight {scores[0]['weight']:g}; mean ± std over seeds.", "",
+               markdown_table(*scores_table(scores)), ""]
     else:
         md += ["No results rows were given.", ""]
 
@@ -175,8 +187,17 @@ def build_report(
         best = (f"Best: conv rank {finished[0]['conv_rank']}, head rank {finished[0]['head_rank']}, "
                 f"window {finished[0]['window']}: top-1 {format_pct(float(finished[0]['top1']))} %."
                 if finished else "No trial finished.")
-        md += ["## Sweep", "", best, "", f"![sweep heat map]({PNG_NAMES['sweep']})", "",
-               markdown_table(["conv rank", "head rank", "window", "top-1 %"], body), ""]
+        md += ["## Sweep", "", best, "", f"![sweep heat map]({PNG_NAMES['sweep']})", ""]
+        if any(not is_missing(r.get("lrs")) for r in sweep):  # sweep.scores: DD-Ranking's LRS per trial
+            pngs[PNG_NAMES["sweep_lrs"]] = plot_sweep_heatmap(sweep, "lrs")
+            md += [f"![sweep LRS heat map]({PNG_NAMES['sweep_lrs']})", "",
+                   "The projector's Label Robust Score per trial (DD-Ranking): its gain over random real "
+                   "images with the same labels, less what it leaves of full-data training.", ""]
+            for row, r in zip(body, sweep):
+                row.append("-" if is_missing(r.get("lrs")) else f"{float(r['lrs']):.3f}")
+        headers = ["conv rank", "head rank", "window", "top-1 %"]
+        headers += ["LRS"] if any(not is_missing(r.get("lrs")) for r in sweep) else []
+        md += [markdown_table(headers, body), ""]
 
     if data:
         md += data_section(data)
@@ -266,6 +287,7 @@ def write_report(
     images: "ImageGrid | None" = None,
     data: Mapping[str, Any] | None = None,
     preflight: Mapping[str, Any] | None = None,
+    scores: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """Build the report and store it as artifact ``report_key(name)``: PNGs, then ``README.md``,
     then the manifest (stage "report", ``inputs`` = the artifact keys it summarises). A re-run
@@ -274,7 +296,7 @@ def write_report(
     markdown, pngs = build_report(results_rows, trajectory, fidelity, sweep_rows, storage,
                                   title=f"hello_ray report: {name}", meta=meta,
                                   teacher_window=teacher_window, images=images, data=data,
-                                  preflight=preflight)
+                                  preflight=preflight, scores=scores)
     for png_name, png in pngs.items():
         store.put_bytes(key, png_name, png)
     store.put_bytes(key, REPORT_FILE, markdown.encode("utf-8"))

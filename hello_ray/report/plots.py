@@ -27,6 +27,7 @@ PNG_NAMES = {
     "teacher": "teacher_curve.png",
     "fidelity": "fidelity.png",
     "sweep": "sweep_heatmap.png",
+    "sweep_lrs": "sweep_lrs_heatmap.png",
 }
 
 
@@ -109,15 +110,15 @@ def sweep_summary(sweep_rows: Any) -> list[dict[str, Any]]:
     return done + [r for r in rows if is_missing(r.get("top1"))]
 
 
-def sweep_grid(sweep: list[dict[str, Any]]) -> tuple[list[int], list[str], np.ndarray]:
-    """(conv ranks, windows by start epoch, mean top-1 grid [ranks, windows]; NaN where no
-    finished trial)."""
+def sweep_grid(sweep: list[dict[str, Any]], value: str = "top1") -> tuple[list[int], list[str], np.ndarray]:
+    """(conv ranks, windows by start epoch, mean ``value`` (top1 | lrs) grid [ranks, windows]; NaN
+    where no finished trial)."""
     ranks = sorted({int(r["conv_rank"]) for r in sweep})
     windows = sorted({str(r["window"]) for r in sweep}, key=_window_bounds)
     acc: dict[tuple[int, str], list[float]] = {}
     for r in sweep:
-        if not is_missing(r.get("top1")):
-            acc.setdefault((int(r["conv_rank"]), str(r["window"])), []).append(float(r["top1"]))
+        if not is_missing(r.get(value)):
+            acc.setdefault((int(r["conv_rank"]), str(r["window"])), []).append(float(r[value]))
     grid = np.full((len(ranks), len(windows)), np.nan)  # [ranks, windows]
     for (rank, window), vals in acc.items():
         grid[ranks.index(rank), windows.index(window)] = float(np.mean(vals))
@@ -147,9 +148,17 @@ def series_label(group: Mapping[str, Any], with_student: bool) -> str:
 
 def plot_accuracy_vs_bytes(summary: list[dict[str, Any]]) -> bytes:
     """Top-1 (mean ± std error bars) against label bytes on a log x axis, one series per
-    ``summarise`` group. A zero-byte strategy switches to symlog so it shows."""
+    ``summarise`` group, the frontier (``report.frontier``: points no other one dominates) joined by a
+    line. A zero-byte strategy switches to symlog so it shows."""
+    from hello_ray.report.frontier import frontier_points, on_frontier
+
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
+    points = frontier_points(summary)
+    front = sorted((p for p, f in zip(points, on_frontier(points)) if f), key=lambda p: p["label_bytes"])
+    if len(front) > 1:  # the points nothing dominates (no more bytes, no less accuracy), joined
+        ax.plot([p["label_bytes"] for p in front], [100 * p["top1_mean"] for p in front], "-", color="0.6",
+                linewidth=1.2, zorder=0, label="frontier (not dominated)")
     several = len({s["student"] for s in summary}) > 1
     markers = "osD^v<>pPX*h"
     for i, s in enumerate(summary):
@@ -168,7 +177,11 @@ def plot_accuracy_vs_bytes(summary: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("student top-1 on real val (%)")
     ax.set_title("Accuracy vs label storage")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if len(summary) > 8:   # many strategies: the legend beside the axes, not over the points
+        fig.set_size_inches(10.0, 5.0)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _png(fig)
 
@@ -219,26 +232,28 @@ def plot_fidelity(fidelity: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def plot_sweep_heatmap(sweep: list[dict[str, Any]]) -> bytes:
-    """Heat map of top-1 over (conv rank x teacher window), values written in the cells."""
-    ranks, windows, grid = sweep_grid(sweep)
+def plot_sweep_heatmap(sweep: list[dict[str, Any]], value: str = "top1") -> bytes:
+    """Heat map of top-1 (or DD-Ranking's LRS, ``value="lrs"``) over (conv rank x teacher window),
+    values written in the cells."""
+    ranks, windows, grid = sweep_grid(sweep, value)
+    scale = 100 if value == "top1" else 1
     fig = Figure(figsize=(1.6 + 1.1 * len(windows), 1.4 + 0.8 * len(ranks)))
     ax = fig.add_subplot()
-    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
+    im = ax.imshow(scale * grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(windows)), windows)
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("teacher window (epochs)")
     ax.set_ylabel("LoRA conv rank")
     finite = grid[np.isfinite(grid)]
-    mid = 100 * float(finite.mean()) if finite.size else 0.0
+    mid = scale * float(finite.mean()) if finite.size else 0.0
     for i in range(len(ranks)):
         for j in range(len(windows)):
-            v = 100 * grid[i, j]
-            text = f"{v:.1f}" if np.isfinite(v) else "stopped"
+            v = scale * grid[i, j]
+            text = (f"{v:.1f}" if value == "top1" else f"{v:.3f}") if np.isfinite(v) else "stopped"
             # NaN cells are left blank (white) by imshow: write on them in gray.
             color = "gray" if not np.isfinite(v) else "black" if v > mid else "white"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    fig.colorbar(im, ax=ax, label="top-1 (%)")
-    ax.set_title("Sweep: top-1 by rank and window", fontsize=10)
+    fig.colorbar(im, ax=ax, label="top-1 (%)" if value == "top1" else "LRS (DD-Ranking)")
+    ax.set_title(f"Sweep: {'top-1' if value == 'top1' else 'label robust score'} by rank and window", fontsize=10)
     fig.tight_layout()
     return _png(fig)

@@ -16,6 +16,8 @@ Rows:
 - ``(student, strategy, seed)`` for every strategy of ``evaluate.strategies``;
 - ``floor``: random real training images (as many per class as the distilled set, seeded) with
   hard labels, the baseline any distilled set must beat;
+- ``full`` (``evaluate.full_data``): the whole real training set with hard labels, DD-Ranking's
+  A(full, hard) for the Label Robust Score;
 - continual (GDumb, class-incremental): classes split in natural order into S steps; after step k
   a fresh ``students[0]`` trains on the distilled images of the classes seen so far and is scored
   on their real validation images (argmax over the seen classes, as GDumb masks the rest).
@@ -36,11 +38,14 @@ from hello_ray import launcher
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.formats.results import (has_row_record, read_row_records, write_results,  # the results format
                                        write_row_record)
+from hello_ray.config.evaluate import parse_phases
+from hello_ray.scores import fair_scores
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
-                              parse_strategy, prune_stored, relabel, stored_name,
+                              parse_spec, parse_strategy, prune_stored, relabel, stored_name, top_k_stored,
                               write_stored_meta)
 from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the tests use them here)
-    FLOOR_SPARE, _uses_teacher, check_imported_labels, check_stored_labels, pick_floor, sample_floor, validate_inputs)
+    FLOOR_SPARE, _uses_teacher, check_imported_labels, check_stored_labels, load_full, pick_floor, sample_floor,
+    validate_inputs)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, row_cost
@@ -53,12 +58,20 @@ log = logging.getLogger("hello_ray.evaluate")
 ROWS_FILE = "rows.json"
 
 
+NEW_KEY_DEFAULTS = {"temperature_schedule": "constant", "student_temperature": 0.0, "phases": "",
+                    "label_smoothing": 0.8, "full_data": False, "full_top1": 0.0, "score_scale": "percent", "score_weight": 0.5}
+
+
 def stage_config(cfg: Config) -> dict[str, Any]:
     """Data + evaluate sections, and where the teacher labels come from when a strategy uses them:
     the teacher window, or the observer (``teachers.observer``)."""
     ev = section_dict(cfg.evaluate)
     if not ev["stored_labels"]:  # the default keeps the keys evaluate artifacts had before the option
         ev.pop("stored_labels")
+    # Keys added with LPQLD/HALD/DD-Ranking leave the keys of runs that do not use them as they were.
+    for k, default in NEW_KEY_DEFAULTS.items():
+        if ev.get(k) == default:
+            ev.pop(k)
     ev.pop("loss_check_every")  # how often the host looks, not what is trained
     ev.pop("gpus_per_row")      # where rows run, not what they train
     out = {"data": data_identity(cfg.data), "evaluate": ev}
@@ -98,13 +111,18 @@ def resources(cfg: Config) -> dict[str, float]:
     return {**out, "GPU": workers * share}
 
 
-def settings_for(cfg: Config, student: str) -> TrainSettings:
+def settings_for(cfg: Config, student: str, strategy: str = "hard") -> TrainSettings:
+    """The student schedule of one row: ``strategy``'s +phases / +noaug flags pick its phases and views."""
     ev = cfg.evaluate
+    spec = parse_spec(strategy)
     return TrainSettings(epochs=ev.epochs, batch_size=ev.batch_size, lr=ev.lr[student],
                          weight_decay=ev.weight_decay, cutmix_alpha=ev.cutmix_alpha, loss=ev.loss,
                          ce_weight=ev.ce_weight, temperature=ev.temperature, image_size=cfg.data.image_size,
                          schedule=ev.schedule, decay=ev.decay, report=ev.report, precision=ev.precision,
-                         loss_check_every=ev.loss_check_every)
+                         loss_check_every=ev.loss_check_every, temperature_schedule=ev.temperature_schedule,
+                         student_temperature=ev.student_temperature,
+                         phases=tuple(parse_phases(ev.phases)) if spec.phases else (),
+                         label_smoothing=ev.label_smoothing, augment=not spec.noaug)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -121,6 +139,9 @@ def plan_rows(cfg: Config, num_classes: int) -> list[dict[str, Any]]:
             for strategy in ev.floor_strategies:
                 for seed in ev.seeds:
                     rows.append({"student": student, "strategy": strategy, "seed": seed, "images": "floor"})
+        if ev.full_data:  # DD-Ranking's A(full, hard): the whole real training set, hard labels
+            for seed in ev.seeds:
+                rows.append({"student": student, "strategy": "hard", "seed": seed, "images": "full"})
     check_continual(ev.continual_steps, num_classes)
     for n_steps in ev.continual_steps:
         groups = np.array_split(np.arange(num_classes), n_steps)
@@ -158,8 +179,9 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
     t0 = time.perf_counter()
     imageset = load_image_set(store, inputs["images"])
     train, val = load_train_val(cfg.data, store)
-    # The training images are read only for the floor's random real images.
-    corrupt = corrupt_summary({"train": train, "val": val} if cfg.evaluate.floor else {"val": val},
+    # The training images are read only for the floor's random real images (and the full-data rows).
+    corrupt = corrupt_summary({"train": train, "val": val} if cfg.evaluate.floor or cfg.evaluate.full_data
+                              else {"val": val},
                               cfg.data, store)
     num_classes = len(train.class_names)
     validate_inputs(cfg, store, inputs, len(imageset.class_names), num_classes)
@@ -177,6 +199,11 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
         floor_x, floor_y = sample_floor(cfg.data, store, num_classes, ipc,
                                         seed=cfg.evaluate.seeds[0])
         payload.update(floor_images=ray.put(nhwc_to_nchw(floor_x)), floor_labels=ray.put(torch.as_tensor(floor_y)))
+    n_full = 0
+    if cfg.evaluate.full_data:
+        full_x, full_y = load_full(cfg.data, store, num_classes)
+        n_full = len(full_y)
+        payload.update(full_images=ray.put(nhwc_to_nchw(full_x)), full_labels=ray.put(torch.as_tensor(full_y)))
     val_ds = decoded_split(val, cfg.data, columns=["image", "label"]).materialize()
     mode, workers, share = plan_parallel(cfg)
     log.info("[evaluate] %d rows, %d distilled images, %d val images; %s", len(rows), len(images),
@@ -186,7 +213,7 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
     if mode == "queue":
         finished = read_row_records(store, key, [r["row"] for r in rows])
         for r in rows:
-            r["cost"] = row_cost(cfg, r, len(images), num_classes)
+            r["cost"] = row_cost(cfg, r, n_full if r["images"] == "full" else len(images), num_classes)
         queue = ray.remote(num_cpus=0)(RowQueue).remote([r for r in rows if r["row"] not in finished])
         config["queue"] = queue
     result = launcher.fit(
@@ -204,7 +231,9 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
                  busy_fraction(done, workers))
     else:
         done = json.loads(launcher.checkpoint_bytes(result.checkpoint, ROWS_FILE))
-    return {**write_results(store, key, done, wall_s=time.perf_counter() - t0), "corrupt": corrupt}
+    ev = cfg.evaluate
+    scores = fair_scores(done, ev.full_top1, ev.score_scale, ev.score_weight)
+    return {**write_results(store, key, done, wall_s=time.perf_counter() - t0, scores=scores), "corrupt": corrupt}
 
 
 def describe_parallel(cfg: Config, mode: str, workers: int, share: float) -> str:
@@ -228,14 +257,29 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
     seed's, the set that ships."""
     import torch.distributed as dist
 
-    base, prune = parse_strategy(spec)
+    parsed = parse_spec(spec)
+    base, prune = parsed.base, parsed.prune
     size = cfg.data.image_size
     if base == "hard":
         return HardLabels.write(labels.numpy(), num_classes, store, key, write=rank == 0,
                                 name="hard" if image_set == "distilled" else image_set)
     if base == "projector":
-        return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size).to(device).with_precision(
+        return ProjectorLabels.from_store(store, inputs["transfer"], num_classes, size, dtype=parsed.adapter_dtype,
+                                          out=(store, key) if rank == 0 else None).to(device).with_precision(
             cfg.evaluate.label_precision)
+    if parsed.topk:
+        # LPQLD's top-k of the same views and pool: built from the full-logit labels of this very
+        # stored[/N] (made first, or found), copied by rank 0, met by every rank at the barrier.
+        full_spec = "stored" if prune <= 1 else f"stored/{prune}"
+        full = build_strategy(full_spec, cfg, store, key, inputs, images, labels, num_classes, device, rank, world,
+                              teacher, image_set, seed)
+        assert isinstance(full, StoredLabels)
+        name = stored_name(prune, image_set, seed, parsed.topk)
+        if rank == 0 and f"labels/{name}/meta.json" not in store.list_files(key):
+            top_k_stored(store, full, key, parsed.topk, image_set, seed)
+        if world > 1:
+            dist.barrier()
+        return StoredLabels(store, key, prune, image_set, seed, topk=parsed.topk)
     if base == "teacher":
         return teacher
     ev = cfg.evaluate
@@ -324,7 +368,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world, device = w.rank, w.world, w.device
     by_queue = config["mode"] == "queue"
     images, labels = ray.get(config["images"]), ray.get(config["labels"])
-    floor = (ray.get(config["floor_images"]), ray.get(config["floor_labels"])) if "floor_images" in config else None
+    sets = {"distilled": (images, labels)}   # image set -> (uint8 [M, 3, S, S], labels [M])
+    for name in ("floor", "full"):
+        if f"{name}_images" in config:
+            sets[name] = (ray.get(config[f"{name}_images"]), ray.get(config[f"{name}_labels"]))
 
     done: list[dict[str, Any]] = []
     ckpt = ray.train.get_checkpoint()
@@ -356,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if base in ("teacher", "projector") and ("distilled", spec, None) in strategies:
             strategies[(image_set, spec, seed)] = strategies[("distilled", spec, None)]
             continue
-        x_set, y_set = floor if image_set == "floor" else (images, labels)
+        x_set, y_set = sets[image_set]
         strategies[(image_set, spec, seed)] = build_strategy(spec, cfg, store, key, inputs, x_set, y_set,
                                                              num_classes, device, rank, world, teacher, image_set,
                                                              seed)
@@ -366,14 +413,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{time.perf_counter() - t_labels:.1f} s")
     if by_queue:
         def train(r: dict[str, Any], on_view: Any = None) -> dict[str, Any]:
-            x, y = floor if r["images"] == "floor" else (images, labels)
+            x, y = sets[r["images"]]
             return _train_row(cfg, r, x, y, strategies[strategy_of(r)], num_classes, val_shard, device, rank=0,
                               world=1, on_view=on_view)
 
         _queue_rows(config, rank, world, train, say)
         return
     for mine in pending:
-        x, y = floor if mine["images"] == "floor" else (images, labels)
+        x, y = sets[mine["images"]]
         strategy = strategies[strategy_of(mine)]
         record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device, rank=rank, world=world)
         done.append(record)
@@ -458,7 +505,7 @@ def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tenso
     # Channels-last before DDP wraps it: oneDNN and cuDNN convolve fastest in it (CPU: ~10 % per step).
     model = build_model(row["student"], num_classes, cfg.data.image_size).to(memory_format=torch.channels_last)
     model = prepare_model(model) if world > 1 else model.to(device)
-    settings = settings_for(cfg, row["student"])
+    settings = settings_for(cfg, row["student"], row["strategy"])
     val_images = [0]
 
     def score() -> float:

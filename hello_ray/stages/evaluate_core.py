@@ -28,7 +28,7 @@ from torch import nn
 
 from hello_ray.failures import LossLog
 from hello_ray.labels import LabelContext, LabelStrategy
-from hello_ray.views import View, draw_epoch
+from hello_ray.views import View, draw_epoch, plain_epoch
 
 
 @dataclass
@@ -48,24 +48,79 @@ class TrainSettings:
     report: str = "final"          # final | rded_best | fkd_best: the epochs scored on the val set
     precision: str = "fp32"        # fp32 | bf16 (autocast of the student's forward and loss)
     loss_check_every: int = 50     # steps between reads of the losses (one host sync each)
+    temperature_schedule: str = "constant"   # constant | lpqld (the labels' temperature per epoch)
+    student_temperature: float = 0.0         # 0: the labels' temperature of the epoch
+    phases: tuple[tuple[str, int], ...] = ()  # HALD's (kind, epochs), scaled to ``epochs``; () = none
+    label_smoothing: float = 0.8             # the hard phases' (HALD)
+    augment: bool = True                     # False: whole images, no flip, no CutMix (+noaug)
+
+    def label_temperature(self, epoch: int) -> float:
+        """The labels' temperature in (0-based) ``epoch``."""
+        if self.temperature_schedule == "lpqld":
+            from hello_ray.config.evaluate import lpqld_temperature
+            return lpqld_temperature(epoch, t0=self.temperature)
+        return self.temperature
+
+    def student_temp(self, epoch: int) -> float:
+        return self.student_temperature or self.label_temperature(epoch)
+
+
+def phase_bounds(phases: Iterable[tuple[str, int]], epochs: int) -> list[tuple[str, int, int]]:
+    """HALD's phases scaled to ``epochs``: [(kind, first epoch, end epoch)), 0-based, ends exclusive.
+
+    HALD (Jiacheng8/HALD @ ffbca04, validate/train_fkd.py l. 142-211, 458-477) runs its segments back
+    to back with one epoch counter (75/150/75: epochs 0-74 soft, 75-224 hard, 225-299 soft) and takes
+    the lengths as absolute epochs. Here a run of another length keeps their proportions: boundary i
+    is floor(E x (cumulative length i) / total + 0.5), so the lengths are exact when E is their sum;
+    a phase left with no epoch is dropped.
+    """
+    phases = list(phases)
+    total = sum(n for _, n in phases)
+    out, start, cum = [], 0, 0
+    for kind, n in phases:
+        cum += n
+        end = math.floor(epochs * cum / total + 0.5)
+        if end > start:
+            out.append((kind, start, end))
+        start = max(start, end)
+    return out
+
+
+def smoothed_mixed_target(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int, eps: float
+                          ) -> torch.Tensor:
+    """HALD's hard-phase target (timm's ``mixup_target`` as HALD calls it, label_smoothing eps): each
+    label smoothed to eps/C on every class plus 1 - eps on its own, then mixed lam : 1 - lam by
+    CutMix. y_a, y_b [N] -> [N, C] probabilities."""
+    off = eps / num_classes
+    a = F.one_hot(y_a, num_classes).float() * (1.0 - eps) + off
+    b = F.one_hot(y_b, num_classes).float() * (1.0 - eps) + off
+    return lam * a + (1.0 - lam) * b
 
 
 def student_loss(out: torch.Tensor, target: torch.Tensor, ctx: LabelContext, soft: bool,
-                 s: TrainSettings) -> torch.Tensor:
-    """out [N, C] student logits; target [N, C] label logits (soft) or mixed one-hot (hard).
+                 s: TrainSettings, distribution: bool = False, epoch: int = 0) -> torch.Tensor:
+    """out [N, C] student logits; target [N, C] label logits (soft), probabilities at the labels'
+    temperature (``distribution``: top-k replay) or a mixed (smoothed) one-hot (hard).
 
     Hard labels: CE against the mixed one-hot = lam*CE(y_a) + (1-lam)*CE(y_b) (classic CutMix).
-    mse_ce: MSE(out, logits) + ce_weight x that mixed CE (METHOD.md). kl: T^2 KL(p_T(label) || p_T(out)),
+    mse_ce: MSE(out, logits) + ce_weight x that mixed CE (METHOD.md). kl: T^2 KL(p_T(label) || p_Ts(out)),
     batch mean (Hinton's scaling). kl_plain: the same without T^2, as RDED's validation/main.py and
-    SRe2L/LPLD's train_FKD.py compute it (KLDivLoss(batchmean) of log_softmax(out/T) vs softmax(label/T)).
+    SRe2L/LPLD's train_FKD.py compute it (KLDivLoss(batchmean) of log_softmax(out/Ts) vs softmax(label/T)).
+    T is the labels' temperature of ``epoch`` (``temperature_schedule``), Ts the student's
+    (``student_temperature``, else T); a distribution target is taken as it is (LPQLD).
     """
     if not soft:
         return -(target * F.log_softmax(out, 1)).sum(1).mean()
     if s.loss in ("kl", "kl_plain"):
-        t = s.temperature
-        kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
-                      log_target=True)
+        t, ts = s.label_temperature(epoch), s.student_temp(epoch)
+        if distribution:                                     # zeros outside the top-k: 0 log 0 = 0
+            kl = F.kl_div(F.log_softmax(out / ts, 1), target, reduction="batchmean")
+        else:
+            kl = F.kl_div(F.log_softmax(out / ts, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                          log_target=True)
         return kl * t * t if s.loss == "kl" else kl
+    if distribution:
+        raise ValueError("the mse_ce loss regresses logits; probability labels (top-k) need a kl loss")
     mixed_ce = ctx.lam * F.cross_entropy(out, ctx.y_a) + (1 - ctx.lam) * F.cross_entropy(out, ctx.y_b)
     return F.mse_loss(out, target) + s.ce_weight * mixed_ce
 
@@ -218,9 +273,19 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     timer = StepTimer(device)
     losses = LossLog(device, s.loss_check_every, "evaluate", f"{where}lr={s.lr:g}")
     model.train()
+    bounds = phase_bounds(s.phases, s.epochs) if s.phases else []
+    soft_epochs = 0                                           # soft epochs so far: what a replay walks
     for epoch in range(s.epochs):
-        views = (strategy.epoch_views(epoch, seed) if strategy.replays else
-                 draw_epoch(n_images, height, width, s.batch_size, s.image_size, s.cutmix_alpha, g))
+        hard_phase = any(k == "hard" and a <= epoch < b for k, a, b in bounds)
+        if hard_phase:                                        # HALD: fresh views, smoothed hard labels
+            views = draw_epoch(n_images, height, width, s.batch_size, s.image_size, s.cutmix_alpha, g)
+        elif strategy.replays:
+            views = strategy.epoch_views(soft_epochs, seed)
+        elif not s.augment:
+            views = plain_epoch(n_images, height, width, s.batch_size, g)
+        else:
+            views = draw_epoch(n_images, height, width, s.batch_size, s.image_size, s.cutmix_alpha, g)
+        t_label = s.label_temperature(epoch)
         for view in views:
             if on_view is not None:
                 on_view(epoch, view)
@@ -233,14 +298,20 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             y_a = labels[index[_to(part, device)]]
             y_b = labels[index[_to(view.perm[part], device)]]
             ctx = LabelContext(y_a=y_a, y_b=y_b, lam=view.lam, num_classes=num_classes,
-                               stored_logits=None if view.logits is None else _to(view.logits[part], device))
-            target = strategy.label(xb, ctx)                  # [n, C]
+                               stored_logits=None if view.logits is None else _to(view.logits[part], device),
+                               stored_classes=None if view.classes is None else _to(view.classes[part], device),
+                               temperature=t_label)
+            if hard_phase:
+                target = smoothed_mixed_target(y_a, y_b, view.lam, num_classes, s.label_smoothing)   # [n, C]
+            else:
+                target = strategy.label(xb, ctx)              # [n, C]
             with amp:
                 out = model(xb)                               # [n, C]
                 if cols is not None:
                     out, target = out[:, cols], target[:, cols]
                     ctx.y_a, ctx.y_b = remap[ctx.y_a], remap[ctx.y_b]
-                loss = student_loss(out.float(), target, ctx, strategy.soft, s)
+                loss = student_loss(out.float(), target, ctx, strategy.soft and not hard_phase, s,
+                                    distribution=strategy.distribution, epoch=epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -249,6 +320,7 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             timer.stop()
             losses.add(loss, epoch + 1)
         losses.read(epoch + 1)
+        soft_epochs += not hard_phase
         lr_now = sched.get_last_lr()[0]
         if not per_step:
             sched.step()                                      # per epoch, after it, as RDED and FKD do

@@ -61,6 +61,17 @@ def sample_floor(data, store, num_classes: int, ipc: int, seed: int) -> tuple[np
     return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, ipc, seed)
 
 
+def load_full(data, store, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole training split, decoded (``evaluate.full_data``): uint8 [N, S, S, 3], labels [N], in
+    each class's seeded order. It is held in memory: for small sets (the demo's digits, CIFAR); at
+    ImageNet scale give ``evaluate.full_top1`` instead."""
+    from hello_ray.data.decode import decoded_split
+    from hello_ray.data.sources import load_split
+
+    split = load_split(data, data.train_split, store)
+    return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, 1 << 62, 0)
+
+
 def _adapter_classes(store, key: str) -> int:
     from hello_ray.models.adapter import read_adapter_json
 
