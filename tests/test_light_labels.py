@@ -77,7 +77,7 @@ def _payload(store, key, folder) -> tuple[int, int]:
         files += len(data)
         if f.endswith(".npz"):
             z = np.load(io.BytesIO(data))
-            arrays += sum(z[k].nbytes for k in z.files if k.endswith(("_topv", "_topi", "_logits")))
+            arrays += sum(z[k].nbytes for k in z.files if k in ("topv", "topi", "logits"))
     return arrays, files
 
 
@@ -102,6 +102,34 @@ def test_top_k_bytes_are_exact(tmp_path, classes, ipc, k, epochs, prune, batch):
     arrays, files = _payload(store, "ev", stored_name(prune, topk=k))
     assert arrays == topk_label_bytes(classes, ipc, epochs, batch, prune, k)
     assert top == files == StoredLabels(store, "ev", prune, topk=k).shipped_bytes()
+
+
+def test_files_of_the_per_batch_layout_are_still_read(tmp_path):
+    """Layout 1 (eight arrays per batch, ``b{b:05d}_<field>``, written before layout 2) replays the
+    same views as the layout written now."""
+    from hello_ray.labels import _pack, _unpack
+
+    store = open_store(str(tmp_path / "store"))
+    images = torch.randint(0, 256, (20, 3, 12, 12), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    plan = RelabelPlan(epochs=1, batch_size=8, image_size=8, cutmix_alpha=1.0, seed=3)
+    write_stored_meta(store, "ev", plan, 20, 10, relabel(_Linear(10), images, plan, store, "ev"))
+    views = StoredLabels(store, "ev").epoch_views(0, 0)
+    old = {}
+    for b, v in enumerate(views):
+        p = f"b{b:05d}_"
+        old.update({p + "index": v.index.numpy().astype(np.int32), p + "boxes": v.boxes.numpy().astype(np.int16),
+                    p + "flips": v.flips.numpy(), p + "perm": v.perm.numpy().astype(np.int32),
+                    p + "lam": np.asarray([v.lam], dtype=np.float32), p + "box": v.box.numpy().astype(np.int32),
+                    p + "logits": v.logits.numpy()})
+    buf = io.BytesIO()
+    np.savez(buf, **old)
+    again = _unpack(buf.getvalue(), "old")
+    assert len(again) == len(views) == 3
+    for b, v in enumerate(views):
+        for field in ("index", "boxes", "flips", "perm", "box", "logits"):
+            assert torch.equal(getattr(again[b], field), getattr(v, field)), field
+        assert again[b].lam == v.lam
+    assert len(_pack(list(enumerate(views)))) < len(buf.getvalue())     # one array per field, not per batch
 
 
 def test_top_k_views_keep_the_views_and_the_k_largest_logits(tmp_path):

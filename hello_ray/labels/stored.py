@@ -88,24 +88,38 @@ class RelabelPlan:
         return [every[i] for i in picked]
 
 
+#: Stored-label file layout written now: one array per field for the whole epoch file (batches
+#: concatenated, ``nviews`` giving each batch's length). Files of layout 1 (eight arrays per batch,
+#: ``b{b:05d}_<field>``) are still read. Each array in an .npz costs ~200 bytes of headers, so at the
+#: demo's 10 classes and 25-view batches layout 1 spent more on headers than on logits.
+PACK_LAYOUT = 2
+
+
 def _pack(epoch_views: list[tuple[int, View]]) -> bytes:
-    """One epoch file: per batch its image ids, crop boxes, flips, CutMix perm/lambda/box and either
-    its fp16 logits [B, C] or, for top-k views, ``topv`` fp16 [B, k] and ``topi`` [B, k] class ids
-    (int16 while C <= 32768, as LPQLD writes them; int32 beyond)."""
-    arrays: dict[str, np.ndarray] = {}
-    for b, v in epoch_views:
-        p = f"b{b:05d}_"
-        arrays[p + "index"] = v.index.numpy().astype(np.int32)
-        arrays[p + "boxes"] = v.boxes.numpy().astype(np.int16 if v.boxes.max() < 32768 else np.int32)
-        arrays[p + "flips"] = v.flips.numpy().astype(np.bool_)
-        arrays[p + "perm"] = v.perm.numpy().astype(np.int32)
-        arrays[p + "lam"] = np.asarray([v.lam], dtype=np.float32)
-        arrays[p + "box"] = v.box.numpy().astype(np.int32)
-        if v.classes is None:
-            arrays[p + "logits"] = v.logits.numpy().astype(np.float16)
-        else:
-            arrays[p + "topv"] = v.logits.numpy().astype(np.float16)
-            arrays[p + "topi"] = v.classes.numpy().astype(np.int16 if int(v.classes.max()) < 32768 else np.int32)
+    """One epoch file: for each batch its id, length, CutMix lambda and box; for every view its image
+    id, crop box, flip, CutMix partner (within its batch) and either its fp16 logits [C] or, for
+    top-k views, ``topv`` fp16 [k] and ``topi`` [k] class ids (int16 while C <= 32768, as LPQLD
+    writes them; int32 beyond)."""
+    views = [v for _, v in epoch_views]
+    top = views[0].classes is not None
+    boxes = torch.cat([v.boxes for v in views]).numpy()
+    arrays: dict[str, np.ndarray] = {
+        "layout": np.asarray([PACK_LAYOUT], dtype=np.int8),
+        "batch": np.asarray([b for b, _ in epoch_views], dtype=np.int32),
+        "nviews": np.asarray([len(v.index) for v in views], dtype=np.int32),
+        "lam": np.asarray([v.lam for v in views], dtype=np.float32),
+        "box": np.stack([v.box.numpy() for v in views]).astype(np.int32),                 # [batches, 4]
+        "index": torch.cat([v.index for v in views]).numpy().astype(np.int32),            # [views]
+        "boxes": boxes.astype(np.int16 if boxes.max() < 32768 else np.int32),             # [views, 4]
+        "flips": torch.cat([v.flips for v in views]).numpy().astype(np.bool_),
+        "perm": torch.cat([v.perm for v in views]).numpy().astype(np.int32),
+    }
+    if top:
+        ids = torch.cat([v.classes for v in views])
+        arrays["topv"] = torch.cat([v.logits for v in views]).numpy().astype(np.float16)   # [views, k]
+        arrays["topi"] = ids.numpy().astype(np.int16 if int(ids.max()) < 32768 else np.int32)
+    else:
+        arrays["logits"] = torch.cat([v.logits for v in views]).numpy().astype(np.float16)  # [views, C]
     buf = io.BytesIO()
     np.savez(buf, **arrays)                                          # uncompressed: bytes are predictable
     return buf.getvalue()
@@ -116,18 +130,37 @@ def _unpack(data: bytes, where: str) -> dict[int, View]:
         z = np.load(io.BytesIO(data))
     except (ValueError, OSError) as e:
         raise LabelError(f"{where}: not a stored-label file ({e})") from None
+    if "layout" not in z.files:
+        return _unpack_per_batch(z)
+    out: dict[int, View] = {}
+    top = "topv" in z.files
+    values = z["topv" if top else "logits"]
+    at = 0
+    for i, (b, n) in enumerate(zip(z["batch"].tolist(), z["nviews"].tolist())):
+        sl = slice(at, at + n)
+        at += n
+        out[int(b)] = View(index=torch.from_numpy(z["index"][sl].astype(np.int64)),
+                           boxes=torch.from_numpy(z["boxes"][sl].astype(np.int64)),
+                           flips=torch.from_numpy(z["flips"][sl].copy()),
+                           perm=torch.from_numpy(z["perm"][sl].astype(np.int64)),
+                           lam=float(z["lam"][i]), box=torch.from_numpy(z["box"][i].astype(np.int64)),
+                           logits=torch.from_numpy(values[sl].copy()),
+                           classes=torch.from_numpy(z["topi"][sl].astype(np.int64)) if top else None)
+    return out
+
+
+def _unpack_per_batch(z) -> dict[int, View]:
+    """Layout 1: eight arrays per batch, ``b{b:05d}_<field>``."""
     out: dict[int, View] = {}
     for b in sorted({int(k[1:6]) for k in z.files}):
         p = f"b{b:05d}_"
-        top = p + "topv" in z.files
         out[b] = View(index=torch.from_numpy(z[p + "index"].astype(np.int64)),
                       boxes=torch.from_numpy(z[p + "boxes"].astype(np.int64)),
                       flips=torch.from_numpy(z[p + "flips"]),
                       perm=torch.from_numpy(z[p + "perm"].astype(np.int64)),
                       lam=float(z[p + "lam"][0]),
                       box=torch.from_numpy(z[p + "box"].astype(np.int64)),
-                      logits=torch.from_numpy(z[p + ("topv" if top else "logits")]),
-                      classes=torch.from_numpy(z[p + "topi"].astype(np.int64)) if top else None)
+                      logits=torch.from_numpy(z[p + "logits"]))
     return out
 
 
