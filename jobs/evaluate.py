@@ -6,18 +6,24 @@
     ray job submit --working-dir . -- python jobs/evaluate.py --preset imagenet1k data.source=s3://...
 
 The artifacts it needs (teachers, selection, projector, refined images) are reused when finished
-(same config -> same key) or made first. Prints the accuracy vs label-bytes table.
+(same config -> same key) or made first. Prints the accuracy vs label-bytes table and, where the
+grid has the rows they need, DD-Ranking's fair scores.
 """
 import sys
 
 from hello_ray.formats.results import RESULTS_PARQUET, format_table, read_results
 from hello_ray.pipeline import run_evaluate, stage_job
+from hello_ray.scores import scores_table
+from hello_ray.tables import text_table
 
 
 def main(argv: list[str]) -> int:
     _, store, key = stage_job(argv, run_evaluate, __doc__.splitlines()[0])
     print()
     print(format_table(read_results(store, key)))
+    scores = store.manifest(key).get("summary", {}).get("scores")
+    if scores:
+        print("\nfair scores (DD-Ranking: LRS, ARS)\n" + text_table(*scores_table(scores)))
     print(f"\nresults: {store.uri_for(key, RESULTS_PARQUET)}")
     return 0
 

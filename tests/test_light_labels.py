@@ -319,22 +319,37 @@ def test_fair_scores_pair_each_seeds_rows_and_average_over_seeds():
 
 # ------------------------------------------------------------------------------------ frontier
 
-def test_the_frontier_is_the_points_nothing_dominates():
-    points = [{"images": "distilled", "student": "s", "strategy": name, "label_bytes": b, "top1_mean": t,
+def test_the_frontier_is_each_image_sets_points_nothing_dominates():
+    points = [{"images": images, "student": "s", "strategy": name, "label_bytes": b, "top1_mean": t,
                "top1_std": 0.0, "continual_steps": 0, "train_images": 10}
-              for name, b, t in [("stored", 1000, 0.6), ("stored/10", 100, 0.5), ("stored/10@top5", 100, 0.4),
-                                 ("projector", 2000, 0.55), ("hard", 50, 0.3), ("teacher", 50, 0.3)]]
-    assert on_frontier(points) == [True, True, False, False, True, True]
+              for images, name, b, t in [
+                  ("distilled", "stored", 1000, 0.6), ("distilled", "stored/10", 100, 0.5),
+                  ("distilled", "stored/10@top5", 100, 0.4), ("distilled", "projector", 2000, 0.55),
+                  ("distilled", "hard", 50, 0.3), ("distilled", "teacher", 50, 0.3),
+                  ("distilled", "hard+noaug", 50, 0.9),          # an ARS control: not compared
+                  ("floor", "hard", 50, 0.35), ("floor", "stored", 1000, 0.5),   # the controls' own frontier
+                  ("full", "hard", 200, 0.95)]]                  # a reference: not compared
+    assert on_frontier(points) == [True, True, False, False, True, True, False, True, True, False]
     headers, body = frontier_table(points)
-    by = {r[2]: dict(zip(headers, r)) for r in body}
-    assert [r[2] for r in body][:2] == ["hard", "teacher"]                       # sorted by bytes
-    assert by["stored/10"]["bytes / image"] == "10.0" and by["stored/10"]["x smaller than stored"] == "10.0"
-    assert by["projector"]["frontier"] == "" and by["stored"]["frontier"] == "yes"
+    rows = [dict(zip(headers, r)) for r in body]
+    by = {(r["images"], r["strategy"]): r for r in rows}
+    assert [r["images"] for r in rows] == ["distilled"] * 7 + ["floor"] * 2 + ["full"]
+    assert [r["strategy"] for r in rows][:3] == ["hard+noaug", "hard", "teacher"]            # by bytes, then top-1
+    assert by[("distilled", "stored/10")]["bytes / image"] == "10.0"
+    assert by[("distilled", "stored/10")]["x smaller than stored"] == "10.0"
+    assert by[("distilled", "projector")]["frontier"] == "" and by[("distilled", "stored")]["frontier"] == "yes"
+    assert by[("distilled", "hard+noaug")]["frontier"] == "-" and by[("full", "hard")]["frontier"] == "-"
+    assert by[("floor", "hard")]["x smaller than stored"] == "20.0"                          # the floor's stored
 
 
 # ------------------------------------------------------------------------------- storage, config
 
-def test_storage_prints_top_k_rows_beside_lpqlds_published_sizes():
+def test_storage_prints_top_k_rows_beside_lpqlds_published_sizes(capsys):
+    from hello_ray import cli
+
+    assert cli.main(["storage", "--classes", "1000", "--ipc", "10"]) == 0          # as the README shows it
+    out = capsys.readouterr().out
+    assert "stored / 10 @ top10 (LPQLD)" in out and "x200  stored/10@top10    published 0.03 GB" in out
     r = storage_report(1000, 10)
     views = 300 * 10_000 // 10          # LPLD's pool of 1/10 at batch 100: 30,000 batches -> 3,000
     assert r["stored_topk_bytes"] == {f"10@top{k}": views * k * 4 for k in (100, 50, 10)}

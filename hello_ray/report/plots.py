@@ -155,10 +155,14 @@ def plot_accuracy_vs_bytes(summary: list[dict[str, Any]]) -> bytes:
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
     points = frontier_points(summary)
-    front = sorted((p for p, f in zip(points, on_frontier(points)) if f), key=lambda p: p["label_bytes"])
-    if len(front) > 1:  # the points nothing dominates (no more bytes, no less accuracy), joined
-        ax.plot([p["label_bytes"] for p in front], [100 * p["top1_mean"] for p in front], "-", color="0.6",
-                linewidth=1.2, zorder=0, label="frontier (not dominated)")
+    flags = on_frontier(points)
+    for n, images in enumerate(dict.fromkeys(p["images"] for p in points)):
+        front = sorted((p for p, f in zip(points, flags) if f and p["images"] == images),
+                       key=lambda p: p["label_bytes"])
+        if len(front) > 1:  # each image set's points no other dominates (no more bytes, no less top-1)
+            ax.plot([p["label_bytes"] for p in front], [100 * p["top1_mean"] for p in front],
+                    "-" if n == 0 else "--", color="0.55", linewidth=1.2, zorder=0,
+                    label=f"frontier ({images} images)")
     several = len({s["student"] for s in summary}) > 1
     markers = "osD^v<>pPX*h"
     for i, s in enumerate(summary):
