@@ -161,14 +161,15 @@ class DistilledSet:
                                  sum(len(b) for b in files.values()), where=f"package {self.uri}")
         return Labeller(labels.to(torch.device(device)).with_precision(precision))
 
-    def stored(self, prune: int = 1):
-        """The shipped stored labels (``hello_ray.labels.StoredLabels``: views + fp16 logits to replay)."""
+    def stored(self, prune: int = 1, topk: int = 0):
+        """The shipped stored labels (``hello_ray.labels.StoredLabels``: views + fp16 logits to replay;
+        ``topk``: LPQLD's top-k labels of ``stored[/prune]@topK``, replayed at a temperature)."""
         from hello_ray.labels import StoredLabels
 
         if "stored" not in self.info["labels"]:
             raise ValueError(f"{self.uri}: this package ships no stored labels (labels: {self.info['labels']}); "
                              "export it with --labels projector,stored")
-        return StoredLabels(self.store, self.key, prune)
+        return StoredLabels(self.store, self.key, prune, topk=topk)
 
 
 def _resolve_pretrained(pretrained: str, proj: dict[str, Any], override: str | None, uri: str) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from hello_ray.config import Config
+from hello_ray.label_spec import parse_spec
 from hello_ray.preflight.measure import StageRehearsal
 from hello_ray.registry import TRAIN_STAGES
 
@@ -48,7 +49,7 @@ def load_devices(path: str | None = None) -> dict[str, dict[str, float]]:
 
 
 def _strategy_labeller(strategy: str) -> str:
-    base = strategy.split("/")[0]
+    base = parse_spec(strategy).base
     return {"hard": "hard", "projector": "projector"}.get(base, "teacher")  # teacher, stored, stored/N
 
 
@@ -72,7 +73,7 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
     On a CPU the seconds come from the rehearsal's process CPU time per item divided by the cores the
     stage's workers use here (:func:`parallel_here`): a shared machine slows the wall clock of a few
     steps, not the CPU time they take. On a GPU, from the wall clock."""
-    from hello_ray.accounting import pruned_label_bytes, storage_report
+    from hello_ray.accounting import pruned_label_bytes, storage_report, topk_label_bytes
 
     cpu_clock = any(x.peak_mem_kind.startswith("cpu") for x in r.values())
     cores = cores or os.cpu_count() or 1
@@ -141,7 +142,8 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
         items = secs = fl = 0.0
         rows = plan_rows(cfg, C)
         for row in rows:
-            views = ev.epochs * (len(row["classes"]) * ipc if row.get("classes") else images)
+            views = ev.epochs * (len(row["classes"]) * ipc if row.get("classes") else
+                                 (train or images) if row["images"] == "full" else images)
             lab = _strategy_labeller(row["strategy"])
             lab = lab if lab in steps[row["student"]] else "hard"
             items += views
@@ -152,10 +154,12 @@ def stage_work(cfg: Config, facts: dict[str, Any], r: dict[str, StageRehearsal],
                                  cfg.data.image_size, ev.batch_size)
         label_bytes = 0
         for strategy in ev.strategies:
-            base, _, n = strategy.partition("/")
-            if base == "stored":
-                label_bytes += (storage["stored_soft_labels_bytes"] if not n else
-                                pruned_label_bytes(C, ipc, ev.epochs, ev.batch_size, int(n)))
+            spec = parse_spec(strategy)
+            if spec.base == "stored" and spec.topk:
+                label_bytes += topk_label_bytes(C, ipc, ev.epochs, ev.batch_size, spec.prune, spec.topk)
+            elif spec.base == "stored":
+                label_bytes += (storage["stored_soft_labels_bytes"] if spec.prune <= 1 else
+                                pruned_label_bytes(C, ipc, ev.epochs, ev.batch_size, spec.prune))
         out["evaluate"] = {"work": f"{len(rows)} rows x {ev.epochs} epochs x {images:,} images", "items": int(items),
                            "flops": fl, "seconds_here": secs, "bytes": label_bytes,
                            "bytes_what": "stored labels", "units": workers,
