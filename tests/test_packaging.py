@@ -97,7 +97,7 @@ def test_help_lists_every_command_with_its_line(capsys):
     for name, cmd in cli.COMMANDS.items():
         assert any(line.split()[:1] == [name] and line.strip().endswith(cmd.help) for line in out), name
     assert set(cli.COMMANDS) == {"distill", "sweep", "storage", "ls", "rm", "gc", "export",
-                                 "labels-import", "labels-export", "preflight", "synth-data"}
+                                 "labels-import", "labels-export", "preflight", "synth-data", "scores"}
 
 
 @pytest.mark.parametrize("argv, problem", [([], "no command given"), (["distil"], "unknown command 'distil'")])
