@@ -380,3 +380,15 @@ def test_the_new_keys_at_their_defaults_leave_evaluate_keys_as_they_were():
                 "full_top1", "score_scale", "score_weight"} & set(plain)
     lpqld = evaluate.stage_config(load_config("smoke", overrides=["evaluate.protocol=lpqld"]))["evaluate"]
     assert lpqld["temperature_schedule"] == "lpqld" and lpqld["student_temperature"] == 1.0
+
+
+def test_hello_ray_scores_names_what_it_cannot_score(tmp_path, capsys):
+    from hello_ray import cli
+
+    store = str(tmp_path / "store")
+    assert cli.main(["scores", "--store", store]) == 1
+    assert "no finished evaluate artifact" in capsys.readouterr().err
+    assert cli.main(["scores", "--store", store, "--key", "evaluate-0123456789ab"]) == 1
+    assert "evaluate-0123456789ab" in capsys.readouterr().err
+    assert cli.main(["scores", "--store", store, "--weight", "2"]) == 2
+    assert "fractions in [0, 1]" in capsys.readouterr().err
