@@ -26,8 +26,8 @@ COVERED: list[tuple[str, str]] = [
     (r"^python jobs/sweep\.py --preset smoke$", "tests/test_pipeline.py::test_sweep_runs_its_grid_on_tune"),
     (r"^python jobs/distill\.py --preset smoke --store s3://bucket/runs$",
      "tests/test_pipeline.py::test_ray_job_submit_to_local_head_with_s3_store"),
-    # the frontier preset's strategies, protocol, controls and scores at smoke size
-    (r"^python jobs/distill\.py --preset frontier$", "tests/test_pipeline.py::test_smoke_runs_top_k_phases_and_fair_scores"),
+    # the frontier preset's strategies, protocol, controls and scores at smoke size (frontier-smoke)
+    (r"^python jobs/distill\.py --preset frontier(-smoke)?$", "tests/test_pipeline.py::test_smoke_runs_top_k_phases_and_fair_scores"),
     (r"^hello-ray scores ", "tests/test_pipeline.py::test_smoke_runs_top_k_phases_and_fair_scores"),
     (r"^hello-ray storage --classes 1000 --ipc 10$",
      "tests/test_light_labels.py::test_storage_prints_top_k_rows_beside_lpqlds_published_sizes"),

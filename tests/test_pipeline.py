@@ -91,17 +91,11 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     assert select_key(cfg2) != first.keys["select"]
 
 
-# The smoke run with every way of lightening labels (reuses the run above's teachers, selection and
-# projector: only evaluate and the report run). LPQLD's protocol, since top-k labels need a KL loss.
-LIGHT = ["evaluate.protocol=lpqld", "evaluate.epochs=4", "evaluate.phases=soft:1,hard:2,soft:1",
-         "evaluate.strategies=[hard,stored,stored/10,stored/10@top5,stored@top3+phases,projector,projector@int8,"
-         "projector+phases,hard+noaug,projector+noaug]",
-         "evaluate.floor=true", "evaluate.floor_strategies=[hard,stored,projector,hard+noaug,projector+noaug]",
-         "evaluate.full_data=true"]
-
-
+# The smoke run with every way of lightening labels (preset frontier-smoke: reuses the run above's
+# teachers, selection and projector, so only evaluate and the report run).
 def test_smoke_runs_top_k_phases_and_fair_scores(ray_local, smoke_store):
-    cfg = load_config("smoke", overrides=[f"store={smoke_store}", *LIGHT])
+    cfg = load_config("frontier-smoke", overrides=[f"store={smoke_store}"])
+    assert cfg.evaluate.protocol == "lpqld" and cfg.teachers == load_config("smoke").teachers
     result = distill(cfg)
     store = open_run_store(cfg)
     key = result.keys["evaluate"]
