@@ -64,7 +64,7 @@ class Run:
         # An external distilled set is listed and its folders mapped to the training classes now: a
         # class-order mismatch fails before the teachers train (listing only, no image read).
         plan = external.check_sources(cfg, run.store)
-        evaluate.check_stored_labels(cfg, run.store, plan.listing.num_images if plan else None)
+        evaluate.check_sources(cfg, run.store, plan.listing.num_images if plan else None)
         return run
 
     def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:

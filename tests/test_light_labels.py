@@ -392,3 +392,19 @@ def test_hello_ray_scores_names_what_it_cannot_score(tmp_path, capsys):
     assert "evaluate-0123456789ab" in capsys.readouterr().err
     assert cli.main(["scores", "--store", store, "--weight", "2"]) == 2
     assert "fractions in [0, 1]" in capsys.readouterr().err
+
+
+def test_full_data_refuses_a_split_it_cannot_hold_before_reading_it():
+    """ImageNet-1K's 1,281,167 training images at 224 px are 180 GiB decoded: refused by name, with the
+    way out (evaluate.full_top1); CIFAR-100's 50,000 at 32 px pass."""
+    from types import SimpleNamespace
+
+    from hello_ray.stages.evaluate_inputs import check_full_size
+
+    data = load_config("imagenet1k", overrides=["data.source=/data"]).data
+    with pytest.raises(ConfigError, match=r"evaluate.full_data.*1,281,167 images.*evaluate.full_top1"):
+        check_full_size(data, SimpleNamespace(num_rows=1_281_167))
+    small = load_config("smoke").data
+    small.image_size = 32
+    check_full_size(small, SimpleNamespace(num_rows=50_000))
+    check_full_size(data, SimpleNamespace(num_rows=None))       # unknown without reading (webdataset): not refused

@@ -44,8 +44,8 @@ from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, Relabe
                               parse_spec, parse_strategy, prune_stored, relabel, stored_name, top_k_stored,
                               write_stored_meta)
 from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the tests use them here)
-    FLOOR_SPARE, _uses_teacher, check_imported_labels, check_stored_labels, load_full, pick_floor, sample_floor,
-    validate_inputs)
+    FLOOR_SPARE, _uses_teacher, check_imported_labels, check_sources, check_stored_labels, load_full, pick_floor,
+    sample_floor, validate_inputs)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, row_cost

@@ -61,15 +61,43 @@ def sample_floor(data, store, num_classes: int, ipc: int, seed: int) -> tuple[np
     return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, ipc, seed)
 
 
+#: The most decoded bytes ``evaluate.full_data`` holds in the driver and each worker (CIFAR-100's
+#: 50,000 images at 32 px are 150 MiB; ImageNet-1K's at 224 px, 188 GiB).
+FULL_DATA_MAX_BYTES = 8 * 2**30
+
+
 def load_full(data, store, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The whole training split, decoded (``evaluate.full_data``): uint8 [N, S, S, 3], labels [N], in
-    each class's seeded order. It is held in memory: for small sets (the demo's digits, CIFAR); at
-    ImageNet scale give ``evaluate.full_top1`` instead."""
+    each class's seeded order. It is held in memory: for small sets (the demo's digits, CIFAR); a split
+    over ``FULL_DATA_MAX_BYTES`` decoded is refused before any image is read (give
+    ``evaluate.full_top1`` instead)."""
     from hello_ray.data.decode import decoded_split
     from hello_ray.data.sources import load_split
 
     split = load_split(data, data.train_split, store)
+    check_full_size(data, split)
     return pick_floor(decoded_split(split, data, columns=["image", "label", "id"]), num_classes, 1 << 62, 0)
+
+
+def check_full_size(data, split) -> None:
+    """``evaluate.full_data`` on a split too large to hold decoded: a ConfigError naming the key."""
+    if split.num_rows is not None and split.num_rows * data.image_size ** 2 * 3 > FULL_DATA_MAX_BYTES:
+        raise ConfigError(f"config key 'evaluate.full_data': the training split {data.train_split!r} holds "
+                          f"{split.num_rows:,} images, {split.num_rows * data.image_size ** 2 * 3 / 2**30:,.1f} GiB "
+                          f"decoded at {data.image_size} px, more than the {FULL_DATA_MAX_BYTES / 2**30:g} GiB "
+                          "the full-data rows hold in memory; give its top-1 as evaluate.full_top1 instead "
+                          "(DD-Ranking's for ImageNet-1K ResNet-18: 0.565)")
+
+
+def check_sources(cfg: Config, store, n_images: int | None = None) -> None:
+    """Before any stage runs (``runner.Run.start``): what evaluate reads besides the artifacts the
+    recipe makes: the imported stored labels (:func:`check_stored_labels`) and, for
+    ``evaluate.full_data``, whether the training split fits in memory (listing only, no image read)."""
+    check_stored_labels(cfg, store, n_images)
+    if cfg.evaluate.full_data:
+        from hello_ray.data.sources import load_split
+
+        check_full_size(cfg.data, load_split(cfg.data, cfg.data.train_split, store))
 
 
 def _adapter_classes(store, key: str) -> int:
