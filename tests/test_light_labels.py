@@ -238,6 +238,31 @@ def test_phase_boundaries_scale_to_the_runs_epochs(epochs, phases, expected):
     assert all(a[2] == b[1] for a, b in zip(bounds, bounds[1:]))
 
 
+def test_a_phased_row_replays_in_soft_epochs_and_draws_fresh_views_in_hard_ones(tmp_path):
+    """soft:1,hard:2,soft:1 over 4 epochs with stored labels: epoch 0 replays stored epoch 0, epochs 1-2
+    train on fresh views (no stored logits), epoch 3 replays stored epoch 1 (the second soft epoch)."""
+    from hello_ray.models.zoo import build_model
+    from hello_ray.stages.evaluate_core import train_student
+
+    store = open_store(str(tmp_path / "store"))
+    images = torch.randint(0, 256, (20, 3, 12, 12), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    labels = torch.arange(20) % 10
+    plan = RelabelPlan(epochs=4, batch_size=8, image_size=12, cutmix_alpha=1.0, seed=0)
+    write_stored_meta(store, "ev", plan, 20, 10, relabel(_Linear(10), images, plan, store, "ev"))
+    stored = StoredLabels(store, "ev")
+    s = TrainSettings(epochs=4, batch_size=8, lr=1e-3, weight_decay=0.0, cutmix_alpha=1.0, loss="kl_plain",
+                      ce_weight=0.0, temperature=4.0, image_size=12, phases=(("soft", 1), ("hard", 2), ("soft", 1)))
+    seen: dict[int, list] = {}
+    torch.manual_seed(0)
+    out = train_student(build_model("conv3", 10, 12), images, labels, stored, s, 0, torch.device("cpu"),
+                        on_view=lambda e, v: seen.setdefault(e, []).append(v))
+    assert out["steps"] == 12 and np.isfinite(out["final_loss"])
+    for epoch, replayed in ((0, 0), (3, 1)):
+        assert [v.index.tolist() for v in seen[epoch]] == [v.index.tolist() for v in stored.epoch_views(replayed, 0)]
+        assert all(v.logits is not None for v in seen[epoch])
+    assert all(v.logits is None for e in (1, 2) for v in seen[e])          # fresh views, labelled hard
+
+
 @pytest.mark.parametrize("bad", ["soft", "soft:0", "warm:3", "soft:1,,hard:2"])
 def test_bad_phase_schedules_name_the_key(bad):
     with pytest.raises(ConfigError, match="evaluate.phases"):
