@@ -26,7 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 8
-TTL = 30.0  # compute.lease_ttl_s: longer than the second driver's start (Ray, preflight), so it meets a live lease
+# compute.lease_ttl_s. A lease is renewed every ttl / 3, so the dead driver's has 2/3 ttl to 1 ttl left when
+# the second driver starts; that must outlast the second driver's start (Ray, checks) for it to meet a
+# live lease. At 30 s (20 s at worst) a loaded CI run once started it after the lease had expired.
+TTL = 60.0
 
 
 def _command(store: Path) -> list[str]:
