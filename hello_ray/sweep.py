@@ -80,20 +80,12 @@ def run_trial(params: dict[str, Any]) -> None:
     metrics = {"score": top1, "top1": top1, "rung": "evaluate", "transfer_key": k_transfer,
                "evaluate_key": k_eval, "head_rank": t.transfer.head_rank,
                "agreement": float(fidelity.get("agreement", 0.0))}
-    lrs = _projector_lrs(t, store, k_eval)
+    # DD-Ranking's LRS of the projector (sweep.scores), as the evaluate stage scored it
+    scores = store.manifest(k_eval).get("summary", {}).get("scores", [])
+    lrs = next((s["lrs_mean"] for s in scores if s["strategy"] == "projector"), None)
     if lrs is not None:
         metrics["lrs"] = lrs
     tune.report(metrics)
-
-
-def _projector_lrs(cfg: Config, store, key: str) -> float | None:
-    """DD-Ranking's LRS of the trial's projector rows (``sweep.scores``), None where not computable."""
-    from hello_ray.formats.results import read_results
-    from hello_ray.scores import fair_scores
-
-    ev = cfg.evaluate
-    scores = fair_scores(read_results(store, key), ev.full_top1, ev.score_scale, ev.score_weight)
-    return next((s["lrs_mean"] for s in scores if s["strategy"] == "projector"), None)
 
 
 def _eval_rows(store, key: str) -> list[dict[str, Any]]:

@@ -58,19 +58,19 @@ log = logging.getLogger("hello_ray.evaluate")
 ROWS_FILE = "rows.json"
 
 
-NEW_KEY_DEFAULTS = {"temperature_schedule": "constant", "student_temperature": 0.0, "phases": "",
-                    "label_smoothing": 0.8, "full_data": False, "full_top1": 0.0, "score_scale": "percent", "score_weight": 0.5}
+# Keys added after evaluate artifacts existed: at their defaults they stay out of the key, so runs that
+# do not use them keep the keys they had (the imported labels; LPQLD/HALD/DD-Ranking's keys).
+ADDED_KEYS = ("stored_labels", "temperature_schedule", "student_temperature", "phases", "label_smoothing",
+              "full_data", "full_top1", "score_scale", "score_weight")
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """Data + evaluate sections, and where the teacher labels come from when a strategy uses them:
     the teacher window, or the observer (``teachers.observer``)."""
     ev = section_dict(cfg.evaluate)
-    if not ev["stored_labels"]:  # the default keeps the keys evaluate artifacts had before the option
-        ev.pop("stored_labels")
-    # Keys added with LPQLD/HALD/DD-Ranking leave the keys of runs that do not use them as they were.
-    for k, default in NEW_KEY_DEFAULTS.items():
-        if ev.get(k) == default:
+    defaults = section_dict(type(cfg.evaluate)())
+    for k in ADDED_KEYS:
+        if ev[k] == defaults[k]:
             ev.pop(k)
     ev.pop("loss_check_every")  # how often the host looks, not what is trained
     ev.pop("gpus_per_row")      # where rows run, not what they train

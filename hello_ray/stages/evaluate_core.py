@@ -88,7 +88,8 @@ def phase_bounds(phases: Iterable[tuple[str, int]], epochs: int) -> list[tuple[s
 
 def smoothed_mixed_target(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int, eps: float
                           ) -> torch.Tensor:
-    """HALD's hard-phase target (timm's ``mixup_target`` as HALD calls it, label_smoothing eps): each
+    """HALD's hard-phase target (Jiacheng8/HALD @ ffbca04, ``validate/train_fkd.py`` l. 449-454: timm's
+    ``Mixup`` with cutmix_alpha 1 and label_smoothing eps, i.e. timm's ``mixup_target``): each
     label smoothed to eps/C on every class plus 1 - eps on its own, then mixed lam : 1 - lam by
     CutMix. y_a, y_b [N] -> [N, C] probabilities."""
     off = eps / num_classes
