@@ -271,8 +271,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
     from hello_ray import report
     from hello_ray.accounting import storage_report
     from hello_ray.formats.results import format_table
-    from hello_ray.scores import fair_scores, scores_table
-    from hello_ray.tables import text_table
+    from hello_ray.scores import fair_scores, format_scores
 
     inputs = report.collect_inputs(store, keys)
     ev = cfg.evaluate
@@ -296,7 +295,7 @@ def make_report(cfg: Config, store: "Store", keys: dict[str, str],
                               scores=scores)
     table = format_table(inputs["rows"])
     if scores:
-        table += "\n\nfair scores (DD-Ranking: LRS, ARS)\n" + text_table(*scores_table(scores))
+        table += "\n\n" + format_scores(scores)
     return RunResult(keys=dict(keys), rows=inputs["rows"], report_uri=uri, table=table)
 
 

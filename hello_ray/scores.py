@@ -135,3 +135,10 @@ def scores_table(scores: list[dict[str, Any]]) -> tuple[list[str], list[list[str
              str(max(s["lrs_seeds"], s["ars_seeds"]))] for s in scores]
     return headers, body
 
+
+
+def format_scores(scores: list[dict[str, Any]]) -> str:
+    """The fair-scores table for the terminal, under its heading ('' when there is no score)."""
+    from hello_ray.tables import text_table
+
+    return "fair scores (DD-Ranking: LRS, ARS)\n" + text_table(*scores_table(scores)) if scores else ""

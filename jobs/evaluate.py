@@ -13,8 +13,7 @@ import sys
 
 from hello_ray.formats.results import RESULTS_PARQUET, format_table, read_results
 from hello_ray.pipeline import run_evaluate, stage_job
-from hello_ray.scores import scores_table
-from hello_ray.tables import text_table
+from hello_ray.scores import format_scores
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +22,7 @@ def main(argv: list[str]) -> int:
     print(format_table(read_results(store, key)))
     scores = store.manifest(key).get("summary", {}).get("scores")
     if scores:
-        print("\nfair scores (DD-Ranking: LRS, ARS)\n" + text_table(*scores_table(scores)))
+        print("\n" + format_scores(scores))
     print(f"\nresults: {store.uri_for(key, RESULTS_PARQUET)}")
     return 0
 
