@@ -98,13 +98,14 @@ class LocalRayCluster:
                 f"--runtime-env-agent-port={free_port()}", f"--object-store-memory={self.object_store}"]
 
     def start_head(self, num_cpus: float = 0, resources: dict[str, float] | None = None,
-                   autoscaling_config: dict[str, Any] | None = None) -> None:
+                   autoscaling_config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
         """The head: no CPUs by default, so no stage work can be scheduled there.
 
         ``autoscaling_config``: a fake_multinode autoscaler config (cluster/fake-multinode.yaml);
         its provider is pointed at this head's GCS port (the provider assumes 6379 otherwise, which
-        may be another session's Ray)."""
-        env = dict(self.env)
+        may be another session's Ray). ``env``: variables for the head's processes only (the
+        autoscaler's own settings)."""
+        env = {**self.env, **(env or {})}
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
                 f"--num-cpus={num_cpus:g}", f"--dashboard-port={free_port()}",
                 f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1", *self._node_ports()]
@@ -133,31 +134,25 @@ class LocalRayCluster:
         raylet started, found by the raylet's socket name on their command lines. Returns the pids."""
         name = f"worker{index}-"
         (proc,) = [p for p, log in zip(self.procs, self.logs) if log.name.startswith(name) and p.poll() is None]
-        pids, sockets = set(), set()
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(d.name)) == proc.pid:
-                    pids.add(int(d.name))
-                    sockets.update(a.split("=", 1)[1] for a in (d / "cmdline").read_bytes().decode(errors="replace")
-                                   .split("\0") if a.startswith("--raylet_socket_name="))
-            except (OSError, ValueError):
-                continue
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit() and sockets:
-                try:
-                    if any(s.encode() in (d / "cmdline").read_bytes() for s in sockets):
-                        pids.add(int(d.name))
-                except OSError:
-                    continue
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = _kill_node_processes(lambda pid: os.getpgid(pid) == proc.pid)
         proc.wait(15)
-        return sorted(pids)
+        return pids
+
+    def kill_launched_node(self, node_id: str) -> list[int]:
+        """SIGKILL every process of a node the fake autoscaler launched: its provider starts the
+        node's raylet inside the head's monitor process, with the node's id in the raylet's
+        environment (``RAY_OVERRIDE_NODE_ID_FOR_TESTING``), so that is how its processes are found.
+        The provider still lists the node: the autoscaler learns of the loss as a cloud's does, by
+        the node's missing heartbeats. Returns the pids."""
+        mark = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+
+        def of_node(pid: int) -> bool:
+            return mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+        pids = _kill_node_processes(of_node)
+        if not pids:
+            raise AssertionError(f"no process of node {node_id} found")
+        return pids
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of every node's log (for a failed start)."""
@@ -191,3 +186,32 @@ class LocalRayCluster:
             except OSError:
                 continue
         return pids
+
+
+def _kill_node_processes(is_node: Any) -> list[int]:
+    """SIGKILL the processes ``is_node(pid)`` names, and every process started for their raylet
+    (found by the raylet's socket name on its command line: workers, agents). Returns the pids."""
+    pids, sockets = set(), set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if is_node(int(d.name)):
+                pids.add(int(d.name))
+                sockets.update(a.split("=", 1)[1] for a in (d / "cmdline").read_bytes().decode(errors="replace")
+                               .split("\0") if a.startswith("--raylet_socket_name="))
+        except (OSError, ValueError):
+            continue
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and sockets:
+            try:
+                if any(s.encode() in (d / "cmdline").read_bytes() for s in sockets):
+                    pids.add(int(d.name))
+            except OSError:
+                continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return sorted(pids)

@@ -11,7 +11,11 @@
   and printed.
 - ``test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left``: three 1-CPU worker nodes; every
   process of the node holding a Train worker is SIGKILLed once the first epoch is in the store, and
-  teachers resume on the nodes left from the last checkpoint (docs/store.md, the node-loss drill).
+  teachers resume on the nodes left from the last checkpoint (docs/store.md, the node-loss drills).
+- ``test_a_worker_node_lost_mid_select_is_recovered_by_ray``: the same, mid-select, on the node of a
+  scoring actor: Ray restarts the actor and retries its calls; every image is scored and counted once.
+- ``test_autoscaler_replaces_a_node_lost_mid_teachers``: the fake autoscaler's cluster; the launched
+  node holding a Train worker is killed, the autoscaler replaces it and teachers resume on it.
 
 All start a moto S3 server in its own process (tests/faults.py): the store is S3, which every node
 reaches. Minutes each on 2 cores (a smoke run plus node start-up), hence opt-in; run them one at a
@@ -156,6 +160,15 @@ def busy(address: str) -> str:
     return "\n".join(lines)
 
 
+def drill_index(node_id: str) -> int:
+    """The 1-based add order of the worker node ``node_id`` (its ``drill_node_<i>`` resource)."""
+    import ray
+
+    (index,) = [int(r.rsplit("_", 1)[1]) for n in ray.nodes() if n["NodeID"] == node_id
+                for r in n["Resources"] if r.startswith("drill_node_")]
+    return index
+
+
 def smoke(bucket: str, address: str, *extra: str) -> Any:
     return load_config("smoke", overrides=[f"store=s3://{bucket}/run", f"compute.address={address}", *extra])
 
@@ -258,7 +271,6 @@ def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_e
     import json
     import threading
 
-    import ray
     from ray.util.state import list_actors
 
     from hello_ray.pipeline import open_run_store, run_teachers
@@ -296,8 +308,7 @@ def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_e
     workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
                if a.class_name == "RayTrainWorker"]
     node = workers[0].node_id
-    (index,) = [int(r.rsplit("_", 1)[1]) for n in ray.nodes() if n["NodeID"] == node
-                for r in n["Resources"] if r.startswith("drill_node_")]
+    index = drill_index(node)
     trained_before = set(seen)
     killed = cluster.kill_node(index)
     killed_at = time.time()
@@ -323,3 +334,178 @@ def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_e
     print(f"\nnode {index} ({node[-8:]}, {len(killed)} processes) killed after {sorted(trained_before)}; "
           f"the next epoch file came {(resumed_at or killed_at) - killed_at:.1f} s later; epochs trained after "
           f"the kill: {sorted(int(m['epoch']) for m in resumed)}")
+
+
+def scorer_tasks(address: str) -> list[Any]:
+    """Every attempt of the select stage's scoring calls so far (Ray's task events)."""
+    from ray.util.state import list_tasks
+
+    return [t for t in list_tasks(address=address, filters=[("type", "=", "ACTOR_TASK")], limit=10_000,
+                                  raise_on_missing_output=False) if "ObserverScorer" in t.name]
+
+
+def test_a_worker_node_lost_mid_select_is_recovered_by_ray(cluster, s3_env):
+    """A spot node reclaimed mid-select: every process of a worker node holding a scoring actor is
+    SIGKILLed once the first scoring call has finished and while others are in flight. Ray restarts the actor pool's lost actors and
+    retries their calls (Ray Data's actor pools: max_restarts=-1, max_task_retries=-1) and rebuilds
+    lost blocks from lineage; the driver's per-class heaps see every image exactly once, so the
+    image set is complete and no image counts twice; every file verifies against the manifest.
+    Select is made long enough to be hit mid-way: 30 images a class, 16 crops each, one image a batch."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    from hello_ray.pipeline import open_run_store, run_select, run_teachers
+    from hello_ray.runner import Run
+
+    cluster.start_head(num_cpus=0)
+    for i in range(3):
+        cluster.add_worker(num_cpus=1, resources={f"drill_node_{i + 1}": 1})
+    cfg = smoke(s3_env["HR_BUCKET"], cluster.address, "select.mipc=30", "select.num_crop=16",
+                "select.batch_size=16", "select.num_actors=2")
+    connect(cluster, cfg, workers=3)
+    store = open_run_store(cfg)
+    run_teachers(Run.start(cfg))   # the observer, undisturbed
+    out: dict[str, Any] = {}
+
+    def select() -> None:
+        try:
+            out["key"] = run_select(Run.start(cfg))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=select, daemon=True)
+    thread.start()
+    deadline = t0 + 600
+    done: list[Any] = []
+    while not done and thread.is_alive() and time.monotonic() < deadline:
+        done = [t for t in scorer_tasks(cluster.address) if t.state == "FINISHED"]
+        time.sleep(0.5)
+    assert done and thread.is_alive(), out.get("error") or "select ended before the drill could hit it"
+    in_flight = sum(t.state == "RUNNING" for t in scorer_tasks(cluster.address))
+    actors = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+              if "ObserverScorer" in a.class_name]
+    node = actors[0].node_id
+    index = drill_index(node)
+    finished_before = len(done)
+    killed = cluster.kill_node(index)
+    killed_at = time.monotonic()
+    resumed_at = None
+    while thread.is_alive() and time.monotonic() < deadline:
+        if resumed_at is None and sum(t.state == "FINISHED" for t in scorer_tasks(cluster.address)) > finished_before:
+            resumed_at = time.monotonic()
+        time.sleep(0.5)
+    thread.join(5)
+    assert "error" not in out, out.get("error")
+    key = out["key"]
+
+    summary = store.manifest(key)["summary"]
+    considered, read = summary["images_considered"], summary["images_read"]
+    assert read == considered == 10 * 30, summary   # every image scored, none counted twice
+    assert set(summary["per_class"].values()) == {30}, summary["per_class"]
+    for entry in store.manifest(key)["files"]:
+        store.get_bytes(key, entry["name"])   # size and sha256 against the manifest
+    # Ray retries a call on the dead actor until a restarted one takes it: the attempts that found
+    # the actor gone did no work, so the work redone is at most the retried calls' images.
+    tasks = scorer_tasks(cluster.address)
+    calls = {t.task_id for t in tasks}
+    retried = {t.task_id for t in tasks if t.attempt_number > 0}
+    print(f"\nnode {index} ({node[-8:]}, {len(killed)} processes, {sum(a.node_id == node for a in actors)} of "
+          f"{len(actors)} scoring actors) killed after {finished_before} scoring calls, {in_flight} running; the next call finished "
+          f"{(resumed_at or killed_at) - killed_at:.1f} s later; select took {time.monotonic() - t0:.1f} s; "
+          f"{len(calls)} scoring calls for {considered} images ({len(tasks)} attempts); {len(retried)} call(s) "
+          f"retried: at most {len(retried) * considered // max(len(calls), 1)} images "
+          f"({len(retried) * considered // max(len(calls), 1) * cfg.select.num_crop} crops) scored again")
+
+
+def test_autoscaler_replaces_a_node_lost_mid_teachers(cluster, s3_env):
+    """A spot node reclaimed mid-teachers on an autoscaled cluster: every process of the launched node
+    holding a Train worker is SIGKILLed once the first epoch is in the store. The autoscaler learns of
+    the loss from the node's missing heartbeats (``AUTOSCALER_HEARTBEAT_TIMEOUT_S``, 30 s by default,
+    10 s here), terminates it, and launches a replacement for the asks left waiting (at most two
+    workers: the dead one must go before a new one may come); teachers resume from the last
+    checkpoint, and the replacement node does the stage's work."""
+    import json
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    from hello_ray import placement
+    from hello_ray.pipeline import open_run_store, run_teachers
+    from hello_ray.runner import Run
+
+    t0 = time.monotonic()
+    cluster.start_head(autoscaling_config=yaml.safe_load((ROOT / "cluster" / "fake-multinode.yaml").read_text()),
+                       env={"AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"})
+    epochs = 8
+    cfg = smoke(s3_env["HR_BUCKET"], cluster.address, f"teachers.epochs={epochs}", f"teachers.lr_step={epochs - 1}")
+    connect(cluster, cfg, workers=0)
+    head = head_id()
+    deadline = time.monotonic() + 60
+    while not placement.autoscaler_running() and time.monotonic() < deadline:
+        time.sleep(1)
+    store = open_run_store(cfg)
+    out: dict[str, Any] = {}
+
+    def teachers() -> None:
+        try:
+            out["key"] = run_teachers(Run.start(cfg))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+
+    def epoch_files() -> set[str]:
+        return {n for key in store.folders() if key.startswith("teachers-")
+                for n in store.list_files(key) if n.startswith("epochs/") and n.endswith(".json")}
+
+    def alive_workers() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head}
+
+    thread = threading.Thread(target=teachers, daemon=True)
+    thread.start()
+    seen: set[str] = set()
+    deadline = time.monotonic() + 900
+    while not seen and thread.is_alive() and time.monotonic() < deadline:
+        seen = epoch_files()
+        time.sleep(0.5)
+    assert seen, out.get("error") or cluster.tail()
+    workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+               if a.class_name == "RayTrainWorker"]
+    node = workers[0].node_id
+    before = alive_workers()
+    trained_before = set(seen)
+    killed = cluster.kill_launched_node(node)
+    killed_at = time.monotonic()
+    marked_dead = replaced = resumed = None
+    new_nodes: set[str] = set()
+    while thread.is_alive() and time.monotonic() < deadline:
+        alive = alive_workers()
+        if marked_dead is None and node not in alive:
+            marked_dead = time.monotonic() - killed_at
+        if alive - before and replaced is None:
+            replaced = time.monotonic() - killed_at
+        new_nodes |= alive - before
+        if resumed is None and epoch_files() - trained_before:
+            resumed = time.monotonic() - killed_at
+        time.sleep(0.5)
+    thread.join(5)
+    assert "error" not in out, out.get("error")
+    key = out["key"]
+    manifest = store.manifest(key)
+    metrics = {f["name"]: json.loads(store.get_bytes(key, f["name"])) for f in manifest["files"]
+               if f["name"].startswith("epochs/") and f["name"].endswith(".json")}
+    assert len(metrics) == epochs
+    resumed_epochs = [m for m in metrics.values() if m["resumed_from"] is not None]
+    assert resumed_epochs and min(m["attempt_start_epoch"] for m in resumed_epochs) >= len(trained_before)
+    for entry in manifest["files"]:
+        store.get_bytes(key, entry["name"])
+    used = {n for ids in manifest["summary"].get("nodes", {}).values() for n in ids}
+    print(f"\nlaunched node {node[-8:]} ({len(killed)} processes) killed after {sorted(trained_before)} "
+          f"({killed_at - t0:.1f} s after the head was asked for); Ray marked it dead after "
+          f"{marked_dead if marked_dead is None else round(marked_dead, 1)} s; a new node was up after "
+          f"{replaced if replaced is None else round(replaced, 1)} s; the next epoch file came after "
+          f"{resumed if resumed is None else round(resumed, 1)} s; epochs trained after the kill: "
+          f"{sorted(int(m['epoch']) for m in resumed_epochs)}; new nodes {sorted(n[-8:] for n in new_nodes)}")
+    assert new_nodes, "the autoscaler launched no node after the loss"
+    assert used & new_nodes, f"no stage work ran on the replacement: {manifest['summary'].get('nodes')}"
