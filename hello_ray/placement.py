@@ -57,6 +57,19 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def driver_actor_options() -> dict[str, Any]:
+    """Ray options for a driver's bookkeeping actor (the placement log, evaluate's row queue):
+    zero CPUs, so it fits a head with no room for stage work, and on the driver's own node, so a
+    worker node taken back mid-stage does not take the bookkeeping with it (seen: the log actor on
+    a reclaimed node, and a stage's node record lost). ``soft``: where that node cannot hold it,
+    anywhere rather than nowhere."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=True)}
+
+
 def _log_actor(create: bool = False) -> Any:
     """The driver's log actor (created by the driver with ``create``), or None when there is none."""
     global _actor, _owned
@@ -67,9 +80,8 @@ def _log_actor(create: bool = False) -> Any:
         # handle does (a second `get_if_exists` handle replacing it lets the actor die).
         job = ray.get_runtime_context().get_job_id()
         if _owned is None or _owned[0] != job:
-            # Zero CPUs: bookkeeping may sit on a head that has no room for stage work.
             _owned = (job, ray.remote(PlacementLog).options(name=LOG_ACTOR, get_if_exists=True,
-                                                            num_cpus=0).remote())
+                                                            **driver_actor_options()).remote())
         _actor = _owned[1]
     elif _actor is None:
         try:

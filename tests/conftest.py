@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-SHARED_DIR = TESTS_DIR.parent.parent / "shared"
 
 # Ray Train's controller polls its workers every 2 s and a worker's ``ray.train.report`` waits
 # for the previous report to be polled (a result queue of one): with the tests' sub-second

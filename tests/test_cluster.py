@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 import jsonschema
 import pytest
 import yaml
-from conftest import SHARED_DIR
 from packaging.requirements import Requirement
 
 try:
@@ -27,7 +26,8 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
-CRD_DIR = SHARED_DIR / "kuberay-crds"
+# ../shared beside the checkout (as CI lays it out) holds the KubeRay CRDs.
+CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
 AUTOSCALER_YAMLS = ["aws.yaml", "gcp.yaml"]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from builders import CLASSES, make_samples, upload, write_parquet
 
 from hello_ray.config import DataConfig
 from hello_ray.data.decode import DecodeBatch, decoded_split, find_corrupt
@@ -27,26 +26,7 @@ from hello_ray.data.errors import (ClassMismatchError, CorruptImageError, DataEr
 from hello_ray.data.images import decode_image
 from hello_ray.data.sources import load_split, load_train_val
 
-CLASSES = ["apple_pie", "n01440764", "zebra"]
 
-
-def _image(rng: np.random.Generator, fmt: str) -> bytes:
-    h, w = int(rng.integers(10, 20)), int(rng.integers(10, 20))
-    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def make_samples(seed: int = 0, per_class: int = 4) -> list[tuple[int, str, bytes]]:
-    """(label, file name, encoded bytes): alternating PNG and JPEG."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(len(CLASSES)):
-        for i in range(per_class):
-            fmt, ext = (("PNG", "png"), ("JPEG", "jpg"))[i % 2]
-            out.append((c, f"img{i:02d}.{ext}", _image(rng, fmt)))
-    return out
 
 
 def write_imagefolder(root: Path, split: str, samples, classes=CLASSES) -> None:
@@ -54,24 +34,6 @@ def write_imagefolder(root: Path, split: str, samples, classes=CLASSES) -> None:
         d = root / split / classes[c]
         d.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(data)
-
-
-def write_parquet(root: Path, split: str, samples, shards: int = 2, classes=CLASSES,
-                  hf_struct: bool = True) -> list[Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s, part in enumerate(np.array_split(np.arange(len(samples)), shards)):
-        rows = [samples[i] for i in part]
-        blobs = pa.array([r[2] for r in rows], pa.binary())
-        image = (pa.StructArray.from_arrays([blobs, pa.array([r[1] for r in rows])], ["bytes", "path"])
-                 if hf_struct else blobs)
-        path = root / f"{split}-{s:05d}-of-{shards:05d}.parquet"
-        pq.write_table(pa.table({"image": image, "label": pa.array([r[0] for r in rows], pa.int64())}),
-                       path, row_group_size=3)
-        paths.append(path)
-    if classes is not None:
-        (root / "classes.json").write_text(json.dumps(list(classes)))
-    return paths
 
 
 def write_wds(root: Path, split: str, samples, shards: int = 2, classes=CLASSES) -> None:
@@ -97,14 +59,6 @@ def multiset(split) -> list[tuple[str, int]]:
     rows = split.ds.take_all()
     return sorted((hashlib.sha256(decode_image(r["image"], r["id"]).tobytes()).hexdigest(),
                    int(r["label"])) for r in rows)
-
-
-def upload(local: Path, s3_uri: str) -> str:
-    from hello_ray.store import resolve_filesystem
-
-    fs, path = resolve_filesystem(s3_uri)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return s3_uri
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 
 import numpy as np
 import pandas as pd
 import pytest
+from builders import write_adapter, write_teachers
 import torch
 
 from hello_ray import report
 from hello_ray.config import load_config
 from hello_ray.formats.results import REQUIRED, RESULTS_JSON, RESULTS_PARQUET, read_results, summarise
-from hello_ray.formats.trajectory import epoch_file, write_trajectory
+from hello_ray.formats.trajectory import epoch_file
 from hello_ray.labels import ClassCountMismatch
 from hello_ray.models.zoo import build_model
 from hello_ray.stages import evaluate
@@ -38,28 +38,8 @@ def _image_set(store, key: str, cfg, class_names: list[str], ipc: int) -> None:
 
 
 def _teachers(store, key: str, num_classes: int, size: int) -> None:
-    traj = {"model": "resnet18", "num_classes": num_classes, "image_size": size,
-            "class_names": [str(i) for i in range(num_classes)], "epochs": [], "observer": ""}
-    for e in (1, 2, 3):
-        torch.manual_seed(e)
-        buf = io.BytesIO()
-        torch.save(build_model("resnet18", num_classes, size).state_dict(), buf)
-        name = epoch_file(e)
-        store.put_bytes(key, name, buf.getvalue())
-        traj["epochs"].append({"epoch": e, "top1": 0.1, "file": name})
-        traj["observer"] = name
-    write_trajectory(store, key, traj)
-    store.finalize(key, "teachers", {}, {})
-
-
-def _adapter(store, key: str, class_names: list[str]) -> None:
-    from hello_ray.models.projector import Projector
-
-    proj = Projector.from_clip("hello-tiny-rn", "random-init", class_names).add_lora(2, 4)
-    with tempfile.TemporaryDirectory() as d:
-        proj.save_adapter(d, dtype="fp16")
-        store.put_dir(key, d)
-    store.finalize(key, "transfer", {}, {})
+    write_teachers(store, "resnet18", [str(i) for i in range(num_classes)], size, (1, 2, 3), key=key,
+                   epoch_fields={"top1": 0.1})
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +55,7 @@ def world(tmp_path_factory, ray_local):
     names = load_train_val(cfg.data, store)[0].class_names
     _image_set(store, "select-test", cfg, names, ipc=2)
     _teachers(store, "teachers-test", len(names), cfg.data.image_size)
-    _adapter(store, "transfer-test", names)
+    write_adapter(store, "transfer-test", names)
     return cfg, store, names
 
 
@@ -170,7 +150,7 @@ def test_wrong_class_count_fails_before_training(world, which):
         inputs["images"] = "select-7"
         match = "image set select-7 has 7 classes but the dataset has 10"
     else:
-        _adapter(store, "transfer-3", names[:3])
+        write_adapter(store, "transfer-3", names[:3])
         inputs["transfer"] = "transfer-3"
         match = "adapter of transfer artifact transfer-3 has 3 classes but the dataset has 10"
     with pytest.raises(ClassCountMismatch, match=match):

@@ -19,7 +19,7 @@ from hello_ray.stages import evaluate, external
 from hello_ray.stages.external_core import ExternalClassError, detect_layout, map_classes
 from hello_ray.store import open_store
 from builders import DEMO_KEYS, pixels, write_external_set
-from test_evaluate import _adapter, _teachers
+from builders import write_adapter, write_teachers
 
 SIZE = load_config("smoke").data.image_size  # 24 px
 
@@ -37,8 +37,9 @@ def world(tmp_path_factory, ray_local):
     from hello_ray.data.sources import load_split
 
     names = load_split(cfg.data, cfg.data.train_split, store).class_names
-    _teachers(store, "teachers-test", len(names), cfg.data.image_size)
-    _adapter(store, "transfer-test", names)
+    write_teachers(store, "resnet18", [str(i) for i in range(len(names))], cfg.data.image_size, (1, 2, 3),
+                   key="teachers-test", epoch_fields={"top1": 0.1})
+    write_adapter(store, "transfer-test", names)
     return root, cfg.store, names
 
 
@@ -73,9 +74,9 @@ def test_reference_layouts_evaluate_with_every_label_strategy(world, layout):
     if layout == "sre2l":  # and SRe2L's relabel records for it, imported: the stored row replays them
         from hello_ray.labels import StoredLabels
         from hello_ray.labels_fkd import import_fkd
-        from test_fkd import _sre2l_folder
+        from builders import write_sre2l_records
 
-        _sre2l_folder(root / "sre2l-records", 20, 10, 1, 10, size=SIZE)
+        write_sre2l_records(root / "sre2l-records", 20, 10, 1, 10, size=SIZE)
         labels = import_fkd(str(root / "sre2l-records"), run.store, key)
         cfg = _cfg(store_uri, src, f"evaluate.stored_labels={labels}",
                    "evaluate.strategies=[hard, teacher, stored, stored/2, projector]")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import write_sre2l_records
 import torch
 
 from hello_ray.data.imageset import write_image_set
@@ -116,28 +116,8 @@ def test_export_then_import_replays_identical_views_and_logits(store, tmp_path, 
     assert any(v.lam < 1 for v in ours.epoch_views(0, 0)) == (alpha > 0)
 
 
-def _sre2l_folder(root: Path, n: int, bs: int, epochs: int, classes: int, seed: int = 42, size: int = SIZE) -> list:
-    """Records exactly as SRe2L's generate_soft_label.py saves them: numpy lambda and box."""
-    rng = np.random.default_rng(0)
-    saved = []
-    for e in range(epochs):
-        (root / f"epoch_{e}").mkdir(parents=True)
-        for b, idx in enumerate(fkd.sre2l_batches(n, bs, epochs, seed)[e]):
-            k = len(idx)
-            i, j = rng.integers(0, 8, k), rng.integers(0, 8, k)
-            coords = torch.tensor(np.stack([i / size, j / size, (size - i) / size, (size - j) / size], 1),
-                                  dtype=torch.float32)
-            lam = np.random.default_rng(b).beta(1.0, 1.0)
-            bbox = [np.clip(np.int64(2), 0, size), np.int64(5), np.int64(10), np.clip(np.int64(12), 0, size)]
-            rec = [coords, torch.tensor(rng.random(k) < 0.5), torch.randperm(k), lam, bbox,
-                   torch.randn(k, classes).half()]
-            torch.save(rec, root / f"epoch_{e}" / f"batch_{b}.tar")
-            saved.append((e, b, idx, rec))
-    return saved
-
-
 def test_sre2l_records_import_with_the_seeded_image_order(store, tmp_path):
-    saved = _sre2l_folder(tmp_path / "sre2l", N, 3, 2, C)
+    saved = write_sre2l_records(tmp_path / "sre2l", N, 3, 2, C, size=SIZE)
     back = StoredLabels(store, import_fkd(str(tmp_path / "sre2l"), store, "external-x"))
     views = {e: back.epoch_views(e, 0) for e in (0, 1)}
     for e, b, idx, rec in saved:
@@ -191,7 +171,7 @@ def test_imported_labels_pruned_replay_the_kept_batches(store, tmp_path, pool):
     """stored/N on imported labels: the kept batches (RelabelPlan.kept) copied as real files."""
     from hello_ray.labels import prune_stored
 
-    _sre2l_folder(tmp_path / "rec", N, 2, 3, C)                    # 3 epochs x 4 batches: T = 12
+    write_sre2l_records(tmp_path / "rec", N, 2, 3, C, size=SIZE)                    # 3 epochs x 4 batches: T = 12
     key = import_fkd(str(tmp_path / "rec"), store, "external-x")
     nbytes = prune_stored(store, key, "evaluate-p", 4, pool)
     pruned, full = StoredLabels(store, "evaluate-p", 4), StoredLabels(store, key)

@@ -138,3 +138,22 @@ def test_an_upward_import_is_named():
     assert layer_of("hello_ray.store", order) == 0 and layer_of("hello_ray.pipeline", order) == 1
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("hello_ray.nowhere", order)
+
+
+def imported_test_modules(source: str) -> set[str]:
+    """The test modules (``test_*``, ``conftest``) that Python ``source`` imports, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        found |= {n.split(".")[0] for n in names if n.split(".")[0].startswith("test_") or n == "conftest"}
+    return found
+
+
+
+def test_no_test_file_imports_another():
+    """Shared fakes live in tests/builders.py (written through the real formats); a test module that
+    imports another runs that module's fixtures' imports and couples the two files' edits."""
+    found = {p.name: imported_test_modules(p.read_text()) for p in sorted((REPO / "tests").glob("*.py"))}
+    assert {name: mods for name, mods in found.items() if mods} == {}
+    assert imported_test_modules("def f():\n    from test_select import helper\n") == {"test_select"}  # it can fail

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import boto3
 import pytest
+from builders import write_teachers
 import torch
 
 from hello_ray import cli, launcher
 from hello_ray.data.imageset import image_name, load_image_set, write_image_set
-from hello_ray.formats.trajectory import epoch_file, write_trajectory
+from hello_ray.formats.trajectory import epoch_file
 from hello_ray.housekeeping import collect, list_entries
 from hello_ray.labels import LABELS_DIR, RelabelPlan, StoredLabels, relabel, write_stored_meta
 from hello_ray.models.ensemble import TeacherEnsemble, load_observer, load_state
-from hello_ray.models.zoo import build_model
 from hello_ray.store import (
     FORMAT_VERSION,
     LEASE_DIR,
@@ -80,16 +80,8 @@ def _flip(store, key: str, name: str) -> None:
 
 def _teachers(store, key: str, planted: bytes | None = None) -> None:
     """A two-epoch trajectory; ``planted`` replaces epoch 1's checkpoint (the manifest matches it)."""
-    traj = {"model": MODEL, "num_classes": C, "image_size": S, "class_names": list("abcd"),
-            "epochs": [], "observer": epoch_file(2)}
-    for e in (1, 2):
-        torch.manual_seed(e)
-        buf = io.BytesIO()
-        torch.save(build_model(MODEL, C, S).state_dict(), buf)
-        store.put_bytes(key, epoch_file(e), planted if planted and e == 1 else buf.getvalue())
-        traj["epochs"].append({"epoch": e, "top1": 0.25, "loss": 1.0, "train_acc": 0.3, "file": epoch_file(e)})
-    write_trajectory(store, key, traj)
-    store.finalize(key, "teachers", {})
+    write_teachers(store, MODEL, list("abcd"), S, (1, 2), key=key, planted=planted or None,
+                   epoch_fields={"top1": 0.25, "loss": 1.0, "train_acc": 0.3})
 
 
 def _image_set(store, key: str) -> None:

@@ -99,7 +99,7 @@ def test_parquet_class_file_keys_the_stages_that_use_names(tmp_path):
     """A parquet dataset's classes.json: renaming there changes select/transfer/evaluate, not the
     teachers (nor recover, whose names come from the trajectory or data.class_names); a rewritten
     shard changes all."""
-    from test_data_sources import make_samples, write_parquet
+    from builders import make_samples, write_parquet
 
     store = open_store(str(tmp_path / "store"))
     data = tmp_path / "pq"
@@ -119,7 +119,7 @@ def test_s3_fingerprint_follows_etags_not_places(s3_bucket, tmp_path):
     dataset under another prefix keeps it."""
     import boto3
 
-    from test_data_sources import upload
+    from builders import upload
 
     _write_folder(tmp_path / "data", ["cat", "dog"])
     bucket = s3_bucket.split("/")[2]

@@ -369,12 +369,12 @@ def test_two_drivers_on_one_key_make_one_artifact(ray_local, s3_bucket, tmp_path
     import boto3
     import ray
 
-    from test_select import _teachers_artifact, _write_folder
+    from builders import write_image_folder, write_observer
 
-    root = _write_folder(tmp_path / "data", {"a": [f"img_{i}.png" for i in range(6)],
+    root = write_image_folder(tmp_path / "data", {"a": [f"img_{i}.png" for i in range(6)],
                                              "b": [f"img_{i}.png" for i in range(6)]})
     store = open_store(s3_bucket)
-    tkey = _teachers_artifact(store, ["a", "b"])
+    tkey = write_observer(store, ["a", "b"])
     overrides = [f"store={s3_bucket}", f"data.source={root}", "data.format=imagefolder", "data.image_size=32",
                  "data.cpus_per_task=0.5", "compute.use_gpu=false", "compute.lease_ttl_s=120",
                  f"compute.address={ray.get_runtime_context().gcs_address}", "select.ipc=2", "select.factor=1",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import write_teachers
 import torch
 from torch import nn
 
@@ -227,22 +228,7 @@ def test_recover_errors_name_what_is_wrong(observer):
 
 def _teachers_artifact(store, class_names: list[str], size: int) -> str:
     """A finished teachers artifact holding a random-init zoo ResNet-18 (with BatchNorm)."""
-    import io
-
-    from hello_ray.formats.trajectory import epoch_file, write_trajectory
-    from hello_ray.models.zoo import build_model
-
-    torch.manual_seed(0)
-    buf = io.BytesIO()
-    torch.save(build_model("resnet18", len(class_names), size).state_dict(), buf)
-    key = store.artifact_key("teachers", {"test": "recover", "classes": class_names})
-    store.put_bytes(key, epoch_file(1), buf.getvalue())
-    write_trajectory(store, key, {"model": "resnet18", "num_classes": len(class_names), "image_size": size,
-                                  "class_names": class_names, "epochs": [{"epoch": 1, "top1": 0.0,
-                                                                          "file": epoch_file(1)}],
-                                  "observer": epoch_file(1)})
-    store.finalize(key, "teachers", {"test": "recover"}, {}, {})
-    return key
+    return write_teachers(store, "resnet18", class_names, size, (0,), config={"test": "recover"})
 
 
 def test_recover_actor_packs_classes_and_keeps_finished_ones(file_store_uri, monkeypatch):

@@ -52,8 +52,7 @@ def make_rows() -> list[dict]:
 
 
 TRAJECTORY = {"model": "resnet18", "num_classes": 10, "image_size": 32, "class_names": [str(i) for i in range(10)],
-              "epochs": [{"epoch": e, "top1": 1 - 0.8 ** e, "file": epoch_file(e)} for e in range(1, 11)],
-              "observer": epoch_file(10)}
+              "epochs": [{"epoch": e, "top1": 1 - 0.8 ** e, "file": epoch_file(e)} for e in range(1, 11)]}
 # The transfer stage's fidelity.json layout.
 FIDELITY = {"before": {"views": 400, "agreement": 0.21, "kl": 1.734, "projector_top1": 0.12, "teacher_top1": 0.83},
             "after": {"views": 400, "agreement": 0.77, "kl": 0.2451, "projector_top1": 0.64, "teacher_top1": 0.83},

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import write_image_folder, write_observer
 import torch
 import torch.nn.functional as F
 
@@ -228,48 +229,6 @@ def test_select_in_memory_picks_each_images_best_crop_and_fills_short_classes(ti
 
 # ---------------------------------------------------------------------------- the Ray pipeline
 
-def _write_folder(root, classes: dict[str, list[str]], size: int | tuple[int, int] = 32, seed: int = 0):
-    """An ImageFolder train split: class -> file names; names containing 'bad' get garbage bytes.
-    ``size``: a side, or (height, width) of every image."""
-    h, w = (size, size) if isinstance(size, int) else size
-    from hello_ray.data.images import encode_png
-
-    rng = np.random.default_rng(seed)
-    for c, (name, files) in enumerate(classes.items()):
-        d = root / "train" / name
-        d.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            if "bad" in f:
-                (d / f).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-                continue
-            tint = np.zeros(3)
-            tint[c % 3] = 180
-            img = (tint + rng.integers(0, 75, size=(h, w, 3))).astype(np.uint8)
-            (d / f).write_bytes(encode_png(img))
-    return root
-
-
-def _teachers_artifact(store, class_names: list[str], size: int = 32) -> str:
-    """A finished teachers artifact in the documented format: one zoo checkpoint + trajectory.json."""
-    import io
-
-    from hello_ray.formats.trajectory import epoch_file, write_trajectory
-    from hello_ray.models.zoo import build_model
-
-    torch.manual_seed(0)
-    net = build_model("shufflenet_v2_x0_5", len(class_names), size)
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    key = store.artifact_key("teachers", {"test": "select", "classes": class_names})
-    store.put_bytes(key, epoch_file(1), buf.getvalue())
-    traj = {"model": "shufflenet_v2_x0_5", "num_classes": len(class_names), "image_size": size,
-            "class_names": class_names, "epochs": [{"epoch": 1, "top1": 0.0, "file": epoch_file(1)}],
-            "observer": epoch_file(1)}
-    write_trajectory(store, key, traj)
-    store.finalize(key, "teachers", {"test": "select"}, {}, {})
-    return key
-
-
 def _cfg(root, store_uri: str, on_corrupt: str = "skip", decode: str = "auto", **select):
     from hello_ray.config import load_config
 
@@ -290,7 +249,7 @@ def _run_select(cfg, teachers_key: str | None = None):
 
     store = open_run_store(cfg)
     if teachers_key is None:
-        teachers_key = _teachers_artifact(store, sorted(p.name for p in (Path(cfg.data.source) / "train").iterdir()))
+        teachers_key = write_observer(store, sorted(p.name for p in (Path(cfg.data.source) / "train").iterdir()))
     key = run_stage(select, cfg, store, {"teachers": teachers_key})
     return store, key, load_image_set(store, key), store.manifest(key)["summary"]
 
@@ -299,7 +258,7 @@ def _run_select(cfg, teachers_key: str | None = None):
 def parity_root(tmp_path_factory):
     # a: more images than mipc (the cut matters), b: exactly k*..., c: fewer than mipc and than k.
     # 40 x 52 sources: crops are cut at the source's own resolution, not from a 32 px square.
-    return _write_folder(tmp_path_factory.mktemp("parity"), {
+    return write_image_folder(tmp_path_factory.mktemp("parity"), {
         "a": [f"img_{i:03d}.png" for i in (7, 3, 11, 0, 5, 9, 1, 4)],
         "b": [f"img_{i:03d}.png" for i in range(6)],
         "c": ["only_0.png", "only_1.png"],
@@ -359,7 +318,7 @@ def json_key(store, key: str) -> str:
 
 @pytest.fixture(scope="module")
 def corrupt_root(tmp_path_factory):
-    return _write_folder(tmp_path_factory.mktemp("corrupt"), {
+    return write_image_folder(tmp_path_factory.mktemp("corrupt"), {
         "a": ["img_000.png", "img_001_bad.png", "img_002.png", "img_003.png"],
         "b": ["img_000.png", "img_001.png", "img_002.png"],
     })
@@ -392,7 +351,7 @@ def test_corrupt_image_fails_when_asked(ray_local, corrupt_root, tmp_path, decod
 def test_class_without_images_is_a_named_error(ray_local, tmp_path, classes):
     from hello_ray.data.errors import EmptyClassError
 
-    root = _write_folder(tmp_path / "data", classes)
+    root = write_image_folder(tmp_path / "data", classes)
     cfg = _cfg(root, (tmp_path / "store").as_uri())
     with pytest.raises(EmptyClassError, match="'b'"):
         _run_select(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import write_teachers
 import torch
 from torch import nn
 
@@ -38,25 +39,12 @@ def tiny_teachers(n: int, num_classes: int, image_size: int, model: str = "resne
 def write_tiny_trajectory(store, cfg, epochs: int = 3) -> str:
     """A finished teachers artifact in the documented trajectory format (hello_ray/formats/trajectory.py):
     one zoo state_dict per epoch + trajectory.json, then the manifest. Returns its key."""
-    import io
-
     from hello_ray.data.sources import load_train_val
-    from hello_ray.formats.trajectory import epoch_file, write_trajectory
 
     train, _ = load_train_val(cfg.data, store)
-    names = list(train.class_names)
-    key = store.artifact_key("teachers", {"tiny_trajectory": epochs, "classes": names})
-    rows = []
-    for e, model in enumerate(tiny_teachers(epochs, len(names), cfg.data.image_size), start=1):
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-        store.put_bytes(key, epoch_file(e), buf.getvalue())
-        rows.append({"epoch": e, "top1": 0.0, "file": epoch_file(e)})
-    trajectory = {"model": "resnet18", "num_classes": len(names), "image_size": cfg.data.image_size,
-                  "class_names": names, "epochs": rows, "observer": rows[-1]["file"]}
-    write_trajectory(store, key, trajectory)
-    store.finalize(key, "teachers", {"tiny_trajectory": epochs}, {})
-    return key
+    # The same models as tiny_teachers(epochs, ...): seeds 1000, 1001, ...
+    return write_teachers(store, "resnet18", list(train.class_names), cfg.data.image_size,
+                          [1000 + i for i in range(epochs)], config={"tiny_trajectory": epochs})
 
 
 @pytest.fixture(scope="module")

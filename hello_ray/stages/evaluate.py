@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hello_ray import launcher
+from hello_ray import launcher, placement
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
 from hello_ray.formats.results import (has_row_record, read_row_records, write_results,  # the results format
                                        write_row_record)
@@ -214,7 +214,8 @@ def run(cfg: Config, store, key: str, inputs: dict[str, str], *, drill: launcher
         finished = read_row_records(store, key, [r["row"] for r in rows])
         for r in rows:
             r["cost"] = row_cost(cfg, r, n_full if r["images"] == "full" else len(images), num_classes)
-        queue = ray.remote(num_cpus=0)(RowQueue).remote([r for r in rows if r["row"] not in finished])
+        queue = ray.remote(**placement.driver_actor_options())(RowQueue).remote(
+            [r for r in rows if r["row"] not in finished])
         config["queue"] = queue
     result = launcher.fit(
         STAGE, cfg.compute, store, key, train_loop_per_worker, config, {"val": val_ds},
@@ -357,8 +358,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     import ray
     import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
     cfg: Config = config["cfg"]
     store, key, inputs = config["store"], config["key"], config["inputs"]
@@ -427,11 +426,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if say:
             say(_row_line(record))
         with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
             if rank == 0:
                 (Path(d) / ROWS_FILE).write_text(json.dumps(done))
-                checkpoint = Checkpoint.from_directory(d)
-            ray.train.report({"rows_done": len(done), "top1": record["top1"]}, checkpoint=checkpoint)
+            # Through the launcher: on an S3 store the checkpoint goes up by the store's client.
+            launcher.report({"rows_done": len(done), "top1": record["top1"]}, store, d if rank == 0 else None)
 
 
 def _row_line(r: dict[str, Any]) -> str:
@@ -447,7 +445,6 @@ def _queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: 
     collective); the records in the store are what a restart resumes from.
     """
     import ray
-    import ray.train
     import torch.distributed as dist
 
     queue, store, key = config["queue"], config["store"], config["key"]
@@ -482,7 +479,7 @@ def _queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: 
             say(f"[worker {rank}] " + _row_line(record))
     if world > 1:
         dist.barrier()
-    ray.train.report({"rows_done": ran})
+    launcher.report({"rows_done": ran}, store)
 
 
 def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tensor, strategy: LabelStrategy,
