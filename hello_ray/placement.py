@@ -34,7 +34,7 @@ TASKS = "tasks"
 
 _reported: set[tuple[str, str]] = set()   # (key, role) this process has reported
 _actor: Any = None                        # this process's handle on the log actor (False: none)
-_owned: tuple[str, Any] | None = None     # driver: (job id, the handle that created the actor)
+_owned: tuple[tuple[str, str], Any] | None = None  # driver: ((cluster, job id), the handle that created it)
 
 
 class PlacementLog:
@@ -59,10 +59,9 @@ def node_id() -> str:
 
 def driver_actor_options() -> dict[str, Any]:
     """Ray options for a driver's bookkeeping actor (the placement log, evaluate's row queue):
-    zero CPUs, so it fits a head with no room for stage work, and on the driver's own node, so a
-    worker node taken back mid-stage does not take the bookkeeping with it (seen: the log actor on
-    a reclaimed node, and a stage's node record lost). ``soft``: where that node cannot hold it,
-    anywhere rather than nowhere."""
+    zero CPUs, so it fits a head with no room for stage work, and on the driver's own node (the head
+    under ``ray job submit``), so a worker node taken back mid-stage cannot take the bookkeeping with
+    it. ``soft``: where that node cannot hold it, anywhere rather than nowhere."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -78,7 +77,10 @@ def _log_actor(create: bool = False) -> Any:
     if create:
         # Created once per job and its first handle kept: the actor lives as long as its creator's
         # handle does (a second `get_if_exists` handle replacing it lets the actor die).
-        job = ray.get_runtime_context().get_job_id()
+        # Keyed by the cluster too: job ids restart at 01000000 in every cluster, so a driver that
+        # connects to a second cluster (a test process, a notebook) must not reuse the first's handle.
+        ctx = ray.get_runtime_context()
+        job = (ctx.gcs_address, ctx.get_job_id())
         if _owned is None or _owned[0] != job:
             _owned = (job, ray.remote(PlacementLog).options(name=LOG_ACTOR, get_if_exists=True,
                                                             **driver_actor_options()).remote())

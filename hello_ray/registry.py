@@ -4,27 +4,40 @@ report, which all read it; above the stages, which know nothing of one another.
 """
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from hello_ray import launcher, placement
 from hello_ray.config import Config
-from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer
+from hello_ray.stages import evaluate, external, recover, refine, select, teachers, transfer, validate
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
 
 STAGES: tuple[ModuleType, ...] = (teachers, select, recover, external, transfer, refine, evaluate)  # recipe order
 
-# What a stage declares beside its STAGE name: its KIND, how it runs on Ray. The preflight's resource
-# asks, cost model and rehearsal read these lists, never a stage's name.
-KINDS = ("train", "actors", "driver")  # one Ray Train run | one Ray Data actor pool | the driver alone
+# What a stage declares (hello_ray/stages/__init__.py: its KIND, how it runs on Ray, and the rest),
+# checked here once; the runner, the preflight's resource asks, cost model and rehearsal read the
+# declarations, never a stage's name.
 for _s in STAGES:
-    if getattr(_s, "KIND", None) not in KINDS:
-        raise TypeError(f"stage module {_s.__name__} declares KIND={getattr(_s, 'KIND', None)!r}; one of {KINDS}")
-TRAIN_STAGES = tuple(s.STAGE for s in STAGES if s.KIND == "train")
-ACTOR_STAGES = tuple(s.STAGE for s in STAGES if s.KIND == "actors")
+    validate(_s)
 
+
+
+def plan(stage: ModuleType) -> ModuleType:
+    """How preflight checks, rehearses and prices ``stage``: its module ``<stage>_plan`` (``rehearse``
+    and ``work``; ``check`` and ``gpu_hours`` where it has them). Found by name, so a stage's plan
+    lives beside it and nothing else lists it."""
+    return importlib.import_module(f"{stage.__name__}_plan")
+
+
+def by_name(name: str) -> ModuleType:
+    """The registered stage module named ``name`` (a KeyError names the registered ones)."""
+    for s in STAGES:
+        if s.STAGE == name:
+            return s
+    raise KeyError(f"no stage {name!r}; the stages are {[s.STAGE for s in STAGES]}")
 
 
 def check(cfg: Config) -> None:

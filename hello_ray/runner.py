@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from hello_ray import lease, placement
 from hello_ray.config import Config
-from hello_ray.registry import check, check_resources, open_run_store
+from hello_ray.registry import STAGES, check, check_resources, open_run_store
 from hello_ray.runtime import ensure_ray
-from hello_ray.stages import evaluate, external
+from hello_ray.stages import declared
 
 if TYPE_CHECKING:
     from hello_ray.store import Store
@@ -61,10 +61,14 @@ class Run:
         ensure_ray(cfg.compute)
         check_resources(cfg)
         run = cls(cfg, store if store is not None else open_run_store(cfg))
-        # An external distilled set is listed and its folders mapped to the training classes now: a
-        # class-order mismatch fails before the teachers train (listing only, no image read).
-        plan = external.check_sources(cfg, run.store)
-        evaluate.check_sources(cfg, run.store, plan.listing.num_images if plan else None)
+        # What each stage reads besides the recipe's artifacts, checked now (listings only, no image
+        # read): a mismatch fails before the teachers train. In recipe order, each stage's findings
+        # passed on in ``known``.
+        known: dict[str, Any] = {}
+        for stage in STAGES:
+            before = declared(stage, "before_run")
+            if before is not None:
+                before(cfg, run.store, known)
         return run
 
     def needs(self, stage: ModuleType, inputs: dict[str, str]) -> bool:
@@ -98,7 +102,7 @@ class Run:
         # store) check the lease first: a writer whose lease was taken over stops.
         self.store.fences = {**self.store.fences, key: held.fence()}
         try:
-            prep = lease.prepare_key(self.store, key, resumable=getattr(stage, "RESUMES_FROM_FILES", False))
+            prep = lease.prepare_key(self.store, key, resumable=declared(stage, "RESUMES_FROM_FILES"))
         except BaseException:
             self.release(stage)
             raise
@@ -118,7 +122,7 @@ class Run:
         from hello_ray.data.fingerprint import split_fingerprint
 
         config = stage.stage_config(self.cfg)
-        roles = getattr(stage, "DATA_SPLITS", ())
+        roles = declared(stage, "DATA_SPLITS")
         if roles:
             data = self.cfg.data
             dataset = {}
@@ -127,15 +131,15 @@ class Run:
                 if name not in self.fingerprints:
                     self.fingerprints[name] = split_fingerprint(data, name, self.store)
                 fp = dict(self.fingerprints[name])
-                if not getattr(stage, "CLASS_NAMES_IN_KEY", True):
+                if not declared(stage, "CLASS_NAMES_IN_KEY"):
                     fp.pop("class_file")
                 dataset[role] = fp
             config["dataset"] = dataset
-        if getattr(stage, "source_fingerprint", None):  # external: the listing of images.path
+        if declared(stage, "source_fingerprint"):  # a set read from outside the recipe
             name = f"source:{stage.STAGE}"
             if name not in self.fingerprints:
                 self.fingerprints[name] = stage.source_fingerprint(self.cfg, self.store)
-            config["external"] = self.fingerprints[name]
+            config[stage.STAGE] = self.fingerprints[name]
         return config
 
     def done(self, stage: ModuleType, inputs: dict[str, str], summary: dict[str, Any] | None) -> None:

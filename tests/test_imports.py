@@ -157,3 +157,43 @@ def test_no_test_file_imports_another():
     found = {p.name: imported_test_modules(p.read_text()) for p in sorted((REPO / "tests").glob("*.py"))}
     assert {name: mods for name, mods in found.items() if mods} == {}
     assert imported_test_modules("def f():\n    from test_select import helper\n") == {"test_select"}  # it can fail
+
+
+def stage_names_in(source: str, stages: set[str]) -> list[str]:
+    """Where ``source``'s code (not its comments or docstrings) names a stage: a string equal to a
+    stage's name, a name or attribute spelled as one (``cfg.select``), or an import of a stage module."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in stages:
+                found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Name) and node.id in stages:
+            found.append(f"line {node.lineno}: name {node.id}")
+        elif isinstance(node, ast.Attribute) and node.attr in stages:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for n in names:
+                if any(part in stages or part.split("_")[0] in stages and part.endswith(("_core", "_plan"))
+                       for part in n.split(".")):
+                    found.append(f"line {node.lineno}: import {n}")
+    return found
+
+
+def test_no_stage_is_named_in_the_runner_the_preflight_or_the_cost_model():
+    """They read the stage contract (hello_ray/stages/__init__.py) and each stage's plan, so removing
+    a stage from the registry needs no other edit but its recipe step."""
+    from hello_ray.registry import STAGES
+
+    stages = {s.STAGE for s in STAGES}
+    files = [PKG / "runner.py", *sorted((PKG / "preflight").glob("*.py"))]
+    found = {str(p.relative_to(REPO)): hits for p in files if (hits := stage_names_in(p.read_text(), stages))}
+    assert found == {}
+    # It can fail: each way of naming a stage is found.
+    planted = ('"""about select"""\nx = "select"\ny = cfg.teachers.epochs\nfrom hello_ray.stages import evaluate\n'
+               'from hello_ray.stages.select_plan import work\n')
+    assert len(stage_names_in(planted, stages)) == 4

@@ -21,6 +21,7 @@ from hello_ray.data.classnames import imagenet_wnids
 from hello_ray.data.synthetic import write_synthetic
 from hello_ray.preflight import checks
 from hello_ray.preflight.checks import CheckReport
+from hello_ray.stages import transfer_plan
 
 WNIDS = list(imagenet_wnids())
 
@@ -184,7 +185,7 @@ def test_shipped_aws_cluster_holds_imagenet1k():
 
 def test_unknown_clip_model_named():
     report = CheckReport()
-    checks.check_weights(_cfg("unused", "unused", "transfer.clip_model=RN5O"), report, probe_network=False)
+    transfer_plan.check(_cfg("unused", "unused", "transfer.clip_model=RN5O"), None, report, probe_network=False)
     (failure,) = report.failures()
     assert failure.name == "weights.clip" and "'RN5O'" in failure.detail and "transfer.clip_model" in failure.detail
 

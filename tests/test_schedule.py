@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hello_ray.config import load_config
-from hello_ray.preflight.schedule import (evaluate_gpu_hours, format_schedule, format_stage_hours, load_profile,
-                                          lpt_makespan, stage_gpu_hours)
+from hello_ray.preflight.schedule import format_stage_hours, load_profile, stage_gpu_hours
+from hello_ray.stages.evaluate_plan import evaluate_gpu_hours, format_schedule, lpt_makespan
 
 H200 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check_h200.json"
 

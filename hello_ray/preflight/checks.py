@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import uuid
 from pathlib import Path
 from typing import Any
@@ -208,117 +207,17 @@ def check_class_names(split: Any, report: CheckReport) -> None:
     report.add("class_names", "ok", f"{len(keys)} classes named ({wnids} ImageNet synsets mapped): {pairs}, ...")
 
 
-# ---------------------------------------------------------------------------- weights
+# ---------------------------------------------------------------------------- the stages' own
 
-def _cached_clip_weights(model: str, tag: str) -> tuple[str | None, str]:
-    """(local cache path or None, where it would be downloaded from) for an open_clip tag."""
-    from open_clip.pretrained import get_pretrained_cfg
+def check_stages(cfg: Config, store: Any, report: CheckReport, probe_network: bool = True) -> None:
+    """Each active stage's own preflight check (``<stage>_plan.check``: the weights it loads, the
+    sources it reads), in recipe order."""
+    from hello_ray import registry
 
-    pcfg = get_pretrained_cfg(model, tag)
-    hub, url = pcfg.get("hf_hub", ""), pcfg.get("url", "")
-    if hub:
-        repo, filename = os.path.split(hub)
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            for name in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
-                hit = try_to_load_from_cache(repo, name)
-                if isinstance(hit, str):
-                    return hit, f"https://huggingface.co/{repo}"
-        except ImportError:
-            pass
-    if url:
-        path = Path("~/.cache/clip").expanduser() / posixpath.basename(url)
-        if path.is_file():
-            return str(path), url
-    return None, f"https://huggingface.co/{hub.rstrip('/')}" if hub else url
-
-
-def _reachable(url: str, timeout: float = 3.0) -> str:
-    """'' when a HEAD request to ``url`` answers (any HTTP status), else the reason (nothing is downloaded)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-        return ""
-    except urllib.error.HTTPError:
-        return ""  # the host answered
-    except (OSError, ValueError) as e:
-        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-
-
-def check_external(cfg: Config, store: Any, report: CheckReport) -> None:
-    """images.source=external: the set's folders listed and mapped onto the training classes, as
-    ``Run.start`` does (``stages/external.check_sources``: no image read; a mismatch names both orders)."""
-    if cfg.images.source != "external" or store is None:
-        return
-    from hello_ray.data.errors import DataError
-    from hello_ray.stages import external
-
-    try:
-        plan = external.check_sources(cfg, store)
-    except (ConfigError, DataError, OSError) as e:
-        report.add("images.external", "fail", str(e))
-        return
-    report.facts["external_images"] = plan.listing.num_images
-    report.add("images.external", "ok", f"{plan.layout} layout, {len(plan.listing.folders)} folders, "
-               f"{plan.listing.num_images} images, each folder mapped to a training class")
-
-
-def check_weights(cfg: Config, report: CheckReport, probe_network: bool = True) -> None:
-    """The CLIP model name, and whether its pretrained weights are here or downloadable from here."""
-    import open_clip
-
-    from hello_ray.models.clip import META, RANDOM_INIT, register_tiny_clip
-
-    tc = cfg.transfer
-    register_tiny_clip()
-    if tc.clip_model not in open_clip.list_models():
-        near = [m for m in open_clip.list_models() if tc.clip_model.lower()[:3] in m.lower()][:6]
-        report.add("weights.clip", "fail", f"config key 'transfer.clip_model': unknown CLIP model {tc.clip_model!r}; "
-                   f"open_clip knows e.g. {near or ['RN50', 'ViT-B-32']} (open_clip.list_models())")
-        return
-    report.facts["clip_weights"] = "random-init"
-    if tc.pretrained == RANDOM_INIT:
-        report.add("weights.clip", "ok", f"{tc.clip_model}: random-init stand-in (nothing to download)")
-        return
-    if tc.pretrained == META:
-        report.add("weights.clip", "fail", "config key 'transfer.pretrained': 'meta' has no weights to train")
-        return
-    if os.path.isfile(tc.pretrained):
-        report.facts["clip_weights"] = tc.pretrained
-        report.add("weights.clip", "ok", f"{tc.clip_model}: local weights file {tc.pretrained}")
-        return
-    tags = [t.lower() for t in open_clip.list_pretrained_tags_by_model(tc.clip_model)]
-    if tc.pretrained.lower() not in tags:
-        report.add("weights.clip", "fail", f"config key 'transfer.pretrained': {tc.pretrained!r} is neither a local "
-                   f"file nor a pretrained tag of {tc.clip_model} (tags: {tags})")
-        return
-    cached, source = _cached_clip_weights(tc.clip_model, tc.pretrained)
-    if cached:
-        report.facts["clip_weights"] = cached
-        report.add("weights.clip", "ok", f"{tc.clip_model}/{tc.pretrained}: cached here at {cached}")
-        return
-    why = _reachable(source) if probe_network and source else "not probed"
-    if not why:
-        report.add("weights.clip", "ok", f"{tc.clip_model}/{tc.pretrained}: not cached; downloadable from {source} "
-                   "(reachable from this machine; each node downloads it once)")
-    else:
-        report.add("weights.clip", "warn", f"{tc.clip_model}/{tc.pretrained}: not cached here and {source} is not "
-                   f"reachable from this machine ({why}); the run's nodes must reach it or set "
-                   "transfer.pretrained to a local file; the rehearsal uses random-init weights")
-
-
-def _check_observer_weights(cfg: Config, report: CheckReport) -> None:
-    if cfg.teachers.observer != "torchvision":
-        return
-    import torch.hub
-    from torchvision.models import ResNet18_Weights
-
-    url = ResNet18_Weights.IMAGENET1K_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / posixpath.basename(url)
-    report.add("weights.observer", "ok" if path.is_file() else "warn",
-               f"torchvision ResNet-18 observer: {'cached at ' + str(path) if path.is_file() else 'downloaded from ' + url}")
+    for stage in registry.active_stages(cfg):
+        check = getattr(registry.plan(stage), "check", None)
+        if check is not None:
+            check(cfg, store, report, probe_network)
 
 
 # ---------------------------------------------------------------------------- all
@@ -335,9 +234,7 @@ def run_checks(cfg: Config, cluster_yaml: str | None = None, sample_images: int 
     store = check_store(cfg, report)
     ensure_ray(cfg.compute)  # the data checks read through Ray Data, as the run does
     check_data(cfg, store, report, sample_images)
-    check_external(cfg, store, report)
-    check_weights(cfg, report, probe_network)
-    _check_observer_weights(cfg, report)
+    check_stages(cfg, store, report, probe_network)
     check_resources(cfg, report, cluster_yaml)
     if not report.ok:
         tidy_store(cfg, report)

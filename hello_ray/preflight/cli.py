@@ -102,11 +102,12 @@ def rehearse(cfg: Config, store: Any, report: CheckReport, steps: int, flop_budg
         report.add(f"rehearsal.{r.stage}", "ok", f"{r.steps} steps of {r.batch} ({r.item}), "
                    f"{r.step_s:.3f} s/step; {r.path}" + (f"; {'; '.join(r.notes)}" if r.notes else ""))
     table = cost_table(cfg, report.facts, reh.results, load_devices(devices_path))
-    transfer = next((s for s in table["stages"] if s["stage"] == "transfer"), None)
-    evaluate = next((s for s in table["stages"] if s["stage"] == "evaluate"), None)
-    if transfer and evaluate and transfer["lora_params"] != evaluate["projector_lora_params"]:
-        report.add("rehearsal.lora", "fail", f"the rehearsed projector has {transfer['lora_params']:,} LoRA "
-                   f"parameters but hello-ray storage counts {evaluate['projector_lora_params']:,}")
+    # The adapter a stage trained against what the label accounting counts for it: the same number.
+    made = next((s["lora_params"] for s in table["stages"] if "lora_params" in s), None)
+    counted = next((s["projector_lora_params"] for s in table["stages"] if "projector_lora_params" in s), None)
+    if made is not None and counted is not None and made != counted:
+        report.add("rehearsal.lora", "fail", f"the rehearsed projector has {made:,} LoRA "
+                   f"parameters but hello-ray storage counts {counted:,}")
     return table
 
 
@@ -149,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         table = rehearse(cfg, store, report, args.steps, args.flop_budget, args.devices)
     wall = time.perf_counter() - t0
     classes = args.classes or report.facts.get("classes")
-    schedule = evaluate_schedule(cfg, classes, args.device_profile)
+    schedules = stage_schedules(cfg, classes, args.device_profile)
     hours = stage_hours(cfg, classes, args.train_images or report.facts.get("train_images"), args.device_profile,
                         args.node_cpus)
     out = {"preset": cfg.name, "store": cfg.store, "wall_s": round(wall, 1), **report.to_json(), "cost": table,
-           "evaluate_schedule": schedule, "stage_gpu_hours": hours}
+           **{f"{name}_schedule": block for name, (block, _) in schedules.items()}, "stage_gpu_hours": hours}
     if report.ok and store is not None:
         store.put_bytes(PREFLIGHT_KEY, preflight_file(cfg.name), json.dumps(out, default=str).encode())
     elif not report.ok:
@@ -172,17 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in table["stages"]:
                 for note in s["notes"]:
                     print(f"  note ({s['stage']}): {note}")
-            if "transfer" in {s["stage"] for s in table["stages"]}:
-                t = next(s for s in table["stages"] if s["stage"] == "transfer")
-                print(f"  LoRA parameters: {t['lora_params']:,}")
-            ev = next((s for s in table["stages"] if s["stage"] == "evaluate"), None)
-            if ev:
-                print(f"  stored soft labels (IPC {cfg.select.ipc}, {cfg.evaluate.epochs} epochs): "
-                      f"{ev['stored_soft_labels_bytes']:,} B (hello-ray storage)")
-        if schedule is not None:
-            from hello_ray.preflight.schedule import format_schedule
-
-            print("\n" + format_schedule(schedule))
+            for s in table["stages"]:
+                if "lora_params" in s:
+                    print(f"  LoRA parameters: {s['lora_params']:,}")
+            for s in table["stages"]:
+                if "stored_soft_labels_bytes" in s:
+                    print(f"  stored soft labels ({s['stored_labels_what']}): "
+                          f"{s['stored_soft_labels_bytes']:,} B (hello-ray storage)")
+        for block, text in schedules.values():
+            if block is not None:
+                print("\n" + text)
         if hours is not None:
             from hello_ray.preflight.schedule import format_stage_hours
 
@@ -190,14 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-def evaluate_schedule(cfg: Config, classes: int | None, profile_path: str | None) -> dict[str, Any] | None:
-    """The evaluate grid's GPU-hours from a device profile, for a GPU run whose class count is known."""
-    from hello_ray.preflight.schedule import default_profile, evaluate_gpu_hours, load_profile
+def stage_schedules(cfg: Config, classes: int | None, profile_path: str | None
+                    ) -> dict[str, tuple[dict[str, Any] | None, str]]:
+    """Each active stage's own schedule block from a device profile (its plan's ``grid_hours``: the
+    evaluate grid before and after the queue), and its text; the block is None unless the run is a
+    GPU run whose class count is known."""
+    from hello_ray import registry
+    from hello_ray.preflight.schedule import default_profile, load_profile
 
     path = profile_path or default_profile()
-    if not cfg.compute.use_gpu or not classes or path is None or "evaluate" not in _stages(cfg):
-        return None
-    return evaluate_gpu_hours(cfg, int(classes), load_profile(path))
+    out: dict[str, tuple[dict[str, Any] | None, str]] = {}
+    for stage in registry.active_stages(cfg):
+        plan = registry.plan(stage)
+        if not hasattr(plan, "grid_hours"):
+            continue
+        if not cfg.compute.use_gpu or not classes or path is None:
+            out[stage.STAGE] = (None, "")
+            continue
+        block = plan.grid_hours(cfg, int(classes), load_profile(path))
+        out[stage.STAGE] = (block, plan.format_schedule(block))
+    return out
 
 
 def stage_hours(cfg: Config, classes: int | None, train_images: int | None, profile_path: str | None,

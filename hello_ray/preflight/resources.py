@@ -1,5 +1,5 @@
 """Preflight's resource checks: each active stage's ask (its bundles, from what the stage declares:
-``KIND``, ``resources(cfg)``, ``pool_reads_data(cfg)``) against the node types of an autoscaler YAML
+``KIND``, ``resources(cfg)``, ``pool(cfg)``, ``pool_reads_data(cfg)``) against the node types of an autoscaler YAML
 or the live Ray's nodes, and a local store on a cluster of several machines."""
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def stage_bundles(stage: Any, cfg: Config) -> list[dict[str, float]]:
         out = [{"CPU": c.cpus_per_worker, "GPU": share}] * c.num_workers + [read]
     elif stage.KIND == "driver":  # the driver's own threads (external's reads): one bundle
         out = [{"CPU": 0.0, "GPU": 0.0, **stage.resources(cfg)}]
-    else:  # an actor pool, sized by the stage's own config section
-        sec = getattr(cfg, name)
-        out = [{"CPU": sec.actor_cpus, "GPU": gpu}] * sec.num_actors
+    else:  # an actor pool, as the stage sizes it
+        actors, cpus = stage.pool(cfg)
+        out = [{"CPU": cpus, "GPU": gpu}] * actors
         if stage.pool_reads_data(cfg):
             out = out + [read]
     total = stage.resources(cfg)

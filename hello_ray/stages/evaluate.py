@@ -36,8 +36,7 @@ import torch
 
 from hello_ray import launcher, placement
 from hello_ray.config import Config, ConfigError, data_identity, section_dict
-from hello_ray.formats.results import (has_row_record, read_row_records, write_results,  # the results format
-                                       write_row_record)
+from hello_ray.formats.results import read_row_records, write_results  # the results format
 from hello_ray.config.evaluate import parse_phases
 from hello_ray.scores import fair_scores
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
@@ -48,10 +47,10 @@ from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the 
     sample_floor, validate_inputs)
 from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
-from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, row_cost
+from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, queue_rows, row_cost, row_line
 
 STAGE = "evaluate"
-KIND = "train"  # one Ray Train run (launcher.fit): registry.TRAIN_STAGES
+KIND = "train"  # one Ray Train run (launcher.fit; hello_ray/stages/__init__.py)
 INPUTS = ("images", "teachers", "transfer")  # the distilled set; the labellers' sources
 DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 log = logging.getLogger("hello_ray.evaluate")
@@ -101,6 +100,12 @@ def check_continual(steps: list[int], num_classes: int) -> None:
         if n_steps > num_classes:
             raise ConfigError(f"config key 'evaluate.continual_steps': {n_steps} steps for only "
                               f"{num_classes} classes")
+
+
+def before_run(cfg: Config, store: Any, known: dict[str, Any]) -> None:
+    """``Run.start``, before any stage: what evaluate reads besides the recipe's artifacts
+    (``check_sources``), for ``known["distilled_images"]`` images where a stage before knows them."""
+    check_sources(cfg, store, known.get("distilled_images"))
 
 
 def resources(cfg: Config) -> dict[str, float]:
@@ -416,7 +421,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return _train_row(cfg, r, x, y, strategies[strategy_of(r)], num_classes, val_shard, device, rank=0,
                               world=1, on_view=on_view)
 
-        _queue_rows(config, rank, world, train, say)
+        queue_rows(config, rank, world, train, say)
         return
     for mine in pending:
         x, y = sets[mine["images"]]
@@ -424,62 +429,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record = _train_row(cfg, mine, x, y, strategy, num_classes, val_shard, device, rank=rank, world=world)
         done.append(record)
         if say:
-            say(_row_line(record))
+            say(row_line(record))
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 (Path(d) / ROWS_FILE).write_text(json.dumps(done))
             # Through the launcher: on an S3 store the checkpoint goes up by the store's client.
             launcher.report({"rows_done": len(done), "top1": record["top1"]}, store, d if rank == 0 else None)
-
-
-def _row_line(r: dict[str, Any]) -> str:
-    return (f"{r['row']}: top1 {r['top1']:.4f}  label bytes {r['label_bytes']:,}  "
-            f"step {r['step_s'] * 1e3:.1f} ms  wall {r['wall_s']:.1f} s")
-
-
-def _queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: Any) -> None:
-    """Queue mode on one rank: take rows until the queue is empty, writing each record as it ends.
-
-    Rank 0 first puts back the rows an earlier attempt of the worker group left unfinished; every
-    rank waits for that before taking a row. One report at the end (Ray Train's reports are
-    collective); the records in the store are what a restart resumes from.
-    """
-    import ray
-    import torch.distributed as dist
-
-    queue, store, key = config["queue"], config["store"], config["key"]
-    if rank == 0:
-        back = ray.get(queue.begin.remote())
-        if back and say:
-            say(f"{back} rows of an earlier attempt put back in the queue")
-    if world > 1:
-        dist.barrier()
-    ran = 0
-    drill = config.get("drill")
-    armed = drill is not None and rank == drill.rank and not launcher.drill_fired(drill, store, key)
-    while (row := ray.get(queue.take.remote())) is not None:
-        if has_row_record(store, key, row["row"]):
-            # Finished by a worker that was torn down before it could tell the queue (a restart
-            # put the row back): its record stands, it is not trained again.
-            ray.get(queue.finish.remote(row["row"]))
-            continue
-        start = time.time()
-        on_view = None
-        if armed and ran == 1:  # the second row: the first one's record is then in the store
-            def on_view(epoch: int, _view: Any) -> None:
-                if epoch == drill.epoch:
-                    launcher.wait_to_be_killed(drill, store, key, rank)
-        record = train(row, on_view)
-        record.update(start_unix=start, end_unix=time.time(), worker=rank, parallel="queue")
-        record.pop("cost", None)
-        write_row_record(store, key, record)
-        ray.get(queue.finish.remote(row["row"]))
-        ran += 1
-        if say:
-            say(f"[worker {rank}] " + _row_line(record))
-    if world > 1:
-        dist.barrier()
-    launcher.report({"rows_done": ran}, store)
 
 
 def _train_row(cfg: Config, row: dict[str, Any], x: torch.Tensor, y: torch.Tensor, strategy: LabelStrategy,

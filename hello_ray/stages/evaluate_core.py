@@ -16,7 +16,6 @@ every ``loss_check_every`` steps and at each epoch's end (a non-finite one still
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -28,6 +27,7 @@ from torch import nn
 
 from hello_ray.failures import LossLog
 from hello_ray.labels import LabelContext, LabelStrategy
+from hello_ray.measure import PeakMemory  # noqa: F401 (evaluate and the benchmarks measure rows with it)
 from hello_ray.views import View, draw_epoch, plain_epoch
 
 
@@ -167,41 +167,6 @@ def scored_epochs(report: str, epochs: int) -> list[int]:
     if report == "fkd_best":
         return [e for e in range(epochs) if e % 10 == 0 or e == last]
     raise ValueError(f"evaluate.report: unknown {report!r}")
-
-
-class PeakMemory:
-    """Peak memory of a block: ``torch.cuda.max_memory_allocated`` on GPU, else the process's peak RSS.
-
-    On Linux the RSS high-water mark is reset per block (``/proc/self/clear_refs`` 5) so each row
-    gets its own peak; where that is not allowed it is the process peak so far (``kind`` says so).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_peak"
-        self.peak_bytes = 0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                self.kind = "cpu_rss_process_peak"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
-        try:
-            with open("/proc/self/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            self.peak_bytes = int(hwm.split()[1]) * 1024
-        except (OSError, StopIteration):
-            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class StepTimer:

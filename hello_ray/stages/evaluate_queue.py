@@ -131,3 +131,61 @@ class RowQueue:
 
     def left(self) -> int:
         return len(self.pending) + len(self.taken)
+
+
+# ---------------------------------------------------------------------------- a worker's side
+
+def row_line(r: dict[str, Any]) -> str:
+    """A finished row's log line."""
+    return (f"{r['row']}: top1 {r['top1']:.4f}  label bytes {r['label_bytes']:,}  "
+            f"step {r['step_s'] * 1e3:.1f} ms  wall {r['wall_s']:.1f} s")
+
+
+def queue_rows(config: dict[str, Any], rank: int, world: int, train: Any, say: Any) -> None:
+    """Queue mode on one rank: take rows until the queue is empty, writing each record as it ends.
+
+    Rank 0 first puts back the rows an earlier attempt of the worker group left unfinished; every
+    rank waits for that before taking a row. One report at the end (Ray Train's reports are
+    collective); the records in the store are what a restart resumes from.
+    """
+    import time
+
+    import ray
+    import torch.distributed as dist
+
+    from hello_ray import launcher
+    from hello_ray.formats.results import has_row_record, write_row_record
+
+    queue, store, key = config["queue"], config["store"], config["key"]
+    if rank == 0:
+        back = ray.get(queue.begin.remote())
+        if back and say:
+            say(f"{back} rows of an earlier attempt put back in the queue")
+    if world > 1:
+        dist.barrier()
+    ran = 0
+    drill = config.get("drill")
+    armed = drill is not None and rank == drill.rank and not launcher.drill_fired(drill, store, key)
+    while (row := ray.get(queue.take.remote())) is not None:
+        if has_row_record(store, key, row["row"]):
+            # Finished by a worker that was torn down before it could tell the queue (a restart
+            # put the row back): its record stands, it is not trained again.
+            ray.get(queue.finish.remote(row["row"]))
+            continue
+        start = time.time()
+        on_view = None
+        if armed and ran == 1:  # the second row: the first one's record is then in the store
+            def on_view(epoch: int, _view: Any) -> None:
+                if epoch == drill.epoch:
+                    launcher.wait_to_be_killed(drill, store, key, rank)
+        record = train(row, on_view)
+        record.update(start_unix=start, end_unix=time.time(), worker=rank, parallel="queue")
+        record.pop("cost", None)
+        write_row_record(store, key, record)
+        ray.get(queue.finish.remote(row["row"]))
+        ran += 1
+        if say:
+            say(f"[worker {rank}] " + row_line(record))
+    if world > 1:
+        dist.barrier()
+    launcher.report({"rows_done": ran}, store)

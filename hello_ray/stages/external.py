@@ -88,6 +88,15 @@ class Plan:
     class_keys: list[str]
 
 
+def before_run(cfg: Config, store: Any, known: dict[str, Any]) -> None:
+    """``Run.start``, before any stage: the set listed and mapped now, so a class-order mismatch
+    fails before the teachers train; its image count goes into ``known["distilled_images"]`` for the
+    stages after it (evaluate's imported labels must be made for that many images)."""
+    plan = check_sources(cfg, store)
+    if plan is not None:
+        known["distilled_images"] = plan.listing.num_images
+
+
 def check_sources(cfg: Config, store: Any) -> Plan | None:
     """List ``images.path`` and map its folders onto the training classes (no image is read).
     ExternalClassError / DataError naming both orders on any mismatch; None for other sources."""

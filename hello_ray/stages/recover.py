@@ -44,7 +44,7 @@ from hello_ray.stages import recover_core as core
 log = logging.getLogger("hello_ray.recover")
 
 STAGE = "recover"
-KIND = "actors"  # one Ray Data actor pool: registry.ACTOR_STAGES
+KIND = "actors"  # one Ray Data actor pool, sized by pool(cfg) (hello_ray/stages/__init__.py)
 INPUTS = ("teachers",)  # the observer; for lpld the real training images come from cfg.data
 # The training split's fingerprint joins the key (pipeline.Run.stage_config): lpld reads the split;
 # sre2l's images change with it anyway, through the teachers they are recovered from. The names
@@ -109,6 +109,11 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'teachers.model': images.source={cfg.images.source} matches the "
                           f"observer's BatchNorm statistics, and {model} has no BatchNorm2d layer; use a "
                           "teacher with BatchNorm (resnet18, mobilenet_v2, ...) or images.source=rded")
+
+
+def pool(cfg: Config) -> tuple[int, float]:
+    """The actor pool: (actors, CPUs each). Its bundles, start-up and cores are priced from it."""
+    return cfg.recover.num_actors, cfg.recover.actor_cpus
 
 
 def pool_reads_data(cfg: Config) -> bool:

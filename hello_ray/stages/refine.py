@@ -35,7 +35,7 @@ from hello_ray.stages.refine_core import refine_images, refine_objective
 log = logging.getLogger("hello_ray.refine")
 
 STAGE = "refine"
-KIND = "actors"  # one Ray Data actor pool: registry.ACTOR_STAGES
+KIND = "actors"  # one Ray Data actor pool, sized by pool(cfg) (hello_ray/stages/__init__.py)
 INPUTS = ("select", "transfer")  # the selected images, the adapter whose encoder they adapt to
 
 
@@ -54,6 +54,11 @@ def check(cfg: Config) -> None:
     if cfg.refine.enabled and cfg.refine.factor >= cfg.data.image_size:
         raise ConfigError(f"config key 'refine.factor': {cfg.refine.factor} must be smaller than "
                           f"data.image_size ({cfg.data.image_size}); x' = up(down(x)) would be one flat colour")
+
+
+def pool(cfg: Config) -> tuple[int, float]:
+    """The actor pool: (actors, CPUs each). Its bundles, start-up and cores are priced from it."""
+    return cfg.refine.num_actors, cfg.refine.actor_cpus
 
 
 def pool_reads_data(cfg: Config) -> bool:

@@ -37,7 +37,7 @@ from hello_ray.stages import select_core as core
 log = logging.getLogger("hello_ray.select")
 
 STAGE = "select"
-KIND = "actors"  # one Ray Data actor pool: registry.ACTOR_STAGES
+KIND = "actors"  # one Ray Data actor pool, sized by pool(cfg) (hello_ray/stages/__init__.py)
 INPUTS = ("teachers",)  # the observer; the real images come from cfg.data
 DATA_SPLITS = ("train",)  # its fingerprint joins the key (pipeline.Run.stage_config)
 # Fields that change how fast the stage runs, not what it selects: left out of the artifact key.
@@ -57,6 +57,11 @@ def check(cfg: Config) -> None:
     if cfg.data.image_size % cfg.select.factor:
         raise ConfigError(f"config key 'select.factor': image_size {cfg.data.image_size} is not divisible "
                           f"by factor {cfg.select.factor}; patches are image_size // factor pixels")
+
+
+def pool(cfg: Config) -> tuple[int, float]:
+    """The actor pool: (actors, CPUs each). Its bundles, start-up and cores are priced from it."""
+    return cfg.select.num_actors, cfg.select.actor_cpus
 
 
 def pool_reads_data(cfg: Config) -> bool:

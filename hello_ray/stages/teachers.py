@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from hello_ray.store import Store
 
 STAGE = "teachers"
-KIND = "train"  # one Ray Train run (launcher.fit): registry.TRAIN_STAGES
+KIND = "train"  # one Ray Train run (launcher.fit; hello_ray/stages/__init__.py)
 INPUTS: tuple[str, ...] = ()          # the trajectory is trained from the real data alone
 CHECKPOINT_FILE = "state.pt"  # the Ray checkpoint: model, optimizer, scheduler, epoch
 DATA_SPLITS = ("train", "val")        # their fingerprints join the key (pipeline.Run.stage_config)

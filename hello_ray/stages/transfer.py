@@ -46,7 +46,7 @@ from hello_ray.stages.transfer_core import label_fidelity, lora_parameters, ship
 log = logging.getLogger("hello_ray.transfer")
 
 STAGE = "transfer"
-KIND = "train"  # one Ray Train run (launcher.fit): registry.TRAIN_STAGES
+KIND = "train"  # one Ray Train run (launcher.fit; hello_ray/stages/__init__.py)
 INPUTS = ("teachers",)  # the teacher window; the real data comes from cfg.data
 DATA_SPLITS = ("train", "val")  # their fingerprints join the key (pipeline.Run.stage_config)
 CHECKPOINT_FILE = "transfer_state.pt"
