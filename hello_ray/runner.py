@@ -1,6 +1,6 @@
 """The runner: one run of the recipe (``Run``): its artifact keys (config slice plus the data's
 fingerprints), each stage's lease, its placement record and its finalize; ``run_stage`` for a tool
-that holds a stage module. The recipe (hello_ray/pipeline.py) calls it step by step."""
+that holds a stage module. The recipe (hello_ray/recipe.py) calls it step by step."""
 from __future__ import annotations
 
 import logging

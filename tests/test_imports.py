@@ -197,3 +197,29 @@ def test_no_stage_is_named_in_the_runner_the_preflight_or_the_cost_model():
     planted = ('"""about select"""\nx = "select"\ny = cfg.teachers.epochs\nfrom hello_ray.stages import evaluate\n'
                'from hello_ray.stages.select_plan import work\n')
     assert len(stage_names_in(planted, stages)) == 4
+
+
+def file_names_in(source: str) -> set[str]:
+    """The file names ``source``'s code uses as values: a string constant that is a whole file name
+    (``"adapter.json"``), or ends one in a path (``f"labels/{name}/meta.json"``); prose is not read."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    pattern = re.compile(r"(?:^|/)([\w\-]+\.(?:json|parquet|safetensors|npz|yaml))$")
+    return {m.group(1) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+            and (m := pattern.search(n.value))}
+
+
+def test_every_artifact_file_name_is_spelled_in_one_module():
+    """A file name lives with its format (hello_ray/formats/, models/adapter.py, labels/stored.py,
+    store/keys.py, data/classnames.py); every other module uses that module's name for it."""
+    where: dict[str, set[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        for name in file_names_in(path.read_text()):
+            where.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    assert {name: sorted(mods) for name, mods in where.items() if len(mods) > 1} == {}
+    # It can fail: a name spelled as a value is found, in a path too; prose is not.
+    assert file_names_in('x = "adapter.json"\ny = f"labels/{n}/meta.json"\nz = "see adapter.json"\n') == \
+        {"adapter.json", "meta.json"}

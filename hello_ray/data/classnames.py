@@ -15,6 +15,11 @@ import re
 from hello_ray.data.errors import DataError
 from hello_ray.data.imagenet_wnids import IMAGENET_WNIDS
 
+# A dataset's class-name file beside its shards (a list, or a mapping with key class_names / classes /
+# names): the name the sources read first, which the dataset writers (demo, synth-data) and a package
+# (formats/package.py, so its folders read as a dataset) write; then the other name read.
+CLASS_FILES = ("classes.json", "class_names.json")
+
 _WNID = re.compile(r"^n\d{8}$")
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from hello_ray.data.classnames import CLASS_FILES
 from hello_ray.data.images import encode_png
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def ensure_demo_dataset(store) -> str:
             store.put_bytes(key, f"{split}-{s:05d}-of-{n_shards:05d}.parquet",
                             _shard_bytes(images, labels, part))
         summary[split] = int(len(idx))
-    store.put_bytes(key, "classes.json", json.dumps(DEMO_CLASSES).encode())
+    store.put_bytes(key, CLASS_FILES[0], json.dumps(DEMO_CLASSES).encode())
     store.finalize(key, DEMO_STAGE, DEMO_CONFIG, {}, summary={**summary, "classes": len(DEMO_CLASSES)})
     log.info("data: wrote the demo dataset (%s) to %s", summary, store.uri_for(key))
     return store.uri_for(key)

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hello_ray.config import DataConfig
-from hello_ray.data.classnames import pairing_line, resolve_class_names
+from hello_ray.data.classnames import CLASS_FILES, pairing_line, resolve_class_names
 from hello_ray.data.subset import keep_per_class, sample_order
 from hello_ray.data.errors import ClassMismatchError, DataError, EmptyClassError, data_errors
 from hello_ray.data.images import is_image_file
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("imagefolder", "parquet", "webdataset")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "image_bytes")
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
-CLASS_FILES = ("classes.json", "class_names.json")
 
 
 @dataclass

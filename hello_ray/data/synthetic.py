@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from hello_ray.data.classnames import imagenet_wnids
+from hello_ray.data.classnames import CLASS_FILES, imagenet_wnids
 
 LAYOUTS = ("webdataset", "imagefolder")
 # ImageNet-1K's train set has ~0.2 % greyscale and 22 CMYK JPEGs; a fixture needs a few of each
@@ -135,7 +135,7 @@ def write_synthetic(root: str, classes: int, train_per_class: int = 2, val_per_c
             "train_per_class": train_per_class, "val_per_class": val_per_class,
             "sides": [min_side, max_side], "modes": modes, "splits": written}
     if layout == "webdataset":
-        _put(fs, posixpath.join(base, "classes.json"), json.dumps(wnids).encode())
+        _put(fs, posixpath.join(base, CLASS_FILES[0]), json.dumps(wnids).encode())
     _put(fs, posixpath.join(base, "synthetic.json"), json.dumps(meta, indent=1).encode())
     _put(fs, posixpath.join(base, "README.md"), f"# Synthetic fixture\n\n{NOTICE}\n".encode())
     return meta

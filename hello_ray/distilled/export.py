@@ -23,7 +23,8 @@ from typing import Any
 from hello_ray.data.imageset import image_name, read_image_set_info
 from hello_ray.distilled.package import open_package_store
 from hello_ray.formats import package as fmt
-from hello_ray.store import Store, StoreError, library_versions, open_store
+from hello_ray.models.adapter import ADAPTER_JSON, ADAPTER_WEIGHTS
+from hello_ray.store import MANIFEST, Store, StoreError, library_versions, open_store
 from hello_ray.tables import human_bytes, text_table
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def export(evaluate_key: str, store_uri: str, to: str, labels: list[str] | None 
     sizes = package_sizes(dst, key)
     final = dst.finalize(key, fmt.PACKAGE_STAGE, {"labels": doc["labels"]},
                          {"evaluate": evaluate_key, **inputs}, {"bytes": sizes})
-    sizes["manifest"] = int(dst.folder_files(key)["manifest.json"][0])
+    sizes["manifest"] = int(dst.folder_files(key)[MANIFEST][0])
     log.info("export: %s -> %s in %.1f s (%d files)", evaluate_key, dst.uri_for(key),
              time.perf_counter() - t0, len(final["files"]))
     return {"uri": dst.uri_for(key), "files": len(final["files"]), "bytes": sizes}
@@ -135,7 +136,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 def _adapter_files(src: Store, transfer_key: str) -> list[str]:
     names = [f for f in src.list_files(transfer_key) if f.startswith("adapter.")]
-    if "adapter.json" not in names or "adapter.safetensors" not in names:
+    if ADAPTER_JSON not in names or ADAPTER_WEIGHTS not in names:
         raise ExportError(f"transfer artifact {transfer_key}: no adapter.json + adapter.safetensors to ship "
                           f"(found {names})")
     return names
@@ -162,7 +163,7 @@ def _copy_adapter(src: Store, transfer_key: str, names: list[str], dst: Store, k
         data = src.get_bytes(transfer_key, n)
         nbytes += len(data)
         dst.put_bytes(key, f"{fmt.ADAPTER_DIR}/{n}", data)
-    meta = json.loads(src.get_bytes(transfer_key, "adapter.json"))
+    meta = json.loads(src.get_bytes(transfer_key, ADAPTER_JSON))
     ev = (evaluate_manifest.get("config") or {}).get("evaluate") or {}
     data = (evaluate_manifest.get("config") or {}).get("data") or {}
     return {"files": sorted(names), "bytes": nbytes, "model": meta["model"], "pretrained": meta["pretrained"],
@@ -187,7 +188,7 @@ def package_sizes(store: Store, key: str) -> dict[str, int]:
     (classes, package); the manifest is not counted here (it is written after)."""
     out = {"images": 0, "adapter": 0, "stored": 0, "card": 0, "grid": 0, "json": 0}
     for name, (size, _) in store.folder_files(key).items():
-        if name == "manifest.json":
+        if name == MANIFEST:
             continue
         part = ("images" if name.startswith(fmt.IMAGES_DIR + "/") else
                 "adapter" if name.startswith(fmt.ADAPTER_DIR + "/") else

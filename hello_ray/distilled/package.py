@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from hello_ray.data.images import decode_image
 from hello_ray.formats import package as fmt
+from hello_ray.models.adapter import ADAPTER_JSON
 from hello_ray.store import ArtifactNotFound, Store, StoreError, is_artifact_key, open_store
 
 
@@ -150,12 +151,12 @@ class DistilledSet:
         precision = precision or proj.get("label_precision", "auto")
         files = {f"{fmt.ADAPTER_DIR}/{n}": self.store.get_bytes(self.key, f"{fmt.ADAPTER_DIR}/{n}")
                  for n in proj["files"]}
-        meta = json.loads(files[f"{fmt.ADAPTER_DIR}/adapter.json"])
+        meta = json.loads(files[f"{fmt.ADAPTER_DIR}/{ADAPTER_JSON}"])
         meta["pretrained"] = _resolve_pretrained(meta["pretrained"], proj, pretrained, self.uri)
         with tempfile.TemporaryDirectory(prefix="hello_ray_adapter_") as tmp:
             for name, data in files.items():
                 Path(tmp, Path(name).name).write_bytes(data)
-            Path(tmp, "adapter.json").write_text(json.dumps(meta))
+            Path(tmp, ADAPTER_JSON).write_text(json.dumps(meta))
             projector = load_adapter(tmp, merge=True, num_classes=len(self.class_names))
         labels = ProjectorLabels(projector, len(self.class_names), self.image_size,
                                  sum(len(b) for b in files.values()), where=f"package {self.uri}")

@@ -26,10 +26,12 @@ import json
 import re
 from typing import Any
 
+from hello_ray.data.classnames import CLASS_FILES
+
 PACKAGE_STAGE = "package"        # the manifest's "stage"
 PACKAGE_FORMAT = 1
 PACKAGE_JSON = "package.json"
-CLASSES_JSON = "classes.json"
+CLASSES_JSON = CLASS_FILES[0]  # {"class_names", "folders"}: a dataset reader takes it too
 CARD = "README.md"
 IMAGES_DIR = "images"
 ADAPTER_DIR = "adapter"

@@ -40,6 +40,7 @@ from hello_ray.labels.online import (  # noqa: F401 (re-exported)
     ProjectorLabels,
 )
 from hello_ray.labels.stored import (  # noqa: F401 (re-exported)
+    meta_file,
     stored_name,
     PRUNE_POOLS,
     lpld_pool_size,

@@ -36,6 +36,12 @@ def stored_name(prune: int, images: str = "distilled", seed: int | None = None, 
     return name if seed is None else f"{name}-seed{seed}"
 
 
+def meta_file(name: str) -> str:
+    """The path of a stored-labels folder's ``meta.json`` (``name``: :func:`stored_name`), in its
+    artifact: the file a finished relabel writes last and every reader opens first."""
+    return f"{LABELS_DIR}/{name}/meta.json"
+
+
 PRUNE_POOLS = ("lpld", "random")
 
 
@@ -245,7 +251,7 @@ def write_stored_meta(store, key: str, plan: RelabelPlan, n_images: int, num_cla
     if topk:
         meta["topk"] = topk
     data = json.dumps(meta, indent=1).encode()
-    store.put_bytes(key, f"{LABELS_DIR}/{name}/meta.json", data)
+    store.put_bytes(key, meta_file(name), data)
     return sum(files.values()) + len(data)
 
 
@@ -269,11 +275,12 @@ class StoredLabels(LabelStrategy):
         self.name = ("stored" if prune <= 1 else f"stored/{prune}") + (f"@top{topk}" if topk else "")
         # Top-k views replay LPQLD's rule: probabilities at the epoch's temperature, not logits.
         self.distribution = topk > 0
-        self.folder = folder = f"{LABELS_DIR}/{stored_name(prune, image_set, seed, topk)}"
+        name = stored_name(prune, image_set, seed, topk)
+        self.folder = f"{LABELS_DIR}/{name}"
         try:
-            meta_bytes = store.get_bytes(key, f"{folder}/meta.json")
+            meta_bytes = store.get_bytes(key, meta_file(name))
         except ArtifactNotFound as e:  # a damaged file (IntegrityError) is not "missing": it propagates
-            raise LabelError(f"artifact {key}: no stored labels at {folder}/meta.json "
+            raise LabelError(f"artifact {key}: no stored labels at {meta_file(name)} "
                                      f"(run the relabel pass first): {e}") from None
         self.meta = json.loads(meta_bytes)
         self.plan = RelabelPlan(**self.meta["plan"])

@@ -40,7 +40,7 @@ from hello_ray.formats.results import read_row_records, write_results  # the res
 from hello_ray.config.evaluate import parse_phases
 from hello_ray.scores import fair_scores
 from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, RelabelPlan, StoredLabels, TeacherLabels,
-                              parse_spec, parse_strategy, prune_stored, relabel, stored_name, top_k_stored,
+                              meta_file, parse_spec, parse_strategy, prune_stored, relabel, stored_name, top_k_stored,
                               write_stored_meta)
 from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the tests use them here)
     FLOOR_SPARE, _uses_teacher, check_imported_labels, check_sources, check_stored_labels, load_full, pick_floor,
@@ -281,7 +281,7 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
                               teacher, image_set, seed)
         assert isinstance(full, StoredLabels)
         name = stored_name(prune, image_set, seed, parsed.topk)
-        if rank == 0 and f"labels/{name}/meta.json" not in store.list_files(key):
+        if rank == 0 and meta_file(name) not in store.list_files(key):
             top_k_stored(store, full, key, parsed.topk, image_set, seed)
         if world > 1:
             dist.barrier()
@@ -295,16 +295,16 @@ def build_strategy(spec: str, cfg: Config, store, key: str, inputs: dict[str, st
         # Rank 0 alone looks and copies (LPLD's pool of the imported batches, so its bytes are real
         # files); every rank then meets at the barrier: a rank that looked after rank 0 had written
         # would otherwise skip it and leave the others waiting.
-        if rank == 0 and f"labels/{stored_name(prune, image_set)}/meta.json" not in store.list_files(key):
+        if rank == 0 and meta_file(stored_name(prune, image_set)) not in store.list_files(key):
             prune_stored(store, ev.stored_labels, key, prune, ev.prune_pool, image_set)
         if world > 1:
             dist.barrier()
         return StoredLabels(store, key, prune, image_set)
     plan = RelabelPlan(epochs=ev.epochs, batch_size=ev.batch_size, image_size=size, cutmix_alpha=ev.cutmix_alpha,
                        seed=ev.seeds[0] if seed is None else seed, prune=prune, pool=ev.prune_pool)
-    meta = f"labels/{stored_name(prune, image_set, seed)}/meta.json"
+    meta = meta_file(stored_name(prune, image_set, seed))
     listed = store.list_files(key)
-    if prune > 1 and f"labels/{stored_name(1, image_set, seed)}/meta.json" in listed:
+    if prune > 1 and meta_file(stored_name(1, image_set, seed)) in listed:
         # The unpruned labels of these very views are in (built first, in the grid's order): LPLD's
         # pool is a subset of their batches, copied by rank 0 rather than labelled again. Every rank
         # takes this branch (the unpruned meta was written before the last barrier), so all meet below.
