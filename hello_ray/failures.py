@@ -25,7 +25,7 @@ import errno
 import math
 from typing import TYPE_CHECKING
 
-from hello_ray.data.errors import DataError, find_data_error
+from hello_ray.data.errors import DataError, exception_chain, find_data_error
 
 if TYPE_CHECKING:
     import torch
@@ -110,20 +110,6 @@ def disk_full_error(exc: BaseException, path: str) -> DiskFull | None:
     return None
 
 
-def _chain(exc: BaseException):
-    """``exc`` and what it wraps: Ray Train's user-exception wrapper, causes, contexts."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        cur = todo.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        yield cur
-        todo += [getattr(cur, "_base_exc", None), cur.__cause__, cur.__context__,
-                 getattr(cur, "cause", None)]
-
-
 def _unreachable(err: DataError) -> bool:
     """A DataError that says the storage did not answer (hello_ray.data.io_retry gave up on a
     transient I/O error): the data may be fine, and a restart later may find the storage back."""
@@ -135,12 +121,12 @@ def _unreachable(err: DataError) -> bool:
 
 def fatal_cause(exc: BaseException) -> Exception | None:
     """The fatal error ``exc`` is or carries (see the module docstring), else None."""
-    for cur in _chain(exc):
+    for cur in exception_chain(exc):
         if isinstance(cur, FatalError) or (isinstance(cur, DataError) and not _unreachable(cur)):
             return cur
         if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
             return DiskFull(cur.filename or NO_PATH, str(cur))
-    for cur in _chain(exc):  # errors that crossed a Ray task boundary as text
+    for cur in exception_chain(exc):  # errors that crossed a Ray task boundary as text
         found = find_data_error(cur)
         if found is not None and not _unreachable(found):
             return found

@@ -35,6 +35,7 @@ from hello_ray.store import (
     Store,
     StoreError,
     is_artifact_key,
+    key_stage,
     open_store,
 )
 from hello_ray.tables import human_bytes, text_table
@@ -80,7 +81,7 @@ def list_entries(store: Store) -> list[Entry]:
         run_tree = store.folder_files(f"{RAY_DIR}/{key}") if key in runs else {}
         last = max([m for _, m in tree.values()] + [m for _, m in run_tree.values()] + [0.0])
         finished, problem = MANIFEST in tree, ""
-        stage, created = key.rsplit("-", 1)[0], f"{_iso(last)} (last write)" if last else "-"
+        stage, created = key_stage(key), f"{_iso(last)} (last write)" if last else "-"
         files, size = len(tree), sum(s for s, _ in tree.values())
         if finished:
             try:

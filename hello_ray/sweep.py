@@ -27,6 +27,7 @@ from hello_ray.lease import LeaseHeld
 from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
                                 run_transfer)
 from hello_ray.runtime import setup_logging, sigterm_exit
+from hello_ray.store import key_stage
 
 log = logging.getLogger("hello_ray.sweep")
 
@@ -110,7 +111,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     shared = Run.start(cfg)
     store = shared.store
     source = run_source_images(shared)  # select or recover, by images.source
-    keys = {"teachers": run_teachers(shared), source.rsplit("-", 1)[0]: source}
+    keys = {"teachers": run_teachers(shared), key_stage(source): source}
 
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
                                reduction_factor=2)

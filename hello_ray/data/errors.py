@@ -66,15 +66,26 @@ _ERRORS = {c.__name__: c for c in (DataError, CorruptImageError, EmptyClassError
 _REMOTE = re.compile(r"(?:^|[\s.])(" + "|".join(_ERRORS) + r"): (.+)$", re.MULTILINE)
 
 
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps, depth first, each once: Ray Train's user-exception wrapper
+    (``_base_exc``), then the explicit cause, a Ray error's ``cause``, the context."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo += reversed([getattr(cur, "_base_exc", None), cur.__cause__, getattr(cur, "cause", None),
+                          cur.__context__])
+
+
 def find_data_error(exc: BaseException) -> DataError | None:
     """The DataError that ``exc`` is or carries (also as text from a Ray task), else None."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
+    for cur in exception_chain(exc):
         if isinstance(cur, DataError):
             return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or getattr(cur, "cause", None) or cur.__context__
     matches = _REMOTE.findall(str(exc))
     if not matches:
         return None

@@ -42,6 +42,7 @@ from hello_ray.store.keys import (  # noqa: F401 (re-exported)
     atomic_write,
     cache_root,
     is_artifact_key,
+    key_stage,
     library_versions,
     rm_hint,
 )

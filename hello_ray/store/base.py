@@ -34,6 +34,7 @@ from hello_ray.store.keys import (
     _sha256_file,
     artifact_key,
     cache_root,
+    key_stage,
     library_versions,
     log,
     rm_hint,
@@ -246,7 +247,7 @@ class Store(ABC):
     def list_artifacts(self, stage: str | None = None) -> list[str]:
         """Keys of finished artifacts, optionally only those of one stage."""
         keys = [k for k in self._children() if _KEY_RE.match(k) and k != RAY_DIR
-                and (stage is None or k.rsplit("-", 1)[0] == stage)]
+                and (stage is None or key_stage(k) == stage)]
         with cf.ThreadPoolExecutor(8) as pool:
             done = list(pool.map(self.exists, keys))
         return sorted(k for k, ok in zip(keys, done) if ok)

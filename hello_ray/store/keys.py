@@ -90,6 +90,12 @@ def artifact_key(stage: str, config: dict, inputs: dict[str, str] | None = None)
     return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def key_stage(key: str) -> str:
+    """The stage an artifact key names (:func:`artifact_key`'s ``stage``: everything before its
+    last '-'); a helper key (``_preflight``) names none and is returned whole."""
+    return key.rsplit("-", 1)[0]
+
+
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key) or key == RAY_DIR:
         raise StoreError(f"artifact key {key!r} must match {_KEY_RE.pattern} (no '/'; "
