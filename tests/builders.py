@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now ("" = every interface: what a Ray node binds)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
 
 DEMO_KEYS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

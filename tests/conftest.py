@@ -7,11 +7,11 @@ S3 server reached through boto3/pyarrow exactly as AWS or MinIO would be (via th
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
+from builders import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -44,18 +44,12 @@ HEAVY_FILES = ("test_pipeline.py", "test_teachers.py", "test_s3_faults.py", "tes
                "test_refine.py", "test_external.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields its endpoint URL and sets the standard AWS env."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from builders import free_port
+
+ALL = ""  # every interface: what a Ray node binds its ports on
 
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_ip() -> str:
@@ -53,7 +49,7 @@ class LocalRayCluster:
         # on one machine for tests, and drivers connect without a token, as to a local Ray.
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
         self.object_store = object_store_mb * 1024 * 1024
-        self.port = free_port()
+        self.port = free_port(ALL)
         self.address = f"{node_ip()}:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -94,8 +90,8 @@ class LocalRayCluster:
             time.sleep(0.2)
 
     def _node_ports(self) -> list[str]:
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--object-store-memory={self.object_store}"]
+        return [f"--dashboard-agent-listen-port={free_port(ALL)}", f"--metrics-export-port={free_port(ALL)}",
+                f"--runtime-env-agent-port={free_port(ALL)}", f"--object-store-memory={self.object_store}"]
 
     def start_head(self, num_cpus: float = 0, resources: dict[str, float] | None = None,
                    autoscaling_config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
@@ -107,8 +103,8 @@ class LocalRayCluster:
         autoscaler's own settings)."""
         env = {**self.env, **(env or {})}
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-                f"--num-cpus={num_cpus:g}", f"--dashboard-port={free_port()}",
-                f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1", *self._node_ports()]
+                f"--num-cpus={num_cpus:g}", f"--dashboard-port={free_port(ALL)}",
+                f"--ray-client-server-port={free_port(ALL)}", "--dashboard-host=127.0.0.1", *self._node_ports()]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         if autoscaling_config is not None:
