@@ -93,10 +93,12 @@ def storage_table(storage: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> t
 # ---------------------------------------------------------------- sweep
 
 def _window_bounds(window: str) -> tuple[int, int]:
-    lo, _, hi = str(window).partition("-")
+    """(first, last) epoch of a teacher window read as the config reads it (``config.parse_window``)."""
+    from hello_ray.config import ConfigError, parse_window
+
     try:
-        return int(lo), int(hi or lo)
-    except ValueError:
+        return parse_window(str(window))
+    except ConfigError:
         raise ValueError(f"report: teacher window {window!r} is not 'a-b'") from None
 
 
