@@ -169,6 +169,69 @@ def drill_index(node_id: str) -> int:
     return index
 
 
+def in_thread(step: Any, cfg: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """``step(Run.start(cfg))`` (a recipe step) in a started daemon thread; its key, or the exception
+    it raised, lands in the returned dict as "key" or "error"."""
+    from hello_ray.runner import Run
+
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["key"] = step(Run.start(cfg))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def finished(thread: threading.Thread, out: dict[str, Any]) -> str:
+    """The key the step's thread ended with (its error raised here)."""
+    thread.join(5)
+    assert "error" not in out, out.get("error")
+    return out["key"]
+
+
+def epoch_files(store: Any) -> set[str]:
+    """The teachers' epoch metrics written so far (the artifact is not finished yet)."""
+    return {n for key in store.folders() if key.startswith("teachers-")
+            for n in store.list_files(key) if n.startswith("epochs/") and n.endswith(".json")}
+
+
+def first_epoch_and_worker_node(c: LocalRayCluster, store: Any, thread: threading.Thread, out: dict[str, Any],
+                                deadline: float) -> tuple[set[str], str]:
+    """Wait until the teachers' first epoch is in the store; (its epoch files, a Train worker's node)."""
+    from ray.util.state import list_actors
+
+    seen: set[str] = set()
+    while not seen and thread.is_alive() and time.monotonic() < deadline:
+        seen = epoch_files(store)
+        time.sleep(0.5)
+    assert seen, out.get("error") or c.tail()
+    workers = [a for a in list_actors(address=c.address, filters=[("state", "=", "ALIVE")])
+               if a.class_name == "RayTrainWorker"]
+    return seen, workers[0].node_id
+
+
+def resumed_epochs(store: Any, key: str, epochs: int, trained_before: set[str]) -> list[dict[str, Any]]:
+    """The teachers artifact after a loss: every epoch in it, some trained by a resumed attempt, none
+    of the epochs finished before the loss trained again (only the one in flight may be), every file
+    verified against the manifest (size and sha256). Returns the resumed epochs' metrics."""
+    import json
+
+    files = [f["name"] for f in store.manifest(key)["files"]]
+    metrics = {n: json.loads(store.get_bytes(key, n)) for n in files if n.startswith("epochs/") and n.endswith(".json")}
+    assert len(metrics) == epochs
+    resumed = [m for m in metrics.values() if m["resumed_from"] is not None]
+    assert resumed, metrics
+    assert min(m["attempt_start_epoch"] for m in resumed) >= len(trained_before)
+    for name in files:
+        store.get_bytes(key, name)
+    return resumed
+
+
 def smoke(bucket: str, address: str, *extra: str) -> Any:
     return load_config("smoke", overrides=[f"store=s3://{bucket}/run", f"compute.address={address}", *extra])
 
@@ -268,13 +331,7 @@ def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_e
     SIGKILLed once the first epoch is in the store. Ray Train restarts the group on the two nodes left
     (compute.max_failures), from the last checkpoint; the finished epochs are not trained again, all
     epochs end in the artifact, and every file verifies against the manifest."""
-    import json
-    import threading
-
-    from ray.util.state import list_actors
-
     from hello_ray.pipeline import open_run_store, run_teachers
-    from hello_ray.runner import Run
 
     cluster.start_head(num_cpus=0)
     for i in range(3):
@@ -283,54 +340,18 @@ def test_a_worker_node_lost_mid_teachers_resumes_on_the_nodes_left(cluster, s3_e
     cfg = smoke(s3_env["HR_BUCKET"], cluster.address, f"teachers.epochs={epochs}", f"teachers.lr_step={epochs - 1}")
     connect(cluster, cfg, workers=3)
     store = open_run_store(cfg)
-    out: dict[str, Any] = {}
-
-    def teachers() -> None:
-        try:
-            out["key"] = run_teachers(Run.start(cfg))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-
-    thread = threading.Thread(target=teachers, daemon=True)
-    thread.start()
-
-    def epoch_files() -> set[str]:
-        """The teachers' epoch metrics written so far (the artifact is not finished yet)."""
-        return {n for key in store.folders() if key.startswith("teachers-")
-                for n in store.list_files(key) if n.startswith("epochs/") and n.endswith(".json")}
-
-    seen: set[str] = set()
+    thread, out = in_thread(run_teachers, cfg)
     deadline = time.monotonic() + 600
-    while not seen and thread.is_alive() and time.monotonic() < deadline:
-        seen = epoch_files()
-        time.sleep(0.5)
-    assert seen, out.get("error") or cluster.tail()
-    workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-               if a.class_name == "RayTrainWorker"]
-    node = workers[0].node_id
+    trained_before, node = first_epoch_and_worker_node(cluster, store, thread, out, deadline)
     index = drill_index(node)
-    trained_before = set(seen)
     killed = cluster.kill_node(index)
     killed_at = time.time()
     resumed_at = None
     while thread.is_alive() and time.monotonic() < deadline:
-        now = epoch_files()
-        if resumed_at is None and set(now) - trained_before:
+        if resumed_at is None and epoch_files(store) - trained_before:
             resumed_at = time.time()
         time.sleep(0.5)
-    thread.join(5)
-    assert "error" not in out, out.get("error")
-    key = out["key"]
-
-    names = [f["name"] for f in store.manifest(key)["files"]]
-    metrics = {n: json.loads(store.get_bytes(key, n)) for n in names if n.startswith("epochs/") and n.endswith(".json")}
-    assert len(metrics) == epochs
-    resumed = [m for m in metrics.values() if m["resumed_from"] is not None]
-    assert resumed, metrics
-    # Only the epoch in flight may be trained again: the finished ones keep their first attempt.
-    assert min(m["attempt_start_epoch"] for m in resumed) >= len(trained_before)
-    for entry in store.manifest(key)["files"]:
-        store.get_bytes(key, entry["name"])   # size and sha256 against the manifest
+    resumed = resumed_epochs(store, finished(thread, out), epochs, trained_before)
     print(f"\nnode {index} ({node[-8:]}, {len(killed)} processes) killed after {sorted(trained_before)}; "
           f"the next epoch file came {(resumed_at or killed_at) - killed_at:.1f} s later; epochs trained after "
           f"the kill: {sorted(int(m['epoch']) for m in resumed)}")
@@ -351,8 +372,6 @@ def test_a_worker_node_lost_mid_select_is_recovered_by_ray(cluster, s3_env):
     lost blocks from lineage; the driver's per-class heaps see every image exactly once, so the
     image set is complete and no image counts twice; every file verifies against the manifest.
     Select is made long enough to be hit mid-way: 30 images a class, 16 crops each, one image a batch."""
-    import threading
-
     from ray.util.state import list_actors
 
     from hello_ray.pipeline import open_run_store, run_select, run_teachers
@@ -366,17 +385,8 @@ def test_a_worker_node_lost_mid_select_is_recovered_by_ray(cluster, s3_env):
     connect(cluster, cfg, workers=3)
     store = open_run_store(cfg)
     run_teachers(Run.start(cfg))   # the observer, undisturbed
-    out: dict[str, Any] = {}
-
-    def select() -> None:
-        try:
-            out["key"] = run_select(Run.start(cfg))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-
     t0 = time.monotonic()
-    thread = threading.Thread(target=select, daemon=True)
-    thread.start()
+    thread, out = in_thread(run_select, cfg)
     deadline = t0 + 600
     done: list[Any] = []
     while not done and thread.is_alive() and time.monotonic() < deadline:
@@ -398,9 +408,7 @@ def test_a_worker_node_lost_mid_select_is_recovered_by_ray(cluster, s3_env):
             redone_at = time.monotonic()
         time.sleep(0.5)
     ended_at = time.monotonic()
-    thread.join(5)
-    assert "error" not in out, out.get("error")
-    key = out["key"]
+    key = finished(thread, out)
 
     summary = store.manifest(key)["summary"]
     considered, read = summary["images_considered"], summary["images_read"]
@@ -429,15 +437,10 @@ def test_autoscaler_replaces_a_node_lost_mid_teachers(cluster, s3_env):
     10 s here), terminates it, and launches a replacement for the asks left waiting (at most two
     workers: the dead one must go before a new one may come); teachers resume from the last
     checkpoint, and the replacement node does the stage's work."""
-    import json
-    import threading
-
     import ray
-    from ray.util.state import list_actors
 
     from hello_ray import placement
     from hello_ray.pipeline import open_run_store, run_teachers
-    from hello_ray.runner import Run
 
     t0 = time.monotonic()
     cluster.start_head(autoscaling_config=yaml.safe_load((ROOT / "cluster" / "fake-multinode.yaml").read_text()),
@@ -450,34 +453,14 @@ def test_autoscaler_replaces_a_node_lost_mid_teachers(cluster, s3_env):
     while not placement.autoscaler_running() and time.monotonic() < deadline:
         time.sleep(1)
     store = open_run_store(cfg)
-    out: dict[str, Any] = {}
-
-    def teachers() -> None:
-        try:
-            out["key"] = run_teachers(Run.start(cfg))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-
-    def epoch_files() -> set[str]:
-        return {n for key in store.folders() if key.startswith("teachers-")
-                for n in store.list_files(key) if n.startswith("epochs/") and n.endswith(".json")}
 
     def alive_workers() -> set[str]:
         return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head}
 
-    thread = threading.Thread(target=teachers, daemon=True)
-    thread.start()
-    seen: set[str] = set()
+    thread, out = in_thread(run_teachers, cfg)
     deadline = time.monotonic() + 900
-    while not seen and thread.is_alive() and time.monotonic() < deadline:
-        seen = epoch_files()
-        time.sleep(0.5)
-    assert seen, out.get("error") or cluster.tail()
-    workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-               if a.class_name == "RayTrainWorker"]
-    node = workers[0].node_id
+    trained_before, node = first_epoch_and_worker_node(cluster, store, thread, out, deadline)
     before = alive_workers()
-    trained_before = set(seen)
     killed = cluster.kill_launched_node(node)
     killed_at = time.monotonic()
     marked_dead = replaced = resumed = None
@@ -489,26 +472,18 @@ def test_autoscaler_replaces_a_node_lost_mid_teachers(cluster, s3_env):
         if alive - before and replaced is None:
             replaced = time.monotonic() - killed_at
         new_nodes |= alive - before
-        if resumed is None and epoch_files() - trained_before:
+        if resumed is None and epoch_files(store) - trained_before:
             resumed = time.monotonic() - killed_at
         time.sleep(0.5)
-    thread.join(5)
-    assert "error" not in out, out.get("error")
-    key = out["key"]
+    key = finished(thread, out)
+    resumed_after = resumed_epochs(store, key, epochs, trained_before)
     manifest = store.manifest(key)
-    metrics = {f["name"]: json.loads(store.get_bytes(key, f["name"])) for f in manifest["files"]
-               if f["name"].startswith("epochs/") and f["name"].endswith(".json")}
-    assert len(metrics) == epochs
-    resumed_epochs = [m for m in metrics.values() if m["resumed_from"] is not None]
-    assert resumed_epochs and min(m["attempt_start_epoch"] for m in resumed_epochs) >= len(trained_before)
-    for entry in manifest["files"]:
-        store.get_bytes(key, entry["name"])
     used = {n for ids in manifest["summary"].get("nodes", {}).values() for n in ids}
     print(f"\nlaunched node {node[-8:]} ({len(killed)} processes) killed after {sorted(trained_before)} "
           f"({killed_at - t0:.1f} s after the head was asked for); Ray marked it dead after "
           f"{marked_dead if marked_dead is None else round(marked_dead, 1)} s; a new node was up after "
           f"{replaced if replaced is None else round(replaced, 1)} s; the next epoch file came after "
           f"{resumed if resumed is None else round(resumed, 1)} s; epochs trained after the kill: "
-          f"{sorted(int(m['epoch']) for m in resumed_epochs)}; new nodes {sorted(n[-8:] for n in new_nodes)}")
+          f"{sorted(int(m['epoch']) for m in resumed_after)}; new nodes {sorted(n[-8:] for n in new_nodes)}")
     assert new_nodes, "the autoscaler launched no node after the loss"
     assert used & new_nodes, f"no stage work ran on the replacement: {manifest['summary'].get('nodes')}"
