@@ -58,7 +58,7 @@ from hello_ray.models.projector import Projector  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.runtime import auto_bf16, native_bf16  # noqa: E402
 from hello_ray.stages import recover_core, refine_core, select_core, teachers_core, transfer_core  # noqa: E402
-from hello_ray.stages.evaluate_core import PeakMemory  # noqa: E402
+from hello_ray.measure import PeakMemory  # noqa: E402
 from projector_step import bench_clip  # noqa: E402
 from student_step import flops_per_image, measure, student_flops  # noqa: E402
 

@@ -48,7 +48,8 @@ from hello_ray.models.clip import RANDOM_INIT  # noqa: E402
 from hello_ray.models.projector import Projector  # noqa: E402
 from hello_ray.models.zoo import build_model  # noqa: E402
 from hello_ray.runtime import native_bf16, seed_everything  # noqa: E402
-from hello_ray.stages.evaluate_core import PeakMemory, TrainSettings, train_student  # noqa: E402
+from hello_ray.measure import PeakMemory  # noqa: E402
+from hello_ray.stages.evaluate_core import TrainSettings, train_student  # noqa: E402
 
 
 def measure(strategy: LabelStrategy, args, device: torch.device,

@@ -45,7 +45,8 @@ from hello_ray.labels import (HardLabels, LabelStrategy, ProjectorLabels, Relabe
 from hello_ray.stages.evaluate_inputs import (  # noqa: F401 (Run.start and the tests use them here)
     FLOOR_SPARE, _uses_teacher, check_imported_labels, check_sources, check_stored_labels, load_full, pick_floor,
     sample_floor, validate_inputs)
-from hello_ray.stages.evaluate_core import (PeakMemory, TrainSettings, nhwc_to_nchw, top1_counts,
+from hello_ray.measure import PeakMemory
+from hello_ray.stages.evaluate_core import (TrainSettings, nhwc_to_nchw, top1_counts,
                                             train_student)
 from hello_ray.stages.evaluate_queue import RowQueue, busy_fraction, plan_parallel, queue_rows, row_cost, row_line
 

@@ -27,7 +27,6 @@ from torch import nn
 
 from hello_ray.failures import LossLog
 from hello_ray.labels import LabelContext, LabelStrategy
-from hello_ray.measure import PeakMemory  # noqa: F401 (evaluate and the benchmarks measure rows with it)
 from hello_ray.views import View, draw_epoch, plain_epoch
 
 
