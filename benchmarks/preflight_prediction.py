@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from hello_ray.config import load_config
     from hello_ray.pipeline import distill, open_run_store
     from hello_ray.preflight.checks import run_checks
-    from hello_ray.preflight.cli import rehearse
+    from hello_ray.preflight.run import rehearse
     from hello_ray.runtime import setup_logging
 
     setup_logging()

@@ -14,9 +14,6 @@ CLI: ``hello-ray storage --classes 1000 --ipc 10 [--json]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 import torch
@@ -179,35 +176,3 @@ def format_report(r: dict[str, Any]) -> str:
             mine = "-" if ours is None else f"{ours / 1e9:.3f} GB ({full / ours:,.0f}x smaller)"
             lines.append(f"  {tag:>5}  {what:<18} published {gb:.2f} GB, top-1 {top1} %   here: {mine}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hello-ray storage``: print the label storage of each strategy (``--json``: one JSON object)."""
-    ap = argparse.ArgumentParser(prog="hello-ray storage", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--classes", type=int, required=True, help="number of classes (ImageNet-1K: 1000)")
-    ap.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
-    ap.add_argument("--epochs", type=int, default=300, help="student epochs the labels cover")
-    ap.add_argument("--conv-rank", type=int, default=8, help="LoRA rank on the encoder convs")
-    ap.add_argument("--head-rank", type=int, default=None,
-                    help="LoRA rank on the head (default 64 for <= 100 classes, else 128)")
-    ap.add_argument("--clip-model", default="RN50", help="open_clip model of the projector")
-    ap.add_argument("--lora-style", default="separable", choices=LORA_STYLES, help="conv LoRA parametrisation")
-    ap.add_argument("--teacher", default="resnet18", help="zoo architecture of the teacher")
-    ap.add_argument("--image-size", type=int, default=224, help="teacher input size (stem choice)")
-    ap.add_argument("--batch-size", type=int, default=100, help="label batch size (evaluate.batch_size)")
-    ap.add_argument("--json", action="store_true", help="emit one JSON object instead of the table")
-    args = ap.parse_args(argv)
-    try:
-        report = storage_report(args.classes, args.ipc, epochs=args.epochs, conv_rank=args.conv_rank,
-                                batch_size=args.batch_size,
-                                head_rank=args.head_rank, clip_model=args.clip_model,
-                                lora_style=args.lora_style, teacher=args.teacher, image_size=args.image_size)
-    except ValueError as e:
-        print(f"hello-ray storage: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,6 @@ import concurrent.futures as cf
 import json
 import logging
 import posixpath
-import sys
 from typing import Any
 
 import torch
@@ -222,63 +221,3 @@ def _images_size(store: Any, key: str) -> int | None:
     except ArtifactNotFound:
         return None
     return int(read_image_set_info(store, images)["image_size"]) if images else None
-
-
-# ------------------------------------------------------------------------------ command line
-
-def _store_arg(p: Any) -> None:
-    p.add_argument("--store", required=True, help="artifact store URI (local path, file://, s3://bucket/prefix)")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS)")
-
-
-def import_main(argv: list[str] | None = None) -> int:
-    """``hello-ray labels-import <records> --store S --images <image set key>``: prints the labels key
-    that ``evaluate.stored_labels=<key>`` replays."""
-    import argparse
-
-    from hello_ray.runtime import setup_logging
-    from hello_ray.data.errors import DataError
-    from hello_ray.store import StoreError, open_store
-
-    p = argparse.ArgumentParser(prog="hello-ray labels-import", description=import_main.__doc__.splitlines()[0])
-    p.add_argument("records", help="folder holding epoch_<e>/batch_<b>.tar (local, file:// or s3://)")
-    _store_arg(p)
-    p.add_argument("--images", required=True, help="key of the image set the records label (e.g. external-...)")
-    p.add_argument("--fkd-seed", type=int, default=42, help="SRe2L's --fkd-seed, for folders without LPLD's "
-                   f"{fkd.SAMPLER_INDICES} (default 42)")
-    args = p.parse_args(argv)
-    setup_logging()
-    store = open_store(args.store, args.s3_endpoint)
-    try:
-        key = import_fkd(args.records, store, args.images, seed=args.fkd_seed)
-    except (fkd.FkdFormatError, LabelError, StoreError, DataError) as e:  # a bad folder, key or store
-        print(f"hello-ray labels-import: error: {e}", file=sys.stderr)
-        return 2
-    print(key)
-    return 0
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """``hello-ray labels-export <artifact key> --store S --to <folder>``: the artifact's unpruned
-    stored labels as SRe2L/LPLD relabel records."""
-    import argparse
-
-    from hello_ray.runtime import setup_logging
-    from hello_ray.store import open_store
-
-    p = argparse.ArgumentParser(prog="hello-ray labels-export", description=export_main.__doc__.splitlines()[0])
-    p.add_argument("key", help="an evaluate-* (labels/stored/) or labels-* artifact key")
-    _store_arg(p)
-    p.add_argument("--to", required=True, help="output folder (local, file:// or s3://)")
-    p.add_argument("--image-set", default="distilled", choices=("distilled", "floor"),
-                   help="which image set's stored labels (floor: the random real images' controls)")
-    args = p.parse_args(argv)
-    setup_logging()
-    store = open_store(args.store, args.s3_endpoint)
-    try:
-        info = export_fkd(store, args.key, args.to, image_set=args.image_set)
-    except LabelError as e:
-        print(f"hello-ray labels-export: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info))
-    return 0

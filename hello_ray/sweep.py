@@ -17,16 +17,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import time
 from typing import Any
 
 from hello_ray.config import Config
 from hello_ray.launcher import PG_CLEANER_ENV, keep_placement_group_cleaner
-from hello_ray.lease import LeaseHeld
-from hello_ray.pipeline import (Run, make_report, open_run_store, parse_args, run_evaluate, run_source_images, run_teachers,
-                                run_transfer)
-from hello_ray.runtime import setup_logging, sigterm_exit
+from hello_ray.recipe import make_report, run_evaluate, run_source_images, run_teachers, run_transfer
+from hello_ray.registry import open_run_store
+from hello_ray.runner import Run
 from hello_ray.store import key_stage
 
 log = logging.getLogger("hello_ray.sweep")
@@ -161,23 +159,3 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
         agr = f"{100 * r['agreement']:8.2f}%" if r["agreement"] is not None else "-"
         lines.append(f"{r['conv_rank']:>9} {r['head_rank']:>9} {r['window']:>8} {agr:>9} {top1:>7}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = parse_args(argv, prog="sweep", description="Ray Tune over LoRA ranks and teacher windows")
-    with sigterm_exit("sweep"):  # `ray job stop`: the leases are released, the next driver need not wait
-        try:
-            out = sweep(cfg)
-        except LeaseHeld as e:  # --no-wait and another driver is writing the shared teachers/selection
-            print(f"sweep: refused: {e}", file=sys.stderr)
-            return 3
-    print()
-    print(format_sweep(out["rows"]))
-    if out["best"]:
-        b = out["best"]
-        print(f"\nbest: conv_rank={b['conv_rank']} head_rank={b['head_rank']} window={b['window']} "
-              f"top1={100 * b['top1']:.2f}%")
-    print(f"report:    {out['report_uri']}")
-    print(f"wall time: {out['wall_s']:.1f} s")
-    return 0

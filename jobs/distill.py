@@ -9,7 +9,7 @@ Ray puts the working dir on the path itself. ``hello-ray distill`` is the same c
 """
 import sys
 
-from hello_ray.pipeline import main
+from hello_ray.cli.distill import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -11,8 +11,9 @@ grid has the rows they need, DD-Ranking's fair scores.
 """
 import sys
 
+from hello_ray.cli.distill import stage_job
 from hello_ray.formats.results import RESULTS_PARQUET, format_table, read_results
-from hello_ray.pipeline import run_evaluate, stage_job
+from hello_ray.recipe import run_evaluate
 from hello_ray.scores import format_scores
 
 

@@ -9,8 +9,9 @@ image is read; a mismatch exits 2 naming both orders.
 """
 import sys
 
+from hello_ray.cli.distill import stage_job
 from hello_ray.config import ConfigError
-from hello_ray.pipeline import run_external, stage_job
+from hello_ray.recipe import run_external
 
 
 def _external_only(cfg) -> None:

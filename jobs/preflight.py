@@ -6,7 +6,7 @@ stage at the real shapes, and the cost model. Same as ``hello-ray preflight``.
 """
 import sys
 
-from hello_ray.preflight.cli import main
+from hello_ray.cli.preflight import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

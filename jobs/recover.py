@@ -9,7 +9,8 @@ A crashed run resumes: classes (batches) already finished are kept, the rest are
 """
 import sys
 
-from hello_ray.pipeline import check_recover_source, run_recover, stage_job
+from hello_ray.cli.distill import stage_job
+from hello_ray.recipe import check_recover_source, run_recover
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,8 @@ even when refine.enabled=false (that switch only tells the full pipeline to skip
 """
 import sys
 
-from hello_ray.pipeline import run_refine, stage_job
+from hello_ray.cli.distill import stage_job
+from hello_ray.recipe import run_refine
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,8 @@
 """
 import sys
 
-from hello_ray.pipeline import run_select, stage_job
+from hello_ray.cli.distill import stage_job
+from hello_ray.recipe import run_select
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,7 @@
 """
 import sys
 
-from hello_ray.sweep import main
+from hello_ray.cli.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -7,8 +7,9 @@
 """
 import sys
 
+from hello_ray.cli.distill import stage_job
 from hello_ray.formats.trajectory import load_trajectory
-from hello_ray.pipeline import run_teachers, stage_job
+from hello_ray.recipe import run_teachers
 from hello_ray.stages.teachers import observer_file
 
 

@@ -8,7 +8,8 @@ The teacher trajectory it needs is reused when finished (same config -> same key
 """
 import sys
 
-from hello_ray.pipeline import run_transfer, stage_job
+from hello_ray.cli.distill import stage_job
+from hello_ray.recipe import run_transfer
 
 
 def main(argv: list[str]) -> int:

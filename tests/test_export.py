@@ -19,7 +19,8 @@ import torch
 
 from hello_ray.data.imageset import write_image_set
 from hello_ray.distilled import open as open_package
-from hello_ray.distilled.export import ExportError, export, main as export_main, parse_labels
+from hello_ray.cli.export import main as export_main
+from hello_ray.distilled.export import ExportError, export, parse_labels
 from hello_ray.formats import package as fmt
 from hello_ray.formats.results import write_results
 from hello_ray.labels import ProjectorLabels, RelabelPlan, relabel, write_stored_meta

@@ -100,6 +100,24 @@ def test_help_lists_every_command_with_its_line(capsys):
                                  "labels-import", "labels-export", "preflight", "synth-data", "scores"}
 
 
+def test_every_command_is_a_main_of_the_cli_package_and_old_names_still_import():
+    """Each command's target is a function in ``hello_ray/cli/`` (the top layer; tests/test_imports.py
+    checks nothing below imports it), and the names scripts used from ``hello_ray.pipeline`` are the
+    very objects of their new homes."""
+    import importlib
+
+    from hello_ray import cli, pipeline, recipe, registry, runner
+    from hello_ray.cli import distill
+
+    for name, cmd in cli.COMMANDS.items():
+        module, func = cmd.target.split(":")
+        assert module.startswith("hello_ray.cli."), name
+        assert callable(getattr(importlib.import_module(module), func)), name
+    for name in ("main", "stage_job", "parse_args", "build_parser"):
+        assert getattr(pipeline, name) is getattr(distill, name)
+    assert pipeline.distill is recipe.distill and pipeline.Run is runner.Run and pipeline.STAGES is registry.STAGES
+
+
 @pytest.mark.parametrize("argv, problem", [([], "no command given"), (["distil"], "unknown command 'distil'")])
 def test_no_or_unknown_command_exits_2_with_the_usage(argv, problem, capsys):
     from hello_ray import cli

@@ -192,7 +192,7 @@ def test_unknown_clip_model_named():
 
 def test_preflight_cli_exit_and_empty_local_store(ray_local, synth_root, tmp_path, capsys):
     """The command: a failing check exits 1 naming it, and a local store it had to create is gone."""
-    from hello_ray.preflight.cli import main
+    from hello_ray.cli.preflight import main
 
     data = _copy(synth_root, tmp_path)
     shutil.rmtree(data / "val")

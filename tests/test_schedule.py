@@ -49,7 +49,7 @@ def test_a_file_that_is_not_a_profile_is_named(tmp_path):
 
 
 def test_preflight_prints_the_grid_gpu_hours_even_without_the_dataset(ray_local, tmp_path, capsys):
-    from hello_ray.preflight.cli import main
+    from hello_ray.cli.preflight import main
 
     rc = main(["--preset", "imagenet1k", "--no-rehearsal", "--no-network", "--classes", "1000",
                "--store", str(tmp_path / "store"), f"data.source={tmp_path / 'absent'}"])
@@ -59,7 +59,7 @@ def test_preflight_prints_the_grid_gpu_hours_even_without_the_dataset(ray_local,
 
 
 def test_a_bad_device_profile_is_refused_before_anything_runs(tmp_path, capsys):
-    from hello_ray.preflight.cli import main
+    from hello_ray.cli.preflight import main
 
     bad = tmp_path / "profile.json"
     bad.write_text("{}")

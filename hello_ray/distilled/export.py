@@ -12,11 +12,9 @@ for either. The layout is hello_ray/formats/package.py.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import json
 import logging
-import sys
 import time
 from typing import Any
 
@@ -25,7 +23,6 @@ from hello_ray.distilled.package import open_package_store
 from hello_ray.formats import package as fmt
 from hello_ray.models.adapter import ADAPTER_JSON, ADAPTER_WEIGHTS
 from hello_ray.store import MANIFEST, Store, StoreError, library_versions, open_store
-from hello_ray.tables import human_bytes, text_table
 
 log = logging.getLogger(__name__)
 
@@ -196,37 +193,3 @@ def package_sizes(store: Store, key: str) -> dict[str, int]:
                 "card" if name == fmt.CARD else "grid" if name.endswith(".png") else "json")
         out[part] += int(size)
     return out
-
-
-# ---------------------------------------------------------------------------- command line
-
-def main(argv: list[str] | None = None) -> int:
-    """``hello-ray export``: exit 0 when the package is written, 1 on a store or export error."""
-    from hello_ray.runtime import setup_logging
-
-    ap = argparse.ArgumentParser(prog="hello-ray export", description=(
-        "write a finished run's distilled set as a self-contained package: images (PNG, one folder "
-        "per class), the projector adapter, optionally the stored labels, a dataset card, and a "
-        "manifest of every file (written last)"))
-    ap.add_argument("evaluate_key", help="the run's evaluate artifact, e.g. evaluate-0123456789ab "
-                    "(hello-ray ls --stage evaluate)")
-    ap.add_argument("--store", required=True, help="the run's artifact store (local path, file://, s3://bucket/prefix)")
-    ap.add_argument("--to", required=True, help="where the package goes: a local folder or s3://bucket/prefix/name "
-                    "(the last component names it)")
-    ap.add_argument("--labels", default="projector", help="what ships besides the class ids: a comma-separated "
-                    f"subset of {','.join(fmt.LABEL_KINDS)} (default: projector)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a destination that is not empty")
-    ap.add_argument("--s3-endpoint", default=None, help="S3 endpoint for both sides (default: "
-                    "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        out = export(args.evaluate_key, args.store, args.to, parse_labels(args.labels), args.overwrite,
-                     args.s3_endpoint)
-    except (StoreError, ValueError) as e:
-        print(f"hello-ray export: error: {e}", file=sys.stderr)
-        return 1
-    rows = [[part, f"{n:,}", human_bytes(n)] for part, n in out["bytes"].items()]
-    print(text_table(["part", "bytes", "size"], rows))
-    print(f"\npackage written: {out['uri']} ({out['files']} files)")
-    return 0

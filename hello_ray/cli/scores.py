@@ -51,7 +51,3 @@ def main(argv: list[str] | None = None) -> int:
               "(evaluate.full_data or --full-top1) for LRS or its +noaug rows for ARS")
         print()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

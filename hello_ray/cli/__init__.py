@@ -1,4 +1,7 @@
-"""The ``hello-ray`` console script: ``hello-ray <command> ...``."""
+"""The ``hello-ray`` console script, ``hello-ray <command> ...``, and every entry point: one module
+per command family (``distill`` and the ``jobs/<stage>.py`` scripts, ``preflight``, ``sweep``,
+``storage``, ``scores``, ``synth-data``, ``export``, ``ls``/``rm``/``gc``, ``labels-*``). Nothing in
+the package imports from here: the commands parse flags, call the library and print."""
 from __future__ import annotations
 
 import importlib
@@ -12,29 +15,29 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "distill": Command("hello_ray.pipeline:main",
+    "distill": Command("hello_ray.cli.distill:main",
                        "the whole pipeline, teachers to report (same as jobs/distill.py)"),
-    "preflight": Command("hello_ray.preflight.cli:main",
+    "preflight": Command("hello_ray.cli.preflight:main",
                          "checks, a rehearsal at the real shapes and the cost model, before paying for a run"),
-    "synth-data": Command("hello_ray.data.synthetic:main",
+    "synth-data": Command("hello_ray.cli.synth_data:main",
                           "write ImageNet-shaped synthetic data (a shape fixture for rehearsals and tests)"),
-    "sweep": Command("hello_ray.sweep:main",
+    "sweep": Command("hello_ray.cli.sweep:main",
                      "Ray Tune over LoRA ranks and teacher windows (same as jobs/sweep.py)"),
-    "storage": Command("hello_ray.accounting:main",
+    "storage": Command("hello_ray.cli.storage:main",
                        "bytes each label strategy ships, from the real layer shapes (no compute)"),
-    "scores": Command("hello_ray.report.score_cli:main",
+    "scores": Command("hello_ray.cli.scores:main",
                       "DD-Ranking's fair scores (LRS, ARS) of a store's evaluate artifacts, ours or an external set's"),
-    "ls": Command("hello_ray.housekeeping:ls_main",
+    "ls": Command("hello_ray.cli.housekeeping:ls_main",
                   "list a store's artifacts, finished or not, with files, bytes and run state"),
-    "rm": Command("hello_ray.housekeeping:rm_main",
+    "rm": Command("hello_ray.cli.housekeeping:rm_main",
                   "remove an artifact with its Ray run state and local cache (re-runs start fresh)"),
-    "gc": Command("hello_ray.housekeeping:gc_main",
+    "gc": Command("hello_ray.cli.housekeeping:gc_main",
                   "collect unfinished leftovers, orphan Ray run state and stale download caches"),
-    "export": Command("hello_ray.distilled.export:main",
+    "export": Command("hello_ray.cli.export:main",
                       "a run's distilled set as a self-contained package (images, adapter, card, manifest)"),
-    "labels-import": Command("hello_ray.labels_fkd:import_main",
+    "labels-import": Command("hello_ray.cli.labels:import_main",
                              "SRe2L/LPLD relabel records (epoch_<e>/batch_<b>.tar) -> stored labels of an image set"),
-    "labels-export": Command("hello_ray.labels_fkd:export_main",
+    "labels-export": Command("hello_ray.cli.labels:export_main",
                              "an artifact's stored labels -> SRe2L/LPLD relabel records"),
 }
 
@@ -61,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func = COMMANDS[argv[0]].target.split(":")
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
