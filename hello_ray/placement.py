@@ -35,6 +35,7 @@ TASKS = "tasks"
 _reported: set[tuple[str, str]] = set()   # (key, role) this process has reported
 _actor: Any = None                        # this process's handle on the log actor (False: none)
 _owned: tuple[tuple[str, str], Any] | None = None  # driver: ((cluster, job id), the handle that created it)
+RECORD_TIMEOUT_S = 30.0  # a record's round trip to the log actor; past it, a warning, not a failure
 
 
 class PlacementLog:
@@ -121,11 +122,15 @@ def record(role: str, key: str | None = None) -> None:
             key = ray.data.DataContext.get_current().get_config(SCOPE_KEY, None)
         if not key or (key, role) in _reported:
             return
-        _reported.add((key, role))
         actor = _log_actor()
         if actor is not None:
-            actor.add.remote(key, role, node_id())
+            # Waited for: a call made and not waited for can still be on its way when the task that
+            # made it has returned, and the driver's collect right after the stage would miss it.
+            ray.get(actor.add.remote(key, role, node_id()), timeout=RECORD_TIMEOUT_S)
+        _reported.add((key, role))
     except Exception as e:  # noqa: BLE001 - see the docstring
+        global _actor
+        _actor = None  # a handle on a log actor gone (another driver's run): looked up again next time
         log.warning("[placement] not recorded for %s/%s: %r", key, role, e)
 
 
