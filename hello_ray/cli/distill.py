@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hello_ray import lease
+from hello_ray.cli.common import refused
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.recipe import RunResult, distill, finished_result, format_stage_times
 from hello_ray.registry import check
@@ -81,8 +82,7 @@ def stage_job(argv: list[str], step: "Any", description: str,
         try:
             return cfg, run.store, step(run)
         except lease.LeaseHeld as e:  # --no-wait and another driver is writing: refused, not failed
-            print(f"{prog}: refused: {e}", file=sys.stderr)
-            raise SystemExit(3) from None
+            raise SystemExit(refused(prog, e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill: error: {e}", file=sys.stderr)
             return 2
         except lease.LeaseHeld as e:  # --no-wait and another driver is writing an artifact we need
-            print(f"distill: refused: {e}", file=sys.stderr)
-            return 3
+            return refused("distill", e)
     import ray
 
     ray.shutdown()  # drains the workers' forwarded log lines, so the table below is the last thing

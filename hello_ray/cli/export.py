@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hello_ray.cli.common import store_args
 from hello_ray.distilled.export import export, parse_labels
 from hello_ray.formats import package as fmt
 from hello_ray.store import StoreError
@@ -21,14 +22,13 @@ def main(argv: list[str] | None = None) -> int:
         "manifest of every file (written last)"))
     ap.add_argument("evaluate_key", help="the run's evaluate artifact, e.g. evaluate-0123456789ab "
                     "(hello-ray ls --stage evaluate)")
-    ap.add_argument("--store", required=True, help="the run's artifact store (local path, file://, s3://bucket/prefix)")
+    store_args(ap, required=True, store_help="the run's artifact store (local path, file://, s3://bucket/prefix)",
+               endpoint_for=" for both sides")
     ap.add_argument("--to", required=True, help="where the package goes: a local folder or s3://bucket/prefix/name "
                     "(the last component names it)")
     ap.add_argument("--labels", default="projector", help="what ships besides the class ids: a comma-separated "
                     f"subset of {','.join(fmt.LABEL_KINDS)} (default: projector)")
     ap.add_argument("--overwrite", action="store_true", help="replace a destination that is not empty")
-    ap.add_argument("--s3-endpoint", default=None, help="S3 endpoint for both sides (default: "
-                    "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
     args = ap.parse_args(argv)
     setup_logging()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hello_ray.cli.common import store_args
 from hello_ray.housekeeping import DEFAULT_MIN_AGE_H, collect, format_entries, list_entries, remove
 from hello_ray.store import StoreError, open_store
 from hello_ray.tables import human_bytes
@@ -12,10 +13,7 @@ from hello_ray.tables import human_bytes
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"hello-ray {prog}", description=description)
-    ap.add_argument("--store", default="./artifacts",
-                    help="artifact store URI (local path, file://, s3://bucket/prefix); default ./artifacts")
-    ap.add_argument("--s3-endpoint", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / "
-                    "AWS_ENDPOINT_URL / AWS)")
+    store_args(ap)
     return ap
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
+from hello_ray.cli.common import store_args
 from hello_ray.data.errors import DataError
 from hello_ray.formats import fkd
 from hello_ray.labels import LabelError
@@ -15,18 +15,12 @@ from hello_ray.runtime import setup_logging
 from hello_ray.store import StoreError, open_store
 
 
-def _store_arg(p: Any) -> None:
-    p.add_argument("--store", required=True, help="artifact store URI (local path, file://, s3://bucket/prefix)")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS)")
-
-
-
 def import_main(argv: list[str] | None = None) -> int:
     """``hello-ray labels-import <records> --store S --images <image set key>``: prints the labels key
     that ``evaluate.stored_labels=<key>`` replays."""
     p = argparse.ArgumentParser(prog="hello-ray labels-import", description=import_main.__doc__.splitlines()[0])
     p.add_argument("records", help="folder holding epoch_<e>/batch_<b>.tar (local, file:// or s3://)")
-    _store_arg(p)
+    store_args(p, required=True)
     p.add_argument("--images", required=True, help="key of the image set the records label (e.g. external-...)")
     p.add_argument("--fkd-seed", type=int, default=42, help="SRe2L's --fkd-seed, for folders without LPLD's "
                    f"{fkd.SAMPLER_INDICES} (default 42)")
@@ -47,7 +41,7 @@ def export_main(argv: list[str] | None = None) -> int:
     stored labels as SRe2L/LPLD relabel records."""
     p = argparse.ArgumentParser(prog="hello-ray labels-export", description=export_main.__doc__.splitlines()[0])
     p.add_argument("key", help="an evaluate-* (labels/stored/) or labels-* artifact key")
-    _store_arg(p)
+    store_args(p, required=True)
     p.add_argument("--to", required=True, help="output folder (local, file:// or s3://)")
     p.add_argument("--image-set", default="distilled", choices=("distilled", "floor"),
                    help="which image set's stored labels (floor: the random real images' controls)")

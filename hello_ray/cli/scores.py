@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from hello_ray.cli.common import store_args
 from hello_ray.formats.results import read_results
 from hello_ray.scores import fair_scores, scores_table
 from hello_ray.store import StoreError, open_store
@@ -18,8 +19,7 @@ from hello_ray.tables import text_table
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hello-ray scores", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", default="./artifacts", help="artifact store URI; default ./artifacts")
-    ap.add_argument("--s3-endpoint", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS)")
+    store_args(ap)
     ap.add_argument("--key", default=None, help="an evaluate artifact key (default: every evaluate artifact)")
     ap.add_argument("--full-top1", type=float, default=0.0,
                     help="A(full, hard) as a fraction where no 'full' row measured it (0 = unknown)")

@@ -12,7 +12,8 @@ from hello_ray.models.lora import LORA_STYLES
 
 def main(argv: list[str] | None = None) -> int:
     """``hello-ray storage``: print the label storage of each strategy (``--json``: one JSON object)."""
-    ap = argparse.ArgumentParser(prog="hello-ray storage", description="Storage accounting: what each way of labelling a distilled set costs to ship.")
+    ap = argparse.ArgumentParser(prog="hello-ray storage", description=(
+        "Storage accounting: what each way of labelling a distilled set costs to ship."))
     ap.add_argument("--classes", type=int, required=True, help="number of classes (ImageNet-1K: 1000)")
     ap.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
     ap.add_argument("--epochs", type=int, default=300, help="student epochs the labels cover")

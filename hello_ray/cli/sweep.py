@@ -2,8 +2,7 @@
 (:mod:`hello_ray.sweep`), then the grid's table, the best trial and the report's location."""
 from __future__ import annotations
 
-import sys
-
+from hello_ray.cli.common import refused
 from hello_ray.cli.distill import parse_args
 from hello_ray.lease import LeaseHeld
 from hello_ray.runtime import setup_logging, sigterm_exit
@@ -17,8 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = sweep(cfg)
         except LeaseHeld as e:  # --no-wait and another driver is writing the shared teachers/selection
-            print(f"sweep: refused: {e}", file=sys.stderr)
-            return 3
+            return refused("sweep", e)
     print()
     print(format_sweep(out["rows"]))
     if out["best"]:
