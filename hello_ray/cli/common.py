@@ -1,8 +1,13 @@
-"""What the commands share: the store flags, and the refusal when another driver holds a lease."""
+"""What the commands share: the store flags, the refusal when another driver holds a lease, and the
+preflight checks' text."""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hello_ray.preflight.check_report import CheckReport
 
 STORE_URI = "artifact store URI (local path, file://, s3://bucket/prefix)"
 
@@ -25,3 +30,10 @@ def refused(prog: str, error: Exception) -> int:
     exit status 3 (refused, not failed)."""
     print(f"{prog}: refused: {error}", file=sys.stderr)
     return 3
+
+
+def format_checks(report: "CheckReport") -> str:
+    """One line per check: its mark, name and detail."""
+    mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    return "\n".join(f"  [{mark[c.status]}] {c.name:16s} {c.detail}" for c in report.checks)
+

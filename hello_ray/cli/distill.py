@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hello_ray import lease
-from hello_ray.cli.common import refused
+from hello_ray.cli.common import format_checks, refused
 from hello_ray.config import Config, ConfigError, describe, load_config
 from hello_ray.recipe import RunResult, distill, finished_result, format_stage_times
 from hello_ray.registry import check
@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         return _print_result(result, t0)
     with sigterm_exit("distill"):  # `ray job stop`: the leases are released, the next driver need not wait
         if not skip_preflight:
-            from hello_ray.preflight.run import refuse_failing_run
-
             if refuse_failing_run(cfg):  # a failing check named on stderr; nothing run, nothing written
                 return 2
         try:
@@ -127,3 +125,17 @@ def _print_result(result: RunResult, t0: float) -> int:
     print(result.table)
     print(f"\nreport:    {result.report_uri}")
     return 0
+
+
+def refuse_failing_run(cfg: Config, prog: str = "distill") -> int:
+    """The check part (no rehearsal) before a run: 0 to go on, 2 with the failing checks named."""
+    from hello_ray.preflight.checks import run_checks
+
+    report, _ = run_checks(cfg, probe_network=False)
+    if report.ok:
+        return 0
+    names = ", ".join(c.name for c in report.failures())
+    print(f"{prog}: refused by the preflight checks ({names}); nothing was run:\n{format_checks(report)}\n"
+          f"(--skip-preflight runs anyway; hello-ray preflight rehearses the stages)", file=sys.stderr)
+    return 2
+

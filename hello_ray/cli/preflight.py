@@ -21,10 +21,11 @@ import logging
 import sys
 import time
 
+from hello_ray.cli.common import format_checks
 from hello_ray.config import ConfigError, load_config
 from hello_ray.formats.preflight import PREFLIGHT_KEY, preflight_file
 from hello_ray.preflight.checks import run_checks
-from hello_ray.preflight.run import format_checks, rehearse, stage_hours, stage_schedules
+from hello_ray.preflight.run import rehearse, stage_hours, stage_schedules
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,33 +1,13 @@
-"""A preflight's work, for ``hello-ray preflight`` (:mod:`hello_ray.cli.preflight`) and the run's
-own checks before ``distill``: the checks' text, the refusal of a failing run, the rehearsal with
-its cost model, and the per-stage schedules and GPU-hours from a device profile."""
+"""A preflight's work beyond its checks (:mod:`hello_ray.preflight.checks`), for ``hello-ray
+preflight`` (:mod:`hello_ray.cli.preflight`): the rehearsal with its cost model, and the per-stage
+schedules and GPU-hours from a device profile."""
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from typing import Any
 
 from hello_ray.config import Config
-from hello_ray.preflight.checks import CheckReport, run_checks
-
-log = logging.getLogger(__name__)
-
-
-def format_checks(report: CheckReport) -> str:
-    mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
-    return "\n".join(f"  [{mark[c.status]}] {c.name:16s} {c.detail}" for c in report.checks)
-
-
-def refuse_failing_run(cfg: Config, prog: str = "distill") -> int:
-    """The check part (no rehearsal) before a run: 0 to go on, 2 with the failing checks named."""
-    report, _ = run_checks(cfg, probe_network=False)
-    if report.ok:
-        return 0
-    names = ", ".join(c.name for c in report.failures())
-    print(f"{prog}: refused by the preflight checks ({names}); nothing was run:\n{format_checks(report)}\n"
-          f"(--skip-preflight runs anyway; hello-ray preflight rehearses the stages)", file=sys.stderr)
-    return 2
+from hello_ray.preflight.checks import CheckReport
 
 
 def _stages(cfg: Config) -> list[str]:
