@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from hello_ray.config import Config, ConfigError
 from hello_ray.registry import open_run_store
@@ -164,22 +164,44 @@ def finished_result(cfg: Config) -> RunResult | None:
     (keys come from the config, the store's listings and the data's fingerprints; nothing is written
     before every stage is known finished); None when some stage still has work, or when anything on
     the way fails: the full run then starts, and its preflight names what is wrong."""
+    t0 = time.perf_counter()
+    run = _walked_dry(cfg, recipe)
+    if run is None:
+        return None
+    log.info("every stage's artifact is finished: nothing to compute, no Ray started")
+    return _result(run, t0)
+
+
+def finished_step(cfg: Config, step: Callable[[Run], str]) -> tuple["Store", str] | None:
+    """A stage job's ``step`` (e.g. :func:`run_teachers`) whose artifact and every artifact before it
+    are finished: the store and its key, found as :func:`finished_result` finds a run's (no Ray);
+    None when anything is left to compute or cannot be known so."""
+    keys: list[str] = []
+    run = _walked_dry(cfg, lambda r: keys.append(step(r)))
+    if run is None:
+        return None
+    stage = getattr(step, "__name__", "stage").removeprefix("run_")
+    log.info("[%s] finished: nothing to compute, no Ray started", stage)
+    return run.store, keys[0]
+
+
+def _walked_dry(cfg: Config, walk: Callable[[Run], Any]) -> Run | None:
+    """``walk`` on a dry Run (keys derived, nothing started or written); None at the first stage
+    not finished, or when anything on the way fails (a real run then reports it properly)."""
     from hello_ray.data.demo import demo_dataset_key
 
-    t0 = time.perf_counter()
     try:
         store = open_run_store(cfg, check=False)
         if cfg.data.source == "demo" and not store.exists(demo_dataset_key(store)):
             return None  # a fresh store: the run writes the demo shards first
         run = Run(cfg, store, dry=True)
-        recipe(run)
+        walk(run)
     except NotFinished:
         return None
     except Exception as e:  # noqa: BLE001 - the full run's checks report it properly
         log.debug("finished-run check not taken: %s: %s", type(e).__name__, e)
         return None
-    log.info("every stage's artifact is finished: nothing to compute, no Ray started")
-    return _result(run, t0)
+    return run
 
 
 def format_stage_times(stage_s: dict[str, float | None], total_s: float) -> str:

@@ -91,6 +91,29 @@ def test_smoke_end_to_end_then_cached(ray_local, smoke_store, monkeypatch):
     assert select_key(cfg2) != first.keys["select"]
 
 
+def test_a_finished_stage_job_answers_from_the_store_without_ray(smoke_store, tmp_path, monkeypatch):
+    """A stage job (``jobs/<stage>.py``) whose stage and every stage before it are finished finds its key
+    as distill's re-run does, from the store alone; one with work left starts Ray."""
+    from hello_ray.cli.distill import stage_job
+    from hello_ray.recipe import run_evaluate, run_teachers
+
+    calls = []
+
+    def no_ray(*_a, **_k):
+        calls.append(1)
+        raise AssertionError("the job started Ray")
+
+    monkeypatch.setattr(runner, "ensure_ray", no_ray)  # Run.start is the one caller
+    store = open_run_store(load_config("smoke", overrides=[f"store={smoke_store}"]))
+    for step, stage in ((run_teachers, "teachers"), (run_evaluate, "evaluate")):
+        _, found, key = stage_job(["--preset", "smoke", f"store={smoke_store}"], step, "test")
+        assert key.startswith(f"{stage}-") and found.exists(key) and store.exists(key)
+    assert not calls
+    with pytest.raises(AssertionError, match="started Ray"):   # a fresh store: work to do
+        stage_job(["--preset", "smoke", f"store={tmp_path / 'fresh'}"], run_teachers, "test")
+    assert calls == [1]
+
+
 # The smoke run with every way of lightening labels (preset frontier-smoke: reuses the run above's
 # teachers, selection and projector, so only evaluate and the report run).
 def test_smoke_runs_top_k_phases_and_fair_scores(ray_local, smoke_store):

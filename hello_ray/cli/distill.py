@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from hello_ray import lease
 from hello_ray.cli.common import format_checks, refused
 from hello_ray.config import Config, ConfigError, describe, load_config
-from hello_ray.recipe import RunResult, distill, finished_result, format_stage_times
+from hello_ray.recipe import RunResult, distill, finished_result, finished_step, format_stage_times
 from hello_ray.registry import check
 from hello_ray.runner import Run
 from hello_ray.runtime import setup_logging, sigterm_exit
@@ -65,6 +65,7 @@ def stage_job(argv: list[str], step: "Any", description: str,
     """What every ``jobs/<stage>.py`` does: parse flags, run ``step`` (e.g. :func:`run_select`)
     after exactly the steps it needs. ``check_job(cfg)`` is a rule of that job alone (recover needs
     a recover ``images.source``): its ConfigError exits 2 before Ray starts, like every check.
+    A stage whose artifact is finished, with every one before it, is found without Ray.
     Returns the config, the store and the stage's key."""
     import os
 
@@ -77,6 +78,9 @@ def stage_job(argv: list[str], step: "Any", description: str,
         except ConfigError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+    found = finished_step(cfg, step)  # a finished stage: its key from the store alone, as distill's re-run
+    if found is not None:
+        return cfg, found[0], found[1]
     with sigterm_exit(prog):  # `ray job stop`: the leases are released, the next driver need not wait
         run = Run.start(cfg)
         try:
