@@ -23,6 +23,12 @@ TESTS_DIR = Path(__file__).resolve().parent
 for _var, _value in {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
     os.environ.setdefault(_var, _value)
+# The two test processes' local Rays live for the whole suite, and each one's log monitor globs the
+# logs folder (two files for every worker process it ever started) every 0.1 s until it holds 1,000
+# files, then every 0.5 s. Threshold 0 takes the 0.5 s pace from the start; a new worker's lines still
+# all come, at most 0.5 s later. With 284 files, idle: 0.69 CPU-s a minute instead of 1.46; in a
+# fresh-clone suite each of the two monitors used about 36 CPU-s (docs/benchmarks.md).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 # pytest-xdist runs the suite in several processes on the same cores. Each torch would start one
 # OpenMP thread per core, so the processes' threads outnumber the cores and their spin-waits burn
