@@ -95,6 +95,32 @@ def test_the_owner_renews_and_a_released_lease_is_free(store):
     assert read_lease(store, key) is None
 
 
+def test_a_renewal_that_landed_unanswered_leaves_the_lease_ours(store):
+    """A renewal whose answer was lost (a timeout while the store was paused) may still have been
+    written: the next renewal's conditional write is then refused, and finds our owner with an older
+    expiry. The lease is still ours and is renewed over that version; a stranger's version is not."""
+    key = "select-unanswered01"
+    held = Lease(store, key, "select", ttl=30)
+    assert held.try_acquire() is None
+    try:
+        # The landed renewal: written as renew writes it, its new token never seen by the writer.
+        assert held._backend.replace(key, held._payload(), held._token) is not None
+        landed = read_lease(store, key)
+        assert landed.owner == held.owner
+        held.check()  # renews: refused on the old token, then written over our landed version
+        now = read_lease(store, key)
+        assert now.owner == held.owner and now.expires > landed.expires and held.held
+        # A stranger's version (the lease taken over) is not ours, whatever its expiry.
+        other = Lease(store, key, "select", ttl=30)
+        other_data = json.loads(other._payload())
+        assert held._backend.replace(key, json.dumps({**other_data, "expires": now.expires},
+                                                     sort_keys=True).encode(), held._token) is not None
+        with pytest.raises(LeaseLost, match="taken over by"):
+            held.check()
+    finally:
+        held.release()
+
+
 # A writer in its own process: takes the lease, registers the fence like Run.needs, then writes
 # a beat file every 0.1 s until a write is refused (exit 17) or 20 s pass (exit 0).
 HOLDER = r"""

@@ -122,14 +122,29 @@ class Lease:
             data = self._payload()
             token = self._backend.replace(self.key, data, self._token)
             if token is None:
-                mine = self._mine()
-                if mine is None or abs(mine.expires - self._expires) > 1e-6:
-                    info = read_lease(self.store, self.key)
-                    who = "released by someone else" if info is None else f"taken over by {info.describe()}"
-                    raise LeaseLost(f"artifact {self.key}: the lease of this writer ({self.host} pid "
-                                    f"{self.pid}, lease {self.owner[:8]}) was {who}")
-                token = mine.token
+                token = self._still_mine(data)
             self._token = token
+
+    def _still_mine(self, data: bytes) -> str:
+        """The token of our lease after a conditional write was refused, or LeaseLost.
+
+        The stored version is still ours when it carries our owner: either this very write landed and
+        only a retry of it was refused (it holds our new expiry), or an earlier renewal landed after
+        all, though its caller saw an error (a timeout while the store was paused, a 503 on the
+        answer): that version holds an older expiry and is written over once more, on its token."""
+        for _ in range(2):
+            mine = self._mine()
+            if mine is None:
+                break
+            if abs(mine.expires - self._expires) <= 1e-6:
+                return mine.token
+            token = self._backend.replace(self.key, data, mine.token)
+            if token is not None:
+                return token
+        info = read_lease(self.store, self.key)
+        who = "released by someone else" if info is None else f"taken over by {info.describe()}"
+        raise LeaseLost(f"artifact {self.key}: the lease of this writer ({self.host} pid "
+                        f"{self.pid}, lease {self.owner[:8]}) was {who}")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
