@@ -165,29 +165,28 @@ def finished_result(cfg: Config) -> RunResult | None:
     before every stage is known finished); None when some stage still has work, or when anything on
     the way fails: the full run then starts, and its preflight names what is wrong."""
     t0 = time.perf_counter()
-    run = _walked_dry(cfg, recipe)
-    if run is None:
+    walked = _walked_dry(cfg, recipe)
+    if walked is None:
         return None
     log.info("every stage's artifact is finished: nothing to compute, no Ray started")
-    return _result(run, t0)
+    return _result(walked[0], t0)
 
 
 def finished_step(cfg: Config, step: Callable[[Run], str]) -> tuple["Store", str] | None:
     """A stage job's ``step`` (e.g. :func:`run_teachers`) whose artifact and every artifact before it
     are finished: the store and its key, found as :func:`finished_result` finds a run's (no Ray);
     None when anything is left to compute or cannot be known so."""
-    keys: list[str] = []
-    run = _walked_dry(cfg, lambda r: keys.append(step(r)))
-    if run is None:
+    walked = _walked_dry(cfg, step)
+    if walked is None:
         return None
-    stage = getattr(step, "__name__", "stage").removeprefix("run_")
-    log.info("[%s] finished: nothing to compute, no Ray started", stage)
-    return run.store, keys[0]
+    log.info("every artifact this job needs is finished: nothing to compute, no Ray started")
+    return walked[0].store, walked[1]
 
 
-def _walked_dry(cfg: Config, walk: Callable[[Run], Any]) -> Run | None:
-    """``walk`` on a dry Run (keys derived, nothing started or written); None at the first stage
-    not finished, or when anything on the way fails (a real run then reports it properly)."""
+def _walked_dry(cfg: Config, walk: Callable[[Run], Any]) -> tuple[Run, Any] | None:
+    """``walk`` on a dry Run (keys derived, nothing started or written): the Run and what ``walk``
+    returned; None at the first stage not finished, or when anything on the way fails (a real run
+    then reports it properly)."""
     from hello_ray.data.demo import demo_dataset_key
 
     try:
@@ -195,13 +194,13 @@ def _walked_dry(cfg: Config, walk: Callable[[Run], Any]) -> Run | None:
         if cfg.data.source == "demo" and not store.exists(demo_dataset_key(store)):
             return None  # a fresh store: the run writes the demo shards first
         run = Run(cfg, store, dry=True)
-        walk(run)
+        out = walk(run)
     except NotFinished:
         return None
     except Exception as e:  # noqa: BLE001 - the full run's checks report it properly
         log.debug("finished-run check not taken: %s: %s", type(e).__name__, e)
         return None
-    return run
+    return run, out
 
 
 def format_stage_times(stage_s: dict[str, float | None], total_s: float) -> str:
