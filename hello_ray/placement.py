@@ -111,6 +111,7 @@ def record(role: str, key: str | None = None) -> None:
     """In a Ray worker: report this node for ``role`` of the stage writing ``key`` (default: the
     key the running Ray Data execution carries). Once per process, key and role; never raises:
     where the work ran is a record, not a reason to fail the work."""
+    global _actor
     try:
         import ray
 
@@ -129,7 +130,6 @@ def record(role: str, key: str | None = None) -> None:
             ray.get(actor.add.remote(key, role, node_id()), timeout=RECORD_TIMEOUT_S)
         _reported.add((key, role))
     except Exception as e:  # noqa: BLE001 - see the docstring
-        global _actor
         _actor = None  # a handle on a log actor gone (another driver's run): looked up again next time
         log.warning("[placement] not recorded for %s/%s: %r", key, role, e)
 
